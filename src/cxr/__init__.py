@@ -1,0 +1,1 @@
+"""Chest X-ray classification with fine-tuned torchvision backbones."""

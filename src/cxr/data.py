@@ -1,0 +1,260 @@
+"""Find, scan, split and load the Kaggle chest X-ray dataset.
+
+Layout: ``<root>/{train,val,test}/<CLASS>/*.{jpg,jpeg,png}``; the Kaggle archive spells the
+tuberculosis folder ``TURBERCULOSIS`` and may nest the split folders one or two levels down.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from sklearn.model_selection import train_test_split
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+CLASSES: tuple[str, ...] = ("COVID19", "NORMAL", "PNEUMONIA", "TUBERCULOSIS")
+FOLDER_ALIASES = {"TURBERCULOSIS": "TUBERCULOSIS"}
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
+KAGGLE_HANDLE = "jtiptj/chest-xray-pneumoniacovid19tuberculosis"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+EXPECTED_LAYOUT = (
+    "Expected layout: DATA_DIR/{train,val,test}/{COVID19,NORMAL,PNEUMONIA,TUBERCULOSIS}/*.jpg|jpeg|png "
+    "(the Kaggle spelling TURBERCULOSIS is accepted; the split folders may sit one or two levels down)."
+)
+
+
+class DatasetError(RuntimeError):
+    """The dataset cannot be found or used; the message says what to do."""
+
+
+@dataclass
+class Split:
+    """One split: image paths, integer labels (index into CLASSES) and the files skipped while scanning."""
+
+    paths: list[Path]
+    labels: list[int]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def counts(self) -> dict[str, int]:
+        return {c: int(sum(1 for y in self.labels if y == i)) for i, c in enumerate(CLASSES)}
+
+    def subset(self, indices: list[int] | np.ndarray) -> Split:
+        return Split([self.paths[i] for i in indices], [self.labels[i] for i in indices])
+
+
+@dataclass
+class DataSplits:
+    """Train / validation / test splits, plus where the validation split came from."""
+
+    root: Path
+    train: Split
+    val: Split
+    test: Split
+    val_source: str
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        return {"train": self.train.counts(), "val": self.val.counts(), "test": self.test.counts()}
+
+    @property
+    def skipped(self) -> list[tuple[Path, str]]:
+        return self.train.skipped + self.val.skipped + self.test.skipped
+
+
+def _child_dirs(path: Path) -> dict[str, Path]:
+    return {p.name.lower(): p for p in path.iterdir() if p.is_dir()} if path.is_dir() else {}
+
+
+def find_split_root(path: Path, max_depth: int = 3) -> Path | None:
+    """Return the folder under ``path`` (searched breadth first) that holds ``train`` and ``test``."""
+    frontier = [Path(path)]
+    for _ in range(max_depth + 1):
+        next_frontier = []
+        for folder in sorted(frontier):
+            children = _child_dirs(folder)
+            if "train" in children and "test" in children:
+                return folder
+            next_frontier.extend(children.values())
+        frontier = next_frontier
+    return None
+
+
+def download_dataset(handle: str = KAGGLE_HANDLE) -> Path:
+    """Download (or reuse kagglehub's cached copy of) the public Kaggle dataset.
+
+    No interactive login: the dataset is public, and kagglehub uses credentials only when they
+    are already configured (``~/.kaggle/kaggle.json`` or ``KAGGLE_USERNAME``/``KAGGLE_KEY``).
+    """
+    try:
+        import kagglehub
+
+        return Path(kagglehub.dataset_download(handle))
+    except Exception as error:  # kagglehub raises many types (network, auth, HTTP); all mean the same here
+        raise DatasetError(
+            f"Could not download the Kaggle dataset {handle!r} with kagglehub "
+            f"({type(error).__name__}: {error}). If this machine is offline or has no Kaggle access, "
+            "download the dataset elsewhere and pass its folder with --data-dir DATA_DIR (or set "
+            f"CXR_DATA_DIR). {EXPECTED_LAYOUT}"
+        ) from None
+
+
+def locate_dataset(data_dir: str | os.PathLike | None = None) -> Path:
+    """Find the split root: explicit ``data_dir`` first, then ``CXR_DATA_DIR``, then a kagglehub download."""
+    source = data_dir or os.environ.get("CXR_DATA_DIR")
+    if source:
+        base = Path(source).expanduser()
+        if not base.exists():
+            raise DatasetError(f"Data folder {str(base)!r} does not exist. {EXPECTED_LAYOUT}")
+    else:
+        base = download_dataset()
+    root = find_split_root(base)
+    if root is None:
+        raise DatasetError(f"No train/ and test/ folders found in {str(base)!r}. {EXPECTED_LAYOUT}")
+    return root
+
+
+def check_image(path: Path) -> str | None:
+    """Return why ``path`` cannot be used as an image, or None when it can. Cheap: no full decode."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+        with Image.open(path) as image:
+            image_format = image.format
+            image.verify()
+    except UnidentifiedImageError:
+        return "not an image"
+    except (OSError, SyntaxError, ValueError) as error:
+        return f"unreadable ({error})"
+    if image_format == "JPEG":
+        with open(path, "rb") as handle:
+            handle.seek(-2, os.SEEK_END)
+            if handle.read(2) != b"\xff\xd9":
+                return "truncated JPEG"
+    return None
+
+
+def scan_split(root: Path, split: str, check: bool = True) -> Split:
+    """List the images of one split with their labels; unusable files go to ``Split.skipped``."""
+    split_dir = _child_dirs(root).get(split)
+    if split_dir is None:
+        raise DatasetError(f"Split folder {split!r} is missing under {str(root)!r}. {EXPECTED_LAYOUT}")
+    class_dirs: dict[str, Path] = {}
+    for name, folder in _child_dirs(split_dir).items():
+        label = FOLDER_ALIASES.get(name.upper(), name.upper())
+        if label in CLASSES:
+            class_dirs[label] = folder
+    missing = [c for c in CLASSES if c not in class_dirs]
+    if missing:
+        raise DatasetError(
+            f"Class folder(s) {', '.join(missing)} missing in {str(split_dir)!r}. {EXPECTED_LAYOUT}"
+        )
+    result = Split([], [])
+    for label, name in enumerate(CLASSES):
+        for path in sorted(class_dirs[name].iterdir()):
+            if not path.is_file() or path.name.startswith("."):
+                continue
+            reason = "not an image file" if path.suffix.lower() not in IMAGE_EXTENSIONS else None
+            if reason is None and check:
+                reason = check_image(path)
+            if reason is None:
+                result.paths.append(path)
+                result.labels.append(label)
+            else:
+                result.skipped.append((path, reason))
+    if not result.paths:
+        raise DatasetError(f"Split {split!r} in {str(root)!r} contains no usable images. {EXPECTED_LAYOUT}")
+    return result
+
+
+def warn_skipped(skipped: list[tuple[Path, str]], shown: int = 3) -> None:
+    """One warning for all skipped files: how many, and a few names with the reason."""
+    if skipped:
+        examples = "; ".join(f"{p.name}: {why}" for p, why in skipped[:shown])
+        more = f" and {len(skipped) - shown} more" if len(skipped) > shown else ""
+        warnings.warn(f"Skipped {len(skipped)} unusable file(s) ({examples}{more}).", stacklevel=2)
+
+
+def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (kept, held out) for a seeded split that keeps each class's share."""
+    indices = np.arange(len(labels))
+    kept, held_out = train_test_split(indices, test_size=fraction, stratify=labels, random_state=seed)
+    return np.sort(kept), np.sort(held_out)
+
+
+def load_splits(
+    root: Path, val_source: str = "carve", val_fraction: float = 0.1, seed: int = 42, check: bool = True
+) -> DataSplits:
+    """Scan all splits. By default the validation split is carved out of train (stratified, seeded),
+    because Kaggle's ``val`` holds only 38 images; ``val_source="given"`` uses Kaggle's ``val`` instead.
+    The test split is only ever used for the final report."""
+    train, test = scan_split(root, "train", check), scan_split(root, "test", check)
+    if val_source == "given":
+        val = scan_split(root, "val", check)
+    elif val_source == "carve":
+        kept, held_out = stratified_split(train.labels, val_fraction, seed)
+        val = train.subset(held_out)
+        train = Split(train.subset(kept).paths, train.subset(kept).labels, train.skipped)
+    else:
+        raise ValueError(f"val_source must be 'carve' or 'given', not {val_source!r}")
+    splits = DataSplits(root, train, val, test, val_source)
+    warn_skipped(splits.skipped)
+    return splits
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open any image mode (L, LA, RGB, RGBA, P, I;16, CMYK) as 8-bit RGB, with EXIF orientation applied."""
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            array = np.asarray(image, dtype=np.float32)
+            low, high = float(array.min()), float(array.max())
+            scaled = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
+            image = Image.fromarray(scaled.astype(np.uint8), mode="L")
+        elif image.mode in ("P", "LA", "PA") or "transparency" in image.info:
+            image = image.convert("RGBA")
+        return image.convert("RGB")
+
+
+def build_transforms(
+    image_size: int, train: bool, augment: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD
+) -> v2.Compose:
+    """Training augmentation suited to chest X-rays (small geometric and exposure changes, no vertical
+    flips) or evaluation resize + center crop; both end with the weights' normalisation."""
+    if train and augment:
+        geometry = [
+            v2.RandomResizedCrop(image_size, scale=(0.7, 1.0), ratio=(0.9, 1.1), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomAffine(degrees=7, translate=(0.04, 0.04)),
+            v2.ColorJitter(brightness=0.2, contrast=0.2),
+        ]
+    else:
+        geometry = [v2.Resize(round(image_size * 256 / 224), antialias=True), v2.CenterCrop(image_size)]
+    return v2.Compose(
+        [v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    )
+
+
+class XRayDataset(Dataset):
+    """Images of one split, decoded on access and transformed."""
+
+    def __init__(self, split: Split, transform) -> None:
+        self.split = split
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(load_image(self.split.paths[index])), self.split.labels[index]
+

@@ -1,0 +1,351 @@
+"""Training and evaluation: ``train_one_epoch``, ``evaluate`` and ``fit``, shared by all experiments."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from sklearn.metrics import balanced_accuracy_score, f1_score
+from sklearn.utils.class_weight import compute_class_weight
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import Experiment
+from .data import CLASSES, DataSplits, XRayDataset, build_transforms
+from .models import Classifier, build_model, preprocessing
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, mismatched data); the message says what was kept."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C during training; the last complete epoch is saved and can be resumed."""
+
+
+def select_device(name: str | None = None) -> torch.device:
+    """The requested device, or the best available one: cuda, then mps, then cpu."""
+    if name and name != "auto":
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda was requested but no CUDA GPU is available")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({os.cpu_count()} cores)" if device.type == "cpu" else device.type
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """Mixed precision on CUDA only: bf16 where supported (no loss scaling needed), else fp16."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """RNG seed for one epoch: data order and augmentation depend only on (seed, epoch), so a resumed
+    run draws exactly what an uninterrupted run would have drawn."""
+    return seed * 1000 + epoch
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, shuffle: bool, device: torch.device, workers: int, seed: int = 0
+) -> DataLoader:
+    """A loader that keeps every sample (no ``drop_last``) and whose order follows ``seed``."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def class_weights(labels: list[int], num_classes: int = len(CLASSES)) -> torch.Tensor:
+    """Inverse-frequency weights from the training split (sklearn's 'balanced'), never hard-coded."""
+    present = np.unique(labels)
+    weights = np.ones(num_classes, dtype=np.float32)
+    weights[present] = compute_class_weight("balanced", classes=present, y=np.asarray(labels))
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def build_optimizer(model: Classifier, experiment: Experiment, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters only: the head at ``lr``, a trained backbone at ``backbone_lr``."""
+    groups = [{"params": list(model.head.parameters()), "lr": experiment.lr}]
+    if not model.freeze_backbone:
+        groups.append({"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": experiment.backbone_lr})
+    return torch.optim.AdamW(groups, weight_decay=experiment.weight_decay, fused=device.type == "cuda")
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
+    """Linear warm-up, then cosine decay to zero, stepped once per batch."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device):
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    images = images.to(device, non_blocking=True, memory_format=memory_format)
+    return images, labels.to(device, non_blocking=True)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    description: str = "train",
+    progress: bool = True,
+) -> dict[str, float]:
+    """One pass over ``loader``. Loss and accuracy are summed on the device: one sync per epoch."""
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    for images, labels in tqdm(loader, desc=description, leave=False, disable=not progress):
+        images, labels = _to_device(images, labels, device)
+        with autocast(device, amp_dtype):
+            logits = model(images)
+            loss = criterion(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach() * labels.numel()
+        correct += (logits.argmax(1) == labels).sum()
+        seen += labels.numel()
+    return {"loss": loss_sum.item() / seen, "accuracy": correct.item() / seen}
+
+
+@torch.inference_mode()
+def predict(
+    model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None = None,
+    description: str = "eval", progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (float32) and labels for every sample of ``loader``, in order."""
+    model.eval()
+    all_logits, all_labels = [], []
+    for images, labels in tqdm(loader, desc=description, leave=False, disable=not progress):
+        images, labels = _to_device(images, labels, device)
+        with autocast(device, amp_dtype):
+            all_logits.append(model(images).float())
+        all_labels.append(labels)
+    return torch.cat(all_logits).cpu().numpy(), torch.cat(all_labels).cpu().numpy()
+
+
+def summarize(logits: np.ndarray, labels: np.ndarray, criterion: nn.Module | None = None) -> dict[str, float]:
+    """Loss, accuracy, macro-F1 and balanced accuracy of a set of predictions."""
+    predictions = logits.argmax(1)
+    result = {
+        "accuracy": float((predictions == labels).mean()),
+        "macro_f1": float(f1_score(labels, predictions, average="macro", labels=range(logits.shape[1]), zero_division=0)),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),
+    }
+    if criterion is not None:
+        result["loss"] = float(criterion(torch.from_numpy(logits), torch.from_numpy(labels).long()))
+    return result
+
+
+def evaluate(
+    model: nn.Module, loader: DataLoader, criterion: nn.Module, device: torch.device,
+    amp_dtype: torch.dtype | None = None, description: str = "eval", progress: bool = True,
+) -> dict[str, float]:
+    logits, labels = predict(model, loader, device, amp_dtype, description, progress)
+    return summarize(logits, labels, criterion.cpu())
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` leaves behind: the trained model (best weights loaded) and where things were written."""
+
+    model: Classifier
+    history: list[dict[str, float]]
+    best_checkpoint: Path
+    last_checkpoint: Path
+    best_epoch: int
+    stopped_early: bool
+    train_seconds: float
+    device: torch.device
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _better(monitor: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value < best if monitor == "val_loss" else value > best
+
+
+def _write_history(history: list[dict[str, float]], path: Path) -> None:
+    if history:
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(history[0]))
+            writer.writeheader()
+            writer.writerows(history)
+
+
+def fit(
+    experiment: Experiment,
+    splits: DataSplits,
+    out_dir: Path,
+    device: torch.device | None = None,
+    seed: int = 42,
+    workers: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    on_epoch_end: Callable[[list[dict[str, float]]], None] | None = None,
+) -> FitResult:
+    """Train ``experiment`` on ``splits``, selecting the best epoch and stopping early on the
+    validation metric; write ``checkpoints/{last,best}.pt`` and ``history.csv`` under ``out_dir``."""
+    out_dir = Path(out_dir)
+    checkpoint_dir = out_dir / "checkpoints"
+    last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
+    device = device or select_device()
+    workers = (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0) if workers is None else workers
+    seed_everything(seed)
+
+    model = build_model(experiment.arch, len(CLASSES), experiment.weights, experiment.freeze_backbone, experiment.image_size)
+    model = model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+    prep = preprocessing(experiment.arch, experiment.image_size)
+    train_set = XRayDataset(splits.train, build_transforms(experiment.image_size, True, experiment.augment, prep["mean"], prep["std"]))
+    eval_transform = build_transforms(experiment.image_size, False, mean=prep["mean"], std=prep["std"])
+    val_loader = make_loader(XRayDataset(splits.val, eval_transform), experiment.batch_size, False, device, workers)
+
+    weights = class_weights(splits.train.labels)
+    criterion = nn.CrossEntropyLoss(weight=weights.to(device), label_smoothing=experiment.label_smoothing)
+    val_criterion = nn.CrossEntropyLoss(weight=weights)
+    optimizer = build_optimizer(model, experiment, device)
+    steps_per_epoch = math.ceil(len(train_set) / experiment.batch_size)
+    scheduler = warmup_cosine(optimizer, experiment.epochs * steps_per_epoch, experiment.warmup_epochs * steps_per_epoch)
+    amp_dtype = autocast_dtype(device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    history: list[dict[str, float]] = []
+    best_value, best_epoch, bad_epochs, start_epoch, train_seconds = None, 0, 0, 0, 0.0
+    if resume and last_path.exists():
+        state = load_checkpoint(last_path, experiment=experiment.name, arch=experiment.arch, classes=CLASSES)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        history, start_epoch = state["history"], state["epoch"]
+        best_value, best_epoch, bad_epochs = state["best_value"], state["best_epoch"], state["bad_epochs"]
+        train_seconds = state["train_seconds"]
+    elif resume:
+        raise CheckpointError(f"--resume was given but {str(last_path)!r} does not exist.")
+
+    def checkpoint_state(epoch: int) -> dict[str, Any]:
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "epoch": epoch,
+            "experiment": experiment.to_dict(),
+            "classes": list(CLASSES),
+            "preprocessing": prep,
+            "history": history,
+            "best_value": best_value,
+            "best_epoch": best_epoch,
+            "bad_epochs": bad_epochs,
+            "seed": seed,
+            "train_seconds": train_seconds,
+        }
+
+    stopped_early = False
+    epochs = tqdm(range(start_epoch, experiment.epochs), desc=experiment.name, initial=start_epoch,
+                  total=experiment.epochs, disable=not progress)
+    for epoch in epochs:
+        if experiment.patience and bad_epochs >= experiment.patience:
+            stopped_early = True
+            break
+        try:
+            started = time.perf_counter()
+            seed_everything(epoch_seed(seed, epoch))
+            train_loader = make_loader(train_set, experiment.batch_size, True, device, workers, epoch_seed(seed, epoch))
+            train = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, device, amp_dtype, scaler,
+                                    f"epoch {epoch + 1}", progress)
+            val = evaluate(model, val_loader, val_criterion, device, amp_dtype, "val", progress)
+            seconds = time.perf_counter() - started
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(
+                f"Interrupted during epoch {epoch + 1}. Epochs 1-{epoch} are saved in {str(last_path)!r}; "
+                f"continue with: cxr train {experiment.name} --resume --out {out_dir.parent}"
+            ) from None
+        if not math.isfinite(train["loss"]):
+            kept = f"the last good checkpoint is {str(last_path)!r}" if last_path.exists() else "no checkpoint was written"
+            raise TrainingError(
+                f"Training loss became {train['loss']} in epoch {epoch + 1}; {kept}. Try a lower --lr."
+            )
+        train_seconds += seconds
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": train["loss"],
+            "train_accuracy": train["accuracy"],
+            "val_loss": val["loss"],
+            "val_accuracy": val["accuracy"],
+            "val_macro_f1": val["macro_f1"],
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": seconds,
+        }
+        history.append(row)
+        if _better(experiment.monitor, row[experiment.monitor], best_value):
+            best_value, best_epoch, bad_epochs = row[experiment.monitor], epoch + 1, 0
+            save_checkpoint(checkpoint_state(epoch + 1), best_path)
+        else:
+            bad_epochs += 1
+        save_checkpoint(checkpoint_state(epoch + 1), last_path)
+        _write_history(history, out_dir / "history.csv")
+        epochs.set_postfix(val_f1=f"{row['val_macro_f1']:.3f}", val_loss=f"{row['val_loss']:.3f}")
+        if on_epoch_end is not None:
+            on_epoch_end(history)
+
+    best = load_checkpoint(best_path, experiment=experiment.name)
+    model.load_state_dict(best["model"])
+    return FitResult(model, history, best_path, last_path, best_epoch, stopped_early, train_seconds, device)

@@ -1,0 +1,154 @@
+"""Build the three classifiers from torchvision backbones.
+
+A model is a :class:`Classifier`: a torchvision backbone whose own head is replaced by
+``nn.Identity`` (so it returns pooled features or the ViT class token) and a new linear head.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+
+from .data import CLASSES, IMAGENET_MEAN, IMAGENET_STD
+
+ARCHITECTURES: dict[str, tuple[Any, Any, str, int]] = {
+    "resnet152": (tvm.resnet152, tvm.ResNet152_Weights.DEFAULT, "fc", 2048),
+    "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.DEFAULT, "fc", 2048),
+    "vit_b_16": (tvm.vit_b_16, tvm.ViT_B_16_Weights.DEFAULT, "heads", 768),
+}
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights cannot be obtained or do not fit; the message says what to do."""
+
+
+class Classifier(nn.Module):
+    """Backbone + new head. A frozen backbone stays in eval mode (BatchNorm statistics and dropout
+    fixed) and runs without autograd during training; only the head learns."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear, arch: str, freeze_backbone: bool) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.arch = arch
+        self.freeze_backbone = freeze_backbone
+        if freeze_backbone:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.freeze_backbone and self.training:
+            with torch.no_grad():
+                features = self.backbone(images)
+            return self.head(features)
+        return self.head(self.backbone(images))
+
+
+def default_weights(arch: str):
+    """torchvision's weight enum for an architecture (it names the download URL and preprocessing)."""
+    return ARCHITECTURES[arch][1]
+
+
+def preprocessing(arch: str, image_size: int) -> dict[str, Any]:
+    """Normalisation and resize taken from the pretrained weights' own transforms, scaled to ``image_size``."""
+    transforms = default_weights(arch).transforms()
+    resize = round(image_size * transforms.resize_size[0] / transforms.crop_size[0])
+    mean = tuple(transforms.mean) if transforms.mean else IMAGENET_MEAN
+    std = tuple(transforms.std) if transforms.std else IMAGENET_STD
+    return {"image_size": image_size, "resize": resize, "mean": list(mean), "std": list(std)}
+
+
+def _backbone(arch: str, pretrained: bool, image_size: int) -> nn.Module:
+    builder, weights, _, _ = ARCHITECTURES[arch]
+    kwargs: dict[str, Any] = {}
+    if arch.startswith("vit"):
+        if pretrained and image_size != 224:
+            raise WeightsError(f"ViT-B/16 ImageNet weights need --image-size 224, not {image_size}.")
+        kwargs["image_size"] = image_size
+    if not pretrained:
+        return builder(weights=None, **kwargs)
+    try:
+        return builder(weights=weights, progress=False, **kwargs)
+    except (OSError, RuntimeError) as error:  # URLError is an OSError; a bad cached file a RuntimeError
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        raise WeightsError(
+            f"Could not load ImageNet weights for {arch} ({type(error).__name__}: {error}). torchvision "
+            f"downloads them from {weights.url} into {cache}. Offline, copy that file there (or set TORCH_HOME), "
+            "pass --weights PATH to a local .pth state dict, or use --weights none to train from scratch."
+        ) from None
+
+
+def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise WeightsError(f"Could not read weights file {str(path)!r}: {error}") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise WeightsError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict.")
+    return state
+
+
+def build_model(
+    arch_or_experiment: str,
+    num_classes: int = len(CLASSES),
+    weights: str | os.PathLike | None = "imagenet",
+    freeze_backbone: bool | None = None,
+    image_size: int = 224,
+) -> Classifier:
+    """Build a classifier.
+
+    ``arch_or_experiment`` is an architecture (``resnet152``, ``resnet50``, ``vit_b_16``) or an
+    experiment name (which also decides what is frozen). ``weights`` is ``"imagenet"`` (torchvision's
+    weight enum, cached under ``TORCH_HOME``), ``"none"``/None (random initialisation) or a path to a
+    local ``.pth`` file: a torchvision state dict or one of our checkpoints.
+    """
+    from .config import EXPERIMENTS
+
+    if arch_or_experiment in EXPERIMENTS:
+        experiment = EXPERIMENTS[arch_or_experiment]
+        arch = experiment.arch
+        freeze_backbone = experiment.freeze_backbone if freeze_backbone is None else freeze_backbone
+    elif arch_or_experiment in ARCHITECTURES:
+        arch = arch_or_experiment
+    else:
+        raise KeyError(f"unknown model {arch_or_experiment!r}; choose from {sorted(ARCHITECTURES) + sorted(EXPERIMENTS)}")
+    weights = "none" if weights is None else str(weights)
+    _, _, head_name, feature_dim = ARCHITECTURES[arch]
+    backbone = _backbone(arch, pretrained=weights == "imagenet", image_size=image_size)
+    head = nn.Linear(feature_dim, num_classes)
+    if weights not in ("imagenet", "none"):
+        state = _load_state_dict_file(Path(weights))
+        if any(k.startswith("backbone.") for k in state):
+            setattr(backbone, head_name, nn.Identity())
+            classifier = Classifier(backbone, head, arch, bool(freeze_backbone))
+            try:
+                classifier.load_state_dict(state)
+            except RuntimeError as error:
+                raise WeightsError(f"{weights!r} does not fit {arch} with {num_classes} classes: {error}") from None
+            return classifier
+        try:
+            backbone.load_state_dict(state)
+        except RuntimeError as error:
+            raise WeightsError(f"{weights!r} is not a torchvision {arch} state dict: {error}") from None
+    setattr(backbone, head_name, nn.Identity())
+    return Classifier(backbone, head, arch, bool(freeze_backbone))
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable

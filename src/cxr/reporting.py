@@ -1,0 +1,153 @@
+"""Figures and report files for one evaluated experiment."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from scipy.special import softmax
+from sklearn.metrics import (
+    balanced_accuracy_score,
+    classification_report,
+    confusion_matrix,
+    roc_auc_score,
+)
+
+from .data import load_image
+
+
+def plot_history(history: Sequence[dict[str, float]], path: Path | None = None, title: str = "") -> plt.Figure:
+    """Loss and accuracy per epoch, train against validation."""
+    frame = pd.DataFrame(history)
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    loss_axis.plot(frame["epoch"], frame["train_loss"], "o-", label="train")
+    loss_axis.plot(frame["epoch"], frame["val_loss"], "o-", label="validation")
+    loss_axis.set(xlabel="epoch", ylabel="loss", title="Loss")
+    accuracy_axis.plot(frame["epoch"], frame["train_accuracy"], "o-", label="train accuracy")
+    accuracy_axis.plot(frame["epoch"], frame["val_accuracy"], "o-", label="validation accuracy")
+    accuracy_axis.plot(frame["epoch"], frame["val_macro_f1"], "s--", label="validation macro-F1")
+    accuracy_axis.set(xlabel="epoch", ylabel="score", title="Accuracy", ylim=(0, 1.02))
+    for axis in (loss_axis, accuracy_axis):
+        axis.legend()
+        axis.grid(alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+    if path is not None:
+        figure.savefig(path, dpi=120)
+    return figure
+
+
+def plot_confusion(labels: np.ndarray, predictions: np.ndarray, classes: Sequence[str], path: Path | None = None,
+                   title: str = "") -> plt.Figure:
+    """Confusion matrix twice: counts, and rows normalised to recall."""
+    counts = confusion_matrix(labels, predictions, labels=range(len(classes)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        normalised = np.nan_to_num(counts / counts.sum(axis=1, keepdims=True))
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    sns.heatmap(counts, annot=True, fmt="d", cmap="Blues", xticklabels=classes, yticklabels=classes, ax=axes[0], cbar=False)
+    sns.heatmap(normalised, annot=True, fmt=".2f", cmap="Blues", vmin=0, vmax=1, xticklabels=classes,
+                yticklabels=classes, ax=axes[1], cbar=False)
+    axes[0].set(title="Counts", xlabel="predicted", ylabel="true")
+    axes[1].set(title="Row-normalised (recall on the diagonal)", xlabel="predicted", ylabel="true")
+    figure.suptitle(title)
+    figure.tight_layout()
+    if path is not None:
+        figure.savefig(path, dpi=120)
+    return figure
+
+
+def plot_predictions(paths: Sequence[Path], labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[str],
+                     path: Path | None = None, count: int = 16, seed: int = 0, title: str = "") -> plt.Figure:
+    """A grid of test images with predicted and true label and the predicted probability; mistakes in red.
+    Half the grid shows mistakes when there are any, so the figure teaches something."""
+    rng = np.random.default_rng(seed)
+    predictions = probabilities.argmax(1)
+    wrong, right = np.flatnonzero(predictions != labels), np.flatnonzero(predictions == labels)
+    n_wrong = min(len(wrong), count // 2)
+    chosen = np.concatenate([rng.permutation(wrong)[:n_wrong], rng.permutation(right)[: count - n_wrong]])
+    chosen = rng.permutation(chosen)[:count]
+    columns = 4
+    rows = max(1, int(np.ceil(len(chosen) / columns)))
+    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.5 * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, index in zip(axes.flat, chosen):
+        image = load_image(paths[index])
+        image.thumbnail((256, 256))
+        axis.imshow(image)
+        ok = predictions[index] == labels[index]
+        axis.set_title(
+            f"pred {classes[predictions[index]]} ({probabilities[index, predictions[index]]:.2f})\n"
+            f"true {classes[labels[index]]}" + ("" if ok else "  ✗"),
+            color="black" if ok else "crimson", fontsize=9,
+        )
+        if not ok:
+            for spine in axis.spines.values():
+                spine.set(visible=True, color="crimson", linewidth=3)
+            axis.axis("on")
+            axis.set_xticks([])
+            axis.set_yticks([])
+    figure.suptitle(title)
+    figure.tight_layout()
+    if path is not None:
+        figure.savefig(path, dpi=110)
+    return figure
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    """Per-class precision/recall/F1/support, accuracy, macro and weighted averages, balanced accuracy,
+    and one-vs-rest ROC-AUC (None when a class is absent from ``labels``)."""
+    probabilities = softmax(logits.astype(np.float64), axis=1)
+    predictions = probabilities.argmax(1)
+    report = classification_report(labels, predictions, labels=range(len(classes)), target_names=list(classes),
+                                   output_dict=True, zero_division=0)
+    try:
+        auc = float(roc_auc_score(labels, probabilities, multi_class="ovr", labels=range(len(classes))))
+    except ValueError:
+        auc = None
+    accuracy = float((predictions == labels).mean())
+    return {
+        "accuracy": accuracy,
+        "macro_f1": float(report["macro avg"]["f1-score"]),
+        "weighted_f1": float(report["weighted avg"]["f1-score"]),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),
+        "roc_auc_ovr": auc,
+        "per_class": {
+            name: {
+                "precision": float(report[name]["precision"]),
+                "recall": float(report[name]["recall"]),
+                "f1": float(report[name]["f1-score"]),
+                "support": int(report[name]["support"]),
+            }
+            for name in classes
+        },
+        "macro_avg": {k.replace("-score", ""): float(v) for k, v in report["macro avg"].items()},
+        "weighted_avg": {k.replace("-score", ""): float(v) for k, v in report["weighted avg"].items()},
+    }
+
+
+def report_text(metrics: dict[str, Any], classes: Sequence[str]) -> str:
+    """The classification report as a plain-text table (like sklearn's), plus the summary scores."""
+    rows = [
+        [name, m["precision"], m["recall"], m["f1"], m["support"]] for name, m in metrics["per_class"].items()
+    ]
+    total = sum(m["support"] for m in metrics["per_class"].values())
+    for label, key in (("macro avg", "macro_avg"), ("weighted avg", "weighted_avg")):
+        rows.append([label, metrics[key]["precision"], metrics[key]["recall"], metrics[key]["f1"], total])
+    frame = pd.DataFrame(rows, columns=["class", "precision", "recall", "f1", "support"]).set_index("class")
+    auc = metrics["roc_auc_ovr"]
+    return (
+        frame.to_string(float_format=lambda v: f"{v:.3f}")
+        + f"\n\naccuracy           {metrics['accuracy']:.3f}"
+        + f"\nbalanced accuracy  {metrics['balanced_accuracy']:.3f}"
+        + f"\nROC-AUC (OvR)      {'n/a' if auc is None else f'{auc:.3f}'}\n"
+    )
+
+
+def write_json(data: Any, path: Path) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, default=str) + "\n")

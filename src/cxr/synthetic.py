@@ -1,0 +1,70 @@
+"""A tiny synthetic dataset in the Kaggle layout, for tests and the notebooks' smoke mode.
+
+Each class gets a different simple pattern so a model can learn something in one epoch; the
+folder also holds the awkward files real downloads contain (corrupt, empty, truncated, non-image,
+grayscale, RGBA and 16-bit images) and the Kaggle spelling ``TURBERCULOSIS``.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .data import CLASSES
+
+FOLDER_NAMES = {"TUBERCULOSIS": "TURBERCULOSIS"}
+DEFAULT_COUNTS = {"train": 12, "val": 3, "test": 4}
+
+
+def _pattern(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A grayscale image whose structure depends on the class: bright blob position and stripes."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    centres = [(0.3, 0.3), (0.7, 0.3), (0.3, 0.7), (0.7, 0.7)]
+    cy, cx = centres[label % len(centres)]
+    blob = np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / 0.02)
+    stripes = 0.25 * np.sin(2 * np.pi * (label + 1) * 3 * x)
+    noise = rng.normal(0, 0.08, (size, size))
+    return (np.clip(0.35 + 0.5 * blob + stripes + noise, 0, 1) * 255).astype(np.uint8)
+
+
+def write_synthetic_dataset(
+    root: str | Path,
+    counts: dict[str, int] | None = None,
+    size: int = 48,
+    bad_files: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Write ``root/train|val|test/<CLASS>/*.png|jpg`` and return ``root``.
+
+    With ``bad_files`` the train split also gets one corrupt, one empty, one truncated JPEG and one
+    text file (all must be skipped), plus a grayscale, an RGBA and a 16-bit PNG (all must load).
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    counts = counts or DEFAULT_COUNTS
+    for split, per_class in counts.items():
+        for label, name in enumerate(CLASSES):
+            folder = root / split / FOLDER_NAMES.get(name, name)
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(per_class):
+                pixels = _pattern(label, size, rng)
+                if index % 2:
+                    Image.fromarray(pixels).convert("RGB").save(folder / f"{split}_{index:03d}.jpg", quality=90)
+                else:
+                    Image.fromarray(pixels).save(folder / f"{split}_{index:03d}.png")
+    if bad_files:
+        folder = root / "train" / CLASSES[1]
+        pixels = _pattern(1, size, rng)
+        (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+        (folder / "empty.png").write_bytes(b"")
+        (folder / "notes.txt").write_text("not an image")
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+        (folder / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        Image.fromarray(pixels).convert("RGBA").save(folder / "rgba.png")
+        Image.fromarray(pixels, mode="L").save(folder / "gray.png")
+        Image.fromarray(pixels.astype(np.uint16) * 257).save(folder / "sixteen_bit.png")
+    return root

@@ -1,0 +1,165 @@
+"""The whole job in a few calls: prepare the data, train an experiment, evaluate it on the test split
+and write every asset. The CLI and the notebooks are thin front ends over these functions."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from scipy.special import softmax
+
+from . import reporting
+from .checkpoint import load_checkpoint
+from .config import Experiment, experiment_from_dict, get_experiment
+from .data import CLASSES, KAGGLE_HANDLE, DataSplits, XRayDataset, build_transforms, load_splits, locate_dataset
+from .engine import device_name, fit, make_loader, predict, select_device, autocast_dtype
+from .models import Classifier, build_model
+
+ASSET_FILES = {
+    "curves": "curves.png",
+    "confusion_matrix": "confusion_matrix.png",
+    "predictions": "predictions.png",
+    "report_text": "classification_report.txt",
+    "report_json": "classification_report.json",
+    "history": "history.csv",
+    "metrics": "metrics.json",
+}
+
+
+def prepare_data(
+    data_dir: str | os.PathLike | None = None, val_source: str = "carve", val_fraction: float = 0.1, seed: int = 42
+) -> DataSplits:
+    """Locate (or download) the dataset and scan its splits."""
+    return load_splits(locate_dataset(data_dir), val_source=val_source, val_fraction=val_fraction, seed=seed)
+
+
+def git_commit() -> str | None:
+    """The current commit (with ``-dirty`` when the tree has changes), or None outside a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def dataset_info(splits: DataSplits) -> dict[str, Any]:
+    kaggle = "kagglehub" in str(splits.root) or KAGGLE_HANDLE.split("/")[1] in str(splits.root)
+    return {
+        "name": KAGGLE_HANDLE if kaggle else splits.root.name,
+        "root": str(splits.root),
+        "val_source": splits.val_source,
+        "counts": splits.counts(),
+        "skipped_files": len(splits.skipped),
+    }
+
+
+def evaluate_model(
+    model: Classifier, experiment: Experiment, splits: DataSplits, out_dir: Path, device: torch.device,
+    preprocessing: dict[str, Any], progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate on the test split and write the report (text, JSON), confusion matrix and prediction grid."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    transform = build_transforms(experiment.image_size, False, mean=preprocessing["mean"], std=preprocessing["std"])
+    loader = make_loader(XRayDataset(splits.test, transform), experiment.batch_size, False, device,
+                         workers=min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
+    model.to(device)
+    logits, labels = predict(model, loader, device, autocast_dtype(device), "test", progress)
+    metrics = reporting.classification_metrics(logits, labels, CLASSES)
+    reporting.write_json(metrics, out_dir / ASSET_FILES["report_json"])
+    (out_dir / ASSET_FILES["report_text"]).write_text(reporting.report_text(metrics, CLASSES))
+    title = f"{experiment.name}: test split"
+    figures = [
+        reporting.plot_confusion(labels, logits.argmax(1), CLASSES, out_dir / ASSET_FILES["confusion_matrix"], title),
+        reporting.plot_predictions(splits.test.paths, labels, softmax(logits, axis=1), CLASSES,
+                                   out_dir / ASSET_FILES["predictions"], title=title),
+    ]
+    for figure in figures:
+        plt.close(figure)
+    np.savez_compressed(out_dir / "test_logits.npz", logits=logits, labels=labels)
+    return metrics
+
+
+def train_experiment(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    out: str | os.PathLike = "assets",
+    device: str | None = None,
+    seed: int = 42,
+    val_source: str = "carve",
+    workers: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    on_epoch_end: Callable[[list[dict[str, float]]], None] | None = None,
+    splits: DataSplits | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Train the named experiment, evaluate its best checkpoint on the test split and write every
+    asset into ``out/<name>/``. ``overrides`` replace configuration values (epochs, batch_size, ...).
+    Returns the contents of ``metrics.json``."""
+    started = time.perf_counter()
+    experiment = get_experiment(name, **overrides)
+    splits = splits or prepare_data(data_dir, val_source=val_source, seed=seed)
+    out_dir = Path(out) / experiment.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = fit(experiment, splits, out_dir, select_device(device), seed=seed, workers=workers, resume=resume,
+                 progress=progress, on_epoch_end=on_epoch_end)
+    plt.close(reporting.plot_history(result.history, out_dir / ASSET_FILES["curves"], experiment.name))
+    state = load_checkpoint(result.best_checkpoint, experiment=experiment.name)
+    test = evaluate_model(result.model, experiment, splits, out_dir, result.device, state["preprocessing"], progress)
+    metrics = {
+        "experiment": experiment.name,
+        "config": experiment.to_dict(),
+        "weights": experiment.weights,
+        "epochs_run": len(result.history),
+        "best_epoch": result.best_epoch,
+        "stopped_early": result.stopped_early,
+        "seed": seed,
+        "dataset": dataset_info(splits),
+        "device": device_name(result.device),
+        "mixed_precision": str(autocast_dtype(result.device)).replace("torch.", "") if autocast_dtype(result.device) else "fp32",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "train_seconds": round(result.train_seconds, 2),
+        "wall_seconds": round(time.perf_counter() - started, 2),
+        "git_commit": git_commit(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "best_val": {k: v for k, v in result.history[result.best_epoch - 1].items() if k.startswith("val_")},
+        "test": test,
+        "files": {k: v for k, v in ASSET_FILES.items()},
+    }
+    reporting.write_json(metrics, out_dir / ASSET_FILES["metrics"])
+    return metrics
+
+
+def load_trained_model(checkpoint: str | os.PathLike, experiment: str | None = None) -> tuple[Classifier, dict[str, Any]]:
+    """Rebuild a trained classifier from a checkpoint (refusing one of another experiment)."""
+    state = load_checkpoint(checkpoint, experiment=experiment, classes=CLASSES)
+    config = experiment_from_dict(state["experiment"])
+    model = build_model(config.arch, len(state["classes"]), "none", config.freeze_backbone, config.image_size)
+    model.load_state_dict(state["model"])
+    return model.eval(), state
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike, experiment: str | None = None, data_dir: str | os.PathLike | None = None,
+    out: str | os.PathLike = "assets", device: str | None = None, progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a saved checkpoint on the test split and write the report files into ``out/<name>/``."""
+    model, state = load_trained_model(checkpoint, experiment)
+    config = experiment_from_dict(state["experiment"])
+    splits = prepare_data(data_dir, seed=state.get("seed", 42))
+    return evaluate_model(model, config, splits, Path(out) / config.name, select_device(device),
+                          state["preprocessing"], progress)
