@@ -31,3 +31,18 @@ def tiny() -> dict:
 def _no_dataset_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests must not pick up a developer's CXR_DATA_DIR."""
     monkeypatch.delenv("CXR_DATA_DIR", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _session_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Training in tests writes its decoded-image cache to the session's temporary folder, not ~/.cache/cxr."""
+    monkeypatch.setenv("CXR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cxr-cache"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    """One intra-op thread per test process: the tiny test models gain little from two, and when several
+    test runs share the machine's cores, spinning OpenMP threads made a 2-epoch run about 8x slower."""
+    import torch
+
+    torch.set_num_threads(1)

@@ -26,8 +26,12 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> Path:
         torch.save({"format": FORMAT, **state}, temporary)
         os.replace(temporary, path)
     except (OSError, RuntimeError) as error:
+        raise CheckpointError(
+            f"Could not write checkpoint {str(path)!r} ({error}); is the disk full? The previous checkpoint "
+            "there, if any, is unchanged."
+        ) from None
+    finally:  # also on Ctrl-C or a pickling error mid-write; after the rename there is nothing left to remove
         temporary.unlink(missing_ok=True)
-        raise CheckpointError(f"Could not write checkpoint {str(path)!r} ({error}); is the disk full?") from None
     return path
 
 
@@ -42,12 +46,14 @@ def load_checkpoint(
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else "no data"
+        first_line = f"{type(error).__name__}: {detail}"
         raise CheckpointError(
             f"{str(path)!r} is not a cxr checkpoint, or holds objects other than tensors and plain data "
             f"and was refused without running them ({first_line})."
         ) from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT or any(k not in state for k in REQUIRED_KEYS):
+    if (not isinstance(state, dict) or state.get("format") != FORMAT or any(k not in state for k in REQUIRED_KEYS)
+            or not isinstance(state["experiment"], dict)):
         raise CheckpointError(f"{str(path)!r} is not a cxr checkpoint (format {FORMAT!r} expected).")
     found = state["experiment"]
     if experiment is not None and found.get("name") != experiment:

@@ -1,10 +1,12 @@
-"""Command-line interface: ``cxr list``, ``cxr train``, ``cxr evaluate``."""
+"""Command-line interface: ``cxr list``, ``train``, ``evaluate``, ``predict``, ``compare`` and the rest (``cxr -h``)."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import warnings
+from pathlib import Path
 from typing import Sequence
 
 from .config import EXPERIMENTS
@@ -44,6 +46,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _cache_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-cache", dest="cache", action="store_const", const=False,
+                        help="decode and transform every image with PIL on every pass (no decoded-image cache)")
+    parser.add_argument("--cache-dir", help="decoded-image cache folder (default: $CXR_CACHE_DIR, else ~/.cache/cxr)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxr", description="Chest X-ray classification experiments.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -64,11 +72,45 @@ def build_parser() -> argparse.ArgumentParser:
                        help="carve a stratified 10%% validation split out of train (default) or use Kaggle's val")
     train.add_argument("--workers", type=non_negative_int, help="DataLoader worker processes")
     train.add_argument("--resume", action="store_true", help="continue from OUT/<experiment>/checkpoints/last.pt")
+    train.add_argument("--deterministic", action="store_true",
+                       help="deterministic algorithms only (bit-identical reruns on one machine; slower on a GPU)")
+    _cache_options(train)
+    train.add_argument("--no-augment", dest="augment", action="store_const", const=False,
+                       help="no training augmentation (a frozen backbone's features are then computed once)")
+    train.add_argument("--feature-cache", choices=["auto", "off"],
+                       help="auto (default): train a frozen backbone's head on cached features where nothing is augmented")
+    train.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
 
     evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on the test split")
     evaluate.add_argument("experiment", choices=sorted(EXPERIMENTS))
     evaluate.add_argument("--checkpoint", required=True)
     _common(evaluate)
+    evaluate.add_argument("--tta", action="store_true",
+                          help="also report test-time augmentation (corner and centre crops, each mirrored)")
+    _cache_options(evaluate)
+
+    predict = commands.add_parser("predict", help="classify image files or folders with a trained checkpoint")
+    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files, or folders searched recursively")
+    predict.add_argument("--checkpoint", required=True, help="a checkpoint written by cxr train (best.pt)")
+    predict.add_argument("--csv", help="also write the table (every class's probability) to this CSV file")
+    predict.add_argument("--cam", metavar="DIR", help="write each image beside its Grad-CAM overlay into DIR")
+    predict.add_argument("--device", help="cuda, mps, cpu or cuda:N (default: best available)")
+    predict.add_argument("--tta", action="store_true", help="average over ten views (corner and centre crops, mirrored)")
+    predict.add_argument("--batch-size", type=positive_int, default=16)
+    predict.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    audit = commands.add_parser("audit", help="check the dataset: counts, skipped files, sizes, duplicates, leakage")
+    audit.add_argument("--data-dir", help="dataset folder (default: $CXR_DATA_DIR, else download with kagglehub)")
+    audit.add_argument("--out", default="assets", help="the JSON report goes to OUT/audit.json (default: assets)")
+    audit.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    compare = commands.add_parser("compare", help="figure: every experiment's test metrics with 95%% intervals")
+    compare.add_argument("metrics", nargs="*", metavar="METRICS_JSON", help="default: OUT/*/metrics.json")
+    compare.add_argument("--out", default="assets", help="folder read by default and written to (default: assets)")
+
+    report = commands.add_parser("report", help="write README's results table from ASSETS/*/metrics.json")
+    report.add_argument("--assets", default="assets", help="folder of <experiment>/metrics.json (default: assets)")
+    report.add_argument("--readme", default="README.md", help="file holding the results markers (default: README.md)")
     return parser
 
 
@@ -83,10 +125,79 @@ def _print_experiments() -> None:
 
 def _print_metrics(metrics: dict, out: str, name: str) -> None:
     test = metrics.get("test", metrics)
+    intervals = test.get("ci95", {})
+
+    def score(key: str) -> str:
+        interval = intervals.get(key)
+        return f"{test[key]:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
     print(
-        f"{name}: test accuracy {test['accuracy']:.3f}, macro-F1 {test['macro_f1']:.3f}, "
-        f"balanced accuracy {test['balanced_accuracy']:.3f}; files in {out}/{name}/"
+        f"{name}: test accuracy {score('accuracy')}, macro-F1 {score('macro_f1')}, "
+        f"balanced accuracy {score('balanced_accuracy')}" + (" (95% bootstrap intervals)" if intervals else "")
+        + f"; files in {out}/{name}/"
     )
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .predict import format_table, run_predict
+
+    result = run_predict(args.checkpoint, args.paths, args.csv, args.cam, args.device, args.tta, args.batch_size,
+                         progress=not args.quiet)
+    for path, reason in result.failures:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    if result.table.empty:
+        print("error: none of the given files could be read as an image.", file=sys.stderr)
+        return 1
+    print(format_table(result.table))
+    notes = [f"{len(result.table)} image(s) classified" + (f", {len(result.failures)} skipped" if result.failures else "")]
+    if args.csv:
+        notes.append(f"table in {args.csv}")
+    if args.cam:
+        notes.append(f"Grad-CAM overlays in {args.cam}/")
+    print("; ".join(notes))
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from .audit import audit_dataset, format_audit, write_audit
+
+    report = audit_dataset(args.data_dir, progress=not args.quiet)
+    print(format_audit(report))
+    print(f"\nFull report: {write_audit(report, args.out)}")
+    return 0
+
+
+def _resume_command(argv: Sequence[str] | None) -> str:
+    """The command line that continues an interrupted ``cxr train``: the same options plus --resume."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return shlex.join(["cxr", *args, *([] if "--resume" in args else ["--resume"])])
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import matplotlib.pyplot as plt
+
+    from .compare import plot_comparison
+
+    paths = args.metrics or sorted(Path(args.out).glob("*/metrics.json"))
+    if not paths:
+        print(f"error: no {args.out}/*/metrics.json found; train or evaluate an experiment first.", file=sys.stderr)
+        return 1
+    out_png = Path(args.out) / "comparison.png"
+    plt.close(plot_comparison(paths, out_png))
+    print(f"compared {len(paths)} experiment(s): {out_png}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import ReportError, write_report
+
+    try:
+        names = write_report(args.assets, args.readme)
+    except ReportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"{args.readme}: results of {', '.join(names)} from {args.assets}/*/metrics.json")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "list":
         _print_experiments()
         return 0
+    if args.command == "report":
+        return _report(args)
 
     import matplotlib
 
@@ -114,13 +227,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.experiment, data_dir=args.data_dir, out=args.out, device=args.device, seed=args.seed,
                 val_source=args.val_source, workers=args.workers, resume=args.resume, progress=not args.quiet,
                 epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size, lr=args.lr,
-                patience=args.patience, weights=args.weights,
+                patience=args.patience, weights=args.weights, deterministic=args.deterministic,
+                cache=args.cache, cache_dir=args.cache_dir, augment=args.augment, feature_cache=args.feature_cache,
+                compile=args.compile,
             )
+        elif args.command == "predict":
+            return _predict(args)
+        elif args.command == "compare":
+            return _compare(args)
+        elif args.command == "audit":
+            return _audit(args)
         else:
             metrics = evaluate_checkpoint(args.checkpoint, args.experiment, data_dir=args.data_dir, out=args.out,
-                                          device=args.device, progress=not args.quiet)
+                                          device=args.device, progress=not args.quiet, tta=args.tta,
+                                          cache=args.cache, cache_dir=args.cache_dir)
     except TrainingInterrupted as error:
-        print(f"\n{error}", file=sys.stderr)
+        resume = f"\nResume with: {_resume_command(argv)}" if error.saved_epochs else ""
+        print(f"\n{error}{resume}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\nInterrupted.", file=sys.stderr)
         return 130
     except torch.OutOfMemoryError:
         print("error: the GPU ran out of memory; try a smaller --batch-size (or --image-size).", file=sys.stderr)

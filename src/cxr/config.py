@@ -34,6 +34,11 @@ class Experiment:
     weights: str = "imagenet"
     optimizer: str = "adamw"
     schedule: str = "warmup+cosine"
+    # Data path (speed only): decode each image once into the on-disk cache and augment on the device;
+    # train a frozen backbone's head on cached features where no augmentation changes them; torch.compile.
+    cache: bool = True
+    feature_cache: Literal["auto", "off"] = "auto"
+    compile: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

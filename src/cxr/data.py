@@ -129,18 +129,25 @@ def check_image(path: Path) -> str | None:
     try:
         if path.stat().st_size == 0:
             return "empty file"
-        with Image.open(path) as image:
-            image_format = image.format
-            image.verify()
+        with warnings.catch_warnings():  # over PIL's pixel limit: decoding it every epoch would stall training
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image_format = image.format
+                image.verify()
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        return f"too large ({error})"
     except UnidentifiedImageError:
         return "not an image"
     except (OSError, SyntaxError, ValueError) as error:
         return f"unreadable ({error})"
     if image_format == "JPEG":
+        # The end-of-image marker must follow the last scan; bytes after it (DICOM exports pad JPEGs to an
+        # even length with a zero byte, some devices append trailers) are harmless and must not reject the file.
         with open(path, "rb") as handle:
-            handle.seek(-2, os.SEEK_END)
-            if handle.read(2) != b"\xff\xd9":
-                return "truncated JPEG"
+            handle.seek(max(0, path.stat().st_size - 1024))
+            tail = handle.read()
+        if tail.rfind(b"\xff\xd9") < max(0, tail.rfind(b"\xff\xda")):
+            return "truncated JPEG"
     return None
 
 
@@ -188,7 +195,13 @@ def warn_skipped(skipped: list[tuple[Path, str]], shown: int = 3) -> None:
 def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (kept, held out) for a seeded split that keeps each class's share."""
     indices = np.arange(len(labels))
-    kept, held_out = train_test_split(indices, test_size=fraction, stratify=labels, random_state=seed)
+    try:
+        kept, held_out = train_test_split(indices, test_size=fraction, stratify=labels, random_state=seed)
+    except ValueError as error:
+        raise DatasetError(
+            f"Cannot carve a stratified {fraction:.0%} validation split out of train ({error}). Every class needs "
+            "at least two training images and the split one image per class; add images or use --val-source given."
+        ) from None
     return np.sort(kept), np.sort(held_out)
 
 
@@ -227,10 +240,13 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
 
 def build_transforms(
-    image_size: int, train: bool, augment: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD
+    image_size: int, train: bool, augment: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    resize: int | None = None,
 ) -> v2.Compose:
     """Training augmentation suited to chest X-rays (small geometric and exposure changes, no vertical
-    flips) or evaluation resize + center crop; both end with the weights' normalisation."""
+    flips) or evaluation resize + center crop; both end with the weights' normalisation. ``resize`` is
+    the evaluation resize stored with the weights (ResNet V2 weights use 232 for 224, ViT 256); the
+    default is the classic 256/224 ratio."""
     if train and augment:
         geometry = [
             v2.RandomResizedCrop(image_size, scale=(0.7, 1.0), ratio=(0.9, 1.1), antialias=True),
@@ -239,7 +255,8 @@ def build_transforms(
             v2.ColorJitter(brightness=0.2, contrast=0.2),
         ]
     else:
-        geometry = [v2.Resize(round(image_size * 256 / 224), antialias=True), v2.CenterCrop(image_size)]
+        resize = resize or round(image_size * 256 / 224)
+        geometry = [v2.Resize(resize, antialias=True), v2.CenterCrop(image_size)]
     return v2.Compose(
         [v2.ToImage(), *geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     )

@@ -8,6 +8,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -22,7 +23,10 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import Experiment
-from .data import CLASSES, DataSplits, XRayDataset, build_transforms
+from .augment import DeviceDataset, DeviceLoader, EvalTransform, TrainAugment
+from .cache import cache_side, cache_split, default_cache_dir
+from .data import CLASSES, EXPECTED_LAYOUT, DatasetError, DataSplits, Split, XRayDataset, build_transforms, warn_skipped
+from .features import feature_dataset
 from .models import Classifier, build_model, preprocessing
 
 
@@ -32,6 +36,10 @@ class TrainingError(RuntimeError):
 
 class TrainingInterrupted(RuntimeError):
     """Ctrl-C during training; the last complete epoch is saved and can be resumed."""
+
+    def __init__(self, message: str, saved_epochs: int = 0) -> None:
+        super().__init__(message)
+        self.saved_epochs = saved_epochs
 
 
 def select_device(name: str | None = None) -> torch.device:
@@ -71,6 +79,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def make_deterministic() -> None:
+    """Bit-identical repeated runs on one machine, at some speed cost: deterministic kernels only (an op
+    without one raises), no cuDNN autotuning, and the fixed cuBLAS workspace CUDA needs for it (read when
+    cuBLAS starts, so call this before the first GPU matmul). Process-wide, like the settings it changes."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """RNG seed for one epoch: data order and augmentation depend only on (seed, epoch), so a resumed
     run draws exactly what an uninterrupted run would have drawn."""
@@ -78,9 +96,13 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, shuffle: bool, device: torch.device, workers: int, seed: int = 0
-) -> DataLoader:
-    """A loader that keeps every sample (no ``drop_last``) and whose order follows ``seed``."""
+    dataset: Dataset | DeviceDataset, batch_size: int, shuffle: bool, device: torch.device, workers: int, seed: int = 0
+) -> DataLoader | DeviceLoader:
+    """A loader that keeps every sample (no ``drop_last``) and whose order (and, for a
+    :class:`DeviceDataset`, augmentation) follows ``seed``. A DeviceDataset is sliced where it lives:
+    no workers, no collation, no copies."""
+    if isinstance(dataset, DeviceDataset):
+        return DeviceLoader(dataset, batch_size, shuffle, device, seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -90,6 +112,35 @@ def make_loader(
         persistent_workers=False,
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def build_dataset(
+    split: Split, experiment: Experiment, prep: dict[str, Any], device: torch.device, train: bool,
+    cache_dir: str | os.PathLike | None = None, progress: bool = True, description: str = "decode",
+) -> tuple[Dataset | DeviceDataset, Split, dict[str, Any]]:
+    """One split as ``fit`` and ``workflow.evaluate_model`` read it.
+
+    With ``experiment.cache`` every image is decoded once into the on-disk cache (:mod:`cxr.cache`), the
+    whole uint8 split is held on ``device`` and transformed there per batch (:mod:`cxr.augment`);
+    without it PIL decodes and transforms every image on every access, in DataLoader workers. Returns
+    the dataset, the split it holds (the cache leaves out files that fail to decode, listed in
+    ``skipped``) and what it cost, for metrics.json.
+    """
+    augment = train and experiment.augment
+    mean, std = tuple(prep["mean"]), tuple(prep["std"])
+    resize = prep.get("resize") or round(experiment.image_size * 256 / 224)  # checkpoints may predate "resize"
+    if not experiment.cache:
+        transform = build_transforms(experiment.image_size, augment, augment, mean, std, resize=resize)
+        return XRayDataset(split, transform), split, {"held_on": "disk (decoded every epoch)"}
+    cached = cache_split(split, cache_side(experiment.image_size, resize), cache_dir, progress=progress,
+                         description=description)
+    if cached.write_error:
+        warnings.warn(cached.write_error, stacklevel=2)
+    transform = (TrainAugment(experiment.image_size, mean, std) if augment
+                 else EvalTransform(experiment.image_size, resize, mean, std))
+    dataset = DeviceDataset.from_images(cached.images, cached.split.labels, device, transform)
+    return dataset, cached.split, {"held_on": dataset.inputs.device.type, "cache_side": cached.side,
+                                   "decoded": cached.decoded, "cache_seconds": cached.seconds}
 
 
 def class_weights(labels: list[int], num_classes: int = len(CLASSES)) -> torch.Tensor:
@@ -229,6 +280,37 @@ def _write_history(history: list[dict[str, float]], path: Path) -> None:
             writer.writerows(history)
 
 
+def require_every_class(splits: DataSplits) -> None:
+    """Refuse, before any training, data that does not hold every class of the experiment: a class
+    without training or validation images would be learned from nothing and scored as zero."""
+    for name, split in (("train", splits.train), ("val", splits.val)):
+        empty = [c for c, n in split.counts().items() if n == 0]
+        if empty:
+            raise DatasetError(
+                f"The {name} split in {str(splits.root)!r} has no usable images of {', '.join(empty)}; "
+                f"every class of {', '.join(CLASSES)} needs some. {EXPECTED_LAYOUT}"
+            )
+
+
+def data_signature(splits: DataSplits) -> dict[str, Any]:
+    """What a resumed run must see again: the same split sizes per class and the same validation source."""
+    return {"val_source": splits.val_source, "counts": splits.counts()}
+
+
+def check_resumable(state: dict[str, Any], path: Path, experiment: Experiment, seed: int, splits: DataSplits) -> None:
+    """Refuse to resume from a checkpoint written with other settings, seed or data: the continued run
+    would silently differ from the one that was interrupted."""
+    saved = {**state["experiment"], **{key: state[key] for key in ("seed", "data") if key in state}}
+    wanted = {**experiment.to_dict(), "seed": seed, "data": data_signature(splits)}
+    differences = [f"{key}={saved[key]!r} (now {wanted[key]!r})" for key in wanted
+                   if key in saved and saved[key] != wanted[key]]
+    if differences:
+        raise CheckpointError(
+            f"{str(path)!r} was written with other settings: {'; '.join(differences)}. "
+            "Resume with the same options (experiment flags, --seed, --data-dir, --val-source) as the interrupted run."
+        )
+
+
 def fit(
     experiment: Experiment,
     splits: DataSplits,
@@ -239,12 +321,18 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     on_epoch_end: Callable[[list[dict[str, float]]], None] | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> FitResult:
     """Train ``experiment`` on ``splits``, selecting the best epoch and stopping early on the
-    validation metric; write ``checkpoints/{last,best}.pt`` and ``history.csv`` under ``out_dir``."""
+    validation metric; write ``checkpoints/{last,best}.pt`` and ``history.csv`` under ``out_dir``.
+    ``cache_dir`` holds the decoded-image cache (default ``cache.default_cache_dir()``); how the data
+    reached the model is in ``FitResult.extra["pipeline"]``."""
     out_dir = Path(out_dir)
     checkpoint_dir = out_dir / "checkpoints"
     last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
+    require_every_class(splits)
+    if resume and not last_path.exists():
+        raise CheckpointError(f"--resume was given but {str(last_path)!r} does not exist.")
     device = device or select_device()
     workers = (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0) if workers is None else workers
     seed_everything(seed)
@@ -252,23 +340,58 @@ def fit(
     model = build_model(experiment.arch, len(CLASSES), experiment.weights, experiment.freeze_backbone, experiment.image_size)
     model = model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
     prep = preprocessing(experiment.arch, experiment.image_size)
-    train_set = XRayDataset(splits.train, build_transforms(experiment.image_size, True, experiment.augment, prep["mean"], prep["std"]))
-    eval_transform = build_transforms(experiment.image_size, False, mean=prep["mean"], std=prep["std"])
-    val_loader = make_loader(XRayDataset(splits.val, eval_transform), experiment.batch_size, False, device, workers)
+    amp_dtype = autocast_dtype(device)
+    if device.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels once
+    train_set, train_split, train_info = build_dataset(splits.train, experiment, prep, device, True, cache_dir,
+                                                       progress, "decode train")
+    val_set, val_split, val_info = build_dataset(splits.val, experiment, prep, device, False, cache_dir,
+                                                 progress, "decode val")
+    warn_skipped(train_split.skipped + val_split.skipped)
+    train_module = val_module = model
+    feature_cache, feature_seconds = "off", 0.0
+    if model.freeze_backbone and experiment.feature_cache == "auto":
+        started = time.perf_counter()
+        val_set = feature_dataset(model.backbone, make_loader(val_set, experiment.batch_size, False, device, workers),
+                                  device, amp_dtype, "val features", progress)
+        val_module, feature_cache = model.head, "val"
+        if not experiment.augment:
+            train_set = feature_dataset(model.backbone,
+                                        make_loader(train_set, experiment.batch_size, False, device, workers),
+                                        device, amp_dtype, "train features", progress)
+            train_module, feature_cache = model.head, "train+val"
+        feature_seconds = time.perf_counter() - started
+    if experiment.compile:
+        model.compile()
+    val_loader = make_loader(val_set, experiment.batch_size, False, device, workers)
+    pipeline = {
+        "cache": experiment.cache,
+        "cache_dir": str(Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) if experiment.cache else None,
+        "cache_side": train_info.get("cache_side"),
+        "images_decoded": train_info.get("decoded", 0) + val_info.get("decoded", 0) if experiment.cache else "every epoch",
+        "cache_seconds": round(train_info.get("cache_seconds", 0.0) + val_info.get("cache_seconds", 0.0), 3),
+        "data_on": train_info["held_on"],
+        "augment_on": (device.type if experiment.cache else "cpu (DataLoader workers)") if experiment.augment else None,
+        "feature_cache": feature_cache,
+        "feature_seconds": round(feature_seconds, 3),
+        "compile": experiment.compile,
+        "channels_last": device.type == "cuda",
+        "mixed_precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+    }
 
-    weights = class_weights(splits.train.labels)
+    weights = class_weights(train_split.labels)
     criterion = nn.CrossEntropyLoss(weight=weights.to(device), label_smoothing=experiment.label_smoothing)
     val_criterion = nn.CrossEntropyLoss(weight=weights)
     optimizer = build_optimizer(model, experiment, device)
     steps_per_epoch = math.ceil(len(train_set) / experiment.batch_size)
     scheduler = warmup_cosine(optimizer, experiment.epochs * steps_per_epoch, experiment.warmup_epochs * steps_per_epoch)
-    amp_dtype = autocast_dtype(device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     history: list[dict[str, float]] = []
     best_value, best_epoch, bad_epochs, start_epoch, train_seconds = None, 0, 0, 0, 0.0
-    if resume and last_path.exists():
+    if resume:
         state = load_checkpoint(last_path, experiment=experiment.name, arch=experiment.arch, classes=CLASSES)
+        check_resumable(state, last_path, experiment, seed, splits)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -277,8 +400,6 @@ def fit(
         history, start_epoch = state["history"], state["epoch"]
         best_value, best_epoch, bad_epochs = state["best_value"], state["best_epoch"], state["bad_epochs"]
         train_seconds = state["train_seconds"]
-    elif resume:
-        raise CheckpointError(f"--resume was given but {str(last_path)!r} does not exist.")
 
     def checkpoint_state(epoch: int) -> dict[str, Any]:
         return {
@@ -295,57 +416,61 @@ def fit(
             "best_epoch": best_epoch,
             "bad_epochs": bad_epochs,
             "seed": seed,
+            "data": data_signature(splits),
             "train_seconds": train_seconds,
         }
 
-    stopped_early = False
+    stopped_early, saved_epochs = False, start_epoch
     epochs = tqdm(range(start_epoch, experiment.epochs), desc=experiment.name, initial=start_epoch,
                   total=experiment.epochs, disable=not progress)
-    for epoch in epochs:
-        if experiment.patience and bad_epochs >= experiment.patience:
-            stopped_early = True
-            break
-        try:
+    try:  # Ctrl-C anywhere in the loop (a batch, a save, the callback) ends in the same resumable state
+        for epoch in epochs:
+            if experiment.patience and bad_epochs >= experiment.patience:
+                stopped_early = True
+                break
             started = time.perf_counter()
             seed_everything(epoch_seed(seed, epoch))
             train_loader = make_loader(train_set, experiment.batch_size, True, device, workers, epoch_seed(seed, epoch))
-            train = train_one_epoch(model, train_loader, criterion, optimizer, scheduler, device, amp_dtype, scaler,
-                                    f"epoch {epoch + 1}", progress)
-            val = evaluate(model, val_loader, val_criterion, device, amp_dtype, "val", progress)
+            train = train_one_epoch(train_module, train_loader, criterion, optimizer, scheduler, device, amp_dtype,
+                                    scaler, f"epoch {epoch + 1}", progress)
+            val = evaluate(val_module, val_loader, val_criterion, device, amp_dtype, "val", progress)
             seconds = time.perf_counter() - started
-        except KeyboardInterrupt:
-            raise TrainingInterrupted(
-                f"Interrupted during epoch {epoch + 1}. Epochs 1-{epoch} are saved in {str(last_path)!r}; "
-                f"continue with: cxr train {experiment.name} --resume --out {out_dir.parent}"
-            ) from None
-        if not math.isfinite(train["loss"]):
-            kept = f"the last good checkpoint is {str(last_path)!r}" if last_path.exists() else "no checkpoint was written"
-            raise TrainingError(
-                f"Training loss became {train['loss']} in epoch {epoch + 1}; {kept}. Try a lower --lr."
-            )
-        train_seconds += seconds
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": train["loss"],
-            "train_accuracy": train["accuracy"],
-            "val_loss": val["loss"],
-            "val_accuracy": val["accuracy"],
-            "val_macro_f1": val["macro_f1"],
-            "lr": optimizer.param_groups[0]["lr"],
-            "seconds": seconds,
-        }
-        history.append(row)
-        if _better(experiment.monitor, row[experiment.monitor], best_value):
-            best_value, best_epoch, bad_epochs = row[experiment.monitor], epoch + 1, 0
-            save_checkpoint(checkpoint_state(epoch + 1), best_path)
-        else:
-            bad_epochs += 1
-        save_checkpoint(checkpoint_state(epoch + 1), last_path)
-        _write_history(history, out_dir / "history.csv")
-        epochs.set_postfix(val_f1=f"{row['val_macro_f1']:.3f}", val_loss=f"{row['val_loss']:.3f}")
-        if on_epoch_end is not None:
-            on_epoch_end(history)
-
-    best = load_checkpoint(best_path, experiment=experiment.name)
+            if not math.isfinite(train["loss"]):
+                kept = (f"the last good checkpoint (epoch {saved_epochs}) is {str(last_path)!r}" if saved_epochs
+                        else "no checkpoint was written")
+                raise TrainingError(
+                    f"Training loss became {train['loss']} in epoch {epoch + 1}; {kept}. Try a lower --lr."
+                )
+            train_seconds += seconds
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": train["loss"],
+                "train_accuracy": train["accuracy"],
+                "val_loss": val["loss"],
+                "val_accuracy": val["accuracy"],
+                "val_macro_f1": val["macro_f1"],
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": seconds,
+            }
+            history.append(row)
+            if _better(experiment.monitor, row[experiment.monitor], best_value):
+                best_value, best_epoch, bad_epochs = row[experiment.monitor], epoch + 1, 0
+                save_checkpoint(checkpoint_state(epoch + 1), best_path)
+            else:
+                bad_epochs += 1
+            save_checkpoint(checkpoint_state(epoch + 1), last_path)
+            saved_epochs = epoch + 1
+            _write_history(history, out_dir / "history.csv")
+            epochs.set_postfix(val_f1=f"{row['val_macro_f1']:.3f}", val_loss=f"{row['val_loss']:.3f}")
+            if on_epoch_end is not None:
+                on_epoch_end(history)
+        best = load_checkpoint(best_path, experiment=experiment.name)
+    except KeyboardInterrupt:
+        epochs.close()
+        saved = (f"epochs 1-{saved_epochs} of {experiment.epochs} are saved in {str(last_path)!r}; to continue, "
+                 "run the same command again with --resume (resume=True)" if saved_epochs
+                 else "no epoch was finished, so there is nothing to resume")
+        raise TrainingInterrupted(f"Training interrupted: {saved}.", saved_epochs) from None
     model.load_state_dict(best["model"])
-    return FitResult(model, history, best_path, last_path, best_epoch, stopped_early, train_seconds, device)
+    return FitResult(model, history, best_path, last_path, best_epoch, stopped_early, train_seconds, device,
+                     {"pipeline": pipeline})

@@ -3,11 +3,13 @@ and write every asset. The CLI and the notebooks are thin front ends over these 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import platform
 import subprocess
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,11 +18,12 @@ import numpy as np
 import torch
 from scipy.special import softmax
 
-from . import reporting
+from . import cam, reporting, uncertainty
+from .audit import audit_summary, audit_training_splits
 from .checkpoint import load_checkpoint
 from .config import Experiment, experiment_from_dict, get_experiment
-from .data import CLASSES, KAGGLE_HANDLE, DataSplits, XRayDataset, build_transforms, load_splits, locate_dataset
-from .engine import device_name, fit, make_loader, predict, select_device, autocast_dtype
+from .data import CLASSES, KAGGLE_HANDLE, DataSplits, XRayDataset, load_splits, locate_dataset, warn_skipped
+from .engine import build_dataset, device_name, fit, make_deterministic, make_loader, predict, select_device, autocast_dtype
 from .models import Classifier, build_model
 
 ASSET_FILES = {
@@ -31,6 +34,8 @@ ASSET_FILES = {
     "report_json": "classification_report.json",
     "history": "history.csv",
     "metrics": "metrics.json",
+    "reliability": "reliability.png",
+    "cam": "cam.png",
 }
 
 
@@ -65,19 +70,57 @@ def dataset_info(splits: DataSplits) -> dict[str, Any]:
     }
 
 
+def uncertainty_report(
+    model: Classifier, experiment: Experiment, splits: DataSplits, out_dir: Path, device: torch.device,
+    preprocessing: dict[str, Any], logits: np.ndarray, labels: np.ndarray, tta: bool = False, progress: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """What goes beside the test metrics: bootstrap 95% intervals, calibration (ECE and a reliability
+    diagram), logit adjustment with its strength chosen on the validation split, test-time augmentation
+    (with ``tta``) and the Grad-CAM grid."""
+    workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+    amp_dtype = autocast_dtype(device)
+    val_set, _, _ = build_dataset(splits.val, experiment, preprocessing, device, False, cache_dir, progress, "decode val")
+    val_loader = make_loader(val_set, experiment.batch_size, False, device, workers)
+    val_logits, val_labels = predict(model, val_loader, device, amp_dtype, "val", progress)
+    title = f"{experiment.name}: test split"
+    report = {
+        "ci95": uncertainty.bootstrap_ci(labels, logits.argmax(1), CLASSES),
+        "ece": uncertainty.calibration_report(logits, labels, out_dir / ASSET_FILES["reliability"], title),
+        "logit_adjusted": uncertainty.logit_adjustment_report(val_logits, val_labels, logits, labels,
+                                                              splits.train.labels, CLASSES),
+    }
+    if tta:
+        views = XRayDataset(splits.test, uncertainty.tta_transform(preprocessing))
+        tta_loader = make_loader(views, max(1, experiment.batch_size // 4), False, device, workers)
+        tta_logits, tta_labels = uncertainty.predict_tta(model, tta_loader, device, amp_dtype, "test TTA", progress)
+        report["tta"] = {"views": "TenCrop: 4 corner + centre crops, each also mirrored",
+                         **uncertainty.summary_with_ci(tta_logits, tta_labels, CLASSES)}
+    plt.close(cam.plot_cam_grid(model, splits.test.paths, labels, softmax(logits, axis=1), CLASSES, preprocessing,
+                                out_dir / ASSET_FILES["cam"], title=f"{experiment.name}: Grad-CAM on the test split"))
+    return report
+
+
 def evaluate_model(
     model: Classifier, experiment: Experiment, splits: DataSplits, out_dir: Path, device: torch.device,
-    preprocessing: dict[str, Any], progress: bool = True,
+    preprocessing: dict[str, Any], progress: bool = True, tta: bool = False,
+    cache_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Evaluate on the test split and write the report (text, JSON), confusion matrix and prediction grid."""
+    """Evaluate on the test split and write the report (text, JSON), confusion matrix and prediction grid.
+    With ``experiment.cache`` the test images come from the decoded-image cache in ``cache_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    transform = build_transforms(experiment.image_size, False, mean=preprocessing["mean"], std=preprocessing["std"])
-    loader = make_loader(XRayDataset(splits.test, transform), experiment.batch_size, False, device,
+    test_set, test_split, _ = build_dataset(splits.test, experiment, preprocessing, device, False, cache_dir,
+                                            progress, "decode test")
+    warn_skipped(test_split.skipped)
+    splits = dataclasses.replace(splits, test=test_split)  # without any image the cache could not decode
+    loader = make_loader(test_set, experiment.batch_size, False, device,
                          workers=min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
     model.to(device)
     logits, labels = predict(model, loader, device, autocast_dtype(device), "test", progress)
     metrics = reporting.classification_metrics(logits, labels, CLASSES)
+    metrics.update(uncertainty_report(model, experiment, splits, out_dir, device, preprocessing, logits, labels, tta,
+                                      progress, cache_dir))
     reporting.write_json(metrics, out_dir / ASSET_FILES["report_json"])
     (out_dir / ASSET_FILES["report_text"]).write_text(reporting.report_text(metrics, CLASSES))
     title = f"{experiment.name}: test split"
@@ -104,21 +147,30 @@ def train_experiment(
     progress: bool = True,
     on_epoch_end: Callable[[list[dict[str, float]]], None] | None = None,
     splits: DataSplits | None = None,
+    deterministic: bool = False,
+    cache_dir: str | os.PathLike | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Train the named experiment, evaluate its best checkpoint on the test split and write every
-    asset into ``out/<name>/``. ``overrides`` replace configuration values (epochs, batch_size, ...).
-    Returns the contents of ``metrics.json``."""
+    asset into ``out/<name>/``. ``overrides`` replace configuration values (epochs, batch_size, ...);
+    ``deterministic`` allows only deterministic kernels. The data is audited first: duplicates and
+    train/test leakage are warned about and summarised in metrics.json. Returns the contents of ``metrics.json``."""
     started = time.perf_counter()
     experiment = get_experiment(name, **overrides)
+    if deterministic:
+        make_deterministic()
     splits = splits or prepare_data(data_dir, val_source=val_source, seed=seed)
+    data_audit = audit_training_splits(splits, progress)
+    for message in data_audit["warnings"]:
+        warnings.warn(message, stacklevel=2)
     out_dir = Path(out) / experiment.name
     out_dir.mkdir(parents=True, exist_ok=True)
     result = fit(experiment, splits, out_dir, select_device(device), seed=seed, workers=workers, resume=resume,
-                 progress=progress, on_epoch_end=on_epoch_end)
+                 progress=progress, on_epoch_end=on_epoch_end, cache_dir=cache_dir)
     plt.close(reporting.plot_history(result.history, out_dir / ASSET_FILES["curves"], experiment.name))
     state = load_checkpoint(result.best_checkpoint, experiment=experiment.name)
-    test = evaluate_model(result.model, experiment, splits, out_dir, result.device, state["preprocessing"], progress)
+    test = evaluate_model(result.model, experiment, splits, out_dir, result.device, state["preprocessing"], progress,
+                          cache_dir=cache_dir)
     metrics = {
         "experiment": experiment.name,
         "config": experiment.to_dict(),
@@ -127,9 +179,12 @@ def train_experiment(
         "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early,
         "seed": seed,
+        "deterministic": deterministic,
         "dataset": dataset_info(splits),
+        "audit": audit_summary(data_audit),
         "device": device_name(result.device),
         "mixed_precision": str(autocast_dtype(result.device)).replace("torch.", "") if autocast_dtype(result.device) else "fp32",
+        "pipeline": result.extra.get("pipeline"),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "train_seconds": round(result.train_seconds, 2),
@@ -155,11 +210,16 @@ def load_trained_model(checkpoint: str | os.PathLike, experiment: str | None = N
 
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike, experiment: str | None = None, data_dir: str | os.PathLike | None = None,
-    out: str | os.PathLike = "assets", device: str | None = None, progress: bool = True,
+    out: str | os.PathLike = "assets", device: str | None = None, progress: bool = True, tta: bool = False,
+    cache: bool | None = None, cache_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a saved checkpoint on the test split and write the report files into ``out/<name>/``."""
+    """Evaluate a saved checkpoint on the test split and write the report files into ``out/<name>/``
+    (with ``tta``, also the test-time augmentation results). ``cache`` overrides the checkpoint's
+    decoded-image cache setting."""
     model, state = load_trained_model(checkpoint, experiment)
     config = experiment_from_dict(state["experiment"])
+    if cache is not None:
+        config = dataclasses.replace(config, cache=cache)
     splits = prepare_data(data_dir, seed=state.get("seed", 42))
     return evaluate_model(model, config, splits, Path(out) / config.name, select_device(device),
-                          state["preprocessing"], progress)
+                          state["preprocessing"], progress, tta, cache_dir=cache_dir)

@@ -1,0 +1,230 @@
+"""Audit a dataset before a model sees it.
+
+Per split and class counts, the files skipped and why, image sizes (read from the file headers, no
+decode), and exact duplicates by content hash: within a split, across splits, and test images that also
+sit in train or val, called out as leakage because they inflate every test number. ``cxr audit`` prints
+the report and writes it as JSON; training runs the same audit on the splits it uses and keeps the
+summary in metrics.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections import Counter, defaultdict
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .data import CLASSES, FOLDER_ALIASES, SPLITS, DataSplits, Split, locate_dataset, scan_split
+from .reporting import write_json
+
+AUDIT_FILE = "audit.json"
+EXAMPLES_SHOWN = 3
+
+
+def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """Content hash of a file's bytes: equal hashes mean byte-identical images, whatever their names."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def image_header(path: str | os.PathLike) -> tuple[int, int, str]:
+    """(width, height, mode) from the file header; PIL decodes no pixels until asked to."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            return image.width, image.height, image.mode
+
+
+def _stats(values: list[int]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {"min": int(min(values)), "median": float(np.median(values)), "max": int(max(values))}
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def ignored_folders(root: Path) -> list[str]:
+    """Folders inside the split folders that are not one of the classes: their images are not used."""
+    found = []
+    for split_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name.lower() in SPLITS):
+        for folder in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if FOLDER_ALIASES.get(folder.name.upper(), folder.name.upper()) not in CLASSES:
+                found.append(_relative(folder, root))
+    return found
+
+
+def audit_splits(
+    splits: dict[str, Split], root: Path, progress: bool = True, notes: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Audit already scanned splits: counts, skipped files, image sizes and duplicates by content."""
+    root = Path(root)
+    report: dict[str, Any] = {"root": str(root), **(notes or {}), "splits": {}}
+    by_hash: dict[str, list[dict[str, str]]] = defaultdict(list)
+    total = sum(len(split) for split in splits.values())
+    bar = tqdm(total=total, desc="audit", leave=False, disable=not progress)
+    for name, split in splits.items():
+        widths, heights, modes = [], [], Counter()
+        for path, label in zip(split.paths, split.labels):
+            width, height, mode = image_header(path)
+            widths.append(width)
+            heights.append(height)
+            modes[mode] += 1
+            by_hash[file_sha256(path)].append({"split": name, "class": CLASSES[label], "path": _relative(path, root)})
+            bar.update()
+        report["splits"][name] = {
+            "counts": split.counts(),
+            "total": len(split),
+            "skipped": [{"path": _relative(p, root), "reason": why} for p, why in split.skipped],
+            "width": _stats(widths),
+            "height": _stats(heights),
+            "modes": dict(sorted(modes.items())),
+        }
+    bar.close()
+    report["duplicates"] = _duplicates(by_hash, list(splits))
+    report["leakage"] = {pair: n for pair, n in report["duplicates"]["across_splits"].items() if "test" in pair}
+    report["warnings"] = _warnings(report)
+    return report
+
+
+def _duplicates(by_hash: dict[str, list[dict[str, str]]], names: list[str]) -> dict[str, Any]:
+    groups = [{"sha256": digest, "files": files} for digest, files in sorted(by_hash.items()) if len(files) > 1]
+    within = {name: 0 for name in names}
+    across = {f"{a}/{b}": 0 for a, b in combinations(names, 2)}
+    conflicting = 0
+    for group in groups:
+        per_split = Counter(f["split"] for f in group["files"])
+        for name, copies in per_split.items():
+            within[name] += copies - 1
+        for a, b in combinations(names, 2):
+            across[f"{a}/{b}"] += int(a in per_split and b in per_split)
+        conflicting += int(len({f["class"] for f in group["files"]}) > 1)
+    return {
+        "within_split": within,
+        "across_splits": across,
+        "conflicting_labels": conflicting,
+        "groups": groups,
+    }
+
+
+def _examples(groups: list[dict[str, Any]], splits: set[str], copies: int = 1) -> str:
+    """A few duplicate groups, each shown as its files in ``splits``, where every split holds ``copies`` or more."""
+    shown = []
+    for group in groups:
+        files = [f["path"] for f in group["files"] if f["split"] in splits]
+        if all(sum(f["split"] == name for f in group["files"]) >= copies for name in splits):
+            shown.append(" = ".join(files))
+    return "; ".join(shown[:EXAMPLES_SHOWN])
+
+
+def _warnings(report: dict[str, Any]) -> list[str]:
+    """Plain sentences for what needs a person's attention; training repeats them as warnings."""
+    messages = []
+    duplicates = report["duplicates"]
+    for pair, count in report["leakage"].items():
+        if count:
+            other = pair.split("/")[0]
+            messages.append(
+                f"LEAKAGE: {count} test image(s) are byte-identical copies of {other} images, which inflates "
+                f"the test scores; e.g. {_examples(duplicates['groups'], {other, 'test'})}."
+            )
+    for pair, count in duplicates["across_splits"].items():
+        if count and pair not in report["leakage"]:
+            messages.append(f"{count} image(s) appear in both {pair.replace('/', ' and ')}, which inflates validation scores.")
+    for name, count in duplicates["within_split"].items():
+        if count:
+            messages.append(f"{count} duplicate image(s) within {name}: {_examples(duplicates['groups'], {name}, 2)}.")
+    if duplicates["conflicting_labels"]:
+        messages.append(f"{duplicates['conflicting_labels']} identical image(s) carry different class labels.")
+    for name, split in report["splits"].items():
+        empty = [c for c, n in split["counts"].items() if n == 0]
+        if empty:
+            messages.append(f"The {name} split has no images of {', '.join(empty)}.")
+    if report.get("ignored_folders"):
+        messages.append(f"Folders that are not classes were ignored: {', '.join(report['ignored_folders'])}.")
+    return messages
+
+
+def audit_dataset(data_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Any]:
+    """Audit the splits as they are on disk (``train``, ``val`` when present, ``test``)."""
+    root = locate_dataset(data_dir)
+    present = {p.name.lower() for p in root.iterdir() if p.is_dir()}
+    splits = {name: scan_split(root, name) for name in SPLITS if name in present}
+    return audit_splits(splits, root, progress, {"source": "folders on disk", "ignored_folders": ignored_folders(root)})
+
+
+def audit_training_splits(splits: DataSplits, progress: bool = True) -> dict[str, Any]:
+    """Audit the splits a training run actually uses (with a carved validation split, val comes from train)."""
+    return audit_splits(
+        {"train": splits.train, "val": splits.val, "test": splits.test}, splits.root, progress,
+        {"source": f"training splits (val_source={splits.val_source})", "ignored_folders": ignored_folders(splits.root)},
+    )
+
+
+def audit_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The audit without per-file lists: what metrics.json keeps."""
+    return {
+        "source": report.get("source"),
+        "counts": {name: split["counts"] for name, split in report["splits"].items()},
+        "skipped": {name: len(split["skipped"]) for name, split in report["splits"].items()},
+        "width": {name: split["width"] for name, split in report["splits"].items()},
+        "height": {name: split["height"] for name, split in report["splits"].items()},
+        "duplicates_within_split": report["duplicates"]["within_split"],
+        "duplicates_across_splits": report["duplicates"]["across_splits"],
+        "conflicting_labels": report["duplicates"]["conflicting_labels"],
+        "leakage": report["leakage"],
+        "warnings": report["warnings"],
+    }
+
+
+def format_audit(report: dict[str, Any]) -> str:
+    """The report as text: one table row per split, then skipped files, duplicates and warnings."""
+    rows = []
+    for name, split in report["splits"].items():
+        width, height = split["width"] or {}, split["height"] or {}
+        rows.append({
+            "split": name,
+            **split["counts"],
+            "total": split["total"],
+            "skipped": len(split["skipped"]),
+            "width min/med/max": "/".join(f"{width.get(k, 0):g}" for k in ("min", "median", "max")),
+            "height min/med/max": "/".join(f"{height.get(k, 0):g}" for k in ("min", "median", "max")),
+        })
+    lines = [f"Data audit of {report['root']} ({report.get('source', '')})", "",
+             pd.DataFrame(rows).to_string(index=False), ""]
+    skipped = [(name, s) for name, split in report["splits"].items() for s in split["skipped"]]
+    lines.append(f"Skipped files: {len(skipped)}")
+    lines += [f"  {s['path']}: {s['reason']}" for _, s in skipped]
+    duplicates = report["duplicates"]
+    within = ", ".join(f"{k} {v}" for k, v in duplicates["within_split"].items())
+    across = ", ".join(f"{k} {v}" for k, v in duplicates["across_splits"].items())
+    lines += ["", f"Duplicate images (by content): within {within}; across {across}; "
+                  f"conflicting labels {duplicates['conflicting_labels']}"]
+    leaked = sum(report["leakage"].values())
+    lines.append(f"Leakage into test: {leaked} image(s)" if leaked else "Leakage into test: none")
+    if report["warnings"]:
+        lines += ["", "Warnings:"] + [f"  - {message}" for message in report["warnings"]]
+    return "\n".join(lines)
+
+
+def write_audit(report: dict[str, Any], out_dir: str | os.PathLike) -> Path:
+    """Write the full report (every skipped file and duplicate group) as ``out_dir/audit.json``."""
+    path = Path(out_dir) / AUDIT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(report, path)
+    return path

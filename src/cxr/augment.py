@@ -1,0 +1,170 @@
+"""Batched transforms on device tensors, and a loader that slices whole-split tensors.
+
+With the decoded-image cache a split is one uint8 tensor ``(N, 1, S, S)`` that sits on the GPU; a batch
+is an index into it, and its augmentation is a handful of kernels for the whole batch: one
+``affine_grid`` + ``grid_sample`` applies each image's own random resized crop, horizontal flip,
+rotation and translation in a single resampling, then brightness, contrast and normalisation follow
+as element-wise ops. The random parameters come from a seeded ``torch.Generator`` on the device, so
+an epoch's augmentation depends only on its seed (see ``engine.epoch_seed``).
+
+The parameters match ``data.build_transforms``: scale 0.7-1.0, ratio 0.9-1.1, flip p=0.5 (never
+vertical: X-rays have a top and a bottom), rotation +-7 degrees, translation +-4%, brightness and
+contrast +-20%.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import IMAGENET_MEAN, IMAGENET_STD
+
+BatchTransform = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
+
+
+def _normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """[0, 1] images -> normalised 3-channel float images (grayscale expanded), channels_last on CUDA."""
+    mean_t = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    if images.shape[1] == 1:
+        images = images.expand(-1, len(mean), -1, -1)
+    images = (images - mean_t) / std_t
+    if images.device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
+def _uniform(u: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    return low + (high - low) * u
+
+
+@dataclass(frozen=True)
+class TrainAugment:
+    """Random resized crop + horizontal flip + small affine + brightness/contrast, then normalisation,
+    on a uint8 batch ``(B, C, S, S)``; returns float ``(B, 3, image_size, image_size)``."""
+
+    image_size: int
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    scale: tuple[float, float] = (0.7, 1.0)
+    ratio: tuple[float, float] = (0.9, 1.1)
+    flip_probability: float = 0.5
+    degrees: float = 7.0
+    translate: float = 0.04
+    brightness: float = 0.2
+    contrast: float = 0.2
+
+    def affine(self, batch: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+        """Per-image ``(B, 2, 3)`` matrices mapping output to input coordinates (``affine_grid``'s
+        normalised [-1, 1] frame; the images are square, so rotations keep their shape)."""
+        u = torch.rand(batch, 8, generator=generator, device=device)
+        area = _uniform(u[:, 0], *self.scale)
+        ratio = torch.exp(_uniform(u[:, 1], math.log(self.ratio[0]), math.log(self.ratio[1])))
+        width, height = (area * ratio).sqrt().clamp(max=1.0), (area / ratio).sqrt().clamp(max=1.0)
+        centre_x, centre_y = (1 - width) * _uniform(u[:, 2], -1, 1), (1 - height) * _uniform(u[:, 3], -1, 1)
+        flip = torch.where(u[:, 4] < self.flip_probability, -1.0, 1.0)
+        angle = math.radians(self.degrees) * _uniform(u[:, 5], -1, 1)
+        shift_x, shift_y = 2 * self.translate * _uniform(u[:, 6], -1, 1), 2 * self.translate * _uniform(u[:, 7], -1, 1)
+        cos, sin = angle.cos(), angle.sin()
+        # input = crop(flip(rotate^-1(output - shift))): the order of RandomResizedCrop, flip, RandomAffine.
+        theta = torch.stack(
+            [
+                torch.stack([width * flip * cos, width * flip * sin,
+                             width * flip * -(cos * shift_x + sin * shift_y) + centre_x], 1),
+                torch.stack([height * -sin, height * cos, height * (sin * shift_x - cos * shift_y) + centre_y], 1),
+            ],
+            1,
+        )
+        return theta
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        batch, channels = images.shape[:2]
+        theta = self.affine(batch, generator, images.device)
+        grid = F.affine_grid(theta, [batch, channels, self.image_size, self.image_size], align_corners=False)
+        out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False) / 255
+        u = torch.rand(batch, 2, 1, 1, 1, generator=generator, device=images.device)
+        out = (out * _uniform(u[:, 0], 1 - self.brightness, 1 + self.brightness)).clamp_(0, 1)
+        mean = out.mean(dim=(1, 2, 3), keepdim=True)
+        out = ((out - mean) * _uniform(u[:, 1], 1 - self.contrast, 1 + self.contrast) + mean).clamp_(0, 1)
+        return _normalize(out, self.mean, self.std)
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """Resize to ``resize`` and center-crop ``image_size`` (as ``data.build_transforms`` does for
+    evaluation), then normalise, on a uint8 batch ``(B, C, S, S)``."""
+
+    image_size: int
+    resize: int
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        out = images.float() / 255
+        if out.shape[-1] != self.resize or out.shape[-2] != self.resize:
+            out = F.interpolate(out, size=(self.resize, self.resize), mode="bilinear", antialias=True,
+                                align_corners=False).clamp_(0, 1)
+        top = int(round((self.resize - self.image_size) / 2.0))
+        out = out[..., top:top + self.image_size, top:top + self.image_size]
+        return _normalize(out, self.mean, self.std)
+
+
+class DeviceDataset:
+    """A whole split as two tensors: inputs (uint8 images or backbone features) and labels, on the
+    device when they fit. ``transform(batch, generator)`` runs per batch on the device."""
+
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor, transform: BatchTransform | None = None) -> None:
+        if len(inputs) != len(labels):
+            raise ValueError(f"{len(inputs)} inputs but {len(labels)} labels")
+        self.inputs, self.labels, self.transform = inputs, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @classmethod
+    def from_images(
+        cls, images: np.ndarray, labels: Sequence[int], device: torch.device, transform: BatchTransform | None
+    ) -> DeviceDataset:
+        """Hold a ``(N, S, S)`` uint8 array on ``device`` (on CUDA when it takes under a quarter of the
+        free memory, else in pinned host memory, copied per batch)."""
+        inputs = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            inputs = inputs.to(device) if inputs.nbytes < free / 4 else inputs.pin_memory()
+        elif device.type != "cpu":
+            inputs = inputs.to(device)
+        return cls(inputs, torch.as_tensor(list(labels), dtype=torch.long, device=inputs.device), transform)
+
+
+class DeviceLoader:
+    """Batches of a :class:`DeviceDataset` in a seeded order: an index into tensors already in memory,
+    no workers and no collation. Iterating twice yields the same batches."""
+
+    def __init__(self, dataset: DeviceDataset, batch_size: int, shuffle: bool, device: torch.device, seed: int = 0) -> None:
+        self.dataset, self.batch_size, self.shuffle, self.device, self.seed = dataset, batch_size, shuffle, device, seed
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.dataset) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        inputs, labels = self.dataset.inputs, self.dataset.labels
+        if self.shuffle:
+            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
+        else:
+            order = torch.arange(len(labels))
+        order = order.to(inputs.device)
+        generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        for start in range(0, len(labels), self.batch_size):
+            index = order[start:start + self.batch_size]
+            batch, targets = inputs.index_select(0, index), labels.index_select(0, index)
+            if batch.device.type == "cpu" and self.device.type != "cpu":
+                batch = batch.pin_memory().to(self.device, non_blocking=True)
+                targets = targets.to(self.device, non_blocking=True)
+            if self.dataset.transform is not None:
+                batch = self.dataset.transform(batch, generator)
+            yield batch, targets

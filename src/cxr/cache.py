@@ -1,0 +1,205 @@
+"""Decode every image once: a decoded-image cache on disk, shared by epochs, runs and experiments.
+
+Each image is decoded (JPEG in draft mode, which lets libjpeg skip most of the work for a small
+target), converted to 8-bit grayscale, resized so its shorter side is ``side`` and center-cropped to a
+``side`` x ``side`` square, then stored as raw bytes in its own file. The file name is a hash of the
+image's absolute path, size, modification time and ``side``, so a changed image simply misses the
+cache and is decoded again while the others are reused; two runs may build the same cache at once
+(every entry is written to a temporary file and renamed). Chest X-rays are grayscale: one channel is
+stored and expanded to three on the device, a third of the memory of RGB.
+
+Only numpy and Pillow are needed here; training code turns the arrays into device tensors.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageOps
+from tqdm.auto import tqdm
+
+from .data import Split
+
+FORMAT_VERSION = 1
+CACHE_DIR_ENV = "CXR_CACHE_DIR"
+# The cache keeps 256 px for 224 px training images: the classic evaluation resize, and at least
+# every pretrained weight's own resize (ResNet V2 weights use 232, ViT 256), so one cache serves all.
+CACHE_RATIO = 256 / 224
+
+
+def default_cache_dir() -> Path:
+    """``$CXR_CACHE_DIR``, else ``$XDG_CACHE_HOME/cxr``, else ``~/.cache/cxr``."""
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "cxr"
+
+
+def cache_side(image_size: int, resize: int | None = None) -> int:
+    """Side of the cached squares for training at ``image_size`` with evaluation resize ``resize``."""
+    return max(resize or 0, round(image_size * CACHE_RATIO))
+
+
+def _gray8(image: Image.Image) -> Image.Image:
+    """Any mode as 8-bit grayscale, the way ``data.load_image`` reads it (16-bit stretched to its range,
+    palette and alpha images through RGBA) followed by a conversion to L."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float32)
+        low, high = float(array.min()), float(array.max())
+        scaled = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
+        return Image.fromarray(scaled.astype(np.uint8), mode="L")
+    if image.mode == "L":
+        return image
+    if image.mode in ("P", "LA", "PA") or "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB").convert("L")
+
+
+def decode_image(path: str | os.PathLike, side: int) -> np.ndarray:
+    """One image as a ``side`` x ``side`` uint8 grayscale square: EXIF orientation applied, shorter side
+    resized to ``side`` (PIL's bilinear filter widens with the scale, so shrinking is antialiased),
+    longer side center-cropped."""
+    with Image.open(path) as image:
+        if image.format == "JPEG":
+            image.draft("L", (side, side))  # DCT-domain downscale; the result stays >= side on both axes
+        image = _gray8(ImageOps.exif_transpose(image))
+        width, height = image.size
+        scale = side / min(width, height)
+        size = (max(side, round(width * scale)), max(side, round(height * scale)))
+        if size != image.size:
+            image = image.resize(size, Image.Resampling.BILINEAR)
+        left, top = (size[0] - side) // 2, (size[1] - side) // 2
+        return np.asarray(image.crop((left, top, left + side, top + side)), dtype=np.uint8)
+
+
+def entry_path(cache_dir: Path, path: Path, side: int) -> Path:
+    """Where the decoded copy of ``path`` lives; it changes whenever the file's size or mtime does."""
+    stat = path.stat()
+    key = f"{FORMAT_VERSION}\0{side}\0{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    digest = hashlib.sha1(key.encode()).hexdigest()
+    return cache_dir / f"v{FORMAT_VERSION}-{side}px" / digest[:2] / f"{digest}.u8"
+
+
+def _read_entry(entry: Path, out: np.ndarray) -> bool:
+    """Fill ``out`` from a cache entry; False when it is missing or has the wrong size."""
+    try:
+        with open(entry, "rb") as handle:
+            return handle.readinto(memoryview(out).cast("B")) == out.nbytes and not handle.read(1)
+    except OSError:
+        return False
+
+
+def _write_entry(entry: Path, pixels: np.ndarray) -> None:
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    temporary = entry.with_name(f".{entry.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        temporary.write_bytes(pixels.tobytes())
+        os.replace(temporary, entry)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def default_workers() -> int:
+    """Every core this process may use: decoding releases the GIL, so threads scale."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass
+class CachedSplit:
+    """A split's images as one ``(N, side, side)`` uint8 array, with the split of the images it holds
+    (files that failed to decode are left out and listed in ``split.skipped``)."""
+
+    images: np.ndarray
+    split: Split
+    side: int
+    decoded: int
+    seconds: float
+    write_error: str | None = None
+
+
+def _run(task: Callable[[int], object], indices: list[int], workers: int, bar: tqdm | None) -> list:
+    """``task`` over ``indices`` on a thread pool (in this thread when ``workers`` is 0)."""
+    results = []
+    if workers == 0:
+        for index in indices:
+            results.append(task(index))
+            if bar is not None:
+                bar.update()
+        return results
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        for result in pool.map(task, indices):
+            results.append(result)
+            if bar is not None:
+                bar.update()
+    return results
+
+
+def cache_split(
+    split: Split,
+    side: int,
+    cache_dir: str | os.PathLike | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    description: str = "decode",
+) -> CachedSplit:
+    """Every image of ``split`` as a ``side`` x ``side`` uint8 square, read from the cache under
+    ``cache_dir`` (default :func:`default_cache_dir`) or decoded in parallel and added to it.
+
+    A file that cannot be decoded is skipped (listed in ``result.split.skipped``), never fatal; a cache
+    folder that cannot be written only costs the reuse (``result.write_error`` says why).
+    """
+    started = time.perf_counter()
+    cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    workers = default_workers() if workers is None else workers
+    images = np.empty((len(split), side, side), dtype=np.uint8)
+    entries: list[Path | None] = []
+    failures: dict[int, str] = {}
+    for index, path in enumerate(split.paths):
+        try:
+            entries.append(entry_path(cache_dir, Path(path), side))
+        except OSError as error:  # the file vanished or became unreadable after scanning
+            entries.append(None)
+            failures[index] = f"unreadable ({error})"
+
+    def read(index: int) -> bool:
+        return entries[index] is not None and _read_entry(entries[index], images[index])
+
+    candidates = [i for i, entry in enumerate(entries) if entry is not None]
+    cached = _run(read, candidates, workers, None)
+    missing = [i for i, hit in zip(candidates, cached) if not hit]
+    write_errors: list[str] = []
+
+    def decode(index: int) -> None:
+        try:
+            images[index] = decode_image(split.paths[index], side)
+        except Exception as error:  # Pillow raises many types for malformed files; all mean "skip it"
+            failures[index] = f"cannot decode ({type(error).__name__}: {error})"
+            return
+        try:
+            _write_entry(entries[index], images[index])
+        except OSError as error:
+            write_errors.append(str(error))
+
+    if missing:
+        bar = tqdm(total=len(missing), desc=description, unit="img", leave=False, disable=not progress)
+        _run(decode, missing, workers, bar)
+        bar.close()
+    kept = [i for i in range(len(split)) if i not in failures]
+    result_split = Split(
+        [split.paths[i] for i in kept],
+        [split.labels[i] for i in kept],
+        [(Path(split.paths[i]), why) for i, why in sorted(failures.items())],
+    )
+    result_images = images if len(kept) == len(split) else images[kept]
+    return CachedSplit(
+        result_images, result_split, side, len(missing), time.perf_counter() - started,
+        f"could not write the image cache in {str(cache_dir)!r} ({write_errors[0]})" if write_errors else None,
+    )

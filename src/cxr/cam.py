@@ -1,0 +1,144 @@
+"""Where the model looked: Grad-CAM heat maps (the maintained ``grad-cam`` package) and their overlays.
+
+ResNets: Grad-CAM on the last convolutional stage (``layer4``, 7x7 at 224 px). ViT-B/16: Grad-CAM on
+the input of the last encoder block's attention (``ln_1``), with the class token dropped and the
+patch tokens reshaped to their 14x14 grid. The *output* of the last block cannot be used: only the
+class token reaches the head from there, so every patch token's gradient is zero.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from PIL import Image
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+from torchvision.transforms import v2
+
+from .data import load_image
+
+
+def vit_tokens_to_grid(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, 1 + h*w, D) ViT tokens -> (B, D, h, w) feature map, class token dropped."""
+    patches = tokens[:, 1:, :]
+    side = math.isqrt(patches.shape[1])
+    if side * side != patches.shape[1]:
+        raise ValueError(f"{patches.shape[1]} patch tokens do not form a square grid")
+    return patches.reshape(patches.shape[0], side, side, patches.shape[2]).permute(0, 3, 1, 2)
+
+
+def target_layer(model: nn.Module) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor] | None]:
+    """The layer Grad-CAM reads for this classifier, and how to turn its output into a (B, C, h, w) map."""
+    arch = getattr(model, "arch", "")
+    if arch.startswith("resnet"):
+        return model.backbone.layer4, None
+    if arch.startswith("vit"):
+        return model.backbone.encoder.layers[-1].ln_1, vit_tokens_to_grid
+    raise ValueError(f"no Grad-CAM target layer known for architecture {arch!r}")
+
+
+class _EagerForward(nn.Module):
+    """Runs a classifier's plain ``forward``, bypassing ``Module.compile``: a compiled graph may not run
+    hooks added after it was traced, and Grad-CAM's hooks are added afterwards."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.forward(images)
+
+
+def grad_cam(model: nn.Module, images: torch.Tensor, targets: Sequence[int] | None = None) -> np.ndarray:
+    """Heat maps of shape (B, H, W) with values in [0, 1], for the class in ``targets`` (default: the
+    predicted class). The model runs in eval mode, where gradients flow through a frozen backbone;
+    the input is made to require grad so that they reach the target layer even when every backbone
+    parameter is frozen. The model's mode is restored and no gradient is left behind."""
+    layer, reshape = target_layer(model)
+    was_training = model.training
+    device = next(model.parameters()).device
+    chosen = None if targets is None else [ClassifierOutputTarget(int(t)) for t in targets]
+    inputs = images.detach().to(device).requires_grad_(True)
+    explainer = GradCAM(model=_EagerForward(model), target_layers=[layer], reshape_transform=reshape)
+    with torch.enable_grad(), explainer:
+        maps = explainer(input_tensor=inputs, targets=chosen)
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return np.clip(maps, 0.0, 1.0)
+
+
+def display_transform(preprocessing: dict[str, Any]) -> v2.Compose:
+    """The evaluation geometry (resize + centre crop) without normalisation: the pixels the model saw."""
+    return v2.Compose([
+        v2.ToImage(),
+        v2.Resize(preprocessing["resize"], antialias=True),
+        v2.CenterCrop(preprocessing["image_size"]),
+        v2.ToDtype(torch.float32, scale=True),
+    ])
+
+
+def as_display(image: Image.Image, preprocessing: dict[str, Any]) -> np.ndarray:
+    """(H, W, 3) float image in [0, 1], cropped like the model's input."""
+    return display_transform(preprocessing)(image).permute(1, 2, 0).numpy()
+
+
+def overlay(display: np.ndarray, heat_map: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8: the heat map (jet colours) blended half and half with the image."""
+    return show_cam_on_image(display.astype(np.float32), heat_map, use_rgb=True, image_weight=0.5)
+
+
+def save_overlay(display: np.ndarray, heat_map: np.ndarray, path: Path) -> Path:
+    """Write the image and its overlay side by side as one PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pair = np.concatenate([(display * 255).round().astype(np.uint8), overlay(display, heat_map)], axis=1)
+    Image.fromarray(pair).save(path)
+    return path
+
+
+def choose_examples(labels: np.ndarray, predictions: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
+    """Up to ``count`` indices, half of them mistakes when there are any (they teach the most)."""
+    rng = np.random.default_rng(seed)
+    wrong, right = np.flatnonzero(predictions != labels), np.flatnonzero(predictions == labels)
+    n_wrong = min(len(wrong), count // 2)
+    chosen = np.concatenate([rng.permutation(wrong)[:n_wrong], rng.permutation(right)[: count - n_wrong]])
+    return rng.permutation(chosen)[:count]
+
+
+def plot_cam_grid(
+    model: nn.Module, paths: Sequence[Path], labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[str],
+    preprocessing: dict[str, Any], path: Path | None = None, count: int = 8, columns: int = 4, seed: int = 0,
+    title: str = "",
+) -> plt.Figure:
+    """Test images (predicted and true class; mistakes in red) with the Grad-CAM of the predicted class beneath."""
+    predictions = probabilities.argmax(1)
+    chosen = choose_examples(np.asarray(labels), predictions, count, seed)
+    normalise = v2.Normalize(list(preprocessing["mean"]), list(preprocessing["std"]))
+    displays = [as_display(load_image(paths[i]), preprocessing) for i in chosen]
+    batch = normalise(torch.stack([torch.from_numpy(d).permute(2, 0, 1) for d in displays])) if displays else None
+    heat_maps = grad_cam(model, batch, predictions[chosen]) if displays else []
+    rows = 2 * max(1, math.ceil(len(chosen) / columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows), squeeze=False, layout="constrained")
+    for axis in axes.flat:
+        axis.axis("off")
+    for slot, (index, display, heat_map) in enumerate(zip(chosen, displays, heat_maps)):
+        image_axis = axes[2 * (slot // columns), slot % columns]
+        cam_axis = axes[2 * (slot // columns) + 1, slot % columns]
+        ok = predictions[index] == labels[index]
+        image_axis.imshow(display)
+        image_axis.set_title(f"pred {classes[predictions[index]]} ({probabilities[index, predictions[index]]:.2f})\n"
+                             f"true {classes[labels[index]]}" + ("" if ok else "  ✗"),
+                             color="black" if ok else "crimson", fontsize=9)
+        cam_axis.imshow(overlay(display, heat_map))
+        cam_axis.set_title("Grad-CAM, predicted class", fontsize=8)
+    figure.suptitle(title)
+    if path is not None:
+        figure.savefig(path, dpi=110)
+    return figure

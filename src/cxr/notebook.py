@@ -1,0 +1,276 @@
+"""Display helpers and run settings for the notebooks, so each notebook cell is one call.
+
+``settings(experiment)`` decides where data comes from and where results go. With ``CXR_SMOKE=1`` (set
+by the test suite) it writes a tiny synthetic dataset into a temporary folder and trains one short CPU
+epoch on 32 px images with random weights, so CI proves the notebooks run, quickly. Otherwise it
+uses the real dataset (explicit folder, ``CXR_DATA_DIR``, the Kaggle input folder, or a kagglehub
+download), the experiment's configuration and ``assets/``; ``CXR_EPOCHS`` and ``CXR_WEIGHTS`` override
+the epoch budget and the weights for a quick run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
+from torch import nn
+
+from . import reporting
+from .config import Experiment, get_experiment
+from .data import CLASSES, DataSplits, load_image
+from .engine import class_weights
+from .report import format_score, interval, recall_interval
+from .synthetic import write_synthetic_dataset
+from .workflow import ASSET_FILES
+
+SMOKE_ENV = "CXR_SMOKE"
+KAGGLE_INPUT = Path("/kaggle/input/chest-xray-pneumoniacovid19tuberculosis")
+SMOKE_OVERRIDES: dict[str, Any] = {"epochs": 1, "batch_size": 8, "image_size": 32, "weights": "none"}
+SMOKE_COUNTS = {"train": 8, "val": 2, "test": 2}
+
+
+@dataclass
+class Settings:
+    """Where a notebook reads data and writes results, and what it changes in the experiment's configuration."""
+
+    experiment: str
+    smoke: bool
+    data_dir: Path | None
+    out: Path
+    device: str | None
+    overrides: dict[str, Any]
+    cache_dir: Path | None = None
+    _scratch: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+
+    @property
+    def config(self) -> Experiment:
+        """The experiment's configuration with the overrides applied."""
+        return get_experiment(self.experiment, **self.overrides)
+
+    @property
+    def run_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``workflow.train_experiment``: output folder, device, cache folder, overrides."""
+        return {"out": self.out, "device": self.device, "cache_dir": self.cache_dir, **self.overrides}
+
+    @property
+    def run_dir(self) -> Path:
+        """The folder the run writes its figures, reports and metrics.json into."""
+        return self.out / self.experiment
+
+    def summary(self) -> pd.DataFrame:
+        """A two-column table: how this notebook will run, then the full experiment configuration."""
+        mode = "smoke test (synthetic data, CPU)" if self.smoke else "real run"
+        data = str(self.data_dir) if self.data_dir else "download with kagglehub (cached after the first time)"
+        rows = {"mode": mode, "data": data, "output": str(self.run_dir), "device": self.device or "best available",
+                "image cache": str(self.cache_dir) if self.cache_dir else "default (CXR_CACHE_DIR or ~/.cache/cxr)",
+                **{key: value for key, value in self.config.to_dict().items() if key != "summary"}}
+        return pd.DataFrame({"value": [str(v) for v in rows.values()]}, index=pd.Index(rows, name="setting"))
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def env_overrides() -> dict[str, Any]:
+    """Configuration overrides from ``CXR_EPOCHS`` (a whole number >= 1) and ``CXR_WEIGHTS``
+    (``imagenet``, ``none`` or a path to a local ``.pth`` file)."""
+    overrides: dict[str, Any] = {}
+    epochs = os.environ.get("CXR_EPOCHS", "").strip()
+    if epochs:
+        if not epochs.isdigit() or int(epochs) < 1:
+            raise ValueError(f"CXR_EPOCHS must be a whole number >= 1, got {epochs!r}.")
+        overrides["epochs"] = int(epochs)
+    weights = os.environ.get("CXR_WEIGHTS", "").strip()
+    if weights:
+        if weights.lower() in ("imagenet", "none"):
+            weights = weights.lower()
+        elif not Path(weights).expanduser().is_file():
+            raise ValueError(f"CXR_WEIGHTS must be imagenet, none or the path of a .pth file; {weights!r} is none of these.")
+        overrides["weights"] = weights
+    return overrides
+
+
+def settings(experiment: str, data_dir: str | os.PathLike | None = None, out: str | os.PathLike = "assets") -> Settings:
+    """Run settings for one notebook: smoke mode when ``CXR_SMOKE=1`` (which also limits torch to one
+    thread), else a real run.
+
+    Real runs take the data from ``data_dir``, else ``CXR_DATA_DIR``, else the Kaggle input folder when
+    the dataset is attached to a Kaggle notebook, else a kagglehub download; they write into ``out``.
+    """
+    get_experiment(experiment)  # an unknown name fails here, before any work
+    if _env_flag(SMOKE_ENV):
+        # Tiny tensors gain nothing from a second thread, and on a busy CI machine OpenMP threads
+        # waiting for each other made the smoke run three to four times slower.
+        torch.set_num_threads(1)
+        scratch = tempfile.TemporaryDirectory(prefix="cxr-smoke-")
+        root = write_synthetic_dataset(Path(scratch.name) / "synthetic-chest-xray", SMOKE_COUNTS, bad_files=False)
+        return Settings(experiment, True, root, Path(scratch.name) / "assets", "cpu", dict(SMOKE_OVERRIDES),
+                        Path(scratch.name) / "cache", scratch)
+    source = data_dir or os.environ.get("CXR_DATA_DIR") or (KAGGLE_INPUT if KAGGLE_INPUT.is_dir() else None)
+    return Settings(experiment, False, Path(source) if source else None, Path(out), None, env_overrides())
+
+
+def _finish(figure: plt.Figure) -> plt.Figure:
+    """Close the figure for pyplot so a notebook shows it once, as the cell's value."""
+    figure.tight_layout()
+    plt.close(figure)
+    return figure
+
+
+def count_table(splits: DataSplits) -> pd.DataFrame:
+    """Images per class and split, with totals."""
+    table = pd.DataFrame(splits.counts()).reindex(list(CLASSES))
+    table.loc["total"] = table.sum()
+    table["total"] = table.sum(axis=1)
+    return table
+
+
+def plot_counts(splits: DataSplits) -> plt.Figure:
+    """Bar chart of images per class, one bar per split: the class imbalance at a glance."""
+    frame = pd.DataFrame(splits.counts()).reindex(list(CLASSES)).rename_axis("class").reset_index()
+    frame = frame.melt(id_vars="class", var_name="split", value_name="images")
+    figure, axis = plt.subplots(figsize=(8, 3.8))
+    sns.barplot(frame, x="class", y="images", hue="split", ax=axis)
+    for container in axis.containers:
+        axis.bar_label(container, fontsize=8)
+    axis.set_title("Images per class and split")
+    return _finish(figure)
+
+
+def class_weight_table(splits: DataSplits) -> pd.DataFrame:
+    """Training images per class and the loss weight each class gets (inverse frequency, from train only)."""
+    counts = splits.train.counts()
+    weights = class_weights(splits.train.labels).tolist()
+    return pd.DataFrame({"train images": list(counts.values()), "loss weight": np.round(weights, 3)},
+                        index=pd.Index(CLASSES, name="class"))
+
+
+def plot_samples(splits: DataSplits, per_class: int = 4, seed: int = 0) -> plt.Figure:
+    """A few random training images of each class, one row per class."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(splits.train.labels)
+    figure, axes = plt.subplots(len(CLASSES), per_class, figsize=(2.4 * per_class, 2.5 * len(CLASSES)), squeeze=False)
+    for row, name in enumerate(CLASSES):
+        members = np.flatnonzero(labels == row)
+        chosen = rng.choice(members, size=min(per_class, len(members)), replace=False) if len(members) else []
+        for column, axis in enumerate(axes[row]):
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if column < len(chosen):
+                image = load_image(splits.train.paths[chosen[column]])
+                image.thumbnail((256, 256))
+                axis.imshow(image)
+            if column == 0:
+                axis.set_ylabel(name)
+    figure.suptitle("Training images per class")
+    return _finish(figure)
+
+
+def parameter_table(model: nn.Module) -> pd.DataFrame:
+    """Total and trainable parameters of the backbone, the head and the whole model, and whether each
+    part is in training mode while the model trains (a frozen backbone stays in eval mode)."""
+    parts = {"backbone": model.backbone, "head": model.head, "total": model}
+    was_training = model.training
+    model.train()
+    rows = {
+        name: {
+            "parameters": sum(p.numel() for p in part.parameters()),
+            "trainable": sum(p.numel() for p in part.parameters() if p.requires_grad),
+            "mode during training": "train" if part.training else "eval",
+        }
+        for name, part in parts.items()
+    }
+    model.train(was_training)
+    table = pd.DataFrame(rows).T
+    table["trainable share"] = [f"{t / p:.2%}" if p else "-" for p, t in zip(table["parameters"], table["trainable"])]
+    table.loc["total", "mode during training"] = ""
+    return table
+
+
+class LiveCurves:
+    """``on_epoch_end`` callback: redraws the loss and accuracy curves after every epoch in one output
+    area (an IPython display handle), so the figure updates in place instead of piling up."""
+
+    def __init__(self, title: str = "") -> None:
+        self.title = title
+        self.handle = None
+
+    def __call__(self, history: list[dict[str, float]]) -> None:
+        from IPython.display import display
+
+        figure = reporting.plot_history(history, title=self.title)
+        if self.handle is None:
+            self.handle = display(figure, display_id=True)
+        else:
+            self.handle.update(figure)
+        plt.close(figure)
+
+
+def classification_table(metrics: dict[str, Any]) -> pd.DataFrame:
+    """The test split's classification report: per-class precision, recall, F1 and support, then averages."""
+    test = metrics.get("test", metrics)
+    rows = {name: values for name, values in test["per_class"].items()}
+    total = sum(values["support"] for values in rows.values())
+    for label, key in (("macro avg", "macro_avg"), ("weighted avg", "weighted_avg")):
+        rows[label] = {"precision": test[key]["precision"], "recall": test[key]["recall"], "f1": test[key]["f1"],
+                       "support": total}
+    table = pd.DataFrame(rows).T[["precision", "recall", "f1", "support"]]
+    return table.astype({"precision": float, "recall": float, "f1": float, "support": int}).round(3)
+
+
+def saved_figure(run_dir: str | os.PathLike, name: str):
+    """A figure the run saved (``curves``, ``confusion_matrix``, ``predictions``), for display in the notebook."""
+    from IPython.display import Image
+
+    return Image(filename=str(Path(run_dir) / ASSET_FILES[name]))
+
+
+def files_table(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """The files a run wrote, with their sizes (checkpoints included, although git ignores them)."""
+    run_dir = Path(run_dir)
+    files = sorted(p for p in run_dir.rglob("*") if p.is_file())
+    return pd.DataFrame({"kB": [round(p.stat().st_size / 1024, 1) for p in files]},
+                        index=pd.Index([p.relative_to(run_dir).as_posix() for p in files], name=f"{run_dir}/"))
+
+
+def conclusion_text(metrics: dict[str, Any]) -> str:
+    """A short Markdown summary of a run, every number taken from its metrics."""
+    test = metrics["test"]
+    ci95 = test.get("ci95") or {}
+    recalls = {name: values["recall"] for name, values in test["per_class"].items()}
+    weakest, strongest = min(recalls, key=recalls.get), max(recalls, key=recalls.get)
+    sizes = {split: sum(counts.values()) for split, counts in metrics["dataset"]["counts"].items()}
+    stop = ", stopped early by the validation monitor" if metrics.get("stopped_early") else ""
+
+    def score(key: str) -> str:
+        return format_score(test[key], interval(ci95, key))
+
+    return "\n".join([
+        f"**{metrics['experiment']}** on `{metrics['dataset']['name']}` "
+        f"({sizes.get('train', 0)} training, {sizes.get('val', 0)} validation, {sizes.get('test', 0)} test images), "
+        f"weights `{metrics['weights']}`, {metrics['epochs_run']} epoch(s) (best: {metrics['best_epoch']}{stop}), "
+        f"{metrics['train_seconds']:.0f} s of training on {metrics['device']} ({metrics['mixed_precision']}).",
+        "",
+        f"- Test accuracy **{score('accuracy')}**, macro-F1 **{score('macro_f1')}**, "
+        f"balanced accuracy **{score('balanced_accuracy')}**"
+        + (" (brackets: bootstrap 95% confidence interval)." if ci95 else "."),
+        f"- Best recalled class: {strongest} ({format_score(recalls[strongest], recall_interval(ci95, strongest))}); "
+        f"weakest: {weakest} ({format_score(recalls[weakest], recall_interval(ci95, weakest))}).",
+        f"- Validation macro-F1 of the chosen checkpoint: {format_score(metrics['best_val'].get('val_macro_f1'))}.",
+    ])
+
+
+def conclusion(metrics_path: str | os.PathLike):
+    """The run's summary as rendered Markdown, read from its ``metrics.json``."""
+    from IPython.display import Markdown
+
+    return Markdown(conclusion_text(json.loads(Path(metrics_path).read_text())))

@@ -1,0 +1,147 @@
+"""Classify single images with a trained checkpoint, optionally with a Grad-CAM overlay per image.
+
+The checkpoint brings its class names and preprocessing (resize, crop, normalisation), so an image
+is prepared exactly as the test split was. A file that cannot be read is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from . import cam, uncertainty
+from .data import IMAGE_EXTENSIONS, build_transforms, check_image, load_image
+from .engine import autocast, autocast_dtype, select_device
+from .models import preprocessing as default_preprocessing
+from .workflow import load_trained_model
+
+
+@dataclass
+class Predictions:
+    """One row per classified image (file, predicted class, its probability, every class's
+    probability), the inputs that could not be used with the reason, and the Grad-CAM files written."""
+
+    table: pd.DataFrame
+    failures: list[tuple[Path, str]] = field(default_factory=list)
+    cam_files: list[Path] = field(default_factory=list)
+
+
+def collect_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Expand files and folders (searched recursively for .jpg/.jpeg/.png) into image paths; a missing
+    path or an empty folder is reported instead. A file named explicitly is tried whatever its suffix."""
+    found: list[Path] = []
+    failures: list[tuple[Path, str]] = []
+    for entry in map(Path, inputs):
+        if entry.is_dir():
+            images = sorted(p for p in entry.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                            and not p.name.startswith("."))
+            found.extend(images)
+            if not images:
+                failures.append((entry, "folder holds no .jpg, .jpeg or .png file"))
+        elif entry.is_file():
+            found.append(entry)
+        else:
+            failures.append((entry, "no such file or folder"))
+    return found, failures
+
+
+def read_image(path: Path) -> tuple[Image.Image | None, str | None]:
+    """The image as RGB, or None and why it cannot be used (empty, not an image, truncated, corrupt)."""
+    reason = check_image(path)
+    if reason is not None:
+        return None, reason
+    try:
+        return load_image(path), None
+    except UnidentifiedImageError:
+        return None, "not an image"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        return None, f"unreadable ({error})"
+
+
+def _cam_name(path: Path, taken: set[str]) -> str:
+    """``<stem>_cam.png``, made unique when two inputs share a stem."""
+    name, counter = f"{path.stem}_cam.png", 2
+    while name in taken:
+        name, counter = f"{path.stem}_{counter}_cam.png", counter + 1
+    taken.add(name)
+    return name
+
+
+def predict_images(
+    model: torch.nn.Module, classes: Sequence[str], preprocessing: dict[str, Any], paths: Sequence[Path],
+    device: torch.device, batch_size: int = 16, tta: bool = False, cam_dir: Path | None = None,
+    progress: bool = True,
+) -> Predictions:
+    """Class probabilities for every readable image of ``paths``; with ``tta``, averaged over ten views
+    (corner and centre crops, each mirrored); with ``cam_dir``, one image + Grad-CAM PNG per image."""
+    model.to(device).eval()
+    amp_dtype = autocast_dtype(device)
+    transform = build_transforms(preprocessing["image_size"], False, mean=preprocessing["mean"],
+                                 std=preprocessing["std"], resize=preprocessing["resize"])
+    views_transform = uncertainty.tta_transform(preprocessing) if tta else None
+    rows, failures, cam_files, taken = [], [], [], set()
+    batches = [list(paths[i:i + batch_size]) for i in range(0, len(paths), batch_size)]
+    for batch_paths in tqdm(batches, desc="predict", leave=False, disable=not progress):
+        loaded = []
+        for path in batch_paths:
+            image, reason = read_image(path)
+            if image is None:
+                failures.append((path, reason))
+            else:
+                loaded.append((path, image))
+        if not loaded:
+            continue
+        inputs = torch.stack([transform(image) for _, image in loaded])
+        with torch.inference_mode():
+            if views_transform is not None:
+                views = torch.stack([views_transform(image) for _, image in loaded])
+                probabilities = uncertainty.average_view_probabilities(model, views, device, amp_dtype)
+            else:
+                with autocast(device, amp_dtype):
+                    probabilities = model(inputs.to(device)).float().softmax(1)
+        probabilities = probabilities.cpu().numpy()
+        predicted = probabilities.argmax(1)
+        for (path, _), p, k in zip(loaded, probabilities, predicted):
+            rows.append({"file": str(path), "prediction": classes[k], "probability": float(p[k]),
+                         **{name: float(value) for name, value in zip(classes, p)}})
+        if cam_dir is not None:
+            heat_maps = cam.grad_cam(model, inputs, predicted)
+            for (path, image), heat_map in zip(loaded, heat_maps):
+                display = cam.as_display(image, preprocessing)
+                cam_files.append(cam.save_overlay(display, heat_map, Path(cam_dir) / _cam_name(path, taken)))
+    columns = ["file", "prediction", "probability", *classes]
+    return Predictions(pd.DataFrame(rows, columns=columns), failures, cam_files)
+
+
+def run_predict(
+    checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLike], csv_path: str | os.PathLike | None = None,
+    cam_dir: str | os.PathLike | None = None, device: str | None = None, tta: bool = False, batch_size: int = 16,
+    progress: bool = True,
+) -> Predictions:
+    """Load ``checkpoint``, classify every image found in ``inputs`` and write the CSV when asked."""
+    model, state = load_trained_model(checkpoint)
+    config = state["experiment"]
+    prep = state.get("preprocessing") or default_preprocessing(config["arch"], config["image_size"])
+    paths, failures = collect_images(inputs)
+    result = predict_images(model, list(state["classes"]), prep, paths, select_device(device), batch_size, tta,
+                            Path(cam_dir) if cam_dir else None, progress)
+    result.failures[:0] = failures
+    if csv_path is not None:
+        Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
+        result.table.to_csv(csv_path, index=False, float_format="%.6f")
+    return result
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """The predictions as an aligned text table, probabilities to three decimals."""
+    if table.empty:
+        return "(no image classified)"
+    return table.to_string(index=False, float_format=lambda v: f"{v:.3f}")
+

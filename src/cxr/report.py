@@ -1,0 +1,230 @@
+"""README results, generated from the runs' ``metrics.json`` files so no number is ever typed by hand.
+
+``cxr report`` reads every ``assets/<experiment>/metrics.json`` and rewrites the part of README.md
+between the markers below: a table of test-split scores, a table of how each run was made (with links
+to its figures) and a provenance line naming the dataset, weights, device, date and commit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .config import EXPERIMENTS
+from .data import CLASSES
+
+START_MARKER = "<!-- results:start -->"
+END_MARKER = "<!-- results:end -->"
+FIGURE_ORDER = ("curves", "confusion_matrix", "predictions")
+
+
+class ReportError(RuntimeError):
+    """The results cannot be gathered or written; the message says what to do."""
+
+
+def read_metrics(path: str | os.PathLike) -> dict[str, Any]:
+    """One run's metrics, with the path it came from under ``"_path"``."""
+    path = Path(path)
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ReportError(f"Could not read {str(path)!r} ({error}); re-run the experiment to rewrite it.") from None
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("test"), dict):
+        raise ReportError(f"{str(path)!r} has no 'test' scores; is it a metrics.json written by cxr train?")
+    metrics["_path"] = path
+    return metrics
+
+
+def collect_metrics(assets: str | os.PathLike = "assets") -> list[dict[str, Any]]:
+    """Every ``assets/*/metrics.json``, in the order of the configured experiments (others after, by name)."""
+    assets = Path(assets)
+    paths = sorted(assets.glob("*/metrics.json"))
+    if not paths:
+        raise ReportError(
+            f"No metrics.json found under {str(assets)!r}/*/; train an experiment first "
+            "(e.g. `cxr train resnet152_head`) or pass --assets DIR."
+        )
+    order = {name: index for index, name in enumerate(EXPERIMENTS)}
+    runs = [read_metrics(path) for path in paths]
+    return sorted(runs, key=lambda m: (order.get(_name(m), len(order)), _name(m)))
+
+
+def _name(metrics: dict[str, Any]) -> str:
+    return str(metrics.get("experiment") or Path(metrics["_path"]).parent.name)
+
+
+def interval(ci95: dict[str, Any], *keys: str) -> Sequence[float] | None:
+    """The [low, high] interval at ``ci95[keys[0]][keys[1]]...``, or None when it is absent."""
+    value: Any = ci95
+    for key in keys:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value if isinstance(value, (list, tuple)) and len(value) == 2 else None
+
+
+def recall_interval(ci95: dict[str, Any], name: str) -> Sequence[float] | None:
+    """A class's recall interval, stored as ``ci95["recall"][name]`` (see ``uncertainty.bootstrap_ci``)."""
+    return interval(ci95, "recall", name)
+
+
+def format_score(value: float | None, interval: Sequence[float] | None = None, digits: int = 3) -> str:
+    """``0.853`` or, with a bootstrap interval, ``0.853 (0.828-0.877)``; ``n/a`` for a missing value."""
+    if value is None:
+        return "n/a"
+    text = f"{value:.{digits}f}"
+    if interval is not None:
+        text += f" ({interval[0]:.{digits}f}-{interval[1]:.{digits}f})"
+    return text
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def split_sizes(metrics: dict[str, Any]) -> dict[str, int]:
+    """Images per split, summed over classes."""
+    counts = metrics.get("dataset", {}).get("counts", {})
+    return {split: sum(per_class.values()) for split, per_class in counts.items()}
+
+
+def _dataset_text(metrics: dict[str, Any]) -> str:
+    dataset = metrics.get("dataset", {})
+    sizes = split_sizes(metrics)
+    counts = "/".join(str(sizes[s]) for s in ("train", "val", "test") if s in sizes)
+    return f"{dataset.get('name', 'unknown')} ({counts})" if counts else str(dataset.get("name", "unknown"))
+
+
+def _device_text(metrics: dict[str, Any]) -> str:
+    precision = metrics.get("mixed_precision")
+    device = str(metrics.get("device", "unknown"))
+    return f"{device}, {precision}" if precision else device
+
+
+def _epochs_text(metrics: dict[str, Any]) -> str:
+    planned = metrics.get("config", {}).get("epochs")
+    text = f"{metrics.get('epochs_run', '?')}" + (f"/{planned}" if planned else "")
+    if metrics.get("best_epoch"):
+        text += f", best {metrics['best_epoch']}"
+    return text + (", stopped early" if metrics.get("stopped_early") else "")
+
+
+def _link(target: Path, base: Path) -> str:
+    return Path(os.path.relpath(target.resolve(), base.resolve())).as_posix()
+
+
+def figure_links(metrics: dict[str, Any], base: Path) -> str:
+    """Markdown links, relative to ``base``, to the run's PNG figures that exist on disk."""
+    run_dir = Path(metrics["_path"]).parent
+    files = metrics.get("files", {})
+    named = [(key, files[key]) for key in FIGURE_ORDER if key in files]
+    named += [(key, name) for key, name in files.items() if key not in FIGURE_ORDER and str(name).endswith(".png")]
+    listed = {name for _, name in named}
+    named += [(path.stem, path.name) for path in sorted(run_dir.glob("*.png")) if path.name not in listed]
+    links = [f"[{key.replace('_', ' ')}]({_link(run_dir / name, base)})" for key, name in named
+             if (run_dir / name).is_file()]
+    return ", ".join(links) if links else "none"
+
+
+def scores_table(runs: Sequence[dict[str, Any]]) -> str:
+    """Test-split scores per experiment, with 95% bootstrap intervals where metrics.json has them."""
+    header = ["experiment", "accuracy", "macro-F1", "balanced accuracy", *(f"recall {c}" for c in CLASSES)]
+    rows = []
+    for metrics in runs:
+        test = metrics["test"]
+        ci95 = test.get("ci95") or {}
+        per_class = test.get("per_class", {})
+        rows.append([
+            f"`{_name(metrics)}`",
+            format_score(test.get("accuracy"), interval(ci95, "accuracy")),
+            format_score(test.get("macro_f1"), interval(ci95, "macro_f1")),
+            format_score(test.get("balanced_accuracy"), interval(ci95, "balanced_accuracy")),
+            *(format_score(per_class.get(c, {}).get("recall"), recall_interval(ci95, c)) for c in CLASSES),
+        ])
+    return _markdown_table(header, rows)
+
+
+def runs_table(runs: Sequence[dict[str, Any]], base: Path) -> str:
+    """How each run was made: epochs, training time, device, weights, dataset and links to its figures."""
+    header = ["experiment", "epochs (run/planned)", "train time", "device", "weights",
+              "dataset (train/val/test images)", "figures"]
+    rows = [
+        [f"`{_name(m)}`", _epochs_text(m), format_duration(m.get("train_seconds")), _device_text(m),
+         str(m.get("weights", "unknown")), _dataset_text(m), figure_links(m, base)]
+        for m in runs
+    ]
+    return _markdown_table(header, rows)
+
+
+def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _distinct(values: Iterable[Any]) -> str:
+    unique = list(dict.fromkeys(str(v) for v in values if v not in (None, "")))
+    return ", ".join(unique) if unique else "unknown"
+
+
+def provenance(runs: Sequence[dict[str, Any]]) -> str:
+    """One paragraph, built from the metrics only, saying where the numbers come from."""
+    datasets = []
+    for metrics in runs:
+        dataset = metrics.get("dataset", {})
+        sizes = split_sizes(metrics)
+        val_note = {"carve": " carved from train", "given": " (Kaggle's own)"}.get(dataset.get("val_source"), "")
+        parts = [f"{sizes[s]} {s}{val_note if s == 'val' else ''}" for s in ("train", "val", "test") if s in sizes]
+        datasets.append(f"{dataset.get('name', 'unknown')} ({', '.join(parts)} images)" if parts
+                        else dataset.get("name", "unknown"))
+    dates = sorted({str(m["date"])[:10] for m in runs if m.get("date")})
+    date_text = "unknown" if not dates else dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+    return (
+        f"Provenance (generated by `cxr report` from `metrics.json`): dataset {_distinct(datasets)}; "
+        f"weights {_distinct(m.get('weights') for m in runs)}; device {_distinct(_device_text(m) for m in runs)}; "
+        f"date {date_text}; commit {_distinct(m.get('git_commit') for m in runs)}. "
+        "Scores are on the test split, which was used for nothing else"
+        + ("; brackets hold bootstrap 95% confidence intervals." if any(m["test"].get("ci95") for m in runs) else ".")
+    )
+
+
+def render_results(runs: Sequence[dict[str, Any]], base: str | os.PathLike = ".") -> str:
+    """The README block between the markers (markers included)."""
+    base = Path(base)
+    return "\n\n".join([
+        START_MARKER,
+        "<!-- generated by `cxr report`; edits here are overwritten -->",
+        scores_table(runs),
+        runs_table(runs, base),
+        provenance(runs),
+        END_MARKER,
+    ])
+
+
+def replace_results(text: str, block: str) -> str:
+    """``text`` with everything from the start marker to the end marker replaced by ``block``."""
+    start, end = text.find(START_MARKER), text.find(END_MARKER)
+    if start < 0 or end < start:
+        raise ReportError(
+            f"README has no results section; add a line {START_MARKER} followed by a line {END_MARKER} "
+            "where the table should go."
+        )
+    return text[:start] + block + text[end + len(END_MARKER):]
+
+
+def write_report(assets: str | os.PathLike = "assets", readme: str | os.PathLike = "README.md") -> list[str]:
+    """Rewrite README's results section from ``assets/*/metrics.json``; return the experiments listed."""
+    readme = Path(readme)
+    if not readme.is_file():
+        raise ReportError(f"README {str(readme)!r} does not exist; pass --readme PATH.")
+    runs = collect_metrics(assets)
+    readme.write_text(replace_results(readme.read_text(), render_results(runs, readme.parent)))
+    return [_name(m) for m in runs]

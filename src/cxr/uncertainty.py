@@ -1,0 +1,241 @@
+"""How sure are the numbers: bootstrap intervals, calibration, prior-shift correction and test-time augmentation.
+
+A test split of a few hundred images gives metrics that move by several points from one draw to the
+next; the intervals say how much. Calibration says whether a predicted 0.9 means right 9 times in 10.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from scipy.special import softmax
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision.transforms import v2
+from tqdm.auto import tqdm
+
+from .engine import autocast
+
+CONFIDENCE_LEVEL = 0.95
+BOOTSTRAP_RESAMPLES = 1000
+CALIBRATION_BINS = 15
+# Negative strengths undo part of the class-weighted loss (back towards the training prior), positive
+# ones push further towards rare classes (Menon et al., 2021); 0 leaves the logits unchanged.
+TAU_GRID = tuple(np.round(np.arange(-1.0, 2.0001, 0.1), 2))
+
+
+def _scores_from_confusion(confusion: np.ndarray) -> dict[str, np.ndarray]:
+    """Accuracy, macro-F1, balanced accuracy and per-class recall from confusion matrices of shape (..., K, K).
+
+    Same conventions as sklearn with ``labels=range(K), zero_division=0``: a class that is neither
+    present nor predicted has F1 0; balanced accuracy averages recall over the classes present.
+    """
+    confusion = confusion.astype(np.float64)
+    true_positives = np.diagonal(confusion, axis1=-2, axis2=-1)
+    support = confusion.sum(-1)
+    predicted = confusion.sum(-2)
+    total = support.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = true_positives / support
+        f1_denominator = support + predicted
+        f1 = np.where(f1_denominator > 0, 2 * true_positives / np.where(f1_denominator > 0, f1_denominator, 1), 0.0)
+        balanced = np.nanmean(np.where(support > 0, recall, np.nan), axis=-1)
+    return {
+        "accuracy": true_positives.sum(-1) / total,
+        "macro_f1": f1.mean(-1),
+        "balanced_accuracy": balanced,
+        "recall": recall,
+    }
+
+
+def point_scores(labels: np.ndarray, predictions: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1, balanced accuracy and per-class recall, as plain floats (recall None for an absent class)."""
+    k = len(classes)
+    confusion = np.bincount(np.asarray(labels) * k + np.asarray(predictions), minlength=k * k).reshape(k, k)
+    scores = _scores_from_confusion(confusion)
+    return {
+        "accuracy": float(scores["accuracy"]),
+        "macro_f1": float(scores["macro_f1"]),
+        "balanced_accuracy": float(scores["balanced_accuracy"]),
+        "recall": {c: None if np.isnan(r) else float(r) for c, r in zip(classes, scores["recall"])},
+    }
+
+
+def bootstrap_ci(
+    labels: np.ndarray, predictions: np.ndarray, classes: Sequence[str], resamples: int = BOOTSTRAP_RESAMPLES,
+    level: float = CONFIDENCE_LEVEL, seed: int = 0,
+) -> dict[str, Any]:
+    """Percentile bootstrap intervals: resample the test images with replacement ``resamples`` times
+    (seeded, so the same inputs always give the same intervals) and take the central ``level`` share
+    of each metric. Returns ``{"accuracy": [lo, hi], "macro_f1": ..., "balanced_accuracy": ...,
+    "recall": {class: [lo, hi]}}``; a class's recall interval uses the resamples that contain it."""
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    k, n = len(classes), len(labels)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n, size=(resamples, n))
+    cells = labels[draws] * k + predictions[draws] + (np.arange(resamples) * k * k)[:, None]
+    confusion = np.bincount(cells.ravel(), minlength=resamples * k * k).reshape(resamples, k, k)
+    scores = _scores_from_confusion(confusion)
+    tails = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+
+    def interval(values: np.ndarray) -> list[float] | None:
+        values = values[~np.isnan(values)]
+        return [float(v) for v in np.percentile(values, tails)] if len(values) else None
+
+    return {
+        "accuracy": interval(scores["accuracy"]),
+        "macro_f1": interval(scores["macro_f1"]),
+        "balanced_accuracy": interval(scores["balanced_accuracy"]),
+        "recall": {c: interval(scores["recall"][:, i]) for i, c in enumerate(classes)},
+    }
+
+
+def calibration_bins(
+    probabilities: np.ndarray, labels: np.ndarray, bins: int = CALIBRATION_BINS
+) -> dict[str, np.ndarray]:
+    """Top-label confidence against accuracy in ``bins`` equal-width bins over (0, 1]: per bin the
+    image count, mean confidence and accuracy (NaN where a bin is empty)."""
+    confidence = probabilities.max(1)
+    correct = (probabilities.argmax(1) == np.asarray(labels)).astype(np.float64)
+    index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)  # bin b holds (b/bins, (b+1)/bins]
+    count = np.bincount(index, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_confidence = np.bincount(index, weights=confidence, minlength=bins) / count
+        accuracy = np.bincount(index, weights=correct, minlength=bins) / count
+    return {"edges": np.linspace(0, 1, bins + 1), "count": count, "confidence": mean_confidence, "accuracy": accuracy}
+
+
+def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bins: int = CALIBRATION_BINS) -> float:
+    """ECE (Guo et al., 2017): the image-weighted mean gap between confidence and accuracy over the bins."""
+    table = calibration_bins(probabilities, labels, bins)
+    filled = table["count"] > 0
+    gaps = np.abs(table["accuracy"][filled] - table["confidence"][filled])
+    return float((table["count"][filled] * gaps).sum() / table["count"].sum())
+
+
+def plot_reliability(probabilities: np.ndarray, labels: np.ndarray, path: Path | None = None, title: str = "",
+                     bins: int = CALIBRATION_BINS) -> plt.Figure:
+    """Reliability diagram (accuracy per confidence bin against the diagonal) above a histogram of confidences."""
+    table = calibration_bins(probabilities, labels, bins)
+    ece = expected_calibration_error(probabilities, labels, bins)
+    centres, width = (table["edges"][:-1] + table["edges"][1:]) / 2, 1 / bins
+    figure, (diagram, histogram) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True,
+                                                gridspec_kw={"height_ratios": [3, 1]})
+    filled = table["count"] > 0
+    diagram.bar(centres[filled], table["accuracy"][filled], width=width, edgecolor="black", label="accuracy")
+    diagram.bar(centres[filled], table["confidence"][filled] - table["accuracy"][filled],
+                bottom=table["accuracy"][filled], width=width, color="crimson", alpha=0.3, edgecolor="crimson",
+                label="gap to confidence")
+    diagram.plot([0, 1], [0, 1], "k--", label="perfect calibration")
+    diagram.set(ylabel="accuracy", ylim=(0, 1), xlim=(0, 1), title=f"{title}  (ECE {ece:.3f}, {bins} bins)".strip())
+    diagram.legend(loc="upper left")
+    histogram.bar(centres, table["count"], width=width, edgecolor="black", color="grey")
+    histogram.set(xlabel="confidence (top-class probability)", ylabel="images")
+    figure.tight_layout()
+    if path is not None:
+        figure.savefig(path, dpi=120)
+    return figure
+
+
+def class_prior(train_labels: Sequence[int], num_classes: int) -> np.ndarray:
+    """Class frequencies of the training split (a class without images counts as one, so its log is finite)."""
+    counts = np.maximum(np.bincount(np.asarray(train_labels), minlength=num_classes), 1)
+    return counts / counts.sum()
+
+
+def adjust_logits(logits: np.ndarray, prior: np.ndarray, tau: float) -> np.ndarray:
+    """Post-hoc logit adjustment: subtract ``tau * log(prior)``."""
+    return logits - tau * np.log(prior)
+
+
+def choose_tau(val_logits: np.ndarray, val_labels: np.ndarray, prior: np.ndarray, classes: Sequence[str],
+               grid: Sequence[float] = TAU_GRID) -> tuple[float, dict[float, float]]:
+    """The adjustment strength with the best validation macro-F1 (ties go to the weakest adjustment),
+    and the validation macro-F1 of every strength tried. Never looks at the test split."""
+    scores = {float(tau): point_scores(val_labels, adjust_logits(val_logits, prior, tau).argmax(1), classes)["macro_f1"]
+              for tau in grid}
+    best = max(scores.values())
+    tau = min((t for t, s in scores.items() if s >= best - 1e-12), key=abs)
+    return tau, scores
+
+
+def logit_adjustment_report(
+    val_logits: np.ndarray, val_labels: np.ndarray, test_logits: np.ndarray, test_labels: np.ndarray,
+    train_labels: Sequence[int], classes: Sequence[str], seed: int = 0,
+) -> dict[str, Any]:
+    """Choose tau on validation, then report the test split without and with the adjustment."""
+    prior = class_prior(train_labels, len(classes))
+    tau, val_scores = choose_tau(val_logits, val_labels, prior, classes)
+    adjusted = adjust_logits(test_logits, prior, tau).argmax(1)
+    return {
+        "tau": tau,
+        "chosen_on": "validation macro-F1",
+        "train_prior": {c: float(p) for c, p in zip(classes, prior)},
+        "val_macro_f1": {"without": val_scores[0.0], "with": val_scores[tau]},
+        "without": point_scores(test_labels, test_logits.argmax(1), classes),
+        "with": {**point_scores(test_labels, adjusted, classes),
+                 "ci95": bootstrap_ci(test_labels, adjusted, classes, seed=seed)},
+    }
+
+
+def calibration_report(test_logits: np.ndarray, test_labels: np.ndarray, path: Path | None = None,
+                       title: str = "") -> float:
+    """ECE of the test predictions; with ``path``, also the reliability diagram."""
+    probabilities = softmax(test_logits.astype(np.float64), axis=1)
+    if path is not None:
+        plt.close(plot_reliability(probabilities, test_labels, path, title))
+    return expected_calibration_error(probabilities, test_labels)
+
+
+def _stacked_views(ten_crop: v2.Compose, image: Any) -> torch.Tensor:
+    return torch.stack(ten_crop(image))
+
+
+def tta_transform(preprocessing: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
+    """Ten views per image as one (10, C, H, W) tensor: the four corner crops and the centre crop of
+    the evaluation resize, each also mirrored left-right (``TenCrop``)."""
+    ten_crop = v2.Compose([
+        v2.ToImage(),
+        v2.Resize(preprocessing["resize"], antialias=True),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(preprocessing["mean"]), list(preprocessing["std"])),
+        v2.TenCrop(preprocessing["image_size"]),
+    ])
+    return functools.partial(_stacked_views, ten_crop)
+
+
+@torch.inference_mode()
+def average_view_probabilities(model: nn.Module, views: torch.Tensor, device: torch.device,
+                               amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(B, V, C, H, W) views -> (B, K) class probabilities averaged over the V views."""
+    batch, count = views.shape[:2]
+    with autocast(device, amp_dtype):
+        logits = model(views.flatten(0, 1).to(device, non_blocking=True)).float()
+    return logits.softmax(1).view(batch, count, -1).mean(1)
+
+
+@torch.inference_mode()
+def predict_tta(model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None = None,
+                description: str = "tta", progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Like ``engine.predict`` for a loader of (B, V, C, H, W) views: the class probabilities are
+    averaged over the views and returned as log-probabilities, so they work wherever logits do."""
+    model.eval()
+    all_log_probs, all_labels = [], []
+    for views, labels in tqdm(loader, desc=description, leave=False, disable=not progress):
+        probabilities = average_view_probabilities(model, views, device, amp_dtype)
+        all_log_probs.append(probabilities.clamp_min(1e-12).log().cpu())
+        all_labels.append(torch.as_tensor(labels))
+    return torch.cat(all_log_probs).numpy(), torch.cat(all_labels).numpy()
+
+
+def summary_with_ci(logits: np.ndarray, labels: np.ndarray, classes: Sequence[str], seed: int = 0) -> dict[str, Any]:
+    """Point scores, their bootstrap intervals and the ECE of one set of predictions (used for TTA)."""
+    predictions = logits.argmax(1)
+    return {**point_scores(labels, predictions, classes), "ci95": bootstrap_ci(labels, predictions, classes, seed=seed),
+            "ece": expected_calibration_error(softmax(logits.astype(np.float64), axis=1), labels)}
+

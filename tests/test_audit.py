@@ -1,0 +1,105 @@
+"""The data audit: counts, skipped files and why, image sizes, duplicates by content, train/test leakage."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cxr.audit import audit_dataset, file_sha256
+from cxr.cli import main
+from cxr.data import CLASSES, SPLITS, check_image, load_splits, scan_split
+from cxr.synthetic import DEFAULT_COUNTS, write_synthetic_dataset
+from cxr.workflow import train_experiment
+
+SMALL_COUNTS = {"train": 5, "val": 2, "test": 2}
+
+
+def test_counts_skipped_files_and_sizes_of_the_synthetic_dataset(synthetic_root):
+    report = audit_dataset(synthetic_root, progress=False)
+    assert list(report["splits"]) == list(SPLITS)
+    for name, split in report["splits"].items():
+        assert split["counts"] == scan_split(synthetic_root, name).counts()
+        assert split["width"] == split["height"] == {"min": 48, "median": 48.0, "max": 48}  # written at 48 px
+    assert report["splits"]["test"]["counts"] == {c: DEFAULT_COUNTS["test"] for c in CLASSES}
+    assert {"I;16", "RGBA", "L", "RGB"} <= set(report["splits"]["train"]["modes"])
+    skipped = {Path(s["path"]).name: s["reason"] for s in report["splits"]["train"]["skipped"]}
+    assert set(skipped) == {"corrupt.jpg", "empty.png", "notes.txt", "truncated.jpg"}
+    assert (skipped["empty.png"], skipped["notes.txt"], skipped["truncated.jpg"]) == (
+        "empty file", "not an image file", "truncated JPEG")
+    duplicates = report["duplicates"]
+    assert duplicates["groups"] == [] and sum(duplicates["within_split"].values()) == 0
+    assert report["leakage"] == {"train/test": 0, "val/test": 0} and report["warnings"] == []
+
+
+def leaky_dataset(root: Path) -> Path:
+    """A test image copied into train under another class, and a train image stored twice."""
+    write_synthetic_dataset(root, SMALL_COUNTS, size=32, bad_files=False)
+    shutil.copy(root / "test" / "NORMAL" / "test_000.png", root / "train" / "PNEUMONIA" / "from_test.png")
+    shutil.copy(root / "train" / "COVID19" / "train_000.png", root / "train" / "COVID19" / "again.png")
+    return root
+
+
+def test_cli_audit_finds_duplicates_and_leakage_and_writes_json(tmp_path, capsys):
+    root = leaky_dataset(tmp_path / "data")
+    assert main(["audit", "--data-dir", str(root), "--out", str(tmp_path / "assets"), "--quiet"]) == 0
+    shown = capsys.readouterr().out
+    assert "Leakage into test: 1 image(s)" in shown and "LEAKAGE" in shown and "train/PNEUMONIA/from_test.png" in shown
+    assert "1 duplicate image(s) within train: train/COVID19/again.png = train/COVID19/train_000.png." in shown
+
+    report = json.loads((tmp_path / "assets" / "audit.json").read_text())
+    assert report["leakage"] == {"train/test": 1, "val/test": 0}
+    assert report["duplicates"]["within_split"] == {"train": 1, "val": 0, "test": 0}
+    assert report["duplicates"]["across_splits"]["train/val"] == 0
+    assert report["duplicates"]["conflicting_labels"] == 1  # the leaked copy is labelled PNEUMONIA, not NORMAL
+    groups = {g["sha256"]: sorted(f["path"] for f in g["files"]) for g in report["duplicates"]["groups"]}
+    assert groups == {
+        file_sha256(root / "test" / "NORMAL" / "test_000.png"): ["test/NORMAL/test_000.png", "train/PNEUMONIA/from_test.png"],
+        file_sha256(root / "train" / "COVID19" / "again.png"): ["train/COVID19/again.png", "train/COVID19/train_000.png"],
+    }
+
+
+def test_training_warns_about_leakage_and_keeps_the_audit_in_metrics(tmp_path):
+    root = leaky_dataset(tmp_path / "data")
+    with pytest.warns(UserWarning, match="LEAKAGE: 1 test image"):
+        metrics = train_experiment("resnet50_full", data_dir=root, out=tmp_path / "out", val_source="given",
+                                   progress=False, epochs=1, batch_size=8, image_size=32, weights="none")
+    audit = metrics["audit"]
+    assert audit["leakage"] == {"train/test": 1, "val/test": 0}
+    assert audit["duplicates_within_split"]["train"] == 1
+    assert audit["counts"]["train"] == load_splits(root, val_source="given").train.counts()
+    saved = json.loads((tmp_path / "out" / "resnet50_full" / "metrics.json").read_text())
+    assert saved["audit"] == audit
+
+
+def test_huge_image_is_skipped_with_a_reason(tmp_path, monkeypatch):
+    root = write_synthetic_dataset(tmp_path / "data", SMALL_COUNTS, size=32, bad_files=False)
+    huge = root / "train" / "NORMAL" / "huge.png"
+    Image.new("L", (12000, 12000)).save(huge, compress_level=1)  # 144 Mpixel: over PIL's bomb warning limit
+    report = audit_dataset(root, progress=False)
+    skipped = {s["path"]: s["reason"] for s in report["splits"]["train"]["skipped"]}
+    assert skipped["train/NORMAL/huge.png"].startswith("too large (Image size (144000000 pixels) exceeds limit")
+    assert report["splits"]["train"]["width"]["max"] == 32  # its header was never counted as a usable image
+    # Twice PIL's limit raises DecompressionBombError instead of warning; that is skipped the same way.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 12000 * 12000 // 3)
+    assert check_image(huge).startswith("too large")
+
+
+def test_folders_that_are_not_classes_are_reported(tmp_path):
+    root = write_synthetic_dataset(tmp_path / "data", SMALL_COUNTS, size=32, bad_files=False)
+    extra = root / "train" / "LUNG_OPACITY"
+    extra.mkdir()
+    shutil.copy(root / "train" / "NORMAL" / "train_000.png", extra / "image.png")
+    report = audit_dataset(root, progress=False)
+    assert report["ignored_folders"] == ["train/LUNG_OPACITY"]
+    assert any("train/LUNG_OPACITY" in message for message in report["warnings"])
+
+
+def test_cli_audit_of_missing_dataset_is_a_clear_error(tmp_path, capsys):
+    assert main(["audit", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path), "--quiet"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: Data folder") and "does not exist" in error
+    assert not (tmp_path / "audit.json").exists()

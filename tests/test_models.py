@@ -1,0 +1,176 @@
+"""The three classifiers: what trains, frozen backbones in eval mode, and pretrained weights offline."""
+
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torchvision import models as tvm
+
+from cxr.config import EXPERIMENTS, get_experiment
+from cxr.engine import build_optimizer
+from cxr.models import WeightsError, build_model, count_parameters, default_weights
+
+CPU = torch.device("cpu")
+HEAD_ONLY = {"resnet152_head": 2048 * 4 + 4, "vit_b16_head": 768 * 4 + 4}
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, nn.Module]:
+    return {name: build_model(name, weights="none", image_size=32) for name in EXPERIMENTS}
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_trainable_parameter_counts(models, name):
+    model = models[name]
+    total, trainable = count_parameters(model)
+    if name in HEAD_ONLY:
+        assert trainable == HEAD_ONLY[name]
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
+    else:
+        assert trainable == total
+        torchvision_total = sum(p.numel() for p in tvm.resnet50().parameters())
+        assert total == torchvision_total - (2048 * 1000 + 1000) + (2048 * 4 + 4)  # 1000-class fc -> 4-class head
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_optimizer_gets_exactly_the_trainable_parameters(models, name):
+    model = models[name]
+    experiment = get_experiment(name)
+    optimizer = build_optimizer(model, experiment, CPU)
+    in_optimizer = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    assert len(in_optimizer) == len(set(in_optimizer))
+    assert set(in_optimizer) == {id(p) for p in model.parameters() if p.requires_grad}
+    assert optimizer.param_groups[0]["lr"] == experiment.lr
+    if not experiment.freeze_backbone:
+        assert optimizer.param_groups[1]["lr"] == experiment.backbone_lr
+
+
+def _one_training_step(model: nn.Module, name: str) -> None:
+    torch.manual_seed(0)
+    model.train()
+    optimizer = build_optimizer(model, get_experiment(name), CPU)
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    nn.functional.cross_entropy(model(images), labels).backward()
+    optimizer.step()
+
+
+def _batchnorm_stats(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+
+
+@pytest.mark.parametrize("name", ["resnet152_head", "resnet50_full"])
+def test_frozen_backbone_stays_in_eval_mode_during_training(name):
+    model = build_model(name, weights="none", image_size=32)
+    frozen = get_experiment(name).freeze_backbone
+    stats, backbone = _batchnorm_stats(model), {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    head = {k: v.clone() for k, v in model.head.state_dict().items()}
+    _one_training_step(model, name)
+    assert model.training and model.head.training
+    assert all(not m.training for m in model.backbone.modules()) == frozen
+    after = _batchnorm_stats(model)
+    assert all(torch.equal(stats[k], after[k]) for k in stats) == frozen  # fully trained: BatchNorm stats move
+    if frozen:
+        backbone_after = model.backbone.state_dict()
+        assert all(torch.equal(v, backbone_after[k]) for k, v in backbone.items())
+        assert all(p.grad is None for p in model.backbone.parameters())
+    head_after = model.head.state_dict()
+    assert not any(torch.equal(v, head_after[k]) for k, v in head.items())
+
+
+def test_vit_backbone_in_eval_mode_and_image_size(models):
+    vit = models["vit_b16_head"]
+    vit.train()
+    assert vit.head.training and not any(m.training for m in vit.backbone.modules())
+    assert vit.backbone.image_size == 32
+    with torch.no_grad():
+        assert vit.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+    assert build_model("vit_b16_head", weights="none").backbone.image_size == 224
+
+
+# --- pretrained weights, offline -------------------------------------------------------------------------
+
+
+def random_state_dict(arch: str = "resnet50") -> dict[str, torch.Tensor]:
+    """A torchvision state dict whose every tensor (BatchNorm buffers too) differs from a fresh model's."""
+    generator = torch.Generator().manual_seed(123)
+    return {
+        k: (torch.randn(v.shape, generator=generator) if v.is_floating_point() else v + 7)
+        for k, v in getattr(tvm, arch)().state_dict().items()
+    }
+
+
+def assert_backbone_is(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    loaded = model.backbone.state_dict()
+    assert set(loaded) == {k for k in state if not k.startswith("fc.")}
+    assert all(torch.equal(loaded[k], state[k]) for k in loaded)
+
+
+@pytest.fixture
+def no_downloads(monkeypatch) -> list[str]:
+    """torch.hub downloads fail as they would offline; the URLs asked for are recorded."""
+    urls: list[str] = []
+
+    def offline(url: str, *args, **kwargs) -> None:
+        urls.append(url)
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    return urls
+
+
+@pytest.fixture(scope="module")
+def resnet50_state(tmp_path_factory) -> tuple[dict[str, torch.Tensor], Path]:
+    state = random_state_dict("resnet50")
+    path = tmp_path_factory.mktemp("weights") / "resnet50.pth"
+    torch.save(state, path)
+    return state, path
+
+
+def test_imagenet_weights_come_from_the_torch_hub_cache(tmp_path, monkeypatch, no_downloads, resnet50_state):
+    state, _ = resnet50_state
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cached = tmp_path / "hub" / "checkpoints" / Path(default_weights("resnet50").url).name
+    cached.parent.mkdir(parents=True)
+    torch.save(state, cached)
+    assert Path(torch.hub.get_dir()) == tmp_path / "hub"
+    model = build_model("resnet50_full", weights="imagenet", image_size=32)
+    assert_backbone_is(model, state)
+    assert no_downloads == []
+
+
+def test_local_pth_file_is_loaded(resnet50_state):
+    state, path = resnet50_state
+    model = build_model("resnet50_full", weights=path)
+    assert_backbone_is(model, state)
+    assert isinstance(model.backbone.fc, nn.Identity) and model.head.out_features == 4
+
+
+def test_weights_for_another_architecture_are_refused(resnet50_state, tmp_path):
+    _, path = resnet50_state
+    with pytest.raises(WeightsError, match="not a torchvision resnet152 state dict"):
+        build_model("resnet152_head", weights=path, image_size=32)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a state dict")
+    with pytest.raises(WeightsError, match="Could not read weights file"):
+        build_model("resnet50_full", weights=garbage)
+
+
+def test_missing_weights_offline_is_a_clear_error(tmp_path, monkeypatch, no_downloads):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(WeightsError) as caught:
+        build_model("resnet50_full", weights="imagenet")
+    url = default_weights("resnet50").url
+    assert no_downloads == [url]
+    message = str(caught.value)
+    assert url in message and str(tmp_path / "hub" / "checkpoints" / Path(url).name) in message
+    assert "--weights PATH" in message and "--weights none" in message
+
+
+def test_vit_imagenet_weights_need_224_pixels(no_downloads):
+    with pytest.raises(WeightsError, match="--image-size 224"):
+        build_model("vit_b16_head", weights="imagenet", image_size=32)
+    assert no_downloads == []

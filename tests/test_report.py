@@ -1,0 +1,143 @@
+"""`cxr report`: the README results section is generated from metrics.json files (fixtures written here)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cxr.cli import main
+from cxr.data import CLASSES
+from cxr.report import END_MARKER, START_MARKER, ReportError, replace_results, write_report
+
+README = f"# Project\n\nIntro.\n\n## Results\n\n{START_MARKER}\nold table\n{END_MARKER}\n\n## Later section\n\nKept.\n"
+RECALLS = {"resnet152_head": [0.91, 0.62, 0.77, 0.95], "resnet50_full": [0.97, 0.86, 0.73, 0.99]}
+
+
+def fake_metrics(name: str, accuracy: float, recalls: list[float], ci95: dict | None = None, **extra) -> dict:
+    test = {
+        "accuracy": accuracy,
+        "macro_f1": accuracy - 0.0123,
+        "balanced_accuracy": accuracy - 0.0061,
+        "per_class": {c: {"precision": 0.5, "recall": r, "f1": 0.5, "support": 40} for c, r in zip(CLASSES, recalls)},
+    }
+    if ci95 is not None:
+        test["ci95"] = ci95
+    return {
+        "experiment": name,
+        "config": {"epochs": 20},
+        "weights": "none",
+        "epochs_run": 12,
+        "best_epoch": 9,
+        "stopped_early": True,
+        "dataset": {"name": "cxr-sample", "val_source": "carve",
+                    "counts": {"train": {c: 300 for c in CLASSES}, "val": {c: 33 for c in CLASSES},
+                               "test": {c: 40 for c in CLASSES}}},
+        "device": "NVIDIA H100 80GB HBM3",
+        "mixed_precision": "bfloat16",
+        "train_seconds": 754.0,
+        "git_commit": "abc123def456",
+        "date": "2026-11-25T19:34:00+00:00",
+        "test": test,
+        "files": {"curves": "curves.png", "confusion_matrix": "confusion_matrix.png", "predictions": "predictions.png",
+                  "metrics": "metrics.json"},
+        **extra,
+    }
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A README with markers, one run with bootstrap intervals (and all figures), one without (one figure)."""
+    (tmp_path / "README.md").write_text(README)
+    ci95 = {"accuracy": [0.8123, 0.8899], "macro_f1": [0.8, 0.87], "balanced_accuracy": [0.81, 0.88],
+            "recall": {c: [r - 0.05, min(1.0, r + 0.03)] for c, r in zip(CLASSES, RECALLS["resnet50_full"])}}
+    runs = {"resnet50_full": fake_metrics("resnet50_full", 0.8532, RECALLS["resnet50_full"], ci95),
+            "resnet152_head": fake_metrics("resnet152_head", 0.4811, RECALLS["resnet152_head"])}
+    for name, metrics in runs.items():
+        run_dir = tmp_path / "assets" / name
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    for figure in ("curves.png", "confusion_matrix.png", "predictions.png", "reliability.png"):
+        (tmp_path / "assets" / "resnet50_full" / figure).write_bytes(b"png")
+    (tmp_path / "assets" / "resnet152_head" / "curves.png").write_bytes(b"png")
+    return tmp_path
+
+
+def section(text: str) -> str:
+    return text[text.index(START_MARKER): text.index(END_MARKER) + len(END_MARKER)]
+
+
+def row(text: str, name: str, table: int) -> list[str]:
+    """The cells of ``name``'s row in the ``table``-th table of the results section."""
+    rows = [line for line in section(text).splitlines() if line.startswith(f"| `{name}`")]
+    return [cell.strip() for cell in rows[table].strip("|").split("|")]
+
+
+def test_report_writes_tables_between_markers(project):
+    listed = write_report(project / "assets", project / "README.md")
+    text = (project / "README.md").read_text()
+
+    assert listed == ["resnet152_head", "resnet50_full"]  # configured order, not alphabetical
+    assert text.startswith("# Project\n\nIntro.\n\n## Results\n\n") and text.endswith("## Later section\n\nKept.\n")
+    assert "old table" not in text
+    assert section(text).index("`resnet152_head`") < section(text).index("`resnet50_full`")
+
+    with_ci = row(text, "resnet50_full", 0)
+    assert with_ci[1:4] == ["0.853 (0.812-0.890)", "0.841 (0.800-0.870)", "0.847 (0.810-0.880)"]
+    recalls = RECALLS["resnet50_full"]
+    assert with_ci[4:] == [f"{r:.3f} ({r - 0.05:.3f}-{min(1.0, r + 0.03):.3f})" for r in recalls]
+
+    without_ci = row(text, "resnet152_head", 0)
+    assert without_ci[1:] == ["0.481", "0.469", "0.475", *(f"{r:.3f}" for r in RECALLS["resnet152_head"])]
+
+
+def test_report_run_details_links_and_provenance(project):
+    write_report(project / "assets", project / "README.md")
+    text = (project / "README.md").read_text()
+
+    details = row(text, "resnet50_full", 1)
+    assert details[1:6] == ["12/20, best 9, stopped early", "12.6 min", "NVIDIA H100 80GB HBM3, bfloat16", "none",
+                            "cxr-sample (1200/132/160)"]
+    assert details[6] == ("[curves](assets/resnet50_full/curves.png), "
+                          "[confusion matrix](assets/resnet50_full/confusion_matrix.png), "
+                          "[predictions](assets/resnet50_full/predictions.png), "
+                          "[reliability](assets/resnet50_full/reliability.png)")
+    assert row(text, "resnet152_head", 1)[6] == "[curves](assets/resnet152_head/curves.png)"  # missing files: no link
+
+    provenance = next(line for line in section(text).splitlines() if line.startswith("Provenance"))
+    for fact in ("cxr-sample (1200 train, 132 val carved from train, 160 test images)", "weights none",
+                 "NVIDIA H100 80GB HBM3, bfloat16", "date 2026-11-25", "commit abc123def456", "confidence intervals"):
+        assert fact in provenance
+
+
+def test_report_is_stable_and_links_relative_to_readme(project):
+    docs = project / "docs"
+    docs.mkdir()
+    (docs / "RESULTS.md").write_text(README)
+    write_report(project / "assets", docs / "RESULTS.md")
+    first = (docs / "RESULTS.md").read_text()
+    write_report(project / "assets", docs / "RESULTS.md")
+    assert (docs / "RESULTS.md").read_text() == first
+    assert "[curves](../assets/resnet152_head/curves.png)" in first
+
+
+def test_report_errors_are_clear(project, tmp_path):
+    (project / "README.md").write_text("# no markers\n")
+    with pytest.raises(ReportError, match="results:start"):
+        write_report(project / "assets", project / "README.md")
+    with pytest.raises(ReportError, match="No metrics.json"):
+        write_report(tmp_path / "empty", project / "README.md")
+    (project / "assets" / "resnet50_full" / "metrics.json").write_text("{not json")
+    with pytest.raises(ReportError, match="resnet50_full"):
+        write_report(project / "assets", project / "README.md")
+
+
+def test_report_cli(project, capsys):
+    assert main(["report", "--assets", str(project / "assets"), "--readme", str(project / "README.md")]) == 0
+    assert "resnet152_head, resnet50_full" in capsys.readouterr().out
+    assert main(["report", "--assets", str(project / "nowhere"), "--readme", str(project / "README.md")]) == 1
+    assert capsys.readouterr().err.startswith("error: No metrics.json")
+
+
+def test_repository_readme_has_results_markers():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert replace_results(readme, "BLOCK").count("BLOCK") == 1
