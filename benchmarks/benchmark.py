@@ -96,7 +96,7 @@ def source_images(source: Path) -> dict[str, list[Path]]:
     per_class: dict[str, list[Path]] = {name: [] for name in CLASSES}
     for split in SPLITS:
         if (root / split).is_dir():
-            found = scan_split(root, split, check=False)
+            found = scan_split(root, split)  # unusable source files are left out
             for path, label in zip(found.paths, found.labels):
                 per_class[CLASSES[label]].append(path)
     return per_class
@@ -106,9 +106,9 @@ def scaled_counts(kaggle: dict[str, int], images: int, minimum: int) -> dict[str
     return {name: max(minimum, round(count * images / sum(KAGGLE_TRAIN.values()))) for name, count in kaggle.items()}
 
 
-def _write_upscaled(job: tuple[Path, Path, int, int]) -> int:
+def _write_upscaled(job: tuple[Path, Path, int]) -> int:
     """One source image upscaled so its shorter side is ``side`` and saved as JPEG (quality 90)."""
-    source, target, side, _ = job
+    source, target, side = job
     if target.exists():
         return target.stat().st_size
     with Image.open(source) as image:
@@ -135,15 +135,19 @@ def build_kaggle_sized(source: Path, out: Path, images: int, size: int, workers:
     if empty:
         raise SystemExit(f"error: {str(source)!r} has no images of {', '.join(empty)}")
     rng = np.random.default_rng(0)
-    jobs, counts = [], {}
+    jobs, counts, used = [], {}, set()
     for split, kaggle, minimum in (("train", KAGGLE_TRAIN, 10), ("test", KAGGLE_TEST, 3)):
         counts[split] = scaled_counts(kaggle, images, minimum)
         for name, count in counts[split].items():
             folder = root / split / KAGGLE_FOLDERS.get(name, name)
             folder.mkdir(parents=True, exist_ok=True)
             for index in range(count):
+                source_path = sources[name][index % len(sources[name])]
                 side = int(round(size * rng.uniform(0.75, 1.25)))
-                jobs.append((sources[name][index % len(sources[name])], folder / f"{name.lower()}_{index:05d}.jpg", side, index))
+                while (source_path, side) in used:  # a source reused at the same size would repeat a file
+                    side += 1
+                used.add((source_path, side))
+                jobs.append((source_path, folder / f"{name.lower()}_{index:05d}.jpg", side))
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         sizes = list(tqdm(pool.map(_write_upscaled, jobs), total=len(jobs), desc="build data", unit="img"))
     info = {
@@ -151,7 +155,7 @@ def build_kaggle_sized(source: Path, out: Path, images: int, size: int, workers:
         "counts": counts,
         "source": str(source),
         "source_images": sum(len(paths) for paths in sources.values()),
-        "shorter_side_px": [round(size * 0.75), round(size * 1.25)],
+        "shorter_side_px": [min(job[2] for job in jobs), max(job[2] for job in jobs)],
         "mean_file_kib": round(float(np.mean(sizes)) / 1024, 1),
         "build_seconds": round(time.perf_counter() - started, 1),
     }
@@ -395,6 +399,7 @@ def table(results: dict[str, Any]) -> list[str]:
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     train_images = results["data"]["train_images_per_epoch"]
+    settings_workers = results["settings"]["seed_workers"]
     for name, row in results["experiments"].items():
         epochs = row["epochs"]
         ceiling, seed = row.get("ceiling"), row.get("seed_style")
@@ -406,7 +411,7 @@ def table(results: dict[str, Any]) -> list[str]:
                          f"| {_number(ceiling_rate)} | {_number(floor, 1)} | {_number(floor * epochs, 0)} "
                          f"| {_number(ceiling['peak_memory_gib'], 1)} | – | 1.00 | device compute (by definition) |")
         if seed:
-            lines.append(f"| {name} | seed-style: fp32, PIL in workers, {seed['extrapolated']} "
+            lines.append(f"| {name} | seed-style: fp32, PIL in {settings_workers} workers, {seed['extrapolated']} "
                          f"| {_number(seed['images_per_second'])} | {_number(seed['epoch_seconds'], 1)} "
                          f"| {_number(seed_seconds, 0)} | {_number(seed['peak_memory_gib'], 1)} | 1.0x "
                          f"| {_number(seed['images_per_second'] / ceiling_rate, 2) if ceiling else '–'} "
@@ -414,7 +419,7 @@ def table(results: dict[str, Any]) -> list[str]:
         for key, label in (("ours_cold", "ours, cold cache (first run)"), ("ours_warm", "ours, warm cache")):
             ours = row.get(key)
             if ours:
-                lines.append(f"| {name} | {label}, {ours['epochs']} epochs | {_number(ours['images_per_second'])} "
+                lines.append(f"| {name} | {label}, epochs: {ours['epochs']} | {_number(ours['images_per_second'])} "
                              f"| {_number(ours['epoch_seconds'], 2)} | {_number(ours['experiment_seconds'], 1)} "
                              f"| {_number(ours['peak_memory_gib'], 1)} | {_times(seed_seconds, ours['experiment_seconds'])} "
                              f"| {_number(ours['images_per_second'] / ceiling_rate, 2) if ceiling else '–'} "
@@ -471,7 +476,7 @@ def write_results(results: dict[str, Any], out: Path) -> None:
         f"images of `{Path(data['source']).name}`. 10% of train is carved out for validation, so an epoch trains "
         f"{data['train_images_per_epoch']:,} images and validates {data['val_images']:,}. "
         f"{settings['image_size']} px, batch {settings['batch_size'] or 'as configured (64)'}, random initial weights "
-        "(the speed of ImageNet weights), early stopping off.",
+        "(as fast as ImageNet weights), early stopping off.",
         "",
         *table(results),
         "",

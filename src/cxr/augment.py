@@ -14,6 +14,7 @@ contrast +-20%.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -21,16 +22,26 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DistributedSampler
 
 from .data import IMAGENET_MEAN, IMAGENET_STD
+from .distributed import rank_seed
 
 BatchTransform = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
 
 
+@functools.lru_cache(maxsize=16)
+def _statistics(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, dtype: torch.dtype):
+    """Mean and std as device tensors, made once: a host-to-device copy per batch would stall the
+    host until the device has finished all queued work."""
+    shape = (1, len(mean), 1, 1)
+    return (torch.tensor(mean, dtype=dtype).view(shape).to(device),
+            torch.tensor(std, dtype=dtype).view(shape).to(device))
+
+
 def _normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """[0, 1] images -> normalised 3-channel float images (grayscale expanded), channels_last on CUDA."""
-    mean_t = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    mean_t, std_t = _statistics(tuple(mean), tuple(std), images.device, images.dtype)
     if images.shape[1] == 1:
         images = images.expand(-1, len(mean), -1, -1)
     images = (images - mean_t) / std_t
@@ -143,23 +154,24 @@ class DeviceDataset:
 
 class DeviceLoader:
     """Batches of a :class:`DeviceDataset` in a seeded order: an index into tensors already in memory,
-    no workers and no collation. Iterating twice yields the same batches."""
+    no workers and no collation. Iterating twice yields the same batches. The order comes from a
+    ``DistributedSampler``, as in ``engine.make_loader``'s DataLoader: with ``world_size`` > 1 this
+    loader yields rank ``rank``'s shard of the same permutation (see :mod:`cxr.distributed`)."""
 
-    def __init__(self, dataset: DeviceDataset, batch_size: int, shuffle: bool, device: torch.device, seed: int = 0) -> None:
+    def __init__(self, dataset: DeviceDataset, batch_size: int, shuffle: bool, device: torch.device, seed: int = 0,
+                 rank: int = 0, world_size: int = 1) -> None:
         self.dataset, self.batch_size, self.shuffle, self.device, self.seed = dataset, batch_size, shuffle, device, seed
+        self.rank = rank
+        self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.dataset) / self.batch_size)
+        return math.ceil(len(self.sampler) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         inputs, labels = self.dataset.inputs, self.dataset.labels
-        if self.shuffle:
-            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
-        else:
-            order = torch.arange(len(labels))
-        order = order.to(inputs.device)
-        generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        for start in range(0, len(labels), self.batch_size):
+        order = torch.as_tensor(list(self.sampler), dtype=torch.long, device=inputs.device)
+        generator = torch.Generator(device=self.device).manual_seed(rank_seed(self.seed, self.rank))
+        for start in range(0, len(order), self.batch_size):
             index = order[start:start + self.batch_size]
             batch, targets = inputs.index_select(0, index), labels.index_select(0, index)
             if batch.device.type == "cpu" and self.device.type != "cpu":

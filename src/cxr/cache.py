@@ -6,9 +6,8 @@ target), converted to 8-bit grayscale, resized so its shorter side is ``side`` a
 image's absolute path, size, modification time and ``side``, so a changed image simply misses the
 cache and is decoded again while the others are reused; two runs may build the same cache at once
 (every entry is written to a temporary file and renamed). Chest X-rays are grayscale: one channel is
-stored and expanded to three on the device, a third of the memory of RGB.
-
-Only numpy and Pillow are needed here; training code turns the arrays into device tensors.
+stored and expanded to three on the device, a third of the memory of RGB. Decoding runs on a thread
+pool: Pillow releases the GIL while it decodes and resizes.
 """
 
 from __future__ import annotations

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=positive_int)
     train.add_argument("--image-size", type=positive_int)
     train.add_argument("--lr", type=positive_float, help="head learning rate")
+    train.add_argument("--backbone-lr", type=positive_float, help="learning rate of a trained backbone (resnet50_full)")
+    train.add_argument("--warmup-epochs", type=non_negative_int, help="epochs of linear learning-rate warm-up")
     train.add_argument("--patience", type=non_negative_int, help="early-stopping patience in epochs (0: off)")
     train.add_argument("--weights", help="imagenet (default), none, or PATH to a local .pth state dict")
     train.add_argument("--seed", type=non_negative_int, default=42)
@@ -214,19 +216,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     matplotlib.use("Agg")
     import torch
 
+    from . import distributed
     from .checkpoint import CheckpointError
     from .data import DatasetError
     from .engine import TrainingError, TrainingInterrupted
     from .models import WeightsError
     from .workflow import evaluate_checkpoint, train_experiment
 
-    warnings.simplefilter("always", UserWarning)
+    # Under torchrun every process runs this: warnings and results are shown once, by rank 0.
+    warnings.simplefilter("always" if distributed.is_main() else "ignore", UserWarning)
     try:
         if args.command == "train":
             metrics = train_experiment(
                 args.experiment, data_dir=args.data_dir, out=args.out, device=args.device, seed=args.seed,
                 val_source=args.val_source, workers=args.workers, resume=args.resume, progress=not args.quiet,
                 epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size, lr=args.lr,
+                backbone_lr=args.backbone_lr, warmup_epochs=args.warmup_epochs,
                 patience=args.patience, weights=args.weights, deterministic=args.deterministic,
                 cache=args.cache, cache_dir=args.cache_dir, augment=args.augment, feature_cache=args.feature_cache,
                 compile=args.compile,
@@ -241,8 +246,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics = evaluate_checkpoint(args.checkpoint, args.experiment, data_dir=args.data_dir, out=args.out,
                                           device=args.device, progress=not args.quiet, tta=args.tta,
                                           cache=args.cache, cache_dir=args.cache_dir)
+        distributed.barrier()  # the other ranks wait until rank 0 has written every file
     except TrainingInterrupted as error:
-        resume = f"\nResume with: {_resume_command(argv)}" if error.saved_epochs else ""
+        command = _resume_command(argv)
+        if distributed.launched_by_torchrun():
+            command = f"torchrun [the same torchrun options] -m {command}"
+        resume = f"\nResume with: {command}" if error.saved_epochs else ""
         print(f"\n{error}{resume}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
@@ -254,7 +263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DatasetError, WeightsError, CheckpointError, TrainingError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    _print_metrics(metrics, args.out, args.experiment)
+    finally:
+        distributed.teardown()
+    if distributed.is_main():
+        _print_metrics(metrics, args.out, args.experiment)
     return 0
 
 

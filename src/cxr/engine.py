@@ -18,9 +18,10 @@ import torch
 from sklearn.metrics import balanced_accuracy_score, f1_score
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import Experiment
 from .augment import DeviceDataset, DeviceLoader, EvalTransform, TrainAugment
@@ -96,21 +97,25 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def make_loader(
-    dataset: Dataset | DeviceDataset, batch_size: int, shuffle: bool, device: torch.device, workers: int, seed: int = 0
+    dataset: Dataset | DeviceDataset, batch_size: int, shuffle: bool, device: torch.device, workers: int, seed: int = 0,
+    shard: bool = False,
 ) -> DataLoader | DeviceLoader:
     """A loader that keeps every sample (no ``drop_last``) and whose order (and, for a
     :class:`DeviceDataset`, augmentation) follows ``seed``. A DeviceDataset is sliced where it lives:
-    no workers, no collation, no copies."""
+    no workers, no collation, no copies. The order is a ``DistributedSampler``'s permutation in
+    every case; with ``shard`` in a torchrun job the loader yields only this rank's part of it
+    (``perm[rank::world]``, padded to equal parts), and :func:`predict` gathers the parts again."""
+    rank, world = (distributed.rank(), distributed.world_size()) if shard else (0, 1)
     if isinstance(dataset, DeviceDataset):
-        return DeviceLoader(dataset, batch_size, shuffle, device, seed)
+        return DeviceLoader(dataset, batch_size, shuffle, device, seed, rank, world)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed),
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(distributed.rank_seed(seed, rank)),  # seeds the workers' augmentation
     )
 
 
@@ -189,7 +194,8 @@ def train_one_epoch(
     description: str = "train",
     progress: bool = True,
 ) -> dict[str, float]:
-    """One pass over ``loader``. Loss and accuracy are summed on the device: one sync per epoch."""
+    """One pass over ``loader``. Loss and accuracy are summed on the device: one sync per epoch (in a
+    torchrun job they are summed over the ranks too, so every rank reports the same numbers)."""
     model.train()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -211,7 +217,8 @@ def train_one_epoch(
         loss_sum += loss.detach() * labels.numel()
         correct += (logits.argmax(1) == labels).sum()
         seen += labels.numel()
-    return {"loss": loss_sum.item() / seen, "accuracy": correct.item() / seen}
+    loss_sum, correct, seen = distributed.sum_across_ranks(loss_sum, correct, torch.tensor(seen, device=device))
+    return {"loss": loss_sum.item() / seen.item(), "accuracy": correct.item() / seen.item()}
 
 
 @torch.inference_mode()
@@ -219,7 +226,9 @@ def predict(
     model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None = None,
     description: str = "eval", progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (float32) and labels for every sample of ``loader``, in order."""
+    """Logits (float32) and labels for every sample of ``loader``, in order. For a loader sharded
+    over a torchrun job (``make_loader(..., shard=True)``) every rank predicts its part and gets the
+    whole split back, in order."""
     model.eval()
     all_logits, all_labels = [], []
     for images, labels in tqdm(loader, desc=description, leave=False, disable=not progress):
@@ -227,7 +236,17 @@ def predict(
         with autocast(device, amp_dtype):
             all_logits.append(model(images).float())
         all_labels.append(labels)
-    return torch.cat(all_logits).cpu().numpy(), torch.cat(all_labels).cpu().numpy()
+    logits, labels = gather_shards(loader, torch.cat(all_logits), torch.cat(all_labels))
+    return logits.cpu().numpy(), labels.cpu().numpy()
+
+
+def gather_shards(loader: DataLoader | DeviceLoader, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Per-sample results of a loader sharded over the ranks, gathered in dataset order on every rank
+    (returned unchanged for a loader over the whole split)."""
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, DistributedSampler) or sampler.num_replicas == 1:
+        return list(tensors)
+    return [distributed.gather_in_order(tensor, len(sampler.dataset)) for tensor in tensors]
 
 
 def summarize(logits: np.ndarray, labels: np.ndarray, criterion: nn.Module | None = None) -> dict[str, float]:
@@ -326,14 +345,20 @@ def fit(
     """Train ``experiment`` on ``splits``, selecting the best epoch and stopping early on the
     validation metric; write ``checkpoints/{last,best}.pt`` and ``history.csv`` under ``out_dir``.
     ``cache_dir`` holds the decoded-image cache (default ``cache.default_cache_dir()``); how the data
-    reached the model is in ``FitResult.extra["pipeline"]``."""
+    reached the model is in ``FitResult.extra["pipeline"]``.
+
+    In a torchrun job (:mod:`cxr.distributed`) every rank calls ``fit``: ``experiment.batch_size`` is
+    the global batch, each rank trains on its share of every batch, validation predictions are
+    gathered, and only rank 0 writes files and shows progress."""
     out_dir = Path(out_dir)
     checkpoint_dir = out_dir / "checkpoints"
     last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
     require_every_class(splits)
+    batch_per_rank = distributed.per_rank_batch(experiment.batch_size)
+    progress = progress and distributed.is_main()
     if resume and not last_path.exists():
         raise CheckpointError(f"--resume was given but {str(last_path)!r} does not exist.")
-    device = device or select_device()
+    device = distributed.setup(device or select_device())  # under torchrun: this rank's GPU
     workers = (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0) if workers is None else workers
     seed_everything(seed)
 
@@ -343,27 +368,33 @@ def fit(
     amp_dtype = autocast_dtype(device)
     if device.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels once
-    train_set, train_split, train_info = build_dataset(splits.train, experiment, prep, device, True, cache_dir,
-                                                       progress, "decode train")
-    val_set, val_split, val_info = build_dataset(splits.val, experiment, prep, device, False, cache_dir,
-                                                 progress, "decode val")
+    with distributed.main_first():  # one process per node decodes into the image cache, the others read it
+        train_set, train_split, train_info = build_dataset(splits.train, experiment, prep, device, True, cache_dir,
+                                                           progress, "decode train")
+        val_set, val_split, val_info = build_dataset(splits.val, experiment, prep, device, False, cache_dir,
+                                                     progress, "decode val")
     warn_skipped(train_split.skipped + val_split.skipped)
     train_module = val_module = model
     feature_cache, feature_seconds = "off", 0.0
+
+    def features_of(dataset: Dataset | DeviceDataset, description: str) -> DeviceDataset:
+        """The backbone's features of a whole split; in a torchrun job each rank computes its shard."""
+        loader = make_loader(dataset, experiment.batch_size, False, device, workers, shard=True)
+        shard = feature_dataset(model.backbone, loader, device, amp_dtype, description, progress)
+        return DeviceDataset(*gather_shards(loader, shard.inputs, shard.labels))
+
     if model.freeze_backbone and experiment.feature_cache == "auto":
         started = time.perf_counter()
-        val_set = feature_dataset(model.backbone, make_loader(val_set, experiment.batch_size, False, device, workers),
-                                  device, amp_dtype, "val features", progress)
+        val_set = features_of(val_set, "val features")
         val_module, feature_cache = model.head, "val"
         if not experiment.augment:
-            train_set = feature_dataset(model.backbone,
-                                        make_loader(train_set, experiment.batch_size, False, device, workers),
-                                        device, amp_dtype, "train features", progress)
+            train_set = features_of(train_set, "train features")
             train_module, feature_cache = model.head, "train+val"
         feature_seconds = time.perf_counter() - started
     if experiment.compile:
         model.compile()
-    val_loader = make_loader(val_set, experiment.batch_size, False, device, workers)
+    train_module = distributed.wrap(train_module, device, model.freeze_backbone)
+    val_loader = make_loader(val_set, experiment.batch_size, False, device, workers, shard=True)
     pipeline = {
         "cache": experiment.cache,
         "cache_dir": str(Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) if experiment.cache else None,
@@ -377,13 +408,14 @@ def fit(
         "compile": experiment.compile,
         "channels_last": device.type == "cuda",
         "mixed_precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+        "processes": distributed.world_size(),
     }
 
     weights = class_weights(train_split.labels)
     criterion = nn.CrossEntropyLoss(weight=weights.to(device), label_smoothing=experiment.label_smoothing)
     val_criterion = nn.CrossEntropyLoss(weight=weights)
     optimizer = build_optimizer(model, experiment, device)
-    steps_per_epoch = math.ceil(len(train_set) / experiment.batch_size)
+    steps_per_epoch = len(make_loader(train_set, batch_per_rank, True, device, workers, shard=True))
     scheduler = warmup_cosine(optimizer, experiment.epochs * steps_per_epoch, experiment.warmup_epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
@@ -429,8 +461,9 @@ def fit(
                 stopped_early = True
                 break
             started = time.perf_counter()
-            seed_everything(epoch_seed(seed, epoch))
-            train_loader = make_loader(train_set, experiment.batch_size, True, device, workers, epoch_seed(seed, epoch))
+            seed_everything(distributed.rank_seed(epoch_seed(seed, epoch)))
+            train_loader = make_loader(train_set, batch_per_rank, True, device, workers, epoch_seed(seed, epoch),
+                                       shard=True)
             train = train_one_epoch(train_module, train_loader, criterion, optimizer, scheduler, device, amp_dtype,
                                     scaler, f"epoch {epoch + 1}", progress)
             val = evaluate(val_module, val_loader, val_criterion, device, amp_dtype, "val", progress)
@@ -455,15 +488,19 @@ def fit(
             history.append(row)
             if _better(experiment.monitor, row[experiment.monitor], best_value):
                 best_value, best_epoch, bad_epochs = row[experiment.monitor], epoch + 1, 0
-                save_checkpoint(checkpoint_state(epoch + 1), best_path)
+                if distributed.is_main():
+                    save_checkpoint(checkpoint_state(epoch + 1), best_path)
             else:
                 bad_epochs += 1
-            save_checkpoint(checkpoint_state(epoch + 1), last_path)
+            if distributed.is_main():  # every rank holds the same weights, history and early-stopping state
+                save_checkpoint(checkpoint_state(epoch + 1), last_path)
             saved_epochs = epoch + 1
-            _write_history(history, out_dir / "history.csv")
-            epochs.set_postfix(val_f1=f"{row['val_macro_f1']:.3f}", val_loss=f"{row['val_loss']:.3f}")
-            if on_epoch_end is not None:
-                on_epoch_end(history)
+            if distributed.is_main():
+                _write_history(history, out_dir / "history.csv")
+                epochs.set_postfix(val_f1=f"{row['val_macro_f1']:.3f}", val_loss=f"{row['val_loss']:.3f}")
+                if on_epoch_end is not None:
+                    on_epoch_end(history)
+        distributed.barrier()  # rank 0 has written best.pt; every rank reads it
         best = load_checkpoint(best_path, experiment=experiment.name)
     except KeyboardInterrupt:
         epochs.close()

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from scipy.special import softmax
 
-from . import cam, reporting, uncertainty
+from . import cam, distributed, reporting, uncertainty
 from .audit import audit_summary, audit_training_splits
 from .checkpoint import load_checkpoint
 from .config import Experiment, experiment_from_dict, get_experiment
@@ -107,18 +107,25 @@ def evaluate_model(
     cache_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Evaluate on the test split and write the report (text, JSON), confusion matrix and prediction grid.
-    With ``experiment.cache`` the test images come from the decoded-image cache in ``cache_dir``."""
+    With ``experiment.cache`` the test images come from the decoded-image cache in ``cache_dir``.
+    In a torchrun job every rank predicts its share of the test split and gets all test predictions;
+    rank 0 alone then runs the uncertainty report and writes the files, the others return the test
+    metrics (equal to rank 0's)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    test_set, test_split, _ = build_dataset(splits.test, experiment, preprocessing, device, False, cache_dir,
-                                            progress, "decode test")
+    progress = progress and distributed.is_main()
+    with distributed.main_first():  # one process per node decodes into the image cache, the others read it
+        test_set, test_split, _ = build_dataset(splits.test, experiment, preprocessing, device, False, cache_dir,
+                                                progress, "decode test")
     warn_skipped(test_split.skipped)
     splits = dataclasses.replace(splits, test=test_split)  # without any image the cache could not decode
     loader = make_loader(test_set, experiment.batch_size, False, device,
-                         workers=min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
+                         workers=min(8, os.cpu_count() or 1) if device.type == "cuda" else 0, shard=True)
     model.to(device)
     logits, labels = predict(model, loader, device, autocast_dtype(device), "test", progress)
     metrics = reporting.classification_metrics(logits, labels, CLASSES)
+    if not distributed.is_main():
+        return metrics
+    out_dir.mkdir(parents=True, exist_ok=True)
     metrics.update(uncertainty_report(model, experiment, splits, out_dir, device, preprocessing, logits, labels, tta,
                                       progress, cache_dir))
     reporting.write_json(metrics, out_dir / ASSET_FILES["report_json"])
@@ -154,23 +161,32 @@ def train_experiment(
     """Train the named experiment, evaluate its best checkpoint on the test split and write every
     asset into ``out/<name>/``. ``overrides`` replace configuration values (epochs, batch_size, ...);
     ``deterministic`` allows only deterministic kernels. The data is audited first: duplicates and
-    train/test leakage are warned about and summarised in metrics.json. Returns the contents of ``metrics.json``."""
+    train/test leakage are warned about and summarised in metrics.json. Returns the contents of ``metrics.json``.
+
+    Under ``torchrun`` every process calls this (see :mod:`cxr.distributed`); rank 0 audits the data and
+    writes every file, the other ranks return only the test metrics."""
     started = time.perf_counter()
     experiment = get_experiment(name, **overrides)
     if deterministic:
         make_deterministic()
+    run_device = distributed.setup(select_device(device))
+    main_rank = distributed.is_main()
     splits = splits or prepare_data(data_dir, val_source=val_source, seed=seed)
-    data_audit = audit_training_splits(splits, progress)
-    for message in data_audit["warnings"]:
-        warnings.warn(message, stacklevel=2)
     out_dir = Path(out) / experiment.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result = fit(experiment, splits, out_dir, select_device(device), seed=seed, workers=workers, resume=resume,
+    if main_rank:  # the audit reads every file: one process is enough
+        data_audit = audit_training_splits(splits, progress)
+        for message in data_audit["warnings"]:
+            warnings.warn(message, stacklevel=2)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    result = fit(experiment, splits, out_dir, run_device, seed=seed, workers=workers, resume=resume,
                  progress=progress, on_epoch_end=on_epoch_end, cache_dir=cache_dir)
-    plt.close(reporting.plot_history(result.history, out_dir / ASSET_FILES["curves"], experiment.name))
+    if main_rank:
+        plt.close(reporting.plot_history(result.history, out_dir / ASSET_FILES["curves"], experiment.name))
     state = load_checkpoint(result.best_checkpoint, experiment=experiment.name)
     test = evaluate_model(result.model, experiment, splits, out_dir, result.device, state["preprocessing"], progress,
                           cache_dir=cache_dir)
+    if not main_rank:
+        return {"experiment": experiment.name, "test": test}
     metrics = {
         "experiment": experiment.name,
         "config": experiment.to_dict(),
@@ -221,5 +237,5 @@ def evaluate_checkpoint(
     if cache is not None:
         config = dataclasses.replace(config, cache=cache)
     splits = prepare_data(data_dir, seed=state.get("seed", 42))
-    return evaluate_model(model, config, splits, Path(out) / config.name, select_device(device),
+    return evaluate_model(model, config, splits, Path(out) / config.name, distributed.setup(select_device(device)),
                           state["preprocessing"], progress, tta, cache_dir=cache_dir)
