@@ -222,3 +222,20 @@ def test_list_prints_every_experiment():
     assert [int(n) for n in re.findall(r"^\s+epochs\s+(\d+)$", result.stdout, re.M)] == [
         e.epochs for e in EXPERIMENTS.values()
     ]
+
+
+def test_a_last_batch_of_one_image_is_skipped_while_batchnorm_trains():
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from cxr.engine import train_one_epoch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.BatchNorm1d(6), nn.Linear(6, 4))
+    data = TensorDataset(torch.randn(9, 3, 2, 2), torch.arange(9) % 4)  # batches of 4, 4 and 1
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    result = train_one_epoch(model, DataLoader(data, batch_size=4), nn.CrossEntropyLoss(), optimizer, scheduler,
+                             torch.device("cpu"), progress=False)
+    assert math.isfinite(result["loss"])
+    assert scheduler.last_epoch == 2

@@ -197,10 +197,15 @@ def train_one_epoch(
     """One pass over ``loader``. Loss and accuracy are summed on the device: one sync per epoch (in a
     torchrun job they are summed over the ranks too, so every rank reports the same numbers)."""
     model.train()
+    # BatchNorm in training mode cannot normalise a single image; a last batch of one is left out instead
+    # of crashing the epoch (every rank of a torchrun job gets batches of the same size, so all skip it).
+    batchnorm_trains = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     for images, labels in tqdm(loader, desc=description, leave=False, disable=not progress):
+        if batchnorm_trains and labels.numel() == 1:
+            continue
         images, labels = _to_device(images, labels, device)
         with autocast(device, amp_dtype):
             logits = model(images)

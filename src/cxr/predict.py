@@ -16,7 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from . import cam, uncertainty
+from . import uncertainty
 from .data import IMAGE_EXTENSIONS, build_transforms, check_image, load_image
 from .engine import autocast, autocast_dtype, select_device
 from .models import preprocessing as default_preprocessing
@@ -81,6 +81,8 @@ def predict_images(
 ) -> Predictions:
     """Class probabilities for every readable image of ``paths``; with ``tta``, averaged over ten views
     (corner and centre crops, each mirrored); with ``cam_dir``, one image + Grad-CAM PNG per image."""
+    if cam_dir is not None:
+        from . import cam  # imported only when asked for: it needs the grad-cam package
     model.to(device).eval()
     amp_dtype = autocast_dtype(device)
     transform = build_transforms(preprocessing["image_size"], False, mean=preprocessing["mean"],

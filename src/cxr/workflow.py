@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from scipy.special import softmax
 
-from . import cam, distributed, reporting, uncertainty
+from . import distributed, reporting, uncertainty
 from .audit import audit_summary, audit_training_splits
 from .checkpoint import load_checkpoint
 from .config import Experiment, experiment_from_dict, get_experiment
@@ -96,8 +96,13 @@ def uncertainty_report(
         tta_logits, tta_labels = uncertainty.predict_tta(model, tta_loader, device, amp_dtype, "test TTA", progress)
         report["tta"] = {"views": "TenCrop: 4 corner + centre crops, each also mirrored",
                          **uncertainty.summary_with_ci(tta_logits, tta_labels, CLASSES)}
-    plt.close(cam.plot_cam_grid(model, splits.test.paths, labels, softmax(logits, axis=1), CLASSES, preprocessing,
-                                out_dir / ASSET_FILES["cam"], title=f"{experiment.name}: Grad-CAM on the test split"))
+    try:
+        from . import cam  # imported here: the grad-cam package is missing on some bare GPU machines
+    except ImportError as error:
+        warnings.warn(f"Grad-CAM figure skipped ({error}); `pip install grad-cam` adds it.", stacklevel=2)
+    else:
+        plt.close(cam.plot_cam_grid(model, splits.test.paths, labels, softmax(logits, axis=1), CLASSES, preprocessing,
+                                    out_dir / ASSET_FILES["cam"], title=f"{experiment.name}: Grad-CAM on the test split"))
     return report
 
 
