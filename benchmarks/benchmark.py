@@ -34,7 +34,6 @@ import platform
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,6 +54,7 @@ from cxr.config import EXPERIMENTS, Experiment, get_experiment
 from cxr.data import CLASSES, IMAGENET_MEAN, IMAGENET_STD, SPLITS, XRayDataset, build_transforms, find_split_root
 from cxr.data import load_splits, scan_split
 from cxr.models import ARCHITECTURES, build_model, preprocessing
+from cxr.workflow import git_commit
 
 # Kaggle jtiptj/chest-xray-pneumoniacovid19tuberculosis: train 6,326 and test 771 images (val: 38).
 KAGGLE_TRAIN = {"COVID19": 460, "NORMAL": 1341, "PNEUMONIA": 3875, "TUBERCULOSIS": 650}
@@ -513,17 +513,6 @@ def write_results(results: dict[str, Any], out: Path) -> None:
     (out / "results.md").write_text("\n".join(lines))
 
 
-def git_commit() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPOSITORY, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPOSITORY,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    return commit + ("-dirty" if dirty else "")
-
-
 # --------------------------------------------------------------------------------------------- main
 
 
@@ -570,7 +559,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torchvision": torchvision.__version__,
         "python": platform.python_version(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(),
+        "commit": git_commit() or "unknown (not a git checkout)",
         "settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
         "data": {**data, "train_images_per_epoch": len(splits.train), "val_images": len(splits.val),
                  "test_images": len(splits.test)},
