@@ -81,7 +81,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted_run(splits, tmp_path)
     experiment = tiny_experiment()
     full = fit(experiment, splits, tmp_path / "full", CPU, seed=3, progress=False)
 
-    with pytest.raises(TrainingInterrupted, match=r"epochs 1-1 of 3 are saved in .*last\.pt.*--resume") as caught:
+    with pytest.raises(TrainingInterrupted, match=r"epoch 1 of 3 saved in .*last\.pt.*--resume") as caught:
         fit(experiment, splits, tmp_path / "resumed", CPU, seed=3, progress=False, on_epoch_end=ctrl_c_after_epoch(1))
     assert caught.value.saved_epochs == 1
     assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["epoch"] == 1
@@ -145,7 +145,7 @@ def test_cli_ctrl_c_exits_130_with_resume_command_that_works(small_root, tmp_pat
             "--batch-size", "8", "--image-size", "32", "--weights", "none", "--out", str(tmp_path), "--quiet"]
     assert main(argv) == 130
     error = capsys.readouterr().err
-    assert "epochs 1-1 of 2 are saved" in error and "Traceback" not in error
+    assert "epoch 1 of 2 saved" in error and "Traceback" not in error
     command = re.search(r"Resume with: (.+)", error).group(1)
     assert shlex.split(command) == ["cxr", *argv, "--resume"]
 

@@ -155,7 +155,7 @@ def _predict(args: argparse.Namespace) -> int:
     if args.csv:
         notes.append(f"table in {args.csv}")
     if args.cam:
-        notes.append(f"Grad-CAM overlays in {args.cam}/")
+        notes.append(f"Grad-CAM overlays in {Path(args.cam)}/")
     print("; ".join(notes))
     return 0
 

@@ -509,8 +509,9 @@ def fit(
         best = load_checkpoint(best_path, experiment=experiment.name)
     except KeyboardInterrupt:
         epochs.close()
-        saved = (f"epochs 1-{saved_epochs} of {experiment.epochs} are saved in {str(last_path)!r}; to continue, "
-                 "run the same command again with --resume (resume=True)" if saved_epochs
+        done = "epoch 1" if saved_epochs == 1 else f"epochs 1-{saved_epochs}"
+        saved = (f"{done} of {experiment.epochs} saved in {str(last_path)!r}; to continue, run the same "
+                 "command again with --resume (from Python: resume=True)" if saved_epochs
                  else "no epoch was finished, so there is nothing to resume")
         raise TrainingInterrupted(f"Training interrupted: {saved}.", saved_epochs) from None
     model.load_state_dict(best["model"])

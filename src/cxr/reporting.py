@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.ticker import MaxNLocator
 from scipy.special import softmax
 from sklearn.metrics import (
     balanced_accuracy_score,
@@ -32,7 +33,14 @@ def plot_history(history: Sequence[dict[str, float]], path: Path | None = None, 
     accuracy_axis.plot(frame["epoch"], frame["val_accuracy"], "o-", label="validation accuracy")
     accuracy_axis.plot(frame["epoch"], frame["val_macro_f1"], "s--", label="validation macro-F1")
     accuracy_axis.set(xlabel="epoch", ylabel="score", title="Accuracy", ylim=(0, 1.02))
+    losses = frame[["train_loss", "val_loss"]].to_numpy()
+    if np.isfinite(losses).all() and losses.min() > 0 and losses.max() / losses.min() > 100:
+        loss_axis.set_yscale("log")  # a diverging run would otherwise flatten every other point
     for axis in (loss_axis, accuracy_axis):
+        if len(frame) <= 10:
+            axis.set_xticks(frame["epoch"])
+        else:
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=10))
         axis.legend()
         axis.grid(alpha=0.3)
     figure.suptitle(title)
