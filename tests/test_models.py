@@ -12,7 +12,8 @@ from torchvision import models as tvm
 
 from cxr.config import EXPERIMENTS, get_experiment
 from cxr.engine import build_optimizer
-from cxr.models import WeightsError, build_model, count_parameters, default_weights
+from cxr.models import (WeightsError, build_model, count_parameters, default_weights, estimate_batchnorm_statistics,
+                        needs_batchnorm_statistics)
 
 CPU = torch.device("cpu")
 HEAD_ONLY = {"resnet152_head": 2048 * 4 + 4, "vit_b16_head": 768 * 4 + 4}
@@ -174,3 +175,30 @@ def test_vit_imagenet_weights_need_224_pixels(no_downloads):
     with pytest.raises(WeightsError, match="--image-size 224"):
         build_model("vit_b16_head", weights="imagenet", image_size=32)
     assert no_downloads == []
+
+
+def test_only_a_frozen_random_backbone_with_batchnorm_needs_statistics(models):
+    assert needs_batchnorm_statistics(models["resnet152_head"], "none")
+    assert not needs_batchnorm_statistics(models["resnet152_head"], "imagenet")
+    assert not needs_batchnorm_statistics(models["resnet152_head"], "/weights/resnet152.pth")
+    assert not needs_batchnorm_statistics(models["resnet50_full"], "none")  # its BatchNorm trains
+    assert not needs_batchnorm_statistics(models["vit_b16_head"], "none")  # LayerNorm only
+
+
+def test_estimated_batchnorm_statistics_tame_a_frozen_random_backbone():
+    torch.manual_seed(0)
+    model = build_model("resnet152_head", weights="none", image_size=32)
+    model.train()
+    images = torch.rand(16, 3, 32, 32)
+    weights_before = {name: p.clone() for name, p in model.named_parameters()}
+    with torch.no_grad():
+        raw = model.backbone(images).abs().mean()
+    estimate_batchnorm_statistics(model.backbone, [(images[:8], None), (images[8:], None)], CPU)
+    with torch.no_grad():
+        tamed = model.backbone(images).abs().mean()
+    assert raw > 1e3 and tamed < 10  # initial statistics (0, 1) normalise nothing across 50 blocks
+    assert not model.backbone.training
+    assert all(torch.equal(p, weights_before[name]) for name, p in model.named_parameters())
+    first = model.backbone.bn1
+    assert torch.allclose(first.running_mean, first.running_mean.new_tensor(
+        [model.backbone.conv1(images)[:, c].mean() for c in range(first.num_features)]), atol=1e-5)

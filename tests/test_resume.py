@@ -23,6 +23,15 @@ CPU = torch.device("cpu")
 SMALL_COUNTS = {"train": 5, "val": 2, "test": 1}
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_raises_keyboard_interrupt():
+    """Python's own SIGINT handler for these tests: a shell starts background jobs (``pytest &``, nohup)
+    with SIGINT ignored, and Python then never turns SIGINT into KeyboardInterrupt."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(scope="module")
 def small_root(tmp_path_factory):
     """Smaller than the shared synthetic set (20 training images): these tests train several runs."""

@@ -133,6 +133,8 @@ def test_metrics_json_has_scores_in_range_and_provenance(run, scanned):
     best_val = metrics["best_val"]
     assert in_unit_range(best_val["val_accuracy"]) and in_unit_range(best_val["val_macro_f1"])
     assert math.isfinite(best_val["val_loss"]) and best_val["val_loss"] > 0
+    estimated = "estimated from" in metrics["pipeline"]["batchnorm_statistics"]
+    assert estimated == (run.name == "resnet152_head")  # the only frozen backbone with BatchNorm
 
 
 def test_history_and_report_files(run):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import math
 import os
 import random
@@ -28,7 +29,7 @@ from .augment import DeviceDataset, DeviceLoader, EvalTransform, TrainAugment
 from .cache import cache_side, cache_split, default_cache_dir
 from .data import CLASSES, EXPECTED_LAYOUT, DatasetError, DataSplits, Split, XRayDataset, build_transforms, warn_skipped
 from .features import feature_dataset
-from .models import Classifier, build_model, preprocessing
+from .models import Classifier, build_model, estimate_batchnorm_statistics, needs_batchnorm_statistics, preprocessing
 
 
 class TrainingError(RuntimeError):
@@ -94,6 +95,10 @@ def epoch_seed(seed: int, epoch: int) -> int:
     """RNG seed for one epoch: data order and augmentation depend only on (seed, epoch), so a resumed
     run draws exactly what an uninterrupted run would have drawn."""
     return seed * 1000 + epoch
+
+
+# Training images a frozen random backbone's BatchNorm statistics are estimated from (models.needs_batchnorm_statistics).
+BATCHNORM_IMAGES = 512
 
 
 def make_loader(
@@ -379,6 +384,15 @@ def fit(
         val_set, val_split, val_info = build_dataset(splits.val, experiment, prep, device, False, cache_dir,
                                                      progress, "decode val")
     warn_skipped(train_split.skipped + val_split.skipped)
+    batchnorm_images = 0
+    if needs_batchnorm_statistics(model, experiment.weights):
+        # The same seeded batches on every rank (not this rank's shard), so every rank gets the same statistics.
+        loader = make_loader(train_set, experiment.batch_size, True, device, workers, seed=seed)
+        steps = min(len(loader), math.ceil(BATCHNORM_IMAGES / experiment.batch_size))
+        batchnorm_images = min(len(train_split.labels), steps * experiment.batch_size)
+        batches = tqdm(itertools.islice(loader, steps), "BatchNorm statistics", total=steps, leave=False,
+                       disable=not progress)
+        estimate_batchnorm_statistics(model.backbone, batches, device)
     train_module = val_module = model
     feature_cache, feature_seconds = "off", 0.0
 
@@ -414,6 +428,7 @@ def fit(
         "channels_last": device.type == "cuda",
         "mixed_precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
         "processes": distributed.world_size(),
+        "batchnorm_statistics": f"estimated from {batchnorm_images} training images" if batchnorm_images else "as built",
     }
 
     weights = class_weights(train_split.labels)

@@ -152,3 +152,21 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
+
+
+def needs_batchnorm_statistics(model: Classifier, weights: str | os.PathLike | None) -> bool:
+    """A frozen backbone from random weights whose BatchNorm layers still hold their initial statistics.
+
+    Kept in eval mode, BatchNorm with running mean 0 and variance 1 normalises nothing, so activations grow
+    block after block: a frozen random ResNet152 feeds its head features of order 1e6 and training diverges.
+    Pretrained (or local) weights bring their own statistics, which stay as they are."""
+    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.backbone.modules())
+    return model.freeze_backbone and str(weights).lower() == "none" and has_batchnorm
+
+
+@torch.no_grad()
+def estimate_batchnorm_statistics(backbone: nn.Module, batches: Any, device: torch.device) -> None:
+    """Replace the backbone's BatchNorm running statistics by their average over ``batches`` of images
+    (torch's ``update_bn``: only buffers change, never a weight), then put the backbone back in eval mode."""
+    torch.optim.swa_utils.update_bn(batches, backbone, device)
+    backbone.eval()
