@@ -241,3 +241,24 @@ def test_a_last_batch_of_one_image_is_skipped_while_batchnorm_trains():
                              torch.device("cpu"), progress=False)
     assert math.isfinite(result["loss"])
     assert scheduler.last_epoch == 2
+
+
+def test_git_commit_is_dirty_for_code_changes_not_for_rewritten_results(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=tmp_path,
+                       check=True, capture_output=True)
+
+    (tmp_path / "assets" / "run").mkdir(parents=True)
+    (tmp_path / "assets" / "run" / "metrics.json").write_text("{}")
+    (tmp_path / "train.py").write_text("print('v1')\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "first")
+    clean = workflow.git_commit(tmp_path)
+    assert re.fullmatch(r"[0-9a-f]{12}", clean)
+    (tmp_path / "assets" / "run" / "metrics.json").write_text('{"rerun": true}')
+    (tmp_path / "untracked.txt").write_text("scratch")
+    assert workflow.git_commit(tmp_path) == clean
+    (tmp_path / "train.py").write_text("print('v2')\n")
+    assert workflow.git_commit(tmp_path) == clean + "-dirty"
+    assert workflow.git_commit(tmp_path.parent / "no-such-folder") is None

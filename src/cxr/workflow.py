@@ -46,14 +46,17 @@ def prepare_data(
     return load_splits(locate_dataset(data_dir), val_source=val_source, val_fraction=val_fraction, seed=seed)
 
 
-def git_commit() -> str | None:
-    """The current commit (with ``-dirty`` when the tree has changes), or None outside a git checkout."""
-    here = Path(__file__).resolve().parent
+def git_commit(where: str | os.PathLike | None = None) -> str | None:
+    """The commit of the checkout holding ``where`` (default: this package), with ``-dirty`` when tracked
+    files other than the results under ``assets/`` differ from it; None outside a git checkout. Results are
+    left out because re-running an experiment rewrites its committed results before it asks."""
+    where = Path(where) if where is not None else Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True,
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=where, capture_output=True,
                                 text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                ":(top,exclude)assets"], cwd=where, capture_output=True, text=True,
+                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("-dirty" if dirty else "")
