@@ -141,3 +141,10 @@ def test_report_cli(project, capsys):
 def test_repository_readme_has_results_markers():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert replace_results(readme, "BLOCK").count("BLOCK") == 1
+
+
+def test_durations_read_naturally():
+    from cxr.report import format_duration
+
+    assert [format_duration(s) for s in (0.29, 42, 754.0, 7200)] == ["0.3 s", "42 s", "12.6 min", "2.0 h"]
+    assert format_duration(None) == "n/a"

@@ -83,6 +83,8 @@ def format_score(value: float | None, interval: Sequence[float] | None = None, d
 def format_duration(seconds: float | None) -> str:
     if seconds is None:
         return "n/a"
+    if seconds < 10:
+        return f"{seconds:.1f} s"  # a head trained on cached features takes well under a second
     if seconds < 60:
         return f"{seconds:.0f} s"
     if seconds < 3600:
