@@ -170,7 +170,7 @@ class DeviceLoader:
         for start in range(0, len(order), self.batch_size):
             index = order[start:start + self.batch_size]
             batch, targets = inputs.index_select(0, index), labels.index_select(0, index)
-            if batch.device != device:  # a split too large for the device: copied batch by batch
+            if batch.device.type != device.type:  # a split too large for the device: copied batch by batch
                 batch = (batch.pin_memory() if self.runtime.pin_memory else batch).to(
                     device, non_blocking=self.runtime.non_blocking)
                 targets = targets.to(device, non_blocking=self.runtime.non_blocking)
