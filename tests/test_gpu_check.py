@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,3 +80,23 @@ def test_missing_gpu_is_a_clear_error(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: --device cuda was requested but no CUDA GPU is available")
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["status"] == "failed"
+
+
+def test_a_killed_check_says_where_it_stopped(tmp_path):
+    """SIGTERM while a step runs: the step is marked interrupted, the summary says where, the exit status is 1."""
+    environment = {**os.environ, "PYTHONPATH": str(REPOSITORY / "src")}
+    process = subprocess.Popen([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path)], cwd=REPOSITORY,
+                               env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    summary_path = tmp_path / "summary.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if summary_path.exists() and any(s["status"] == "running" for s in json.loads(summary_path.read_text())["steps"]):
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    summary = json.loads(summary_path.read_text())
+    assert process.returncode == 1 and "Traceback" not in stderr
+    assert summary["status"] == "interrupted" and summary["error"] == "interrupted during train resnet152_head"
+    assert summary["steps"][0]["status"] == "interrupted"
+    assert "interrupted during train resnet152_head" in stderr

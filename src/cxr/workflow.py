@@ -50,8 +50,10 @@ def prepare_data(
 def git_commit(where: str | os.PathLike | None = None) -> str | None:
     """The commit of the checkout holding ``where`` (default: this package), with ``-dirty`` when tracked
     files other than the results under ``assets/`` differ from it. Results are left out because re-running
-    an experiment rewrites its committed results before it asks. Outside a git checkout (a copy of the tree
-    on a GPU machine): ``$CXR_COMMIT`` if set, else None."""
+    an experiment rewrites its committed results before it asks. ``$CXR_COMMIT``, when set, wins: a copy of
+    the tree on a GPU machine may carry another commit's git metadata. None outside a git checkout."""
+    if os.environ.get("CXR_COMMIT"):
+        return os.environ["CXR_COMMIT"]
     where = Path(where) if where is not None else Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=where, capture_output=True,
@@ -60,7 +62,7 @@ def git_commit(where: str | os.PathLike | None = None) -> str | None:
                                 ":(top,exclude)assets"], cwd=where, capture_output=True, text=True,
                                check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("CXR_COMMIT") or None
+        return None
     return commit + ("-dirty" if dirty else "")
 
 
