@@ -166,8 +166,11 @@ def test_demo_page_in_headless_chromium(browser, page_url, checkpoint, images):
     check_prediction(page, checkpoint, images["first"])
 
     upload(page, images["text"])
-    page.get_by_text("notes.png: not an image").wait_for(timeout=30_000)
+    error = page.get_by_test_id("toast-text")
+    error.wait_for(timeout=30_000)
+    assert error.inner_text() == "notes.png: not an image"
     assert page.locator("#probability-table table").count() == 0  # the previous result is not left showing
+    page.get_by_test_id("toast-close").click()
 
     upload(page, images["second"])
     check_prediction(page, checkpoint, images["second"])

@@ -23,6 +23,8 @@ from .data import IMAGE_EXTENSIONS
 from .engine import select_device
 from .predict import load_predictor, predict_images
 
+# The model's input is small (224 px, 32 in tests): show it as large as its box, pixels as squares.
+CSS = "#cam img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}"
 INSTALL_HINT = "uv sync --extra demo (or pip install 'cxr[demo]')"
 
 
@@ -82,11 +84,11 @@ def build_demo(predictor: Predictor) -> Any:
 
     def classify(path: str | None) -> tuple[dict[str, float], np.ndarray, str]:
         if path is None:
-            raise gr.Error("choose an image first")
+            raise gr.Error("choose an image first", print_exception=False)
         try:
             probabilities, overlay = predictor.classify(path)
-        except ValueError as error:
-            raise gr.Error(str(error)) from None
+        except ValueError as error:  # shown on the page; no traceback in the server's console
+            raise gr.Error(str(error), print_exception=False) from None
         return probabilities, overlay, probability_table(probabilities)
 
     kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
@@ -116,7 +118,7 @@ def serve(checkpoint: str | os.PathLike, host: str = "127.0.0.1", port: int | No
     demo = build_demo(Predictor.load(checkpoint, device))
     try:
         demo.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block,
-                    show_error=True, footer_links=["api", "settings"])
+                    show_error=True, footer_links=["api", "settings"], css=CSS)
     except OSError as error:
         where = f"{host}:{port}" if port else f"{host} (ports 7860-7959)"
         raise ServeError(f"cannot listen on {where}: {error.strerror or 'the port is taken'}; "
