@@ -98,7 +98,16 @@ def test_serve_on_a_taken_port_is_a_clear_error(checkpoint, capsys):
         port = taken.getsockname()[1]
         assert main(["serve", "--checkpoint", checkpoint, "--device", "cpu", "--port", str(port)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"error: cannot listen on 127.0.0.1:{port}") and "--port" in err
+    assert err.startswith(f"error: cannot listen on 127.0.0.1:{port}: the port is taken") and "--port" in err
+
+
+@pytest.mark.parametrize("flags", [["--checkpoint", "best.pt", "--port", "0"],
+                                   ["--checkpoint", "best.pt", "--port", "x"], ["--port", "7860"]])
+def test_serve_bad_flags_are_argparse_errors(flags, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", *flags])
+    assert exit_.value.code == 2
+    assert "error: " in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

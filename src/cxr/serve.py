@@ -25,7 +25,7 @@ from .predict import load_predictor, predict_images
 
 # The model's input is small (224 px, 32 in tests): show it as large as its box, pixels as squares.
 CSS = "#cam img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}"
-INSTALL_HINT = "uv sync --extra demo (or pip install 'cxr[demo]')"
+INSTALL_HINT = "uv sync --extra demo"
 
 
 class ServeError(RuntimeError):
@@ -121,6 +121,6 @@ def serve(checkpoint: str | os.PathLike, host: str = "127.0.0.1", port: int | No
                     show_error=True, footer_links=["api", "settings"], css=CSS)
     except OSError as error:
         where = f"{host}:{port}" if port else f"{host} (ports 7860-7959)"
-        raise ServeError(f"cannot listen on {where}: {error.strerror or 'the port is taken'}; "
-                         "choose another --port (or --host)") from None
+        raise ServeError(f"cannot listen on {where}: the port is taken or the address is not this machine's "
+                         f"({error}); choose another --port or --host") from None
     return demo
