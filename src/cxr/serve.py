@@ -38,8 +38,7 @@ def import_gradio() -> Any:
     try:
         import gradio
     except ImportError as error:
-        raise ServeError(f"the demo page needs the 'demo' extra ({error.name} is missing): "
-                              f"{INSTALL_HINT}") from None
+        raise ServeError(f"the demo page needs the 'demo' extra ({error.name} is missing): {INSTALL_HINT}") from None
     return gradio
 
 
@@ -73,7 +72,7 @@ class Predictor:
 
 
 def probability_table(probabilities: dict[str, float]) -> str:
-    """Markdown table of the unrounded-to-six-decimals probabilities, as ``cxr predict --csv`` writes them."""
+    """Markdown table of the probabilities to six decimals, as ``cxr predict --csv`` writes them."""
     rows = "\n".join(f"| {name} | {value:.6f} |" for name, value in probabilities.items())
     return f"| class | probability |\n|---|---|\n{rows}"
 
@@ -81,6 +80,9 @@ def probability_table(probabilities: dict[str, float]) -> str:
 def build_demo(predictor: Predictor) -> Any:
     """The page: a file picker (drop or choose), the class probabilities as bars, the Grad-CAM overlay."""
     gr = import_gradio()
+
+    def cleared() -> tuple[None, None, str]:
+        return None, None, ""
 
     def classify(path: str | None) -> tuple[dict[str, float], np.ndarray, str]:
         if path is None:
@@ -104,9 +106,10 @@ def build_demo(predictor: Predictor) -> Any:
                 cam = gr.Image(label="Image and Grad-CAM of the predicted class", interactive=False, height=300,
                                elem_id="cam")
         outputs = [label, cam, table]
-        upload.upload(lambda: (None, None, ""), outputs=outputs, api_visibility="private", queue=False).then(
+        # A new upload first clears the last result, so a failed one never leaves another image's result showing.
+        upload.upload(cleared, outputs=outputs, api_visibility="private", queue=False).then(
             classify, inputs=upload, outputs=outputs, api_name="classify")
-        upload.clear(lambda: (None, None, ""), outputs=outputs, api_visibility="private", queue=False)
+        upload.clear(cleared, outputs=outputs, api_visibility="private", queue=False)
     return demo
 
 
@@ -117,10 +120,15 @@ def serve(checkpoint: str | os.PathLike, host: str = "127.0.0.1", port: int | No
     import_gradio()
     demo = build_demo(Predictor.load(checkpoint, device))
     try:
-        demo.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block,
+        demo.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=True, quiet=True,
                     show_error=True, footer_links=["api", "settings"], css=CSS)
     except OSError as error:
         where = f"{host}:{port}" if port else f"{host} (ports 7860-7959)"
         raise ServeError(f"cannot listen on {where}: the port is taken or the address is not this machine's "
                          f"({error}); choose another --port or --host") from None
+    print(f"Demo page: {demo.local_url} (Ctrl-C stops it)")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"Listening on {host}: anyone who can reach port {demo.server_port} of this machine can use the page.")
+    if block:
+        demo.block_thread()
     return demo
