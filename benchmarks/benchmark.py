@@ -54,6 +54,7 @@ from cxr.config import EXPERIMENTS, Experiment, get_experiment
 from cxr.data import CLASSES, IMAGENET_MEAN, IMAGENET_STD, SPLITS, XRayDataset, build_transforms, find_split_root
 from cxr.data import load_splits, scan_split
 from cxr.models import ARCHITECTURES, build_model, preprocessing
+from cxr.runtime import Runtime, device_name, select_device
 from cxr.workflow import git_commit
 
 # Kaggle jtiptj/chest-xray-pneumoniacovid19tuberculosis: train 6,326 and test 771 images (val: 38).
@@ -169,27 +170,24 @@ def build_kaggle_sized(source: Path, out: Path, images: int, size: int, workers:
 def measure_ceiling(experiment: Experiment, device: torch.device, steps: int, warmup: int = 5) -> dict[str, Any]:
     """Our training step alone, on one synthetic batch already on the device."""
     reset_peak_memory(device)
-    model = build_model(experiment.arch, len(CLASSES), "none", experiment.freeze_backbone, experiment.image_size)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    optimizer = engine.build_optimizer(model, experiment, device)
+    runtime = Runtime.create(device, progress=False)
+    runtime.apply_backend_settings()
+    model = runtime.prepare_model(build_model(experiment.arch, len(CLASSES), "none", experiment.freeze_backbone,
+                                              experiment.image_size))
+    optimizer = engine.build_optimizer(model, experiment, runtime)
     scheduler = engine.warmup_cosine(optimizer, warmup + steps, 1)
     criterion = nn.CrossEntropyLoss(label_smoothing=experiment.label_smoothing)
     size, batch = experiment.image_size, experiment.batch_size
-    images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
+    images = runtime.to_device(torch.randn(batch, 3, size, size))
     labels = torch.randint(0, len(CLASSES), (batch,), device=device)
-    amp_dtype = engine.autocast_dtype(device)
-    engine.train_one_epoch(model, [(images, labels)] * warmup, criterion, optimizer, scheduler, device, amp_dtype,
-                           progress=False)
+    engine.train_one_epoch(model, [(images, labels)] * warmup, criterion, optimizer, scheduler, runtime)
     synchronize(device)
     started = time.perf_counter()
-    engine.train_one_epoch(model, [(images, labels)] * steps, criterion, optimizer, scheduler, device, amp_dtype,
-                           progress=False)  # ends with .item(): the device has finished
+    engine.train_one_epoch(model, [(images, labels)] * steps, criterion, optimizer, scheduler,
+                           runtime)  # ends with .item(): the device has finished
     seconds = time.perf_counter() - started
     return {"images_per_second": round(steps * batch / seconds, 1), "steps": steps, "batch_size": batch,
-            "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+            "precision": runtime.precision(),
             "peak_memory_gib": peak_memory_gib(device)}
 
 
@@ -273,22 +271,25 @@ def measure_seed_style(experiment: Experiment, splits, device: torch.device, wor
 
 @contextlib.contextmanager
 def timed_checkpoints() -> Iterator[list[float]]:
-    """Time every checkpoint ``fit`` writes (a frozen backbone is written too, every epoch)."""
+    """Time what checkpoints cost the training loop: ``CheckpointWriter.save`` (waiting for the previous
+    write, then the host copy; the write itself runs in the background) and the final wait."""
     spent: list[float] = []
-    original = engine.save_checkpoint
+    original_save, original_wait = engine.CheckpointWriter.save, engine.CheckpointWriter.wait
 
-    def save(state, path):
-        started = time.perf_counter()
-        try:
-            return original(state, path)
-        finally:
-            spent.append(time.perf_counter() - started)
+    def timed(method):
+        def call(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                spent.append(time.perf_counter() - started)
+        return call
 
-    engine.save_checkpoint = save
+    engine.CheckpointWriter.save, engine.CheckpointWriter.wait = timed(original_save), timed(original_wait)
     try:
         yield spent
     finally:
-        engine.save_checkpoint = original
+        engine.CheckpointWriter.save, engine.CheckpointWriter.wait = original_save, original_wait
 
 
 def run_ours(experiment: Experiment, data_root: Path, cache_dir: Path, out_dir: Path, device: torch.device) -> dict[str, Any]:
@@ -296,13 +297,13 @@ def run_ours(experiment: Experiment, data_root: Path, cache_dir: Path, out_dir: 
     reset_peak_memory(device)
     started = time.perf_counter()
     splits = load_splits(data_root)
+    runtime = Runtime.create(device, cache_dir=cache_dir, compile=experiment.compile, progress=False)
     with timed_checkpoints() as checkpoint_seconds:
-        result = engine.fit(experiment, splits, out_dir, device, seed=42, progress=False, cache_dir=cache_dir)
+        result = engine.fit(experiment, splits, out_dir, runtime, seed=42)
     prep = preprocessing(experiment.arch, experiment.image_size)
-    test_set, test_split, test_info = engine.build_dataset(splits.test, experiment, prep, device, False, cache_dir,
-                                                           progress=False)
-    loader = engine.make_loader(test_set, experiment.batch_size, False, device, workers=0)
-    logits, labels = engine.predict(result.model, loader, device, engine.autocast_dtype(device), progress=False)
+    test_set, test_split, test_info = engine.build_dataset(splits.test, experiment, prep, runtime, False)
+    loader = engine.make_loader(test_set, experiment.batch_size, False, runtime)
+    logits, labels = engine.predict(result.model, loader, runtime)
     synchronize(device)
     seconds = time.perf_counter() - started
     epochs = [row["seconds"] for row in result.history]
@@ -343,8 +344,9 @@ def measure_seed_loader(splits, experiment: Experiment, workers: int, batches: i
 def measure_our_loader(experiment: Experiment, splits, cache_dir: Path, device: torch.device) -> dict[str, Any]:
     """Our loader alone for one epoch: slicing the cached uint8 split and augmenting it on the device."""
     prep = preprocessing(experiment.arch, experiment.image_size)
-    train_set, _, _ = engine.build_dataset(splits.train, experiment, prep, device, True, cache_dir, progress=False)
-    loader = engine.make_loader(train_set, experiment.batch_size, True, device, workers=0, seed=0)
+    runtime = Runtime.create(device, cache_dir=cache_dir, progress=False)
+    train_set, _, _ = engine.build_dataset(splits.train, experiment, prep, runtime, True)
+    loader = engine.make_loader(train_set, experiment.batch_size, True, runtime, seed=0)
     next(iter(loader))  # warm-up: kernels and allocator (each iteration starts the same epoch afresh)
     synchronize(device)
     started = time.perf_counter()
@@ -545,15 +547,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    device = engine.select_device(args.device)
+    device = select_device(args.device)
     started = time.perf_counter()
-    log(f"device {engine.device_name(device)}; building the data set from {args.source}")
+    log(f"device {device_name(device)}; building the data set from {args.source}")
     data = build_kaggle_sized(args.source, args.data, args.images, args.size, args.threads)
     log(f"data set {'reused' if data['reused'] else 'built'}: {data['root']}")
     splits = load_splits(Path(data["root"]))
     results: dict[str, Any] = {
         "command": "PYTHONPATH=src python benchmarks/benchmark.py" + (" " + shlex.join(argv) if argv else ""),
-        "device": engine.device_name(device),
+        "device": device_name(device),
         "cpu_cores": os.cpu_count(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,

@@ -6,6 +6,9 @@ import torch
 
 from cxr.augment import DeviceDataset, DeviceLoader, EvalTransform, TrainAugment
 from cxr.data import IMAGENET_MEAN, IMAGENET_STD, build_transforms
+from cxr.runtime import Runtime
+
+CPU = Runtime.create("cpu", progress=False)
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -66,21 +69,21 @@ def test_eval_transform_matches_the_pil_path_transform():
 
 def test_device_loader_covers_every_sample_in_a_seeded_order():
     dataset = DeviceDataset(torch.arange(10).view(10, 1).float(), torch.arange(10))
-    batches = list(DeviceLoader(dataset, 4, True, torch.device("cpu"), seed=5))
+    batches = list(DeviceLoader(dataset, 4, True, CPU, seed=5))
     assert [len(labels) for _, labels in batches] == [4, 4, 2]
     order = torch.cat([labels for _, labels in batches])
     assert sorted(order.tolist()) == list(range(10))
     assert all(torch.equal(inputs[:, 0].long(), labels) for inputs, labels in batches)
-    again = torch.cat([labels for _, labels in DeviceLoader(dataset, 4, True, torch.device("cpu"), seed=5)])
-    other = torch.cat([labels for _, labels in DeviceLoader(dataset, 4, True, torch.device("cpu"), seed=6)])
+    again = torch.cat([labels for _, labels in DeviceLoader(dataset, 4, True, CPU, seed=5)])
+    other = torch.cat([labels for _, labels in DeviceLoader(dataset, 4, True, CPU, seed=6)])
     assert torch.equal(order, again) and not torch.equal(order, other)
-    unshuffled = torch.cat([labels for _, labels in DeviceLoader(dataset, 4, False, torch.device("cpu"))])
+    unshuffled = torch.cat([labels for _, labels in DeviceLoader(dataset, 4, False, CPU)])
     assert unshuffled.tolist() == list(range(10))
 
 
 def test_device_dataset_from_images_keeps_uint8_single_channel():
     images = np.zeros((3, 37, 37), dtype=np.uint8)
-    dataset = DeviceDataset.from_images(images, [0, 1, 2], torch.device("cpu"), EvalTransform(32, 33))
+    dataset = DeviceDataset.from_images(images, [0, 1, 2], CPU, EvalTransform(32, 33))
     assert dataset.inputs.shape == (3, 1, 37, 37) and dataset.inputs.dtype == torch.uint8
     with pytest.raises(ValueError):
         DeviceDataset(dataset.inputs, dataset.labels[:2])

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from cxr import cache
@@ -14,6 +13,7 @@ from cxr.config import get_experiment
 from cxr.data import CLASSES, Split, XRayDataset, load_image
 from cxr.engine import build_dataset
 from cxr.models import preprocessing
+from cxr.runtime import Runtime
 
 SIDE = 24
 
@@ -138,10 +138,10 @@ def test_cache_is_the_default_and_the_flag_turns_it_off(synthetic_root, tmp_path
     prep = preprocessing("resnet50", 32)
     monkeypatch.setenv("CXR_CACHE_DIR", str(tmp_path / "default-cache"))
     off = get_experiment("resnet50_full", image_size=32, cache=False)
-    dataset, kept, _ = build_dataset(split, off, prep, torch.device("cpu"), True, progress=False)
+    dataset, kept, _ = build_dataset(split, off, prep, Runtime.create("cpu", cache=False, progress=False), True)
     assert isinstance(dataset, XRayDataset) and kept is split and not (tmp_path / "default-cache").exists()
     on = get_experiment("resnet50_full", image_size=32)
     assert on.cache is True
-    dataset, kept, info = build_dataset(split, on, prep, torch.device("cpu"), True, progress=False)
+    dataset, kept, info = build_dataset(split, on, prep, Runtime.create("cpu", progress=False), True)
     assert len(dataset) == 6 and info["decoded"] == 6 and (tmp_path / "default-cache").is_dir()
     assert dataset.inputs.shape == (6, 1, cache.cache_side(32, prep["resize"]), cache.cache_side(32, prep["resize"]))

@@ -46,6 +46,9 @@ from cxr.augment import DeviceDataset, DeviceLoader
 from cxr.cli import main
 from cxr.engine import make_loader
 from cxr.synthetic import write_synthetic_dataset
+from cxr.runtime import Runtime
+
+CPU = Runtime.create("cpu", progress=False)
 
 EXPERIMENT = "vit_b16_head"
 COUNTS = {"train": 8, "val": 3, "test": 4}  # per class; one image each is then removed from val and test
@@ -189,22 +192,22 @@ def test_ranks_batches_together_are_the_single_process_batch():
     process, for the shuffled training order and the evaluation order alike."""
     dataset = DeviceDataset(torch.arange(32).view(32, 1), torch.arange(32))
     for shuffle in (True, False):
-        single = [labels for _, labels in DeviceLoader(dataset, 8, shuffle, torch.device("cpu"), seed=7)]
-        ranks = [[labels for _, labels in DeviceLoader(dataset, 4, shuffle, torch.device("cpu"), 7, rank, 2)]
+        single = [labels for _, labels in DeviceLoader(dataset, 8, shuffle, CPU, seed=7)]
+        ranks = [[labels for _, labels in DeviceLoader(dataset, 4, shuffle, CPU, 7, rank, 2)]
                  for rank in (0, 1)]
         assert len(ranks[0]) == len(ranks[1]) == len(single) == 4
         for index, batch in enumerate(single):
             together = torch.cat([ranks[0][index], ranks[1][index]])
             assert sorted(together.tolist()) == sorted(batch.tolist())
-    other_epoch = [labels for _, labels in DeviceLoader(dataset, 8, True, torch.device("cpu"), seed=8)]
+    other_epoch = [labels for _, labels in DeviceLoader(dataset, 8, True, CPU, seed=8)]
     assert not torch.equal(torch.cat(other_epoch), torch.cat(single))
 
 
 def test_image_and_device_loaders_draw_the_same_order():
     """The DataLoader path (no image cache) uses the same sampler, so both paths shard alike."""
     images, labels = torch.zeros(13, 1), torch.arange(13)
-    from_loader = torch.cat([y for _, y in make_loader(TensorDataset(images, labels), 4, True, torch.device("cpu"), 0, 5)])
-    from_device = torch.cat([y for _, y in make_loader(DeviceDataset(images, labels), 4, True, torch.device("cpu"), 0, 5)])
+    from_loader = torch.cat([y for _, y in make_loader(TensorDataset(images, labels), 4, True, CPU, 5)])
+    from_device = torch.cat([y for _, y in make_loader(DeviceDataset(images, labels), 4, True, CPU, 5)])
     assert torch.equal(from_loader, from_device) and sorted(from_loader.tolist()) == list(range(13))
 
 

@@ -14,6 +14,7 @@ from cxr.config import EXPERIMENTS, get_experiment
 from cxr.engine import build_optimizer
 from cxr.models import (WeightsError, build_model, count_parameters, default_weights, estimate_batchnorm_statistics,
                         needs_batchnorm_statistics)
+from cxr.runtime import Runtime
 
 CPU = torch.device("cpu")
 HEAD_ONLY = {"resnet152_head": 2048 * 4 + 4, "vit_b16_head": 768 * 4 + 4}
@@ -41,7 +42,7 @@ def test_trainable_parameter_counts(models, name):
 def test_optimizer_gets_exactly_the_trainable_parameters(models, name):
     model = models[name]
     experiment = get_experiment(name)
-    optimizer = build_optimizer(model, experiment, CPU)
+    optimizer = build_optimizer(model, experiment, Runtime.create(CPU))
     in_optimizer = [id(p) for group in optimizer.param_groups for p in group["params"]]
     assert len(in_optimizer) == len(set(in_optimizer))
     assert set(in_optimizer) == {id(p) for p in model.parameters() if p.requires_grad}
@@ -53,7 +54,7 @@ def test_optimizer_gets_exactly_the_trainable_parameters(models, name):
 def _one_training_step(model: nn.Module, name: str) -> None:
     torch.manual_seed(0)
     model.train()
-    optimizer = build_optimizer(model, get_experiment(name), CPU)
+    optimizer = build_optimizer(model, get_experiment(name), Runtime.create(CPU))
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     nn.functional.cross_entropy(model(images), labels).backward()
     optimizer.step()

@@ -14,6 +14,9 @@ from cxr.engine import make_loader, predict
 from cxr.models import build_model, preprocessing
 from cxr.predict import collect_images, run_predict
 from cxr.workflow import load_trained_model
+from cxr.runtime import Runtime
+
+CPU = Runtime.create("cpu", progress=False)
 
 SIZE = 32
 
@@ -84,8 +87,8 @@ def test_predict_prepares_images_like_the_evaluation(checkpoint, synthetic_root)
     model, state = load_trained_model(checkpoint)
     prep = state["preprocessing"]
     transform = build_transforms(SIZE, False, mean=prep["mean"], std=prep["std"], resize=prep["resize"])
-    loader = make_loader(XRayDataset(test_split, transform), 8, False, torch.device("cpu"), 0)
-    logits, _ = predict(model, loader, torch.device("cpu"), progress=False)
+    loader = make_loader(XRayDataset(test_split, transform), 8, False, CPU)
+    logits, _ = predict(model, loader, CPU)
     expected = torch.from_numpy(logits).softmax(1).numpy()
     np.testing.assert_allclose(result.table[list(CLASSES)].to_numpy(), expected, rtol=1e-4, atol=1e-6)
 

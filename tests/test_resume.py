@@ -17,9 +17,10 @@ from cxr.cli import main
 from cxr.config import get_experiment
 from cxr.data import load_splits
 from cxr.engine import TrainingInterrupted, fit
+from cxr.runtime import Runtime
 from cxr.synthetic import write_synthetic_dataset
 
-CPU = torch.device("cpu")
+CPU = Runtime.create("cpu", progress=False)
 SMALL_COUNTS = {"train": 5, "val": 2, "test": 1}
 
 
@@ -88,13 +89,13 @@ def read_history(path) -> list[dict[str, str]]:
 
 def test_interrupted_and_resumed_run_matches_uninterrupted_run(splits, tmp_path):
     experiment = tiny_experiment()
-    full = fit(experiment, splits, tmp_path / "full", CPU, seed=3, progress=False)
+    full = fit(experiment, splits, tmp_path / "full", CPU, seed=3)
 
     with pytest.raises(TrainingInterrupted, match=r"epoch 1 of 3 saved in .*last\.pt.*--resume") as caught:
-        fit(experiment, splits, tmp_path / "resumed", CPU, seed=3, progress=False, on_epoch_end=ctrl_c_after_epoch(1))
+        fit(experiment, splits, tmp_path / "resumed", CPU, seed=3, on_epoch_end=ctrl_c_after_epoch(1))
     assert caught.value.saved_epochs == 1
     assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["epoch"] == 1
-    resumed = fit(experiment, splits, tmp_path / "resumed", CPU, seed=3, resume=True, progress=False)
+    resumed = fit(experiment, splits, tmp_path / "resumed", CPU, seed=3, resume=True)
 
     for name in ("last.pt", "best.pt"):  # model, optimizer, scheduler, history, early-stopping state
         assert_identical(without_timings(load_checkpoint(tmp_path / "full" / "checkpoints" / name)),
@@ -112,10 +113,10 @@ def test_early_stopping_state_survives_resume(splits, tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "evaluate", flat_validation)
     experiment = tiny_experiment(epochs=4, patience=1)
     with pytest.raises(TrainingInterrupted):
-        fit(experiment, splits, tmp_path, CPU, seed=3, progress=False, on_epoch_end=ctrl_c_after_epoch(2))
+        fit(experiment, splits, tmp_path, CPU, seed=3, on_epoch_end=ctrl_c_after_epoch(2))
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["bad_epochs"] == 1
 
-    resumed = fit(experiment, splits, tmp_path, CPU, seed=3, resume=True, progress=False)
+    resumed = fit(experiment, splits, tmp_path, CPU, seed=3, resume=True)
     # Patience 1 was used up by epoch 2, so the resumed run stops before training epoch 3.
     assert resumed.stopped_early and len(resumed.history) == 2 and resumed.best_epoch == 1
 
@@ -126,17 +127,17 @@ def test_interrupt_before_first_epoch_ends_says_nothing_to_resume(splits, tmp_pa
 
     monkeypatch.setattr(engine, "train_one_epoch", interrupted)
     with pytest.raises(TrainingInterrupted, match="no epoch was finished") as caught:
-        fit(tiny_experiment(), splits, tmp_path, CPU, progress=False)
+        fit(tiny_experiment(), splits, tmp_path, CPU)
     assert caught.value.saved_epochs == 0 and not (tmp_path / "checkpoints" / "last.pt").exists()
 
 
 def test_resume_with_other_settings_is_refused(splits, tmp_path):
     experiment = tiny_experiment(epochs=1)
-    fit(experiment, splits, tmp_path, CPU, seed=3, progress=False)
+    fit(experiment, splits, tmp_path, CPU, seed=3)
     with pytest.raises(CheckpointError, match=r"epochs=1 \(now 2\)"):
-        fit(tiny_experiment(epochs=2), splits, tmp_path, CPU, seed=3, resume=True, progress=False)
+        fit(tiny_experiment(epochs=2), splits, tmp_path, CPU, seed=3, resume=True)
     with pytest.raises(CheckpointError, match=r"seed=3 \(now 4\)"):
-        fit(experiment, splits, tmp_path, CPU, seed=4, resume=True, progress=False)
+        fit(experiment, splits, tmp_path, CPU, seed=4, resume=True)
 
 
 def test_cli_ctrl_c_exits_130_with_resume_command_that_works(small_root, tmp_path, monkeypatch, capsys):

@@ -19,9 +19,10 @@ from cxr.config import get_experiment
 from cxr.data import CLASSES, load_splits
 from cxr.engine import TrainingError, fit
 from cxr.models import build_model, preprocessing
+from cxr.runtime import Runtime
 from cxr.synthetic import write_synthetic_dataset
 
-CPU = torch.device("cpu")
+CPU = Runtime.create("cpu", progress=False)
 SMALL_COUNTS = {"train": 5, "val": 2, "test": 1}
 TRAIN_FLAGS = ["--val-source", "given", "--batch-size", "8", "--image-size", "32", "--weights", "none", "--quiet"]
 
@@ -75,7 +76,7 @@ def test_resume_refuses_checkpoint_of_another_architecture(resnet50_checkpoint, 
     splits = load_splits(small_root, val_source="given")
     experiment = get_experiment("resnet50_full", image_size=32, weights="none")
     with pytest.raises(CheckpointError, match="holds a 'resnet152' model, not 'resnet50'"):
-        fit(experiment, splits, tmp_path, CPU, resume=True, progress=False)
+        fit(experiment, splits, tmp_path, CPU, resume=True)
 
 
 @pytest.mark.parametrize(
@@ -174,7 +175,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(small_root, tmp_pa
     splits = load_splits(small_root, val_source="given")
     experiment = get_experiment("resnet50_full", epochs=3, batch_size=8, image_size=32, weights="none")
     with pytest.raises(TrainingError, match=r"loss became nan in epoch 2; the last good checkpoint \(epoch 1\)"):
-        fit(experiment, splits, tmp_path, CPU, progress=False)
+        fit(experiment, splits, tmp_path, CPU)
     last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert last["epoch"] == 1 and all(torch.isfinite(t).all() for t in last["model"].values() if t.is_floating_point())
     assert len(calls) == 2  # stopped at once, no epoch 3

@@ -29,6 +29,7 @@ from cxr.checkpoint import load_checkpoint
 from cxr.cli import main
 from cxr.config import EXPERIMENTS, experiment_from_dict, get_experiment
 from cxr.data import CLASSES, load_splits
+from cxr.runtime import Runtime
 
 SEED = 3
 TINY = {"epochs": 1, "batch_size": 8, "image_size": 32, "weights": "none"}
@@ -238,7 +239,7 @@ def test_a_last_batch_of_one_image_is_skipped_while_batchnorm_trains():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     result = train_one_epoch(model, DataLoader(data, batch_size=4), nn.CrossEntropyLoss(), optimizer, scheduler,
-                             torch.device("cpu"), progress=False)
+                             Runtime.create("cpu", progress=False))
     assert math.isfinite(result["loss"])
     assert scheduler.last_epoch == 2
 

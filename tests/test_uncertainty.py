@@ -14,6 +14,9 @@ from cxr.data import CLASSES, XRayDataset, load_splits
 from cxr.engine import make_loader
 from cxr.models import build_model, preprocessing
 from cxr.workflow import evaluate_model
+from cxr.runtime import Runtime
+
+CPU = Runtime.create("cpu", progress=False)
 
 
 def noisy_predictions(n: int = 300, accuracy: float = 0.7, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -113,8 +116,7 @@ def test_tta_averages_ten_views(synthetic_root):
     views, _ = dataset[0]
     assert views.shape == (10, 3, 32, 32)
     torch.testing.assert_close(views[5], views[1].flip(-1))  # top-left of the mirror image = mirrored top-right
-    log_probs, labels = uncertainty.predict_tta(model, make_loader(dataset, 2, False, torch.device("cpu"), 0),
-                                                torch.device("cpu"), progress=False)
+    log_probs, labels = uncertainty.predict_tta(model, make_loader(dataset, 2, False, CPU), CPU)
     assert log_probs.shape == (3, len(CLASSES)) and len(labels) == 3
     with torch.no_grad():
         expected = model(views).softmax(1).mean(0).numpy()
@@ -128,8 +130,7 @@ def test_evaluate_model_reports_intervals_calibration_adjustment_tta_and_cam(syn
     with pytest.warns(UserWarning, match="Skipped"):
         splits = load_splits(synthetic_root)
     splits.test = splits.test.subset(range(0, len(splits.test), 3))
-    metrics = evaluate_model(model, experiment, splits, tmp_path, torch.device("cpu"), preprocessing("resnet50", 32),
-                             progress=False, tta=True)
+    metrics = evaluate_model(model, experiment, splits, tmp_path, CPU, preprocessing("resnet50", 32), tta=True)
     low, high = metrics["ci95"]["accuracy"]
     assert low <= metrics["accuracy"] <= high
     assert set(metrics["ci95"]["recall"]) == set(CLASSES)

@@ -26,6 +26,7 @@ from torch.utils.data import DistributedSampler
 
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .distributed import rank_seed
+from .runtime import Runtime
 
 BatchTransform = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
 
@@ -39,15 +40,13 @@ def _statistics(mean: tuple[float, ...], std: tuple[float, ...], device: torch.d
             torch.tensor(std, dtype=dtype).view(shape).to(device))
 
 
-def _normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """[0, 1] images -> normalised 3-channel float images (grayscale expanded), channels_last on CUDA."""
+def _normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float], channels_last: bool) -> torch.Tensor:
+    """[0, 1] images -> normalised 3-channel float images (grayscale expanded), in the model's memory format."""
     mean_t, std_t = _statistics(tuple(mean), tuple(std), images.device, images.dtype)
     if images.shape[1] == 1:
         images = images.expand(-1, len(mean), -1, -1)
     images = (images - mean_t) / std_t
-    if images.device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images
+    return images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def _uniform(u: torch.Tensor, low: float, high: float) -> torch.Tensor:
@@ -69,6 +68,7 @@ class TrainAugment:
     translate: float = 0.04
     brightness: float = 0.2
     contrast: float = 0.2
+    channels_last: bool = False
 
     def affine(self, batch: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
         """Per-image ``(B, 2, 3)`` matrices mapping output to input coordinates (``affine_grid``'s
@@ -102,7 +102,7 @@ class TrainAugment:
         out = (out * _uniform(u[:, 0], 1 - self.brightness, 1 + self.brightness)).clamp_(0, 1)
         mean = out.mean(dim=(1, 2, 3), keepdim=True)
         out = ((out - mean) * _uniform(u[:, 1], 1 - self.contrast, 1 + self.contrast) + mean).clamp_(0, 1)
-        return _normalize(out, self.mean, self.std)
+        return _normalize(out, self.mean, self.std, self.channels_last)
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,7 @@ class EvalTransform:
     resize: int
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    channels_last: bool = False
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         out = images.float() / 255
@@ -122,7 +123,7 @@ class EvalTransform:
                                 align_corners=False).clamp_(0, 1)
         top = int(round((self.resize - self.image_size) / 2.0))
         out = out[..., top:top + self.image_size, top:top + self.image_size]
-        return _normalize(out, self.mean, self.std)
+        return _normalize(out, self.mean, self.std, self.channels_last)
 
 
 class DeviceDataset:
@@ -139,16 +140,10 @@ class DeviceDataset:
 
     @classmethod
     def from_images(
-        cls, images: np.ndarray, labels: Sequence[int], device: torch.device, transform: BatchTransform | None
+        cls, images: np.ndarray, labels: Sequence[int], runtime: Runtime, transform: BatchTransform | None
     ) -> DeviceDataset:
-        """Hold a ``(N, S, S)`` uint8 array on ``device`` (on CUDA when it takes under a quarter of the
-        free memory, else in pinned host memory, copied per batch)."""
-        inputs = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            inputs = inputs.to(device) if inputs.nbytes < free / 4 else inputs.pin_memory()
-        elif device.type != "cpu":
-            inputs = inputs.to(device)
+        """Hold a ``(N, S, S)`` uint8 array where ``runtime`` keeps whole splits (:meth:`Runtime.hold`)."""
+        inputs = runtime.hold(torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1))
         return cls(inputs, torch.as_tensor(list(labels), dtype=torch.long, device=inputs.device), transform)
 
 
@@ -158,9 +153,9 @@ class DeviceLoader:
     ``DistributedSampler``, as in ``engine.make_loader``'s DataLoader: with ``world_size`` > 1 this
     loader yields rank ``rank``'s shard of the same permutation (see :mod:`cxr.distributed`)."""
 
-    def __init__(self, dataset: DeviceDataset, batch_size: int, shuffle: bool, device: torch.device, seed: int = 0,
+    def __init__(self, dataset: DeviceDataset, batch_size: int, shuffle: bool, runtime: Runtime, seed: int = 0,
                  rank: int = 0, world_size: int = 1) -> None:
-        self.dataset, self.batch_size, self.shuffle, self.device, self.seed = dataset, batch_size, shuffle, device, seed
+        self.dataset, self.batch_size, self.shuffle, self.runtime, self.seed = dataset, batch_size, shuffle, runtime, seed
         self.rank = rank
         self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
 
@@ -170,13 +165,15 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         inputs, labels = self.dataset.inputs, self.dataset.labels
         order = torch.as_tensor(list(self.sampler), dtype=torch.long, device=inputs.device)
-        generator = torch.Generator(device=self.device).manual_seed(rank_seed(self.seed, self.rank))
+        device = self.runtime.device
+        generator = torch.Generator(device=device).manual_seed(rank_seed(self.seed, self.rank))
         for start in range(0, len(order), self.batch_size):
             index = order[start:start + self.batch_size]
             batch, targets = inputs.index_select(0, index), labels.index_select(0, index)
-            if batch.device.type == "cpu" and self.device.type != "cpu":
-                batch = batch.pin_memory().to(self.device, non_blocking=True)
-                targets = targets.to(self.device, non_blocking=True)
+            if batch.device.type != device.type:  # a split too large for the device: copied batch by batch
+                batch = (batch.pin_memory() if self.runtime.pin_memory else batch).to(
+                    device, non_blocking=self.runtime.non_blocking)
+                targets = targets.to(device, non_blocking=self.runtime.non_blocking)
             if self.dataset.transform is not None:
                 batch = self.dataset.transform(batch, generator)
             yield batch, targets

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,68 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> Path:
     finally:  # also on Ctrl-C or a pickling error mid-write; after the rename there is nothing left to remove
         temporary.unlink(missing_ok=True)
     return path
+
+
+def host_copy(state: Any) -> Any:
+    """A copy of ``state`` (nested dicts, lists and tuples of tensors and plain values) whose tensors live in
+    host memory and share nothing with the originals: training may go on changing those at once. From a
+    GPU the tensors are copied into pinned memory without waiting per tensor, then synchronised once."""
+    pending_cuda = False
+
+    def copy(value: Any) -> Any:
+        nonlocal pending_cuda
+        if isinstance(value, torch.Tensor):
+            if value.device.type == "cuda":
+                pending_cuda = True
+                host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+                return host.copy_(value.detach(), non_blocking=True)
+            return value.detach().clone()
+        if isinstance(value, dict):
+            return {key: copy(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(copy(item) for item in value)
+        return value
+
+    copied = copy(state)
+    if pending_cuda:
+        torch.cuda.synchronize()
+    return copied
+
+
+class CheckpointWriter:
+    """Writes checkpoints in a background thread, off the training loop's critical path.
+
+    :meth:`save` takes a host copy of the state (:func:`host_copy`, milliseconds) and returns; the thread
+    then writes each file with :func:`save_checkpoint` (temporary file, then rename), so a kill or a crash
+    mid-write leaves the previous checkpoint in place. At most one write is in flight: :meth:`save` and
+    :meth:`wait` first wait for the previous one and re-raise its error, so a failure is never lost."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, state: dict[str, Any], *paths: Path) -> None:
+        self.wait()
+        snapshot = host_copy(state)
+
+        def write() -> None:
+            try:
+                for path in paths:
+                    save_checkpoint(snapshot, path)
+            except BaseException as error:  # handed to the training thread by wait()
+                self._error = error
+
+        self._thread = threading.Thread(target=write, name="checkpoint-writer", daemon=False)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Block until the write in flight is on disk; raise its error, if any."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def load_checkpoint(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import itertools
 import math
@@ -23,13 +22,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, CheckpointWriter, load_checkpoint
 from .config import Experiment
 from .augment import DeviceDataset, DeviceLoader, EvalTransform, TrainAugment
-from .cache import cache_side, cache_split, default_cache_dir
+from .cache import cache_side, cache_split
 from .data import CLASSES, EXPECTED_LAYOUT, DatasetError, DataSplits, Split, XRayDataset, build_transforms, warn_skipped
 from .features import feature_dataset
 from .models import Classifier, build_model, estimate_batchnorm_statistics, needs_batchnorm_statistics, preprocessing
+from .runtime import Runtime, device_name, select_device  # noqa: F401 (re-exported: engine.select_device is public)
 
 
 class TrainingError(RuntimeError):
@@ -42,37 +42,6 @@ class TrainingInterrupted(RuntimeError):
     def __init__(self, message: str, saved_epochs: int = 0) -> None:
         super().__init__(message)
         self.saved_epochs = saved_epochs
-
-
-def select_device(name: str | None = None) -> torch.device:
-    """The requested device, or the best available one: cuda, then mps, then cpu."""
-    if name and name != "auto":
-        device = torch.device(name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda was requested but no CUDA GPU is available")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type} ({os.cpu_count()} cores)" if device.type == "cpu" else device.type
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """Mixed precision on CUDA only: bf16 where supported (no loss scaling needed), else fp16."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def seed_everything(seed: int) -> None:
@@ -102,7 +71,7 @@ BATCHNORM_IMAGES = 512
 
 
 def make_loader(
-    dataset: Dataset | DeviceDataset, batch_size: int, shuffle: bool, device: torch.device, workers: int, seed: int = 0,
+    dataset: Dataset | DeviceDataset, batch_size: int, shuffle: bool, runtime: Runtime, seed: int = 0,
     shard: bool = False,
 ) -> DataLoader | DeviceLoader:
     """A loader that keeps every sample (no ``drop_last``) and whose order (and, for a
@@ -112,43 +81,43 @@ def make_loader(
     (``perm[rank::world]``, padded to equal parts), and :func:`predict` gathers the parts again."""
     rank, world = (distributed.rank(), distributed.world_size()) if shard else (0, 1)
     if isinstance(dataset, DeviceDataset):
-        return DeviceLoader(dataset, batch_size, shuffle, device, seed, rank, world)
+        return DeviceLoader(dataset, batch_size, shuffle, runtime, seed, rank, world)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed),
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
+        num_workers=runtime.workers,
+        pin_memory=runtime.pin_memory,
         persistent_workers=False,
         generator=torch.Generator().manual_seed(distributed.rank_seed(seed, rank)),  # seeds the workers' augmentation
     )
 
 
 def build_dataset(
-    split: Split, experiment: Experiment, prep: dict[str, Any], device: torch.device, train: bool,
-    cache_dir: str | os.PathLike | None = None, progress: bool = True, description: str = "decode",
+    split: Split, experiment: Experiment, prep: dict[str, Any], runtime: Runtime, train: bool,
+    description: str = "decode",
 ) -> tuple[Dataset | DeviceDataset, Split, dict[str, Any]]:
     """One split as ``fit`` and ``workflow.evaluate_model`` read it.
 
-    With ``experiment.cache`` every image is decoded once into the on-disk cache (:mod:`cxr.cache`), the
-    whole uint8 split is held on ``device`` and transformed there per batch (:mod:`cxr.augment`);
-    without it PIL decodes and transforms every image on every access, in DataLoader workers. Returns
-    the dataset, the split it holds (the cache leaves out files that fail to decode, listed in
-    ``skipped``) and what it cost, for metrics.json.
+    With ``runtime.cache`` every image is decoded once into the on-disk cache (:mod:`cxr.cache`), the
+    whole uint8 split is held where ``runtime`` keeps data and transformed on the device per batch
+    (:mod:`cxr.augment`); without it PIL decodes and transforms every image on every access, in
+    DataLoader workers. Returns the dataset, the split it holds (the cache leaves out files that fail to
+    decode, listed in ``skipped``) and what it cost, for metrics.json.
     """
     augment = train and experiment.augment
     mean, std = tuple(prep["mean"]), tuple(prep["std"])
     resize = prep.get("resize") or round(experiment.image_size * 256 / 224)  # checkpoints may predate "resize"
-    if not experiment.cache:
+    if not runtime.cache:
         transform = build_transforms(experiment.image_size, augment, augment, mean, std, resize=resize)
         return XRayDataset(split, transform), split, {"held_on": "disk (decoded every epoch)"}
-    cached = cache_split(split, cache_side(experiment.image_size, resize), cache_dir, progress=progress,
-                         description=description)
+    cached = cache_split(split, cache_side(experiment.image_size, resize), runtime.cache_dir,
+                         progress=runtime.progress, description=description)
     if cached.write_error:
         warnings.warn(cached.write_error, stacklevel=2)
-    transform = (TrainAugment(experiment.image_size, mean, std) if augment
-                 else EvalTransform(experiment.image_size, resize, mean, std))
-    dataset = DeviceDataset.from_images(cached.images, cached.split.labels, device, transform)
+    transform = (TrainAugment(experiment.image_size, mean, std, channels_last=runtime.channels_last) if augment
+                 else EvalTransform(experiment.image_size, resize, mean, std, channels_last=runtime.channels_last))
+    dataset = DeviceDataset.from_images(cached.images, cached.split.labels, runtime, transform)
     return dataset, cached.split, {"held_on": dataset.inputs.device.type, "cache_side": cached.side,
                                    "decoded": cached.decoded, "cache_seconds": cached.seconds}
 
@@ -161,12 +130,13 @@ def class_weights(labels: list[int], num_classes: int = len(CLASSES)) -> torch.T
     return torch.tensor(weights, dtype=torch.float32)
 
 
-def build_optimizer(model: Classifier, experiment: Experiment, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: Classifier, experiment: Experiment, runtime: Runtime) -> torch.optim.Optimizer:
     """AdamW over trainable parameters only: the head at ``lr``, a trained backbone at ``backbone_lr``."""
     groups = [{"params": list(model.head.parameters()), "lr": experiment.lr}]
     if not model.freeze_backbone:
         groups.append({"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": experiment.backbone_lr})
-    return torch.optim.AdamW(groups, weight_decay=experiment.weight_decay, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, weight_decay=experiment.weight_decay,
+                             fused=runtime.fused_optimizer)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
@@ -181,23 +151,15 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device):
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    images = images.to(device, non_blocking=True, memory_format=memory_format)
-    return images, labels.to(device, non_blocking=True)
-
-
 def train_one_epoch(
     model: nn.Module,
-    loader: DataLoader,
+    loader: DataLoader | DeviceLoader,
     criterion: nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler,
-    device: torch.device,
-    amp_dtype: torch.dtype | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    runtime: Runtime,
     scaler: torch.amp.GradScaler | None = None,
     description: str = "train",
-    progress: bool = True,
 ) -> dict[str, float]:
     """One pass over ``loader``. Loss and accuracy are summed on the device: one sync per epoch (in a
     torchrun job they are summed over the ranks too, so every rank reports the same numbers)."""
@@ -205,14 +167,14 @@ def train_one_epoch(
     # BatchNorm in training mode cannot normalise a single image; a last batch of one is left out instead
     # of crashing the epoch (every rank of a torchrun job gets batches of the same size, so all skip it).
     batchnorm_trains = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
+    loss_sum = torch.zeros((), device=runtime.device)
+    correct = torch.zeros((), device=runtime.device, dtype=torch.long)
     seen = 0
-    for images, labels in tqdm(loader, desc=description, leave=False, disable=not progress):
+    for images, labels in tqdm(loader, desc=description, leave=False, disable=not runtime.progress):
         if batchnorm_trains and labels.numel() == 1:
             continue
-        images, labels = _to_device(images, labels, device)
-        with autocast(device, amp_dtype):
+        images, labels = runtime.to_device(images), runtime.to_device(labels)
+        with runtime.autocast():
             logits = model(images)
             loss = criterion(logits, labels)
         optimizer.zero_grad(set_to_none=True)
@@ -227,25 +189,23 @@ def train_one_epoch(
         loss_sum += loss.detach() * labels.numel()
         correct += (logits.argmax(1) == labels).sum()
         seen += labels.numel()
-    loss_sum, correct, seen = distributed.sum_across_ranks(loss_sum, correct, torch.tensor(seen, device=device))
+    loss_sum, correct, seen = distributed.sum_across_ranks(loss_sum, correct, torch.tensor(seen, device=runtime.device))
     return {"loss": loss_sum.item() / seen.item(), "accuracy": correct.item() / seen.item()}
 
 
 @torch.inference_mode()
 def predict(
-    model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None = None,
-    description: str = "eval", progress: bool = True,
+    model: nn.Module, loader: DataLoader | DeviceLoader, runtime: Runtime, description: str = "eval",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Logits (float32) and labels for every sample of ``loader``, in order. For a loader sharded
     over a torchrun job (``make_loader(..., shard=True)``) every rank predicts its part and gets the
     whole split back, in order."""
     model.eval()
     all_logits, all_labels = [], []
-    for images, labels in tqdm(loader, desc=description, leave=False, disable=not progress):
-        images, labels = _to_device(images, labels, device)
-        with autocast(device, amp_dtype):
-            all_logits.append(model(images).float())
-        all_labels.append(labels)
+    for images, labels in tqdm(loader, desc=description, leave=False, disable=not runtime.progress):
+        with runtime.autocast():
+            all_logits.append(model(runtime.to_device(images)).float())
+        all_labels.append(runtime.to_device(labels))
     logits, labels = gather_shards(loader, torch.cat(all_logits), torch.cat(all_labels))
     return logits.cpu().numpy(), labels.cpu().numpy()
 
@@ -273,26 +233,10 @@ def summarize(logits: np.ndarray, labels: np.ndarray, criterion: nn.Module | Non
 
 
 def evaluate(
-    model: nn.Module, loader: DataLoader, criterion: nn.Module, device: torch.device,
-    amp_dtype: torch.dtype | None = None, description: str = "eval", progress: bool = True,
+    model: nn.Module, loader: DataLoader | DeviceLoader, criterion: nn.Module, runtime: Runtime, description: str = "eval",
 ) -> dict[str, float]:
-    logits, labels = predict(model, loader, device, amp_dtype, description, progress)
+    logits, labels = predict(model, loader, runtime, description)
     return summarize(logits, labels, criterion.cpu())
-
-
-@dataclass
-class FitResult:
-    """What ``fit`` leaves behind: the trained model (best weights loaded) and where things were written."""
-
-    model: Classifier
-    history: list[dict[str, float]]
-    best_checkpoint: Path
-    last_checkpoint: Path
-    best_epoch: int
-    stopped_early: bool
-    train_seconds: float
-    device: torch.device
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _better(monitor: str, value: float, best: float | None) -> bool:
@@ -340,195 +284,285 @@ def check_resumable(state: dict[str, Any], path: Path, experiment: Experiment, s
         )
 
 
+@dataclass
+class DataPipeline:
+    """What the model reads while it trains: the training and validation sets (images, or a frozen
+    backbone's cached features) and the module each is fed to (the whole model, or the head alone)."""
+
+    train_set: Dataset | DeviceDataset
+    val_set: Dataset | DeviceDataset
+    train_labels: list[int]
+    train_module: nn.Module
+    val_module: nn.Module
+    info: dict[str, Any]
+
+
+def _features_of(model: Classifier, dataset: Dataset | DeviceDataset, batch_size: int, runtime: Runtime,
+                 description: str) -> DeviceDataset:
+    """The backbone's features of a whole split; in a torchrun job each rank computes its shard."""
+    loader = make_loader(dataset, batch_size, False, runtime, shard=True)
+    shard = feature_dataset(model.backbone, loader, runtime, description)
+    return DeviceDataset(*gather_shards(loader, shard.inputs, shard.labels))
+
+
+def _estimate_batchnorm(model: Classifier, experiment: Experiment, train_set: Dataset | DeviceDataset,
+                        train_size: int, runtime: Runtime, seed: int) -> int:
+    """BatchNorm statistics of a frozen random backbone from the first training batches; returns how many
+    images they came from. The same seeded batches on every rank, so every rank gets the same statistics."""
+    loader = make_loader(train_set, experiment.batch_size, True, runtime, seed=seed)
+    steps = min(len(loader), math.ceil(BATCHNORM_IMAGES / experiment.batch_size))
+    batches = tqdm(itertools.islice(loader, steps), "BatchNorm statistics", total=steps, leave=False,
+                   disable=not runtime.progress)
+    with runtime.autocast():
+        estimate_batchnorm_statistics(model.backbone, batches, runtime.device)
+    return min(train_size, steps * experiment.batch_size)
+
+
+def build_pipeline(experiment: Experiment, splits: DataSplits, model: Classifier, prep: dict[str, Any],
+                   runtime: Runtime, seed: int) -> DataPipeline:
+    """Decode (or read from the cache) the training and validation splits, estimate a frozen random
+    backbone's BatchNorm statistics, and replace un-augmented splits of a frozen backbone by its
+    features (:mod:`cxr.features`). ``info`` says what was done, for metrics.json."""
+    with distributed.main_first():  # one process per node decodes into the image cache, the others read it
+        train_set, train_split, train_info = build_dataset(splits.train, experiment, prep, runtime, True, "decode train")
+        val_set, val_split, val_info = build_dataset(splits.val, experiment, prep, runtime, False, "decode val")
+    warn_skipped(train_split.skipped + val_split.skipped)
+    batchnorm_images = 0
+    if needs_batchnorm_statistics(model, experiment.weights):
+        batchnorm_images = _estimate_batchnorm(model, experiment, train_set, len(train_split), runtime, seed)
+    train_module = val_module = model
+    feature_cache, started = "off", time.perf_counter()
+    if model.freeze_backbone and experiment.feature_cache == "auto":
+        val_set, val_module, feature_cache = _features_of(model, val_set, experiment.batch_size, runtime,
+                                                          "val features"), model.head, "val"
+        if not experiment.augment:
+            train_set, train_module, feature_cache = _features_of(model, train_set, experiment.batch_size, runtime,
+                                                                  "train features"), model.head, "train+val"
+    info = {
+        **runtime.describe(),
+        "cache_side": train_info.get("cache_side"),
+        "images_decoded": train_info.get("decoded", 0) + val_info.get("decoded", 0) if runtime.cache else "every epoch",
+        "cache_seconds": round(train_info.get("cache_seconds", 0.0) + val_info.get("cache_seconds", 0.0), 3),
+        "data_on": train_info["held_on"],
+        "augment_on": (runtime.device.type if runtime.cache else "cpu (DataLoader workers)") if experiment.augment else None,
+        "feature_cache": feature_cache,
+        "feature_seconds": round(time.perf_counter() - started, 3),
+        "processes": distributed.world_size(),
+        "batchnorm_statistics": f"estimated from {batchnorm_images} training images" if batchnorm_images else "as built",
+    }
+    return DataPipeline(train_set, val_set, train_split.labels, train_module, val_module, info)
+
+
+@dataclass
+class TrainingState:
+    """Everything that changes while training and goes into a checkpoint: weights, optimiser, schedule,
+    loss scaler, history and the early-stopping bookkeeping."""
+
+    model: Classifier
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_value: float | None = None
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    train_seconds: float = 0.0
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.history)
+
+    def record(self, row: dict[str, float], monitor: str) -> bool:
+        """Add an epoch's row; True when it is the best so far on ``monitor``."""
+        self.history.append(row)
+        self.train_seconds += row["seconds"]
+        if _better(monitor, row[monitor], self.best_value):
+            self.best_value, self.best_epoch, self.bad_epochs = row[monitor], row["epoch"], 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    def checkpoint(self, experiment: Experiment, prep: dict[str, Any], seed: int, splits: DataSplits) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "epoch": self.epochs_done,
+            "experiment": experiment.to_dict(),
+            "classes": list(CLASSES),
+            "preprocessing": prep,
+            "history": self.history,
+            "best_value": self.best_value,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "seed": seed,
+            "data": data_signature(splits),
+            "train_seconds": self.train_seconds,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint written by :meth:`checkpoint`."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.history = state["history"]
+        self.best_value, self.best_epoch, self.bad_epochs = state["best_value"], state["best_epoch"], state["bad_epochs"]
+        self.train_seconds = state["train_seconds"]
+
+
+def build_training_state(model: Classifier, experiment: Experiment, runtime: Runtime, steps_per_epoch: int) -> TrainingState:
+    optimizer = build_optimizer(model, experiment, runtime)
+    scheduler = warmup_cosine(optimizer, experiment.epochs * steps_per_epoch, experiment.warmup_epochs * steps_per_epoch)
+    return TrainingState(model, optimizer, scheduler, runtime.grad_scaler())
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` leaves behind: the trained model (best weights loaded) and where things were written."""
+
+    model: Classifier
+    history: list[dict[str, float]]
+    best_checkpoint: Path
+    last_checkpoint: Path
+    best_epoch: int
+    stopped_early: bool
+    train_seconds: float
+    runtime: Runtime
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _interrupted(experiment: Experiment, saved_epochs: int, last_path: Path) -> TrainingInterrupted:
+    done = "epoch 1" if saved_epochs == 1 else f"epochs 1-{saved_epochs}"
+    saved = (f"{done} of {experiment.epochs} saved in {str(last_path)!r}; to continue, run the same "
+             "command again with --resume (from Python: resume=True)" if saved_epochs
+             else "no epoch was finished, so there is nothing to resume")
+    return TrainingInterrupted(f"Training interrupted: {saved}.", saved_epochs)
+
+
+@dataclass
+class EpochRunner:
+    """One epoch of training and validation, with what every epoch shares (losses, loaders' settings)."""
+
+    experiment: Experiment
+    pipeline: DataPipeline
+    runtime: Runtime
+    seed: int
+
+    def __post_init__(self) -> None:
+        weights = class_weights(self.pipeline.train_labels)
+        self.criterion = nn.CrossEntropyLoss(weight=weights.to(self.runtime.device),
+                                             label_smoothing=self.experiment.label_smoothing)
+        self.val_criterion = nn.CrossEntropyLoss(weight=weights)
+        self.val_loader = make_loader(self.pipeline.val_set, self.experiment.batch_size, False, self.runtime, shard=True)
+
+    def __call__(self, epoch: int, state: TrainingState) -> dict[str, float]:
+        """Train and validate epoch ``epoch`` (0-based); return its history row."""
+        started = time.perf_counter()
+        seed = epoch_seed(self.seed, epoch)
+        seed_everything(distributed.rank_seed(seed))
+        batch_per_rank = distributed.per_rank_batch(self.experiment.batch_size)
+        train_loader = make_loader(self.pipeline.train_set, batch_per_rank, True, self.runtime, seed, shard=True)
+        train = train_one_epoch(self.pipeline.train_module, train_loader, self.criterion, state.optimizer,
+                                state.scheduler, self.runtime, state.scaler, f"epoch {epoch + 1}")
+        if not math.isfinite(train["loss"]):
+            raise TrainingError(f"Training loss became {train['loss']} in epoch {epoch + 1}")
+        val = evaluate(self.pipeline.val_module, self.val_loader, self.val_criterion, self.runtime, "val")
+        return {"epoch": epoch + 1, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
+                "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
+                "lr": state.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started}
+
+
+def run_epochs(
+    experiment: Experiment, pipeline: DataPipeline, state: TrainingState, runtime: Runtime, seed: int,
+    save: Callable[[bool], None], on_epoch_end: Callable[[list[dict[str, float]]], None] | None = None,
+) -> bool:
+    """The epoch loop: train and validate, record, save (``save(is_best)``), stop early on the validation
+    metric. Returns whether it stopped early."""
+    run_epoch = EpochRunner(experiment, pipeline, runtime, seed)
+    with tqdm(range(state.epochs_done, experiment.epochs), desc=experiment.name, initial=state.epochs_done,
+              total=experiment.epochs, disable=not runtime.progress) as epochs:
+        for epoch in epochs:
+            if experiment.patience and state.bad_epochs >= experiment.patience:
+                return True
+            row = run_epoch(epoch, state)
+            save(state.record(row, experiment.monitor))
+            epochs.set_postfix(val_f1=f"{row['val_macro_f1']:.3f}", val_loss=f"{row['val_loss']:.3f}")
+            if on_epoch_end is not None and distributed.is_main():
+                on_epoch_end(state.history)
+    return False
+
+
 def fit(
     experiment: Experiment,
     splits: DataSplits,
     out_dir: Path,
-    device: torch.device | None = None,
+    runtime: Runtime | None = None,
     seed: int = 42,
-    workers: int | None = None,
     resume: bool = False,
-    progress: bool = True,
     on_epoch_end: Callable[[list[dict[str, float]]], None] | None = None,
-    cache_dir: str | os.PathLike | None = None,
 ) -> FitResult:
     """Train ``experiment`` on ``splits``, selecting the best epoch and stopping early on the
     validation metric; write ``checkpoints/{last,best}.pt`` and ``history.csv`` under ``out_dir``.
-    ``cache_dir`` holds the decoded-image cache (default ``cache.default_cache_dir()``); how the data
-    reached the model is in ``FitResult.extra["pipeline"]``.
+    ``runtime`` says how (default: :meth:`Runtime.create` on the best device); what the run used is in
+    ``FitResult.extra["pipeline"]``.
 
     In a torchrun job (:mod:`cxr.distributed`) every rank calls ``fit``: ``experiment.batch_size`` is
     the global batch, each rank trains on its share of every batch, validation predictions are
     gathered, and only rank 0 writes files and shows progress."""
     out_dir = Path(out_dir)
-    checkpoint_dir = out_dir / "checkpoints"
-    last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
+    last_path, best_path = out_dir / "checkpoints" / "last.pt", out_dir / "checkpoints" / "best.pt"
     require_every_class(splits)
-    batch_per_rank = distributed.per_rank_batch(experiment.batch_size)
-    progress = progress and distributed.is_main()
     if resume and not last_path.exists():
         raise CheckpointError(f"--resume was given but {str(last_path)!r} does not exist.")
-    device = distributed.setup(device or select_device())  # under torchrun: this rank's GPU
-    workers = (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0) if workers is None else workers
+    runtime = runtime or Runtime.create()
+    runtime = runtime.replace(device=distributed.setup(runtime.device),  # under torchrun: this rank's GPU
+                              progress=runtime.progress and distributed.is_main())
+    runtime.apply_backend_settings()
     seed_everything(seed)
 
-    model = build_model(experiment.arch, len(CLASSES), experiment.weights, experiment.freeze_backbone, experiment.image_size)
-    model = model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+    model = runtime.prepare_model(build_model(experiment.arch, len(CLASSES), experiment.weights,
+                                              experiment.freeze_backbone, experiment.image_size))
     prep = preprocessing(experiment.arch, experiment.image_size)
-    amp_dtype = autocast_dtype(device)
-    if device.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels once
-    with distributed.main_first():  # one process per node decodes into the image cache, the others read it
-        train_set, train_split, train_info = build_dataset(splits.train, experiment, prep, device, True, cache_dir,
-                                                           progress, "decode train")
-        val_set, val_split, val_info = build_dataset(splits.val, experiment, prep, device, False, cache_dir,
-                                                     progress, "decode val")
-    warn_skipped(train_split.skipped + val_split.skipped)
-    batchnorm_images = 0
-    if needs_batchnorm_statistics(model, experiment.weights):
-        # The same seeded batches on every rank (not this rank's shard), so every rank gets the same statistics.
-        loader = make_loader(train_set, experiment.batch_size, True, device, workers, seed=seed)
-        steps = min(len(loader), math.ceil(BATCHNORM_IMAGES / experiment.batch_size))
-        batchnorm_images = min(len(train_split.labels), steps * experiment.batch_size)
-        batches = tqdm(itertools.islice(loader, steps), "BatchNorm statistics", total=steps, leave=False,
-                       disable=not progress)
-        estimate_batchnorm_statistics(model.backbone, batches, device)
-    train_module = val_module = model
-    feature_cache, feature_seconds = "off", 0.0
-
-    def features_of(dataset: Dataset | DeviceDataset, description: str) -> DeviceDataset:
-        """The backbone's features of a whole split; in a torchrun job each rank computes its shard."""
-        loader = make_loader(dataset, experiment.batch_size, False, device, workers, shard=True)
-        shard = feature_dataset(model.backbone, loader, device, amp_dtype, description, progress)
-        return DeviceDataset(*gather_shards(loader, shard.inputs, shard.labels))
-
-    if model.freeze_backbone and experiment.feature_cache == "auto":
-        started = time.perf_counter()
-        val_set = features_of(val_set, "val features")
-        val_module, feature_cache = model.head, "val"
-        if not experiment.augment:
-            train_set = features_of(train_set, "train features")
-            train_module, feature_cache = model.head, "train+val"
-        feature_seconds = time.perf_counter() - started
-    if experiment.compile:
+    pipeline = build_pipeline(experiment, splits, model, prep, runtime, seed)
+    if runtime.compile:
         model.compile()
-    train_module = distributed.wrap(train_module, device, model.freeze_backbone)
-    val_loader = make_loader(val_set, experiment.batch_size, False, device, workers, shard=True)
-    pipeline = {
-        "cache": experiment.cache,
-        "cache_dir": str(Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) if experiment.cache else None,
-        "cache_side": train_info.get("cache_side"),
-        "images_decoded": train_info.get("decoded", 0) + val_info.get("decoded", 0) if experiment.cache else "every epoch",
-        "cache_seconds": round(train_info.get("cache_seconds", 0.0) + val_info.get("cache_seconds", 0.0), 3),
-        "data_on": train_info["held_on"],
-        "augment_on": (device.type if experiment.cache else "cpu (DataLoader workers)") if experiment.augment else None,
-        "feature_cache": feature_cache,
-        "feature_seconds": round(feature_seconds, 3),
-        "compile": experiment.compile,
-        "channels_last": device.type == "cuda",
-        "mixed_precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
-        "processes": distributed.world_size(),
-        "batchnorm_statistics": f"estimated from {batchnorm_images} training images" if batchnorm_images else "as built",
-    }
-
-    weights = class_weights(train_split.labels)
-    criterion = nn.CrossEntropyLoss(weight=weights.to(device), label_smoothing=experiment.label_smoothing)
-    val_criterion = nn.CrossEntropyLoss(weight=weights)
-    optimizer = build_optimizer(model, experiment, device)
-    steps_per_epoch = len(make_loader(train_set, batch_per_rank, True, device, workers, shard=True))
-    scheduler = warmup_cosine(optimizer, experiment.epochs * steps_per_epoch, experiment.warmup_epochs * steps_per_epoch)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-
-    history: list[dict[str, float]] = []
-    best_value, best_epoch, bad_epochs, start_epoch, train_seconds = None, 0, 0, 0, 0.0
+    pipeline.train_module = distributed.wrap(pipeline.train_module, runtime.device, model.freeze_backbone)
+    steps_per_epoch = len(make_loader(pipeline.train_set, distributed.per_rank_batch(experiment.batch_size), True,
+                                      runtime, shard=True))
+    state = build_training_state(model, experiment, runtime, steps_per_epoch)
     if resume:
-        state = load_checkpoint(last_path, experiment=experiment.name, arch=experiment.arch, classes=CLASSES)
-        check_resumable(state, last_path, experiment, seed, splits)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        history, start_epoch = state["history"], state["epoch"]
-        best_value, best_epoch, bad_epochs = state["best_value"], state["best_epoch"], state["bad_epochs"]
-        train_seconds = state["train_seconds"]
+        saved = load_checkpoint(last_path, experiment=experiment.name, arch=experiment.arch, classes=CLASSES)
+        check_resumable(saved, last_path, experiment, seed, splits)
+        state.restore(saved)
 
-    def checkpoint_state(epoch: int) -> dict[str, Any]:
-        return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "epoch": epoch,
-            "experiment": experiment.to_dict(),
-            "classes": list(CLASSES),
-            "preprocessing": prep,
-            "history": history,
-            "best_value": best_value,
-            "best_epoch": best_epoch,
-            "bad_epochs": bad_epochs,
-            "seed": seed,
-            "data": data_signature(splits),
-            "train_seconds": train_seconds,
-        }
+    writer = CheckpointWriter()
+    saved_epochs = state.epochs_done
+    if distributed.is_main():
+        last_path.parent.mkdir(parents=True, exist_ok=True)
 
-    stopped_early, saved_epochs = False, start_epoch
-    epochs = tqdm(range(start_epoch, experiment.epochs), desc=experiment.name, initial=start_epoch,
-                  total=experiment.epochs, disable=not progress)
+    def save(is_best: bool) -> None:
+        nonlocal saved_epochs
+        if distributed.is_main():  # every rank holds the same weights, history and early-stopping state
+            writer.save(state.checkpoint(experiment, prep, seed, splits), *([best_path] if is_best else []), last_path)
+            _write_history(state.history, out_dir / "history.csv")
+        saved_epochs = state.epochs_done
+
     try:  # Ctrl-C anywhere in the loop (a batch, a save, the callback) ends in the same resumable state
-        for epoch in epochs:
-            if experiment.patience and bad_epochs >= experiment.patience:
-                stopped_early = True
-                break
-            started = time.perf_counter()
-            seed_everything(distributed.rank_seed(epoch_seed(seed, epoch)))
-            train_loader = make_loader(train_set, batch_per_rank, True, device, workers, epoch_seed(seed, epoch),
-                                       shard=True)
-            train = train_one_epoch(train_module, train_loader, criterion, optimizer, scheduler, device, amp_dtype,
-                                    scaler, f"epoch {epoch + 1}", progress)
-            val = evaluate(val_module, val_loader, val_criterion, device, amp_dtype, "val", progress)
-            seconds = time.perf_counter() - started
-            if not math.isfinite(train["loss"]):
-                kept = (f"the last good checkpoint (epoch {saved_epochs}) is {str(last_path)!r}" if saved_epochs
-                        else "no checkpoint was written")
-                raise TrainingError(
-                    f"Training loss became {train['loss']} in epoch {epoch + 1}; {kept}. Try a lower --lr."
-                )
-            train_seconds += seconds
-            row = {
-                "epoch": epoch + 1,
-                "train_loss": train["loss"],
-                "train_accuracy": train["accuracy"],
-                "val_loss": val["loss"],
-                "val_accuracy": val["accuracy"],
-                "val_macro_f1": val["macro_f1"],
-                "lr": optimizer.param_groups[0]["lr"],
-                "seconds": seconds,
-            }
-            history.append(row)
-            if _better(experiment.monitor, row[experiment.monitor], best_value):
-                best_value, best_epoch, bad_epochs = row[experiment.monitor], epoch + 1, 0
-                if distributed.is_main():
-                    save_checkpoint(checkpoint_state(epoch + 1), best_path)
-            else:
-                bad_epochs += 1
-            if distributed.is_main():  # every rank holds the same weights, history and early-stopping state
-                save_checkpoint(checkpoint_state(epoch + 1), last_path)
-            saved_epochs = epoch + 1
-            if distributed.is_main():
-                _write_history(history, out_dir / "history.csv")
-                epochs.set_postfix(val_f1=f"{row['val_macro_f1']:.3f}", val_loss=f"{row['val_loss']:.3f}")
-                if on_epoch_end is not None:
-                    on_epoch_end(history)
+        stopped_early = run_epochs(experiment, pipeline, state, runtime, seed, save, on_epoch_end)
+        writer.wait()
         distributed.barrier()  # rank 0 has written best.pt; every rank reads it
         best = load_checkpoint(best_path, experiment=experiment.name)
     except KeyboardInterrupt:
-        epochs.close()
-        done = "epoch 1" if saved_epochs == 1 else f"epochs 1-{saved_epochs}"
-        saved = (f"{done} of {experiment.epochs} saved in {str(last_path)!r}; to continue, run the same "
-                 "command again with --resume (from Python: resume=True)" if saved_epochs
-                 else "no epoch was finished, so there is nothing to resume")
-        raise TrainingInterrupted(f"Training interrupted: {saved}.", saved_epochs) from None
+        writer.wait()  # the epoch handed to the writer is on disk before we say it is
+        raise _interrupted(experiment, saved_epochs, last_path) from None
+    except TrainingError as error:
+        writer.wait()
+        kept = (f"the last good checkpoint (epoch {saved_epochs}) is {str(last_path)!r}" if saved_epochs
+                else "no checkpoint was written")
+        raise TrainingError(f"{error}; {kept}. Try a lower --lr.") from None
     model.load_state_dict(best["model"])
-    return FitResult(model, history, best_path, last_path, best_epoch, stopped_early, train_seconds, device,
-                     {"pipeline": pipeline})
+    return FitResult(model, state.history, best_path, last_path, state.best_epoch, stopped_early,
+                     state.train_seconds, runtime, {"pipeline": pipeline.info})

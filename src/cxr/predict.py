@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from . import uncertainty
 from .data import IMAGE_EXTENSIONS, build_transforms, check_image, load_image
-from .engine import autocast, autocast_dtype, select_device
+from .runtime import Runtime
 from .models import preprocessing as default_preprocessing
 from .workflow import load_trained_model
 
@@ -76,21 +76,19 @@ def _cam_name(path: Path, taken: set[str]) -> str:
 
 def predict_images(
     model: torch.nn.Module, classes: Sequence[str], preprocessing: dict[str, Any], paths: Sequence[Path],
-    device: torch.device, batch_size: int = 16, tta: bool = False, cam_dir: Path | None = None,
-    progress: bool = True,
+    runtime: Runtime, batch_size: int = 16, tta: bool = False, cam_dir: Path | None = None,
 ) -> Predictions:
     """Class probabilities for every readable image of ``paths``; with ``tta``, averaged over ten views
     (corner and centre crops, each mirrored); with ``cam_dir``, one image + Grad-CAM PNG per image."""
     if cam_dir is not None:
         from . import cam  # imported only when asked for: it needs the grad-cam package
-    model.to(device).eval()
-    amp_dtype = autocast_dtype(device)
+    runtime.prepare_model(model).eval()
     transform = build_transforms(preprocessing["image_size"], False, mean=preprocessing["mean"],
                                  std=preprocessing["std"], resize=preprocessing["resize"])
     views_transform = uncertainty.tta_transform(preprocessing) if tta else None
     rows, failures, cam_files, taken = [], [], [], set()
     batches = [list(paths[i:i + batch_size]) for i in range(0, len(paths), batch_size)]
-    for batch_paths in tqdm(batches, desc="predict", leave=False, disable=not progress):
+    for batch_paths in tqdm(batches, desc="predict", leave=False, disable=not runtime.progress):
         loaded = []
         for path in batch_paths:
             image, reason = read_image(path)
@@ -104,10 +102,10 @@ def predict_images(
         with torch.inference_mode():
             if views_transform is not None:
                 views = torch.stack([views_transform(image) for _, image in loaded])
-                probabilities = uncertainty.average_view_probabilities(model, views, device, amp_dtype)
+                probabilities = uncertainty.average_view_probabilities(model, views, runtime)
             else:
-                with autocast(device, amp_dtype):
-                    probabilities = model(inputs.to(device)).float().softmax(1)
+                with runtime.autocast():
+                    probabilities = model(runtime.to_device(inputs)).float().softmax(1)
         probabilities = probabilities.cpu().numpy()
         predicted = probabilities.argmax(1)
         for (path, _), p, k in zip(loaded, probabilities, predicted):
@@ -139,8 +137,9 @@ def run_predict(
     """Load ``checkpoint``, classify every image found in ``inputs`` and write the CSV when asked."""
     model, classes, prep = load_predictor(checkpoint)
     paths, failures = collect_images(inputs)
-    result = predict_images(model, classes, prep, paths, select_device(device), batch_size, tta,
-                            Path(cam_dir) if cam_dir else None, progress)
+    runtime = Runtime.create(device, progress=progress)
+    result = predict_images(model, classes, prep, paths, runtime, batch_size, tta,
+                            Path(cam_dir) if cam_dir else None)
     result.failures[:0] = failures
     if csv_path is not None:
         Path(csv_path).parent.mkdir(parents=True, exist_ok=True)

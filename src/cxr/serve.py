@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 
 from .data import IMAGE_EXTENSIONS
-from .engine import select_device
 from .predict import load_predictor, predict_images
+from .runtime import Runtime
 
 # The model's input is small (224 px, 32 in tests): show it as large as its box, pixels as squares.
 CSS = "#cam img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}"
@@ -49,20 +49,20 @@ class Predictor:
     model: torch.nn.Module
     classes: list[str]
     preprocessing: dict[str, Any]
-    device: torch.device
+    runtime: Runtime
     name: str
 
     @classmethod
     def load(cls, checkpoint: str | os.PathLike, device: str | None = None) -> "Predictor":
         model, classes, prep = load_predictor(checkpoint)
-        return cls(model, classes, prep, select_device(device), Path(checkpoint).name)
+        return cls(model, classes, prep, Runtime.create(device, progress=False), Path(checkpoint).name)
 
     def classify(self, path: str | os.PathLike) -> tuple[dict[str, float], np.ndarray]:
         """Every class's probability and the image beside its Grad-CAM (uint8 RGB); ValueError with the
         reason when the file cannot be read as an image."""
         with tempfile.TemporaryDirectory(prefix="cxr-serve-") as cam_dir:
-            result = predict_images(self.model, self.classes, self.preprocessing, [Path(path)], self.device,
-                                    cam_dir=Path(cam_dir), progress=False)
+            result = predict_images(self.model, self.classes, self.preprocessing, [Path(path)], self.runtime,
+                                    cam_dir=Path(cam_dir))
             if result.failures:
                 raise ValueError(f"{Path(path).name}: {result.failures[0][1]}")
             with Image.open(result.cam_files[0]) as pair:
@@ -96,7 +96,7 @@ def build_demo(predictor: Predictor) -> Any:
     kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
     with gr.Blocks(title="cxr demo", analytics_enabled=False) as demo:
         gr.Markdown(f"## Chest X-ray classification\nCheckpoint `{predictor.name}`, classes "
-                    f"{', '.join(predictor.classes)}, on {predictor.device}. A research demo, not a diagnosis.")
+                    f"{', '.join(predictor.classes)}, on {predictor.runtime.device}. A research demo, not a diagnosis.")
         with gr.Row():
             with gr.Column():
                 upload = gr.File(label=f"Image ({kinds})", file_types=sorted(IMAGE_EXTENSIONS), elem_id="upload")

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from .engine import autocast
+from .runtime import Runtime
 
 CONFIDENCE_LEVEL = 0.95
 BOOTSTRAP_RESAMPLES = 1000
@@ -210,24 +210,23 @@ def tta_transform(preprocessing: dict[str, Any]) -> Callable[[Any], torch.Tensor
 
 
 @torch.inference_mode()
-def average_view_probabilities(model: nn.Module, views: torch.Tensor, device: torch.device,
-                               amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+def average_view_probabilities(model: nn.Module, views: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     """(B, V, C, H, W) views -> (B, K) class probabilities averaged over the V views."""
     batch, count = views.shape[:2]
-    with autocast(device, amp_dtype):
-        logits = model(views.flatten(0, 1).to(device, non_blocking=True)).float()
+    with runtime.autocast():
+        logits = model(runtime.to_device(views.flatten(0, 1))).float()
     return logits.softmax(1).view(batch, count, -1).mean(1)
 
 
 @torch.inference_mode()
-def predict_tta(model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: torch.dtype | None = None,
-                description: str = "tta", progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def predict_tta(model: nn.Module, loader: DataLoader, runtime: Runtime,
+                description: str = "tta") -> tuple[np.ndarray, np.ndarray]:
     """Like ``engine.predict`` for a loader of (B, V, C, H, W) views: the class probabilities are
     averaged over the views and returned as log-probabilities, so they work wherever logits do."""
     model.eval()
     all_log_probs, all_labels = [], []
-    for views, labels in tqdm(loader, desc=description, leave=False, disable=not progress):
-        probabilities = average_view_probabilities(model, views, device, amp_dtype)
+    for views, labels in tqdm(loader, desc=description, leave=False, disable=not runtime.progress):
+        probabilities = average_view_probabilities(model, views, runtime)
         all_log_probs.append(probabilities.clamp_min(1e-12).log().cpu())
         all_labels.append(torch.as_tensor(labels))
     return torch.cat(all_log_probs).numpy(), torch.cat(all_labels).numpy()

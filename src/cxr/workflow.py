@@ -23,8 +23,9 @@ from .audit import audit_summary, audit_training_splits
 from .checkpoint import load_checkpoint
 from .config import Experiment, experiment_from_dict, get_experiment
 from .data import CLASSES, KAGGLE_HANDLE, DataSplits, XRayDataset, load_splits, locate_dataset, warn_skipped
-from .engine import build_dataset, device_name, fit, make_deterministic, make_loader, predict, select_device, autocast_dtype
+from .engine import build_dataset, fit, make_deterministic, make_loader, predict
 from .models import Classifier, build_model
+from .runtime import Runtime, device_name
 
 ASSET_FILES = {
     "curves": "curves.png",
@@ -48,8 +49,9 @@ def prepare_data(
 
 def git_commit(where: str | os.PathLike | None = None) -> str | None:
     """The commit of the checkout holding ``where`` (default: this package), with ``-dirty`` when tracked
-    files other than the results under ``assets/`` differ from it; None outside a git checkout. Results are
-    left out because re-running an experiment rewrites its committed results before it asks."""
+    files other than the results under ``assets/`` differ from it. Results are left out because re-running
+    an experiment rewrites its committed results before it asks. Outside a git checkout (a copy of the tree
+    on a GPU machine): ``$CXR_COMMIT`` if set, else None."""
     where = Path(where) if where is not None else Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=where, capture_output=True,
@@ -58,7 +60,7 @@ def git_commit(where: str | os.PathLike | None = None) -> str | None:
                                 ":(top,exclude)assets"], cwd=where, capture_output=True, text=True,
                                check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return None
+        return os.environ.get("CXR_COMMIT") or None
     return commit + ("-dirty" if dirty else "")
 
 
@@ -74,18 +76,15 @@ def dataset_info(splits: DataSplits) -> dict[str, Any]:
 
 
 def uncertainty_report(
-    model: Classifier, experiment: Experiment, splits: DataSplits, out_dir: Path, device: torch.device,
-    preprocessing: dict[str, Any], logits: np.ndarray, labels: np.ndarray, tta: bool = False, progress: bool = True,
-    cache_dir: str | os.PathLike | None = None,
+    model: Classifier, experiment: Experiment, splits: DataSplits, out_dir: Path, runtime: Runtime,
+    preprocessing: dict[str, Any], logits: np.ndarray, labels: np.ndarray, tta: bool = False,
 ) -> dict[str, Any]:
     """What goes beside the test metrics: bootstrap 95% intervals, calibration (ECE and a reliability
     diagram), logit adjustment with its strength chosen on the validation split, test-time augmentation
     (with ``tta``) and the Grad-CAM grid."""
-    workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
-    amp_dtype = autocast_dtype(device)
-    val_set, _, _ = build_dataset(splits.val, experiment, preprocessing, device, False, cache_dir, progress, "decode val")
-    val_loader = make_loader(val_set, experiment.batch_size, False, device, workers)
-    val_logits, val_labels = predict(model, val_loader, device, amp_dtype, "val", progress)
+    val_set, _, _ = build_dataset(splits.val, experiment, preprocessing, runtime, False, "decode val")
+    val_loader = make_loader(val_set, experiment.batch_size, False, runtime)
+    val_logits, val_labels = predict(model, val_loader, runtime, "val")
     title = f"{experiment.name}: test split"
     report = {
         "ci95": uncertainty.bootstrap_ci(labels, logits.argmax(1), CLASSES),
@@ -95,8 +94,8 @@ def uncertainty_report(
     }
     if tta:
         views = XRayDataset(splits.test, uncertainty.tta_transform(preprocessing))
-        tta_loader = make_loader(views, max(1, experiment.batch_size // 4), False, device, workers)
-        tta_logits, tta_labels = uncertainty.predict_tta(model, tta_loader, device, amp_dtype, "test TTA", progress)
+        tta_loader = make_loader(views, max(1, experiment.batch_size // 4), False, runtime)
+        tta_logits, tta_labels = uncertainty.predict_tta(model, tta_loader, runtime, "test TTA")
         report["tta"] = {"views": "TenCrop: 4 corner + centre crops, each also mirrored",
                          **uncertainty.summary_with_ci(tta_logits, tta_labels, CLASSES)}
     try:
@@ -110,32 +109,28 @@ def uncertainty_report(
 
 
 def evaluate_model(
-    model: Classifier, experiment: Experiment, splits: DataSplits, out_dir: Path, device: torch.device,
-    preprocessing: dict[str, Any], progress: bool = True, tta: bool = False,
-    cache_dir: str | os.PathLike | None = None,
+    model: Classifier, experiment: Experiment, splits: DataSplits, out_dir: Path, runtime: Runtime,
+    preprocessing: dict[str, Any], tta: bool = False,
 ) -> dict[str, Any]:
     """Evaluate on the test split and write the report (text, JSON), confusion matrix and prediction grid.
-    With ``experiment.cache`` the test images come from the decoded-image cache in ``cache_dir``.
+    With ``runtime.cache`` the test images come from the decoded-image cache.
     In a torchrun job every rank predicts its share of the test split and gets all test predictions;
     rank 0 alone then runs the uncertainty report and writes the files, the others return the test
     metrics (equal to rank 0's)."""
     out_dir = Path(out_dir)
-    progress = progress and distributed.is_main()
+    runtime = runtime.replace(progress=runtime.progress and distributed.is_main())
     with distributed.main_first():  # one process per node decodes into the image cache, the others read it
-        test_set, test_split, _ = build_dataset(splits.test, experiment, preprocessing, device, False, cache_dir,
-                                                progress, "decode test")
+        test_set, test_split, _ = build_dataset(splits.test, experiment, preprocessing, runtime, False, "decode test")
     warn_skipped(test_split.skipped)
     splits = dataclasses.replace(splits, test=test_split)  # without any image the cache could not decode
-    loader = make_loader(test_set, experiment.batch_size, False, device,
-                         workers=min(8, os.cpu_count() or 1) if device.type == "cuda" else 0, shard=True)
-    model.to(device)
-    logits, labels = predict(model, loader, device, autocast_dtype(device), "test", progress)
+    loader = make_loader(test_set, experiment.batch_size, False, runtime, shard=True)
+    runtime.prepare_model(model)
+    logits, labels = predict(model, loader, runtime, "test")
     metrics = reporting.classification_metrics(logits, labels, CLASSES)
     if not distributed.is_main():
         return metrics
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics.update(uncertainty_report(model, experiment, splits, out_dir, device, preprocessing, logits, labels, tta,
-                                      progress, cache_dir))
+    metrics.update(uncertainty_report(model, experiment, splits, out_dir, runtime, preprocessing, logits, labels, tta))
     reporting.write_json(metrics, out_dir / ASSET_FILES["report_json"])
     (out_dir / ASSET_FILES["report_text"]).write_text(reporting.report_text(metrics, CLASSES))
     title = f"{experiment.name}: test split"
@@ -164,11 +159,14 @@ def train_experiment(
     splits: DataSplits | None = None,
     deterministic: bool = False,
     cache_dir: str | os.PathLike | None = None,
+    runtime: Runtime | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Train the named experiment, evaluate its best checkpoint on the test split and write every
     asset into ``out/<name>/``. ``overrides`` replace configuration values (epochs, batch_size, ...);
-    ``deterministic`` allows only deterministic kernels. The data is audited first: duplicates and
+    ``deterministic`` allows only deterministic kernels. ``runtime`` decides how the run executes; without
+    it one is made for ``device`` from ``workers``, ``cache_dir``, ``progress`` and the experiment's
+    ``cache`` and ``compile`` (:meth:`Runtime.create`). The data is audited first: duplicates and
     train/test leakage are warned about and summarised in metrics.json. Returns the contents of ``metrics.json``.
 
     Under ``torchrun`` every process calls this (see :mod:`cxr.distributed`); rank 0 audits the data and
@@ -177,22 +175,22 @@ def train_experiment(
     experiment = get_experiment(name, **overrides)
     if deterministic:
         make_deterministic()
-    run_device = distributed.setup(select_device(device))
+    runtime = runtime or Runtime.create(device, workers=workers, compile=experiment.compile, cache=experiment.cache,
+                                        cache_dir=cache_dir, progress=progress)
+    runtime = runtime.replace(device=distributed.setup(runtime.device))
     main_rank = distributed.is_main()
     splits = splits or prepare_data(data_dir, val_source=val_source, seed=seed)
     out_dir = Path(out) / experiment.name
     if main_rank:  # the audit reads every file: one process is enough
-        data_audit = audit_training_splits(splits, progress)
+        data_audit = audit_training_splits(splits, runtime.progress)
         for message in data_audit["warnings"]:
             warnings.warn(message, stacklevel=2)
         out_dir.mkdir(parents=True, exist_ok=True)
-    result = fit(experiment, splits, out_dir, run_device, seed=seed, workers=workers, resume=resume,
-                 progress=progress, on_epoch_end=on_epoch_end, cache_dir=cache_dir)
+    result = fit(experiment, splits, out_dir, runtime, seed=seed, resume=resume, on_epoch_end=on_epoch_end)
     if main_rank:
         plt.close(reporting.plot_history(result.history, out_dir / ASSET_FILES["curves"], experiment.name))
     state = load_checkpoint(result.best_checkpoint, experiment=experiment.name)
-    test = evaluate_model(result.model, experiment, splits, out_dir, result.device, state["preprocessing"], progress,
-                          cache_dir=cache_dir)
+    test = evaluate_model(result.model, experiment, splits, out_dir, result.runtime, state["preprocessing"])
     if not main_rank:
         return {"experiment": experiment.name, "test": test}
     metrics = {
@@ -206,8 +204,8 @@ def train_experiment(
         "deterministic": deterministic,
         "dataset": dataset_info(splits),
         "audit": audit_summary(data_audit),
-        "device": device_name(result.device),
-        "mixed_precision": str(autocast_dtype(result.device)).replace("torch.", "") if autocast_dtype(result.device) else "fp32",
+        "device": device_name(result.runtime.device),
+        "mixed_precision": result.runtime.precision(),
         "pipeline": result.extra.get("pipeline"),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -235,15 +233,16 @@ def load_trained_model(checkpoint: str | os.PathLike, experiment: str | None = N
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike, experiment: str | None = None, data_dir: str | os.PathLike | None = None,
     out: str | os.PathLike = "assets", device: str | None = None, progress: bool = True, tta: bool = False,
-    cache: bool | None = None, cache_dir: str | os.PathLike | None = None,
+    cache: bool | None = None, cache_dir: str | os.PathLike | None = None, runtime: Runtime | None = None,
 ) -> dict[str, Any]:
     """Evaluate a saved checkpoint on the test split and write the report files into ``out/<name>/``
     (with ``tta``, also the test-time augmentation results). ``cache`` overrides the checkpoint's
-    decoded-image cache setting."""
+    decoded-image cache setting; ``runtime``, when given, replaces ``device``, ``progress``, ``cache``
+    and ``cache_dir``."""
     model, state = load_trained_model(checkpoint, experiment)
     config = experiment_from_dict(state["experiment"])
-    if cache is not None:
-        config = dataclasses.replace(config, cache=cache)
+    runtime = runtime or Runtime.create(device, cache=config.cache if cache is None else cache, cache_dir=cache_dir,
+                                        progress=progress)
+    runtime = runtime.replace(device=distributed.setup(runtime.device))
     splits = prepare_data(data_dir, seed=state.get("seed", 42))
-    return evaluate_model(model, config, splits, Path(out) / config.name, distributed.setup(select_device(device)),
-                          state["preprocessing"], progress, tta, cache_dir=cache_dir)
+    return evaluate_model(model, config, splits, Path(out) / config.name, runtime, state["preprocessing"], tta)

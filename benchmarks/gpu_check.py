@@ -1,0 +1,207 @@
+"""One script for whoever has a GPU for a few minutes: the three experiments at their full budgets, then
+``cxr evaluate --tta`` and ``cxr predict --csv --cam`` with each, every result in the ``assets/`` layout.
+
+On a GPU machine with torch, torchvision, numpy, pandas, matplotlib, seaborn, scikit-learn and tqdm (no
+install of this project needed; grad-cam is optional, its figures are skipped without it)::
+
+    PYTHONPATH=src python3 benchmarks/gpu_check.py --data-dir DATA_DIR --out gpu-check [--weights none]
+
+Each step runs as its own ``python -m cxr`` process, so one failure (out of memory, say) leaves the other
+steps' results; ``OUT/summary.json`` (device, torch, commit, each step's command, exit status and seconds)
+is rewritten before and after every step, so a run killed midway still says which step it was in. The
+exit status is non-zero when any step failed. ``--smoke`` runs the same steps on the CPU with tiny
+settings on a synthetic dataset (that is what CI runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ("resnet152_head", "resnet50_full", "vit_b16_head")
+SMOKE_FLAGS = ["--epochs", "1", "--batch-size", "8", "--image-size", "32", "--device", "cpu"]
+PREDICT_IMAGES_PER_CLASS = 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", type=Path, help="Kaggle-layout dataset folder (required unless --smoke)")
+    parser.add_argument("--out", type=Path, default=Path("gpu-check"), help="results folder (default: gpu-check)")
+    parser.add_argument("--weights", default="imagenet", help="imagenet (default), none, or a .pth file")
+    parser.add_argument("--device", default="cuda", help="default: cuda (cpu with --smoke)")
+    parser.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, default=list(EXPERIMENTS))
+    parser.add_argument("--smoke", action="store_true",
+                        help="the same steps on the CPU, tiny settings, on a synthetic dataset written to --out")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.device, args.weights = "cpu", "none"
+    elif args.data_dir is None:
+        parser.error("--data-dir is required (or --smoke for the synthetic CPU run)")
+    return args
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Where the check ran: device, library versions, commit (``CXR_COMMIT`` where there is no git)."""
+    import torch
+
+    from cxr.runtime import device_name
+    from cxr.workflow import git_commit
+
+    return {
+        "device": device_name(torch.device(device)) if device != "cuda" or torch.cuda.is_available() else "no CUDA GPU",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "commit": git_commit(REPOSITORY),
+        "grad_cam": importlib.util.find_spec("pytorch_grad_cam") is not None,
+    }
+
+
+def predict_inputs(data_dir: Path, per_class: int = PREDICT_IMAGES_PER_CLASS) -> list[Path]:
+    """The first ``per_class`` test images of every class."""
+    from cxr.data import find_split_root, scan_split
+
+    root = find_split_root(data_dir)
+    if root is None:
+        return []
+    test = scan_split(root, "test", check=False)
+    chosen: dict[int, list[Path]] = {}
+    for path, label in zip(test.paths, test.labels):
+        chosen.setdefault(label, [])
+        if len(chosen[label]) < per_class:
+            chosen[label].append(path)
+    return [path for label in sorted(chosen) for path in chosen[label]]
+
+
+def plan(args: argparse.Namespace, data_dir: Path, out: Path, grad_cam: bool) -> list[dict[str, Any]]:
+    """Every step: a name, the ``cxr`` arguments, and the step it needs (its checkpoint)."""
+    assets, cache = out / "assets", out / "cache"
+    common = ["--data-dir", str(data_dir), "--device", args.device, "--quiet", "--cache-dir", str(cache)]
+    train_flags = ["--weights", args.weights, *(SMOKE_FLAGS if args.smoke else [])]
+    images = [str(path) for path in predict_inputs(data_dir)]
+    steps = []
+    for name in args.experiments:
+        checkpoint = str(assets / name / "checkpoints" / "best.pt")
+        steps.append({"name": f"train {name}", "args": ["train", name, "--out", str(assets), *common, *train_flags]})
+        steps.append({"name": f"evaluate --tta {name}", "needs": f"train {name}",
+                      "args": ["evaluate", name, "--checkpoint", checkpoint, "--tta", "--out", str(out / "evaluate"),
+                               *common]})
+        cam = ["--cam", str(out / "predict" / f"{name}-cam")] if grad_cam else []
+        steps.append({"name": f"predict {name}", "needs": f"train {name}",
+                      "note": None if grad_cam else "Grad-CAM skipped: the grad-cam package is not installed",
+                      "args": ["predict", *images, "--checkpoint", checkpoint, "--csv",
+                               str(out / "predict" / f"{name}.csv"), "--device", args.device, "--quiet", *cam]})
+    return steps
+
+
+class Summary:
+    """``summary.json``, rewritten after every change so that a killed run leaves an accurate one."""
+
+    def __init__(self, path: Path, header: dict[str, Any]) -> None:
+        self.path, self.data = path, {**header, "steps": []}
+
+    def write(self) -> None:
+        temporary = self.path.with_name(f".{self.path.name}.tmp")
+        temporary.write_text(json.dumps(self.data, indent=2))
+        os.replace(temporary, self.path)
+
+    def add(self, step: dict[str, Any]) -> dict[str, Any]:
+        self.data["steps"].append(step)
+        self.write()
+        return step
+
+
+def last_error(log: Path) -> str | None:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:") or "Error" in line]
+    return (errors or lines or [None])[-1]
+
+
+def run_step(step: dict[str, Any], summary: Summary, logs: Path, failed: set[str]) -> None:
+    """Run one ``cxr`` step in its own process, recording its exit status, seconds and last error line."""
+    record = summary.add({"name": step["name"], "command": "python -m cxr " + " ".join(step["args"]),
+                          "status": "running", "exit_status": None, "seconds": None})
+    if step.get("note"):
+        record["note"] = step["note"]
+    if step.get("needs") in failed:
+        record.update(status="skipped", note=f"{step['needs']} failed")
+        failed.add(step["name"])
+        summary.write()
+        return
+    log = logs / (step["name"].replace(" ", "_").replace("--", "") + ".log")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPOSITORY / "src"), os.environ.get("PYTHONPATH", "")])}
+    started = time.perf_counter()
+    with open(log, "w") as handle:
+        code = subprocess.run([sys.executable, "-m", "cxr", *step["args"]], stdout=handle, stderr=subprocess.STDOUT,
+                              env=env, cwd=REPOSITORY).returncode
+    record.update(exit_status=code, seconds=round(time.perf_counter() - started, 1),
+                  status="ok" if code == 0 else "failed", log=str(log))
+    if code != 0:
+        failed.add(step["name"])
+        record["error"] = last_error(log)
+        print(f"  {step['name']} failed (exit {code}): {record['error']}", file=sys.stderr, flush=True)
+    summary.write()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, str(REPOSITORY / "src"))
+    out = args.out.resolve()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    info = environment(args.device)
+    data_dir = args.data_dir
+    if args.smoke:
+        from cxr.synthetic import write_synthetic_dataset
+
+        data_dir = write_synthetic_dataset(Path(tempfile.mkdtemp(prefix="gpu-check-smoke-")) / "chest_xray",
+                                           bad_files=False)
+    summary = Summary(out / "summary.json", {
+        "command": "PYTHONPATH=src python3 benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        **info, "data_dir": str(data_dir), "weights": args.weights, "smoke": args.smoke,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "status": "running", "seconds": None,
+    })
+    if info["device"] == "no CUDA GPU":
+        summary.data.update(status="failed", error="--device cuda was requested but no CUDA GPU is available")
+        summary.write()
+        print("error: --device cuda was requested but no CUDA GPU is available; run it on a GPU machine, "
+              "or use --smoke for the CPU run.", file=sys.stderr)
+        return 1
+    started, failed = time.perf_counter(), set()
+
+    def stop(signum, frame):  # a kill: say where it stopped, keep what is done
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        for step in plan(args, Path(data_dir), out, info["grad_cam"]):
+            print(f"[{time.strftime('%H:%M:%S')}] {step['name']}", flush=True)
+            run_step(step, summary, out / "logs", failed)
+        summary.data["status"] = "failed" if failed else "ok"
+    except KeyboardInterrupt:
+        running = [s["name"] for s in summary.data["steps"] if s["status"] == "running"]
+        for step in summary.data["steps"]:
+            if step["status"] == "running":
+                step["status"] = "interrupted"
+        summary.data.update(status="interrupted", error=f"interrupted during {', '.join(running) or 'setup'}")
+        print(f"\ninterrupted during {', '.join(running) or 'setup'}; finished steps are kept in {out}",
+              file=sys.stderr)
+    summary.data["seconds"] = round(time.perf_counter() - started, 1)
+    summary.write()
+    done = sum(s["status"] == "ok" for s in summary.data["steps"])
+    print(f"{done} of {len(summary.data['steps'])} steps ok in {summary.data['seconds']} s; summary: {out / 'summary.json'}")
+    return 0 if summary.data["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

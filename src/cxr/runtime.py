@@ -1,0 +1,159 @@
+"""How a run executes, decided once: device, precision, memory format, where the data lives, workers.
+
+Every choice that differs between a CUDA GPU and the CPU is made here, in :meth:`Runtime.create`, and
+nowhere else; the rest of the package asks the :class:`Runtime` it is given. Tests build a Runtime on the
+CPU with the choices a CUDA run makes (:meth:`Runtime.cuda_like`: bf16 autocast, channels_last, fused
+AdamW, augmentation on the device, ...) so that every code path a GPU takes also runs in CI, where there
+is no GPU. What a run used is written to ``metrics.json`` under ``pipeline`` (:meth:`Runtime.describe`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ContextManager
+
+import torch
+
+from .cache import default_cache_dir
+
+
+def select_device(name: str | None = None) -> torch.device:
+    """The requested device, or the best available one: cuda, then mps, then cpu."""
+    if name and name != "auto":
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda was requested but no CUDA GPU is available; use --device cpu "
+                             "(or leave --device out to use the best device present).")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({os.cpu_count()} cores)" if device.type == "cpu" else device.type
+
+
+def _cuda_amp_dtype() -> torch.dtype:
+    """bf16 where the GPU has it (no loss scaling needed), else fp16 (with a GradScaler)."""
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how tensors are computed and moved; passed down instead of a device and its options.
+
+    ``amp_dtype`` None means fp32. ``hold_on_device``: a cached split (uint8 images, or a frozen
+    backbone's features) is kept on ``device`` as one tensor and sliced per batch; otherwise it stays in
+    host memory (pinned when ``pin_memory``). ``cache`` decodes each image once into ``cache_dir`` (the
+    augmentation then runs on the device); without it PIL decodes and transforms every image in
+    ``workers`` DataLoader processes."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    fused_optimizer: bool = False
+    cudnn_benchmark: bool = False
+    pin_memory: bool = False
+    non_blocking: bool = False
+    hold_on_device: bool = False
+    workers: int = 0
+    compile: bool = False
+    cache: bool = True
+    cache_dir: Path | None = None
+    progress: bool = True
+
+    @classmethod
+    def create(cls, device: torch.device | str | None = None, *, workers: int | None = None, compile: bool = False,
+               cache: bool = True, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Runtime:
+        """The choices for ``device`` (default: the best available): on CUDA mixed precision,
+        channels_last, fused AdamW, cuDNN autotuning, pinned non-blocking copies, data held on the GPU and
+        up to 8 DataLoader workers; elsewhere fp32 in the main process."""
+        device = device if isinstance(device, torch.device) else select_device(device)
+        cuda = device.type == "cuda"
+        return cls(
+            device=device, amp_dtype=_cuda_amp_dtype() if cuda else None, channels_last=cuda, fused_optimizer=cuda,
+            cudnn_benchmark=cuda, pin_memory=cuda, non_blocking=cuda, hold_on_device=device.type != "cpu",
+            workers=(min(8, os.cpu_count() or 1) if cuda else 0) if workers is None else workers,
+            compile=compile, cache=cache, cache_dir=Path(cache_dir).expanduser() if cache_dir else None,
+            progress=progress,
+        )
+
+    @classmethod
+    def cuda_like(cls, device: torch.device | str = "cpu", amp_dtype: torch.dtype = torch.bfloat16,
+                  **changes: Any) -> Runtime:
+        """What :meth:`create` picks on a CUDA GPU, on another device (for tests): everything except
+        pinned memory and cuDNN, which need the GPU itself."""
+        device = torch.device(device)
+        choices = dict(device=device, amp_dtype=amp_dtype, channels_last=True, fused_optimizer=True,
+                       cudnn_benchmark=False, pin_memory=False, non_blocking=True, hold_on_device=True, workers=0)
+        return cls(**{**choices, **changes})
+
+    def replace(self, **changes: Any) -> Runtime:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return self.cache_dir or default_cache_dir()
+
+    def apply_backend_settings(self) -> None:
+        """Process-wide switches: cuDNN picks the fastest kernels for the fixed input shapes (left off
+        when deterministic algorithms were asked for)."""
+        if self.cudnn_benchmark and not torch.are_deterministic_algorithms_enabled():
+            torch.backends.cudnn.benchmark = True
+
+    def autocast(self) -> ContextManager:
+        """Mixed precision around a forward pass, or nothing for fp32."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """fp16 needs loss scaling against gradient underflow; bf16 and fp32 do not."""
+        return torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
+
+    def memory_format(self, tensor: torch.Tensor) -> torch.memory_format:
+        """channels_last for image batches (rank 4) only: features and logits have no channels to reorder."""
+        return torch.channels_last if self.channels_last and tensor.dim() == 4 else torch.contiguous_format
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.device, non_blocking=self.non_blocking, memory_format=self.memory_format(tensor))
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model on the device, its convolutions in channels_last when the inputs are."""
+        return model.to(self.device, memory_format=torch.channels_last if self.channels_last
+                        else torch.preserve_format)
+
+    def hold(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A whole split's tensor where batches are sliced from: on the device when it takes under a
+        quarter of the free memory there, else in (pinned) host memory, copied per batch."""
+        if self.hold_on_device and self.device.type != "cpu":
+            if self.device.type != "cuda" or tensor.nbytes < torch.cuda.mem_get_info(self.device)[0] / 4:
+                return tensor.to(self.device)
+        return tensor.pin_memory() if self.pin_memory else tensor
+
+    def precision(self) -> str:
+        return str(self.amp_dtype).replace("torch.", "") if self.amp_dtype is not None else "fp32"
+
+    def describe(self) -> dict[str, Any]:
+        """The choices, as plain data for ``metrics.json``."""
+        return {
+            "device": device_name(self.device),
+            "mixed_precision": self.precision(),
+            "channels_last": self.channels_last,
+            "fused_optimizer": self.fused_optimizer,
+            "cudnn_benchmark": self.cudnn_benchmark,
+            "pin_memory": self.pin_memory,
+            "workers": self.workers,
+            "compile": self.compile,
+            "cache": self.cache,
+            "cache_dir": str(self.resolved_cache_dir) if self.cache else None,
+        }

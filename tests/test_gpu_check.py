@@ -1,0 +1,80 @@
+"""benchmarks/gpu_check.py: its --smoke run (the same steps as on a GPU, tiny, on the CPU) and its failures."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+SCRIPT = REPOSITORY / "benchmarks" / "gpu_check.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "PYTHONPATH": str(REPOSITORY / "src"), **(env or {})}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=environment,
+                          cwd=REPOSITORY, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path_factory.mktemp("gpu-check")
+    return _run("--smoke", "--out", str(out)), out
+
+
+def test_smoke_runs_every_step(smoke):
+    result, out = smoke
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "ok" and summary["smoke"] is True and summary["torch"]
+    names = [step["name"] for step in summary["steps"]]
+    for experiment in ("resnet152_head", "resnet50_full", "vit_b16_head"):
+        assert [f"train {experiment}", f"evaluate --tta {experiment}", f"predict {experiment}"] == [
+            n for n in names if n.endswith(experiment)]
+    assert all(step["exit_status"] == 0 and step["seconds"] > 0 for step in summary["steps"])
+
+
+def test_smoke_writes_the_assets_layout(smoke):
+    _, out = smoke
+    for experiment in ("resnet152_head", "resnet50_full", "vit_b16_head"):
+        metrics = json.loads((out / "assets" / experiment / "metrics.json").read_text())
+        assert metrics["epochs_run"] == 1 and metrics["pipeline"]["device"].startswith("cpu")
+        assert (out / "assets" / experiment / "curves.png").stat().st_size > 0
+        evaluated = json.loads((out / "evaluate" / experiment / "classification_report.json").read_text())
+        assert "tta" in evaluated
+        table = (out / "predict" / f"{experiment}.csv").read_text().splitlines()
+        assert table[0].startswith("file,prediction,probability") and len(table) == 1 + 4  # one image a class
+
+
+def test_a_failed_step_is_reported_and_the_others_kept(tmp_path, monkeypatch):
+    """A step that fails (here: a training run refused for a bad flag value) is marked failed, the steps
+    that need its checkpoint are skipped, the others still run, and the exit status is non-zero."""
+    gpu_check = _load()
+    monkeypatch.setattr(gpu_check, "SMOKE_FLAGS", [*gpu_check.SMOKE_FLAGS, "--patience", "-1"])
+    monkeypatch.setattr(sys, "path", [str(REPOSITORY / "src"), *sys.path])
+    code = gpu_check.main(["--smoke", "--out", str(tmp_path), "--experiments", "resnet50_full"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert code == 1 and summary["status"] == "failed"
+    statuses = {step["name"]: step["status"] for step in summary["steps"]}
+    assert statuses == {"train resnet50_full": "failed", "evaluate --tta resnet50_full": "skipped",
+                        "predict resnet50_full": "skipped"}
+    assert "patience" in summary["steps"][0]["error"]
+
+
+def test_missing_gpu_is_a_clear_error(tmp_path):
+    result = _run("--data-dir", str(tmp_path), "--out", str(tmp_path / "out"), env={"CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: --device cuda was requested but no CUDA GPU is available")
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["status"] == "failed"
