@@ -1,4 +1,4 @@
-"""Command-line interface: ``cxr list``, ``train``, ``evaluate``, ``predict``, ``compare`` and the rest (``cxr -h``)."""
+"""Command-line interface: ``cxr list``, ``train``, ``evaluate``, ``predict``, ``serve``, ``compare`` and the rest (``cxr -h``)."""
 
 from __future__ import annotations
 
@@ -101,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=positive_int, default=16)
     predict.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    serve = commands.add_parser("serve", help="a local demo page: upload an image, see its prediction and Grad-CAM")
+    serve.add_argument("--checkpoint", required=True, help="a checkpoint written by cxr train (best.pt)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every network)")
+    serve.add_argument("--port", type=positive_int, help="port (default: 7860, or the next free one up to 7959)")
+    serve.add_argument("--device", help="cuda, mps, cpu or cuda:N (default: best available)")
+
     audit = commands.add_parser("audit", help="check the dataset: counts, skipped files, sizes, duplicates, leakage")
     audit.add_argument("--data-dir", help="dataset folder (default: $CXR_DATA_DIR, else download with kagglehub)")
     audit.add_argument("--out", default="assets", help="the JSON report goes to OUT/audit.json (default: assets)")
@@ -157,6 +164,17 @@ def _predict(args: argparse.Namespace) -> int:
     if args.cam:
         notes.append(f"Grad-CAM overlays in {Path(args.cam)}/")
     print("; ".join(notes))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .serve import ServeError, serve
+
+    try:
+        serve(args.checkpoint, args.host, args.port, args.device)
+    except ServeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -238,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         elif args.command == "predict":
             return _predict(args)
+        elif args.command == "serve":
+            return _serve(args)
         elif args.command == "compare":
             return _compare(args)
         elif args.command == "audit":

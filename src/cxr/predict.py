@@ -120,18 +120,25 @@ def predict_images(
     return Predictions(pd.DataFrame(rows, columns=columns), failures, cam_files)
 
 
+def load_predictor(checkpoint: str | os.PathLike) -> tuple[torch.nn.Module, list[str], dict[str, Any]]:
+    """The trained model, its class names and its preprocessing: what ``predict_images`` needs, loaded once
+    (``cxr predict`` and the demo page share it, so both prepare an image the same way)."""
+    model, state = load_trained_model(checkpoint)
+    config = state["experiment"]
+    prep = state.get("preprocessing") or default_preprocessing(config["arch"], config["image_size"])
+    return model, list(state["classes"]), prep
+
+
 def run_predict(
     checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLike], csv_path: str | os.PathLike | None = None,
     cam_dir: str | os.PathLike | None = None, device: str | None = None, tta: bool = False, batch_size: int = 16,
     progress: bool = True,
 ) -> Predictions:
     """Load ``checkpoint``, classify every image found in ``inputs`` and write the CSV when asked."""
-    model, state = load_trained_model(checkpoint)
-    config = state["experiment"]
-    prep = state.get("preprocessing") or default_preprocessing(config["arch"], config["image_size"])
+    model, classes, prep = load_predictor(checkpoint)
     paths, failures = collect_images(inputs)
     runtime = Runtime.create(device, progress=progress)
-    result = predict_images(model, list(state["classes"]), prep, paths, runtime, batch_size, tta,
+    result = predict_images(model, classes, prep, paths, runtime, batch_size, tta,
                             Path(cam_dir) if cam_dir else None)
     result.failures[:0] = failures
     if csv_path is not None:
