@@ -22,7 +22,7 @@ VIEW = 32
 ZOOM, SHIFT = 1.06, 0.03
 VIEWS = ((1.0, 0.0, 0.0), (ZOOM, 0.0, 0.0), (ZOOM, SHIFT, 0.0), (ZOOM, -SHIFT, 0.0), (ZOOM, 0.0, SHIFT),
          (ZOOM, 0.0, -SHIFT), (1.0, SHIFT, 0.0), (1.0, -SHIFT, 0.0), (1.0, 0.0, SHIFT), (1.0, 0.0, -SHIFT))
-MAX_HASH_BITS = 8
+MAX_HASH_BITS = 10
 MIN_CORRELATION = 0.965
 BLOCK = 512
 
@@ -81,15 +81,16 @@ def candidate_pairs(hashes: np.ndarray, max_bits: int = MAX_HASH_BITS) -> tuple[
     return tuple(np.concatenate(found) if found else np.zeros(0, int) for found in (found_i, found_j, found_bits))
 
 
-def correlations(views: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """For each pair, the best Pearson correlation between a view of one image and the other's whole square."""
-    best = np.empty(len(i), dtype=np.float32)
-    for start in range(0, len(i), chunk):
-        a, b = views[i[start:start + chunk]], views[j[start:start + chunk]]
-        forward = np.einsum("pvd,pd->pv", a, b[:, 0])
-        backward = np.einsum("pvd,pd->pv", b, a[:, 0])
-        best[start:start + chunk] = np.maximum(forward.max(axis=1), backward.max(axis=1))
-    return best
+def correlations(views: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """For each pair, the best Pearson correlation between a view of one image and the other's whole square.
+    Grouped by the image whose views are used, so each partner contributes only its whole square."""
+    source, partner = np.concatenate([i, j]), np.concatenate([j, i])
+    order = np.argsort(source, kind="stable")
+    scores = np.empty(len(source), dtype=np.float32)
+    bounds = np.flatnonzero(np.diff(source[order])) + 1
+    for group in np.split(order, bounds) if len(order) else []:
+        scores[group] = (views[source[group[0]]] @ views[partner[group], 0].T).max(axis=0)
+    return np.maximum(scores[: len(i)], scores[len(i):])
 
 
 def near_duplicate_pairs(
