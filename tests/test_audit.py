@@ -1,4 +1,5 @@
-"""The data audit: counts, skipped files and why, image sizes, duplicates by content, train/test leakage."""
+"""The data audit: counts, skipped files and why, image sizes, duplicates by content and near duplicates by
+pixels, train/val/test leakage."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageEnhance
 
-from cxr.audit import audit_dataset, file_sha256
+from cxr.audit import audit_dataset, audit_summary, audit_training_splits, file_sha256
 from cxr.cli import main
 from cxr.data import CLASSES, SPLITS, check_image, load_splits, scan_split
 from cxr.synthetic import DEFAULT_COUNTS, write_synthetic_dataset
@@ -32,15 +34,66 @@ def test_counts_skipped_files_and_sizes_of_the_synthetic_dataset(synthetic_root)
         "empty file", "not an image file", "truncated JPEG")
     duplicates = report["duplicates"]
     assert duplicates["groups"] == [] and sum(duplicates["within_split"].values()) == 0
+    assert report["near_duplicates"]["groups"] == []  # distinct pictures (each its own random structure) are not near copies
     assert report["leakage"] == {"train/test": 0, "val/test": 0} and report["warnings"] == []
 
 
 def leaky_dataset(root: Path) -> Path:
-    """A test image copied into train under another class, and a train image stored twice."""
+    """A test image copied into train under another class, a train image stored twice, and a test image
+    re-encoded as JPEG into train (a near duplicate, not byte-identical)."""
     write_synthetic_dataset(root, SMALL_COUNTS, size=32, bad_files=False)
     shutil.copy(root / "test" / "NORMAL" / "test_000.png", root / "train" / "PNEUMONIA" / "from_test.png")
     shutil.copy(root / "train" / "COVID19" / "train_000.png", root / "train" / "COVID19" / "again.png")
+    Image.open(root / "test" / "COVID19" / "test_000.png").save(root / "train" / "COVID19" / "reencoded.jpg", quality=70)
     return root
+
+
+def plant(source: Path, target: Path, kind: str) -> None:
+    """Save a copy of ``source`` changed the way public collections change the images they merge."""
+    image = Image.open(source).convert("L")
+    width, height = image.size
+    if kind == "jpeg":
+        image.save(target, quality=70)
+    elif kind == "16-bit":
+        Image.fromarray(np.asarray(image).astype(np.uint16) * 257).save(target)
+    elif kind == "half-size":
+        image.resize((width // 2, height // 2), Image.Resampling.BILINEAR).save(target)
+    elif kind == "cropped":  # 5% off the left edge
+        image.crop((round(width * 0.05), 0, width, height)).save(target)
+    elif kind == "brightened":
+        ImageEnhance.Brightness(image).enhance(1.3).save(target)
+    elif kind == "contrast":
+        ImageEnhance.Contrast(image).enhance(1.4).save(target)
+
+
+PLANTED = [  # (source, copy, kind): within a split, into val, into test, and with another label
+    ("train/COVID19/train_000.png", "train/COVID19/cropped.png", "cropped"),
+    ("train/NORMAL/train_000.png", "train/NORMAL/brightened.png", "brightened"),
+    ("train/PNEUMONIA/train_000.png", "train/PNEUMONIA/contrast.png", "contrast"),
+    ("train/TURBERCULOSIS/train_000.png", "val/TURBERCULOSIS/half.png", "half-size"),
+    ("test/NORMAL/test_000.png", "train/PNEUMONIA/from_test.jpg", "jpeg"),
+    ("test/COVID19/test_000.png", "train/COVID19/from_test_16bit.png", "16-bit"),
+]
+
+
+def test_planted_near_copies_are_found_where_they_leak_and_nothing_else(tmp_path, capsys):
+    root = write_synthetic_dataset(tmp_path / "data", SMALL_COUNTS, size=96, bad_files=False)
+    for source, copy, kind in PLANTED:
+        plant(root / source, root / copy, kind)
+    assert main(["audit", "--data-dir", str(root), "--out", str(tmp_path / "assets"), "--quiet"]) == 0
+    shown = capsys.readouterr().out
+    report = json.loads((tmp_path / "assets" / "audit.json").read_text())
+    near = report["near_duplicates"]
+    found = {tuple(sorted(pair["files"])) for group in near["groups"] for pair in group["pairs"]}
+    assert found == {tuple(sorted((source, copy))) for source, copy, _ in PLANTED}
+    assert near["within_split"] == {"train": 3, "val": 0, "test": 0}
+    assert near["across_splits"] == {"train/val": 1, "train/test": 2, "val/test": 0}
+    assert near["leakage"] == {"into_val": 1, "into_test": 2}
+    assert near["conflicting_labels"] == 1  # the NORMAL test image copied into train as PNEUMONIA
+    assert report["duplicates"]["groups"] == [] and report["leakage"] == {"train/test": 0, "val/test": 0}
+    assert "Near-duplicate leakage: into val 1 image(s), into test 2 image(s)" in shown
+    assert "LEAKAGE: 2 test image(s) are near-duplicates" in shown and "LEAKAGE into val: 1 val image(s)" in shown
+    assert "3 near-duplicates (the same picture re-encoded, resized, cropped or re-exposed) within train" in shown
 
 
 def test_cli_audit_finds_duplicates_and_leakage_and_writes_json(tmp_path, capsys):
@@ -55,6 +108,8 @@ def test_cli_audit_finds_duplicates_and_leakage_and_writes_json(tmp_path, capsys
     assert report["duplicates"]["within_split"] == {"train": 1, "val": 0, "test": 0}
     assert report["duplicates"]["across_splits"]["train/val"] == 0
     assert report["duplicates"]["conflicting_labels"] == 1  # the leaked copy is labelled PNEUMONIA, not NORMAL
+    assert report["near_duplicates"]["leakage"] == {"into_val": 0, "into_test": 1}  # the re-encoded test image
+    assert "train/COVID19/reencoded.jpg ~ test/COVID19/test_000.png" in shown
     groups = {g["sha256"]: sorted(f["path"] for f in g["files"]) for g in report["duplicates"]["groups"]}
     assert groups == {
         file_sha256(root / "test" / "NORMAL" / "test_000.png"): ["test/NORMAL/test_000.png", "train/PNEUMONIA/from_test.png"],
@@ -64,11 +119,14 @@ def test_cli_audit_finds_duplicates_and_leakage_and_writes_json(tmp_path, capsys
 
 def test_training_warns_about_leakage_and_keeps_the_audit_in_metrics(tmp_path):
     root = leaky_dataset(tmp_path / "data")
-    with pytest.warns(UserWarning, match="LEAKAGE: 1 test image"):
+    with pytest.warns(UserWarning, match="LEAKAGE: 1 test image") as caught:
         metrics = train_experiment("resnet50_full", data_dir=root, out=tmp_path / "out", val_source="given",
                                    progress=False, epochs=1, batch_size=8, image_size=32, weights="none")
+    assert any(str(w.message).startswith("LEAKAGE: 1 test image(s) are near-duplicates") for w in caught)
     audit = metrics["audit"]
     assert audit["leakage"] == {"train/test": 1, "val/test": 0}
+    assert audit["near_leakage"] == {"into_val": 0, "into_test": 1}
+    assert audit["near_duplicates_across_splits"]["train/test"] == 1
     assert audit["duplicates_within_split"]["train"] == 1
     assert audit["counts"]["train"] == load_splits(root, val_source="given").train.counts()
     saved = json.loads((tmp_path / "out" / "resnet50_full" / "metrics.json").read_text())

@@ -191,6 +191,30 @@ def test_stratified_split_keeps_class_proportions():
     assert sorted([*kept, *held_out]) == list(range(len(labels)))
 
 
+def test_tiny_train_split_still_carves_one_validation_image_per_class(tmp_path):
+    root = small_dataset(tmp_path / "data", train=6, test=2)  # 10% of 24 images is fewer than 4 classes
+    splits = load_splits(root, val_source="carve", seed=3)
+    assert splits.val.counts() == {name: 1 for name in CLASSES}
+    assert splits.train.counts() == {name: 5 for name in CLASSES}
+
+
+def test_skewed_train_split_validates_every_class():
+    labels = [0] * 100 + [1] * 2 + [2] * 2 + [3] * 2  # 10% rounds the rare classes' share to nothing
+    for seed in range(5):
+        kept, held_out = stratified_split(labels, 0.1, seed)
+        assert {labels[i] for i in held_out} == {0, 1, 2, 3}
+        assert {labels[i] for i in kept} == {0, 1, 2, 3}
+        assert sorted([*kept, *held_out]) == list(range(len(labels)))
+    again = stratified_split(labels, 0.1, 4)
+    assert np.array_equal(kept, again[0]) and np.array_equal(held_out, again[1])  # seeded
+
+
+def test_class_with_one_training_image_is_named_when_carving(tmp_path):
+    labels = [0] * 5 + [1] * 5 + [2] * 5 + [3]
+    with pytest.raises(DatasetError, match="only one training image of TUBERCULOSIS, and every class needs two"):
+        stratified_split(labels, 0.1, seed=0)
+
+
 def test_carved_validation_is_seeded_and_disjoint(synthetic_root):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

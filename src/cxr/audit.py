@@ -1,10 +1,11 @@
 """Audit a dataset before a model sees it.
 
-Per split and class counts, the files skipped and why, image sizes (read from the file headers, no
-decode), and exact duplicates by content hash: within a split, across splits, and test images that also
-sit in train or val, called out as leakage because they inflate every test number. ``cxr audit`` prints
-the report and writes it as JSON; training runs the same audit on the splits it uses and keeps the
-summary in metrics.json.
+Per split and class counts, the files skipped and why, image sizes (read from the file headers), exact
+duplicates by content hash, and near duplicates by their pixels (:mod:`cxr.near_duplicates`, on the
+squares of the decoded-image cache that training reuses): within a split, across splits, and test or
+validation images that also sit in train, called out as leakage because they inflate the scores.
+``cxr audit`` prints the report and writes it as JSON; training runs the same audit on the splits it
+uses and keeps the summary in metrics.json.
 """
 
 from __future__ import annotations
@@ -20,13 +21,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from PIL import Image
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from tqdm.auto import tqdm
 
+from . import near_duplicates
+from .cache import cache_side, cache_split
 from .data import CLASSES, FOLDER_ALIASES, SPLITS, DataSplits, Split, locate_dataset, scan_split
 from .reporting import write_json
 
 AUDIT_FILE = "audit.json"
 EXAMPLES_SHOWN = 3
+AUDIT_SIDE = cache_side(224)  # the squares every experiment trains from, so the audit fills the cache training reads
+CHUNK = 1024
 
 
 def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
@@ -70,9 +77,10 @@ def ignored_folders(root: Path) -> list[str]:
 
 
 def audit_splits(
-    splits: dict[str, Split], root: Path, progress: bool = True, notes: dict[str, Any] | None = None
+    splits: dict[str, Split], root: Path, progress: bool = True, notes: dict[str, Any] | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Audit already scanned splits: counts, skipped files, image sizes and duplicates by content."""
+    """Audit already scanned splits: counts, skipped files, image sizes, exact and near duplicates."""
     root = Path(root)
     report: dict[str, Any] = {"root": str(root), **(notes or {}), "splits": {}}
     by_hash: dict[str, list[dict[str, str]]] = defaultdict(list)
@@ -96,14 +104,19 @@ def audit_splits(
             "modes": dict(sorted(modes.items())),
         }
     bar.close()
-    report["duplicates"] = _duplicates(by_hash, list(splits))
+    exact = [{"sha256": digest, "files": files} for digest, files in sorted(by_hash.items()) if len(files) > 1]
+    report["duplicates"] = _duplicates(exact, list(splits))
     report["leakage"] = {pair: n for pair, n in report["duplicates"]["across_splits"].items() if "test" in pair}
+    near = _near_duplicate_groups(splits, root, by_hash, cache_dir, progress)
+    report["near_duplicates"] = {**_duplicates(near, list(splits)), "method": _near_method()}
+    report["near_duplicates"]["leakage"] = _near_leakage(report["near_duplicates"]["across_splits"])
     report["warnings"] = _warnings(report)
     return report
 
 
-def _duplicates(by_hash: dict[str, list[dict[str, str]]], names: list[str]) -> dict[str, Any]:
-    groups = [{"sha256": digest, "files": files} for digest, files in sorted(by_hash.items()) if len(files) > 1]
+def _duplicates(groups: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """Counts over groups of copies: extra copies within each split, groups spanning two splits, groups
+    whose copies carry more than one class."""
     within = {name: 0 for name in names}
     across = {f"{a}/{b}": 0 for a, b in combinations(names, 2)}
     conflicting = 0
@@ -122,13 +135,67 @@ def _duplicates(by_hash: dict[str, list[dict[str, str]]], names: list[str]) -> d
     }
 
 
-def _examples(groups: list[dict[str, Any]], splits: set[str], copies: int = 1) -> str:
+def _near_method() -> dict[str, Any]:
+    return {"hash": f"64-bit DCT hash of {len(near_duplicates.VIEWS)} aligned views (zoom, shift)",
+            "max_hash_bits": near_duplicates.MAX_HASH_BITS, "min_correlation": near_duplicates.MIN_CORRELATION,
+            "cache_side": AUDIT_SIDE}
+
+
+def _near_leakage(across: dict[str, int]) -> dict[str, int]:
+    """Near copies across splits by where they leak: a val image seen in train inflates validation, a test
+    image seen in train or val inflates the test scores."""
+    into_val = sum(n for pair, n in across.items() if pair.endswith("/val"))
+    return {"into_val": into_val, "into_test": sum(n for pair, n in across.items() if pair.endswith("/test"))}
+
+
+def _describe_split(split: Split, cache_dir: str | os.PathLike | None, progress: bool, name: str):
+    """Hashes and views of a split's images, read from (or decoded into) the image cache a chunk at a time."""
+    cached = cache_split(split, AUDIT_SIDE, cache_dir, progress=progress, description=f"decode {name}")
+    described = [near_duplicates.describe(cached.images[start:start + CHUNK])
+                 for start in range(0, len(cached.images), CHUNK)]
+    hashes = np.concatenate([h for h, _ in described], axis=1) if described else np.zeros((0, 0), np.uint64)
+    views = np.concatenate([v for _, v in described]) if described else np.zeros((0, 0, 0), np.float32)
+    return cached.split, hashes, views
+
+
+def _near_duplicate_groups(
+    splits: dict[str, Split], root: Path, by_hash: dict[str, list[dict[str, str]]],
+    cache_dir: str | os.PathLike | None, progress: bool,
+) -> list[dict[str, Any]]:
+    """Groups of images that show the same picture but are not byte-identical (one file stands for each
+    set of exact copies, which are reported already), joined through confirmed pairs."""
+    exact_copy = {f["path"] for files in by_hash.values() for f in files[1:]}
+    files, hashes, views = [], [], []
+    for name, split in splits.items():
+        decoded, split_hashes, split_views = _describe_split(split, cache_dir, progress, name)
+        keep = [k for k, path in enumerate(decoded.paths) if _relative(path, root) not in exact_copy]
+        files += [{"split": name, "class": CLASSES[decoded.labels[k]], "path": _relative(decoded.paths[k], root)}
+                  for k in keep]
+        hashes.append(split_hashes[:, keep])
+        views.append(split_views[keep])
+    if not files:
+        return []
+    pairs = near_duplicates.near_duplicate_pairs(np.concatenate(hashes, axis=1), np.concatenate(views))
+    if not pairs:
+        return []
+    graph = coo_matrix((np.ones(len(pairs)), ([p[0] for p in pairs], [p[1] for p in pairs])), shape=(len(files),) * 2)
+    _, component = connected_components(graph, directed=False)
+    groups: dict[int, dict[str, Any]] = {}
+    for i, j, bits, correlation in pairs:
+        group = groups.setdefault(int(component[i]), {"files": [], "pairs": []})
+        group["pairs"].append({"files": [files[i]["path"], files[j]["path"]], "hash_bits": bits, "correlation": correlation})
+    for label, group in groups.items():
+        group["files"] = [files[k] for k in np.flatnonzero(component == label)]
+    return sorted(groups.values(), key=lambda group: group["files"][0]["path"])
+
+
+def _examples(groups: list[dict[str, Any]], splits: set[str], copies: int = 1, joiner: str = " = ") -> str:
     """A few duplicate groups, each shown as its files in ``splits``, where every split holds ``copies`` or more."""
     shown = []
     for group in groups:
         files = [f["path"] for f in group["files"] if f["split"] in splits]
         if all(sum(f["split"] == name for f in group["files"]) >= copies for name in splits):
-            shown.append(" = ".join(files))
+            shown.append(joiner.join(files))
     return "; ".join(shown[:EXAMPLES_SHOWN])
 
 
@@ -151,6 +218,7 @@ def _warnings(report: dict[str, Any]) -> list[str]:
             messages.append(f"{count} duplicate image(s) within {name}: {_examples(duplicates['groups'], {name}, 2)}.")
     if duplicates["conflicting_labels"]:
         messages.append(f"{duplicates['conflicting_labels']} identical image(s) carry different class labels.")
+    messages += _near_warnings(report["near_duplicates"])
     for name, split in report["splits"].items():
         empty = [c for c, n in split["counts"].items() if n == 0]
         if empty:
@@ -160,19 +228,45 @@ def _warnings(report: dict[str, Any]) -> list[str]:
     return messages
 
 
-def audit_dataset(data_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Any]:
-    """Audit the splits as they are on disk (``train``, ``val`` when present, ``test``)."""
+def _near_warnings(near: dict[str, Any]) -> list[str]:
+    """The exact-duplicate warnings, for copies that differ in encoding, size, crop or exposure."""
+    copies = "near-duplicates (the same picture re-encoded, resized, cropped or re-exposed)"
+    messages = []
+    for pair, count in near["across_splits"].items():
+        first, second = pair.split("/")
+        if count:
+            kind = "LEAKAGE" if second == "test" else "LEAKAGE into val"
+            harm = "the test scores" if second == "test" else "the validation scores and early stopping"
+            messages.append(f"{kind}: {count} {second} image(s) are {copies} of {first} images, which inflates {harm}; "
+                            f"e.g. {_examples(near['groups'], {first, second}, joiner=' ~ ')}.")
+    for name, count in near["within_split"].items():
+        if count:
+            messages.append(f"{count} {copies} within {name}: {_examples(near['groups'], {name}, 2, ' ~ ')}.")
+    if near["conflicting_labels"]:
+        messages.append(f"{near['conflicting_labels']} group(s) of near-duplicate images carry different class labels.")
+    return messages
+
+
+def audit_dataset(
+    data_dir: str | os.PathLike | None = None, progress: bool = True, cache_dir: str | os.PathLike | None = None
+) -> dict[str, Any]:
+    """Audit the splits as they are on disk (``train``, ``val`` when present, ``test``); images are decoded
+    into (or read from) the image cache under ``cache_dir``."""
     root = locate_dataset(data_dir)
     present = {p.name.lower() for p in root.iterdir() if p.is_dir()}
     splits = {name: scan_split(root, name) for name in SPLITS if name in present}
-    return audit_splits(splits, root, progress, {"source": "folders on disk", "ignored_folders": ignored_folders(root)})
+    notes = {"source": "folders on disk", "ignored_folders": ignored_folders(root)}
+    return audit_splits(splits, root, progress, notes, cache_dir)
 
 
-def audit_training_splits(splits: DataSplits, progress: bool = True) -> dict[str, Any]:
+def audit_training_splits(
+    splits: DataSplits, progress: bool = True, cache_dir: str | os.PathLike | None = None
+) -> dict[str, Any]:
     """Audit the splits a training run actually uses (with a carved validation split, val comes from train)."""
     return audit_splits(
         {"train": splits.train, "val": splits.val, "test": splits.test}, splits.root, progress,
         {"source": f"training splits (val_source={splits.val_source})", "ignored_folders": ignored_folders(splits.root)},
+        cache_dir,
     )
 
 
@@ -188,6 +282,10 @@ def audit_summary(report: dict[str, Any]) -> dict[str, Any]:
         "duplicates_across_splits": report["duplicates"]["across_splits"],
         "conflicting_labels": report["duplicates"]["conflicting_labels"],
         "leakage": report["leakage"],
+        "near_duplicates_within_split": report["near_duplicates"]["within_split"],
+        "near_duplicates_across_splits": report["near_duplicates"]["across_splits"],
+        "near_conflicting_labels": report["near_duplicates"]["conflicting_labels"],
+        "near_leakage": report["near_duplicates"]["leakage"],
         "warnings": report["warnings"],
     }
 
@@ -202,6 +300,8 @@ def format_audit(report: dict[str, Any]) -> str:
             **split["counts"],
             "total": split["total"],
             "skipped": len(split["skipped"]),
+            "duplicates": report["duplicates"]["within_split"][name],
+            "near duplicates": report["near_duplicates"]["within_split"][name],
             "width min/med/max": "/".join(f"{width.get(k, 0):g}" for k in ("min", "median", "max")),
             "height min/med/max": "/".join(f"{height.get(k, 0):g}" for k in ("min", "median", "max")),
         })
@@ -217,6 +317,13 @@ def format_audit(report: dict[str, Any]) -> str:
                   f"conflicting labels {duplicates['conflicting_labels']}"]
     leaked = sum(report["leakage"].values())
     lines.append(f"Leakage into test: {leaked} image(s)" if leaked else "Leakage into test: none")
+    near = report["near_duplicates"]
+    within = ", ".join(f"{k} {v}" for k, v in near["within_split"].items())
+    across = ", ".join(f"{k} {v}" for k, v in near["across_splits"].items())
+    lines += [f"Near duplicates (by pixels, not byte-identical): within {within}; across {across}; "
+              f"conflicting labels {near['conflicting_labels']}",
+              f"Near-duplicate leakage: into val {near['leakage']['into_val']} image(s), "
+              f"into test {near['leakage']['into_test']} image(s)"]
     if report["warnings"]:
         lines += ["", "Warnings:"] + [f"  - {message}" for message in report["warnings"]]
     return "\n".join(lines)

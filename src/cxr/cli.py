@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--data-dir", help="dataset folder (default: $CXR_DATA_DIR, else download with kagglehub)")
     audit.add_argument("--out", default="assets", help="the JSON report goes to OUT/audit.json (default: assets)")
     audit.add_argument("--quiet", action="store_true", help="no progress bar")
+    audit.add_argument("--cache-dir", help="decoded-image cache the audit fills and training reuses "
+                       "(default: $CXR_CACHE_DIR, else ~/.cache/cxr)")
 
     compare = commands.add_parser("compare", help="figure: every experiment's test metrics with 95%% intervals")
     compare.add_argument("metrics", nargs="*", metavar="METRICS_JSON", help="default: OUT/*/metrics.json")
@@ -181,7 +183,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace) -> int:
     from .audit import audit_dataset, format_audit, write_audit
 
-    report = audit_dataset(args.data_dir, progress=not args.quiet)
+    report = audit_dataset(args.data_dir, progress=not args.quiet, cache_dir=args.cache_dir)
     print(format_audit(report))
     print(f"\nFull report: {write_audit(report, args.out)}")
     return 0

@@ -6,8 +6,10 @@ tuberculosis folder ``TURBERCULOSIS`` and may nest the split folders one or two 
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -193,15 +195,29 @@ def warn_skipped(skipped: list[tuple[Path, str]], shown: int = 3) -> None:
 
 
 def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (kept, held out) for a seeded split that keeps each class's share."""
+    """Indices (kept, held out) for a seeded split that keeps each class's share and holds out at least one
+    image of every class: a ``fraction`` of a tiny or skewed train split would leave some classes unvalidated."""
+    counts = Counter(labels)
+    scarce = [CLASSES[label] for label, n in sorted(counts.items()) if n < 2]
+    if scarce:
+        raise DatasetError(
+            f"Cannot carve a validation split out of train: only one training image of {', '.join(scarce)}, and "
+            "every class needs two (one to train on, one to validate); add images or use --val-source given."
+        )
     indices = np.arange(len(labels))
+    # sklearn holds out ceil(fraction * n) images; fewer than there are classes cannot cover every class.
+    size = fraction if math.ceil(fraction * len(labels)) >= len(counts) else len(counts)
     try:
-        kept, held_out = train_test_split(indices, test_size=fraction, stratify=labels, random_state=seed)
+        kept, held_out = train_test_split(indices, test_size=size, stratify=labels, random_state=seed)
     except ValueError as error:
         raise DatasetError(
-            f"Cannot carve a stratified {fraction:.0%} validation split out of train ({error}). Every class needs "
-            "at least two training images and the split one image per class; add images or use --val-source given."
+            f"Cannot carve a stratified {fraction:.0%} validation split out of train ({error}); "
+            "add images or use --val-source given."
         ) from None
+    rng = np.random.default_rng(seed)
+    for label in sorted(set(counts) - {labels[i] for i in held_out}):  # a rare class the proportions rounded away
+        moved = rng.choice([i for i in kept if labels[i] == label])
+        kept, held_out = kept[kept != moved], np.append(held_out, moved)
     return np.sort(kept), np.sort(held_out)
 
 

@@ -1,7 +1,7 @@
 """A tiny synthetic dataset in the Kaggle layout, for tests and the notebooks' smoke mode.
 
-Each class gets a different simple pattern so a model can learn something in one epoch; the
-folder also holds the awkward files real downloads contain (corrupt, empty, truncated, non-image,
+Each class gets a different simple pattern so a model can learn something in one epoch, drawn over a
+random smooth structure of each image's own, so that two images are never near-duplicates; the folder also holds the awkward files real downloads contain (corrupt, empty, truncated, non-image,
 grayscale, RGBA and 16-bit images) and the Kaggle spelling ``TURBERCULOSIS``.
 """
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from scipy.ndimage import gaussian_filter
 
 from .data import CLASSES
 
@@ -20,14 +21,17 @@ DEFAULT_COUNTS = {"train": 12, "val": 3, "test": 4}
 
 
 def _pattern(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A grayscale image whose structure depends on the class: bright blob position and stripes."""
+    """A grayscale image: the class sets a bright blob's position and stripes, drawn over smooth random
+    structure that differs from image to image (as anatomy does between patients)."""
     y, x = np.mgrid[0:size, 0:size] / size
     centres = [(0.3, 0.3), (0.7, 0.3), (0.3, 0.7), (0.7, 0.7)]
     cy, cx = centres[label % len(centres)]
     blob = np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / 0.02)
-    stripes = 0.25 * np.sin(2 * np.pi * (label + 1) * 3 * x)
-    noise = rng.normal(0, 0.08, (size, size))
-    return (np.clip(0.35 + 0.5 * blob + stripes + noise, 0, 1) * 255).astype(np.uint8)
+    stripes = 0.15 * np.sin(2 * np.pi * (label + 1) * 3 * x)
+    structure = gaussian_filter(rng.normal(0, 1, (size, size)), size / 8, mode="wrap")
+    structure *= 0.15 / structure.std()
+    noise = rng.normal(0, 0.05, (size, size))
+    return (np.clip(0.4 + 0.4 * blob + stripes + structure + noise, 0, 1) * 255).astype(np.uint8)
 
 
 def write_synthetic_dataset(
@@ -57,14 +61,14 @@ def write_synthetic_dataset(
                     Image.fromarray(pixels).save(folder / f"{split}_{index:03d}.png")
     if bad_files:
         folder = root / "train" / CLASSES[1]
-        pixels = _pattern(1, size, rng)
+        pixels = _pattern(1, size, rng)  # the files that must load get pictures of their own (no near-duplicates)
         (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
         (folder / "empty.png").write_bytes(b"")
         (folder / "notes.txt").write_text("not an image")
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
         (folder / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-        Image.fromarray(pixels).convert("RGBA").save(folder / "rgba.png")
-        Image.fromarray(pixels, mode="L").save(folder / "gray.png")
-        Image.fromarray(pixels.astype(np.uint16) * 257).save(folder / "sixteen_bit.png")
+        Image.fromarray(_pattern(1, size, rng)).convert("RGBA").save(folder / "rgba.png")
+        Image.fromarray(_pattern(1, size, rng), mode="L").save(folder / "gray.png")
+        Image.fromarray(_pattern(1, size, rng).astype(np.uint16) * 257).save(folder / "sixteen_bit.png")
     return root

@@ -184,7 +184,7 @@ def train_experiment(
     splits = splits or prepare_data(data_dir, val_source=val_source, seed=seed)
     out_dir = Path(out) / experiment.name
     if main_rank:  # the audit reads every file: one process is enough
-        data_audit = audit_training_splits(splits, runtime.progress)
+        data_audit = audit_training_splits(splits, runtime.progress, runtime.cache_dir)
         for message in data_audit["warnings"]:
             warnings.warn(message, stacklevel=2)
         out_dir.mkdir(parents=True, exist_ok=True)
