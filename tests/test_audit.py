@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from cxr.audit import audit_dataset, audit_summary, audit_training_splits, file_sha256
+from cxr.audit import audit_dataset, file_sha256
 from cxr.cli import main
 from cxr.data import CLASSES, SPLITS, check_image, load_splits, scan_split
 from cxr.synthetic import DEFAULT_COUNTS, write_synthetic_dataset
