@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import pydicom
 from PIL import Image, ImageOps
-from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
 
 DICOM_EXTENSIONS = {".dcm", ".dicom"}
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", *DICOM_EXTENSIONS}
@@ -63,8 +61,12 @@ def scale_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def _dataset(path: str | os.PathLike) -> pydicom.Dataset:
-    """The DICOM header and raw pixel bytes, or why there are none usable."""
+def _dataset(path: str | os.PathLike) -> Any:
+    """The DICOM header and raw pixel bytes (a ``pydicom.Dataset``), or why there are none usable."""
+    import pydicom  # here, not on import: bare GPU machines without pydicom still read JPEG and PNG
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import get_decoder
+
     try:
         ds = pydicom.dcmread(path)
     except InvalidDicomError:  # only DICOM files with the standard preamble (Part 10) are read
@@ -91,6 +93,8 @@ def check_dicom(path: str | os.PathLike) -> str | None:
 
 def dicom_header(path: str | os.PathLike) -> tuple[int, int, str]:
     """(width, height, mode) of a DICOM image from its header, e.g. ``(2048, 2500, "DICOM MONOCHROME1 12-bit")``."""
+    import pydicom
+
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     mode = f"DICOM {ds.get('PhotometricInterpretation', '')} {ds.get('BitsStored', '?')}-bit"
     return int(ds.Columns), int(ds.Rows), mode
@@ -99,6 +103,8 @@ def dicom_header(path: str | os.PathLike) -> tuple[int, int, str]:
 def read_dicom(path: str | os.PathLike) -> Image.Image:
     """The first frame of a DICOM file as 8-bit grayscale: modality LUT, VOI LUT or window, the module's
     scaling rule, ``MONOCHROME1`` inverted; colour (RGB/YBR) files through PIL's luminance."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
     ds = _dataset(path)
     try:
         pixels = ds.pixel_array

@@ -12,9 +12,7 @@ import io
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from PIL import Image
-from pydicom import uid
 
 from .data import CLASSES
 
@@ -79,6 +77,9 @@ def write_dicom(
 ) -> Path:
     """Write a single-frame grayscale DICOM radiograph (uint8 or uint16 ``pixels``, stored as given) with
     pydicom, optionally with a window (centre, width), a rescale (intercept, slope) or RLE compression."""
+    import pydicom
+    from pydicom import uid
+
     ds = pydicom.Dataset()
     ds.file_meta = pydicom.dataset.FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = uid.DigitalXRayImageStorageForPresentation
