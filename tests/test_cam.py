@@ -45,7 +45,8 @@ def test_vit_tokens_to_grid_drops_the_class_token():
 
 def test_overlay_png_shows_the_crop_beside_its_heat_map(tmp_path):
     prep = preprocessing("resnet50", 32)
-    display = cam.as_display(Image.new("RGB", (60, 40), (128, 128, 128)), prep)
+    display = cam.as_display(torch.zeros(3, 32, 32), prep)  # a normalised input equal to the mean
+    np.testing.assert_allclose(display[0, 0], prep["mean"], atol=1e-6)
     assert display.shape == (32, 32, 3) and 0 <= display.min() and display.max() <= 1
     heat_map = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
     written = cam.save_overlay(display, heat_map, tmp_path / "sub" / "x_cam.png")

@@ -253,7 +253,7 @@ def predict_tta(model: nn.Module, loader: DataLoader, device: torch.device, amp_
     for views, labels in tqdm(loader, desc=description, leave=False, disable=not progress):
         probabilities = average_view_probabilities(model, views, device, amp_dtype)
         all_log_probs.append(probabilities.clamp_min(1e-12).log().cpu())
-        all_labels.append(torch.as_tensor(labels))
+        all_labels.append(torch.as_tensor(labels).cpu())  # a DeviceLoader's labels live on the device
     return torch.cat(all_log_probs).numpy(), torch.cat(all_labels).numpy()
 
 
