@@ -115,7 +115,7 @@ def read_dicom(path: str | os.PathLike) -> Image.Image:
     if int(ds.get("SamplesPerPixel", 1)) == 3:
         return Image.fromarray(scale_to_uint8(pixels, 0, 2 ** int(ds.BitsStored) - 1), mode="RGB").convert("L")
     values = apply_modality_lut(pixels, ds)
-    if "VOILUTSequence" in ds or "WindowCenter" in ds:
+    if "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds):
         low, high = apply_voi_lut(VOI_EXTREMES, ds)  # what the darkest and brightest input become
         values = apply_voi_lut(values, ds)
     elif values.dtype == np.uint8:
