@@ -45,13 +45,13 @@ import torch
 import torchvision
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from cxr import engine
 from cxr.cache import default_workers
 from cxr.config import EXPERIMENTS, Experiment, get_experiment
-from cxr.data import CLASSES, IMAGENET_MEAN, IMAGENET_STD, SPLITS, XRayDataset, build_transforms, find_split_root
+from cxr.data import CLASSES, IMAGENET_MEAN, IMAGENET_STD, SPLITS, build_transforms, find_split_root, load_image
 from cxr.data import load_splits, scan_split
 from cxr.models import ARCHITECTURES, build_model, preprocessing
 from cxr.runtime import Runtime, device_name, select_device
@@ -212,9 +212,23 @@ def seed_style_model(experiment: Experiment) -> nn.Module:
     return model
 
 
+class NotebookDataset(Dataset):
+    """The notebooks' dataset: PIL decodes the whole file and torchvision transforms it, on every access."""
+
+    def __init__(self, split, transform) -> None:
+        self.split, self.transform = split, transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(load_image(self.split.paths[index])), self.split.labels[index]
+
+
 def seed_style_loaders(splits, experiment: Experiment, workers: int, seed: int = 0) -> tuple[DataLoader, DataLoader]:
-    train = XRayDataset(splits.train, build_transforms(experiment.image_size, True, True, IMAGENET_MEAN, IMAGENET_STD))
-    val = XRayDataset(splits.val, build_transforms(experiment.image_size, False, mean=IMAGENET_MEAN, std=IMAGENET_STD))
+    size = experiment.image_size
+    train = NotebookDataset(splits.train, build_transforms(size, True, True, IMAGENET_MEAN, IMAGENET_STD))
+    val = NotebookDataset(splits.val, build_transforms(size, False, mean=IMAGENET_MEAN, std=IMAGENET_STD))
     generator = torch.Generator().manual_seed(seed)
     # drop_last: a last batch of one image would stop BatchNorm in train mode at small image sizes
     return (DataLoader(train, experiment.batch_size, shuffle=True, num_workers=workers, generator=generator,

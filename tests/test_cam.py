@@ -45,7 +45,9 @@ def test_vit_tokens_to_grid_drops_the_class_token():
 
 def test_overlay_png_shows_the_crop_beside_its_heat_map(tmp_path):
     prep = preprocessing("resnet50", 32)
-    display = cam.as_display(Image.new("RGB", (60, 40), (128, 128, 128)), prep)
+    mean, std = torch.tensor(prep["mean"]).view(3, 1, 1), torch.tensor(prep["std"]).view(3, 1, 1)
+    display = cam.as_display(((0.5 - mean) / std).expand(3, 32, 32), prep)  # a mid-grey model input
+    np.testing.assert_allclose(display, 0.5, atol=1e-6)
     assert display.shape == (32, 32, 3) and 0 <= display.min() and display.max() <= 1
     heat_map = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
     written = cam.save_overlay(display, heat_map, tmp_path / "sub" / "x_cam.png")

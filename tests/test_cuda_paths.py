@@ -128,3 +128,16 @@ def test_missing_gpu_is_a_clear_error(synthetic_root, tmp_path, capsys, monkeypa
     assert main(argv) == 1
     error = capsys.readouterr().err
     assert error.startswith("error: --device cuda was requested but no CUDA GPU is available") and "Traceback" not in error
+
+
+def test_compiled_model_trains_evaluates_and_explains(synthetic_root, tmp_path, cuda_like, monkeypatch):
+    """``--compile`` with the CUDA choices: torch.compile traces the model (dynamo and AOT autograd with the
+    ``aot_eager`` backend here; inductor's code generation is left to the GPU), training and evaluation run
+    through the compiled graph, and Grad-CAM still gets its gradients."""
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(self, backend="aot_eager", **kw))
+    with pytest.warns(UserWarning, match="Skipped"):
+        metrics = workflow.train_experiment("resnet50_full", data_dir=synthetic_root, out=tmp_path, seed=SEED,
+                                            runtime=cuda_like.replace(compile=True), **TINY)
+    assert metrics["pipeline"]["compile"] is True and np.isfinite(metrics["test"]["macro_f1"])
+    assert (tmp_path / "resnet50_full" / "cam.png").stat().st_size > 0

@@ -13,17 +13,18 @@ import pytest
 import torch
 from PIL import Image
 
+from cxr.augment import TrainAugment
 from cxr.data import (
     CLASSES,
     DatasetError,
     XRayDataset,
-    build_transforms,
     check_image,
     load_image,
     load_splits,
     scan_split,
     stratified_split,
 )
+from cxr.imageio import cache_side
 from cxr.synthetic import write_synthetic_dataset
 
 BAD_FILES = {"corrupt.jpg", "empty.png", "notes.txt", "truncated.jpg"}
@@ -79,7 +80,7 @@ def test_skipped_files_reported_in_one_counting_warning(synthetic_root):
 def test_every_scanned_image_decodes(synthetic_root):
     """Scanning must catch every file that would crash a DataLoader in the middle of an epoch."""
     split = scan_split(synthetic_root, "train")
-    dataset = XRayDataset(split, build_transforms(32, train=True))
+    dataset = XRayDataset(split, TrainAugment(32), cache_side(32))
     for index in range(len(dataset)):
         image, label = dataset[index]
         assert image.shape == (3, 32, 32) and image.dtype == torch.float32

@@ -1,19 +1,25 @@
 import io
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from pydicom import dcmread, uid
+from pydicom.encaps import encapsulate
 
 from cxr.checkpoint import save_checkpoint
 from cxr.cli import main
 from cxr.config import get_experiment
-from cxr.data import CLASSES, XRayDataset, build_transforms, load_splits
-from cxr.engine import make_loader, predict
+from cxr.data import CLASSES, load_splits
+from cxr.engine import build_dataset, make_loader, predict
+from cxr.imageio import cache_side, decode_image
 from cxr.models import build_model, preprocessing
 from cxr.predict import collect_images, run_predict
-from cxr.workflow import load_trained_model
+from cxr.synthetic import write_dicom
+from cxr.uncertainty import eval_transform
+from cxr.workflow import evaluate_checkpoint, load_trained_model
 from cxr.runtime import Runtime
 
 CPU = Runtime.create("cpu", progress=False)
@@ -80,17 +86,95 @@ def test_predict_classifies_good_files_and_reports_bad_ones(checkpoint, scans, t
         assert overlay.size == (2 * SIZE, SIZE)
 
 
-def test_predict_prepares_images_like_the_evaluation(checkpoint, synthetic_root):
-    with pytest.warns(UserWarning, match="Skipped"):
-        test_split = load_splits(synthetic_root).test.subset([0, 5, 9, 14])
-    result = run_predict(checkpoint, test_split.paths, device="cpu", progress=False)
+def _radiograph(label: int, rng: np.random.Generator, width: int = 300, height: int = 240) -> np.ndarray:
+    """A wide, textured image (large enough for JPEG draft mode) whose bright blob moves with the class."""
+    y, x = np.mgrid[0:height, 0:width] / height
+    blob = np.exp(-((y - 0.3 - 0.4 * (label % 2)) ** 2 + (x - 0.4 - 0.3 * (label // 2)) ** 2) / 0.03)
+    return np.clip(60 + 150 * blob + rng.normal(0, 25, (height, width)), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def sensitive(tmp_path_factory):
+    """A checkpoint whose head is scaled up (probabilities move with tiny input changes) and a Kaggle-layout
+    folder of wide JPEGs and 16-bit PNGs."""
+    root = tmp_path_factory.mktemp("wide") / "data"
+    rng = np.random.default_rng(1)
+    for split, count in (("train", 10), ("test", 3)):
+        for label, name in enumerate(CLASSES):
+            (root / split / name).mkdir(parents=True)
+            for index in range(count):
+                pixels = _radiograph(label, rng)
+                if index == 2:
+                    Image.fromarray(pixels.astype(np.uint16) * 200 + 1000).save(root / split / name / f"{index}.png")
+                else:
+                    Image.fromarray(pixels).save(root / split / name / f"{index}.jpg", quality=90)
+    torch.manual_seed(0)
+    experiment = get_experiment("resnet50_full", epochs=1, batch_size=8, image_size=SIZE, weights="none")
+    model = build_model("resnet50", weights="none", image_size=SIZE)
+    prep = preprocessing("resnet50", SIZE)
+    square = decode_image(root / "train" / CLASSES[0] / "0.jpg", cache_side(SIZE, prep["resize"]))
+    with torch.no_grad():  # logits = 30 x (the random model's logits - those of one training image)
+        offset = model.eval()(eval_transform(prep)(torch.from_numpy(square)[None, None]))[0]
+        model.head.weight.mul_(30)
+        model.head.bias.mul_(30).sub_(30 * offset)
+    path = root.parent / "best.pt"
+    save_checkpoint({"model": model.state_dict(), "experiment": experiment.to_dict(), "classes": list(CLASSES),
+                     "epoch": 1, "preprocessing": prep, "seed": 42}, path)
+    return path, root
+
+
+def test_predict_evaluate_and_validation_give_the_same_probabilities(sensitive, tmp_path):
+    checkpoint, root = sensitive
+    test_split = load_splits(root).test
+    evaluate_checkpoint(checkpoint, data_dir=root, out=tmp_path / "out", device="cpu", progress=False)
+    evaluated = torch.from_numpy(np.load(tmp_path / "out" / "resnet50_full" / "test_logits.npz")["logits"]).softmax(1)
+    predicted = run_predict(checkpoint, test_split.paths, device="cpu", progress=False).table
     model, state = load_trained_model(checkpoint)
-    prep = state["preprocessing"]
-    transform = build_transforms(SIZE, False, mean=prep["mean"], std=prep["std"], resize=prep["resize"])
-    loader = make_loader(XRayDataset(test_split, transform), 8, False, CPU)
-    logits, _ = predict(model, loader, CPU)
-    expected = torch.from_numpy(logits).softmax(1).numpy()
-    np.testing.assert_allclose(result.table[list(CLASSES)].to_numpy(), expected, rtol=1e-4, atol=1e-6)
+    assert predicted["probability"].min() < 0.99  # the probabilities are not saturated: the comparison means something
+    for cache in (True, False):  # the validation pass of `cxr train`, with and without the decoded-image cache
+        experiment = get_experiment("resnet50_full", image_size=SIZE)
+        runtime = Runtime.create("cpu", cache=cache, cache_dir=tmp_path / "cache", progress=False)
+        dataset, _, _ = build_dataset(test_split, experiment, state["preprocessing"], runtime, False)
+        logits, _ = predict(model, make_loader(dataset, 8, False, runtime), runtime)
+        np.testing.assert_allclose(torch.from_numpy(logits).softmax(1).numpy(), evaluated.numpy(), atol=1e-3)
+    assert list(predicted["file"]) == [str(p) for p in test_split.paths]
+    np.testing.assert_allclose(predicted[list(CLASSES)].to_numpy(), evaluated.numpy(), atol=1e-3)
+
+
+def test_tta_views_stay_inside_the_evaluated_square(checkpoint, tmp_path):
+    """A tall image whose top and bottom (neck, abdomen) are white: TTA must see only its centre square, so
+    it gives what the centre square alone gives."""
+    side = cache_side(SIZE, preprocessing("resnet50", SIZE)["resize"])
+    middle = _radiograph(1, np.random.default_rng(2), side, side)
+    tall = np.concatenate([np.full((side, side), 255, np.uint8), middle, np.full((side, side), 255, np.uint8)])
+    Image.fromarray(tall).save(tmp_path / "tall.png")
+    Image.fromarray(middle).save(tmp_path / "square.png")
+    table = run_predict(checkpoint, [tmp_path / "tall.png", tmp_path / "square.png"], device="cpu", tta=True,
+                        progress=False).table
+    np.testing.assert_allclose(table[list(CLASSES)].to_numpy()[0], table[list(CLASSES)].to_numpy()[1], atol=1e-6)
+
+
+def test_predict_reads_dicom_like_the_same_png(checkpoint, tmp_path):
+    pixels = _radiograph(2, np.random.default_rng(3), 60, 48)
+    pixels[0, 0], pixels[-1, -1] = 0, 255  # the full 8-bit range, so 12-bit scaling lands on the same levels
+    Image.fromarray(pixels).save(tmp_path / "scan.png")
+    write_dicom(tmp_path / "scan_mono1.dcm", (255 - pixels.astype(np.uint16)) * 16, "MONOCHROME1", bits_stored=12)
+    write_dicom(tmp_path / "scan_window.dcm", pixels.astype(np.uint16) * 16 + 100, bits_stored=12,
+                window=(100 + 255 * 16 / 2, 255 * 16 + 1))
+    write_dicom(tmp_path / "unsupported.dcm", pixels)
+    ds = dcmread(tmp_path / "unsupported.dcm")
+    ds.file_meta.TransferSyntaxUID = uid.JPEGLSLossless
+    ds.PixelData = encapsulate([b"\xff\xd8 JPEG-LS bytes"])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(tmp_path / "unsupported.dcm")
+    result = run_predict(checkpoint, [tmp_path], device="cpu", cam_dir=tmp_path / "cam", progress=False)
+    table = result.table.set_index(result.table["file"].map(lambda f: Path(f).name))
+    probabilities = table[list(CLASSES)]
+    np.testing.assert_allclose(probabilities.loc["scan_mono1.dcm"], probabilities.loc["scan.png"], atol=1e-6)
+    np.testing.assert_allclose(probabilities.loc["scan_window.dcm"], probabilities.loc["scan.png"], atol=2e-3)
+    [(path, reason)] = result.failures
+    assert path.name == "unsupported.dcm" and "JPEG-LS" in reason and "no decoder" in reason
+    assert len(result.cam_files) == 3
 
 
 def test_predict_with_tta_averages_views(checkpoint, scans):
@@ -107,7 +191,7 @@ def test_collect_images_expands_folders_and_keeps_named_files(scans, tmp_path):
     found, failures = collect_images([folder / "notes.png", folder, tmp_path / "nothing"])
     assert found[0] == folder / "notes.png"
     assert folder / "more" / "rgb.jpg" in found
-    assert [reason for _, reason in failures] == ["folder holds no .jpg, .jpeg or .png file"]
+    assert [reason for _, reason in failures] == ["folder holds no .jpg, .jpeg, .png or .dcm file"]
 
 
 def test_cli_predict_prints_a_table_and_skips_bad_files(checkpoint, scans, tmp_path, capsys):

@@ -11,6 +11,7 @@ from cxr.cli import main
 from cxr.compare import plot_comparison
 from cxr.config import get_experiment
 from cxr.data import CLASSES, XRayDataset, load_splits
+from cxr.imageio import decode_image
 from cxr.engine import make_loader
 from cxr.models import build_model, preprocessing
 from cxr.workflow import evaluate_model
@@ -106,20 +107,23 @@ def test_logit_adjustment_report_never_uses_test_labels_for_tau():
     assert reports[0]["val_macro_f1"]["with"] >= reports[0]["val_macro_f1"]["without"]
 
 
-def test_tta_averages_ten_views(synthetic_root):
+def test_tta_views_are_the_evaluation_crop_its_mirror_and_mild_changes(synthetic_root):
     torch.manual_seed(0)
     model = build_model("resnet50", weights="none", freeze_backbone=True, image_size=32).eval()
     prep = preprocessing("resnet50", 32)
     with pytest.warns(UserWarning, match="Skipped"):
-        test_split = load_splits(synthetic_root).test
-    dataset = XRayDataset(test_split.subset([0, 5, 10]), uncertainty.tta_transform(prep))
-    views, _ = dataset[0]
-    assert views.shape == (10, 3, 32, 32)
-    torch.testing.assert_close(views[5], views[1].flip(-1))  # top-left of the mirror image = mirrored top-right
+        test_split = load_splits(synthetic_root).test.subset([0, 5, 10])
+    side = uncertainty.square_side(prep)
+    squares = torch.from_numpy(np.stack([decode_image(p, side) for p in test_split.paths]))[:, None]
+    views = uncertainty.TTAViews.from_preprocessing(prep)(squares)
+    assert views.shape == (3, 8, 3, 32, 32)
+    torch.testing.assert_close(views[:, 0], uncertainty.eval_transform(prep)(squares))  # view 0: plain evaluation
+    torch.testing.assert_close(views[:, 4:], views[:, :4].flip(-1))  # the other half: their mirror images
+    dataset = XRayDataset(test_split, uncertainty.TTAViews.from_preprocessing(prep), side)
     log_probs, labels = uncertainty.predict_tta(model, make_loader(dataset, 2, False, CPU), CPU)
-    assert log_probs.shape == (3, len(CLASSES)) and len(labels) == 3
+    assert log_probs.shape == (3, len(CLASSES)) and list(labels) == test_split.labels
     with torch.no_grad():
-        expected = model(views).softmax(1).mean(0).numpy()
+        expected = model(views[0]).softmax(1).mean(0).numpy()
     np.testing.assert_allclose(np.exp(log_probs[0]), expected, rtol=1e-4, atol=1e-6)
 
 

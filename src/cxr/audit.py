@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from . import near_duplicates
 from .cache import cache_side, cache_split
 from .data import CLASSES, FOLDER_ALIASES, SPLITS, DataSplits, Split, locate_dataset, scan_split
+from .imageio import dicom_header, is_dicom
 from .reporting import write_json
 
 AUDIT_FILE = "audit.json"
@@ -47,6 +48,8 @@ def file_sha256(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
 
 def image_header(path: str | os.PathLike) -> tuple[int, int, str]:
     """(width, height, mode) from the file header; PIL decodes no pixels until asked to."""
+    if is_dicom(path):
+        return dicom_header(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as image:

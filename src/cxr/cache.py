@@ -1,13 +1,13 @@
 """Decode every image once: a decoded-image cache on disk, shared by epochs, runs and experiments.
 
-Each image is decoded (JPEG in draft mode, which lets libjpeg skip most of the work for a small
-target), converted to 8-bit grayscale, resized so its shorter side is ``side`` and center-cropped to a
-``side`` x ``side`` square, then stored as raw bytes in its own file. The file name is a hash of the
-image's absolute path, size, modification time and ``side``, so a changed image simply misses the
-cache and is decoded again while the others are reused; two runs may build the same cache at once
-(every entry is written to a temporary file and renamed). Chest X-rays are grayscale: one channel is
-stored and expanded to three on the device, a third of the memory of RGB. Decoding runs on a thread
-pool: Pillow releases the GIL while it decodes and resizes.
+Each image is decoded by :func:`cxr.imageio.decode_image` (JPEG in draft mode, which lets libjpeg skip
+most of the work for a small target; DICOM through its LUTs), as 8-bit grayscale with its shorter side
+resized to ``side`` and center-cropped to a ``side`` x ``side`` square, then stored as raw bytes in its
+own file. The file name is a hash of the image's absolute path, size, modification time and ``side``, so
+a changed image simply misses the cache and is decoded again while the others are reused; two runs may
+build the same cache at once (every entry is written to a temporary file and renamed). Chest X-rays are
+grayscale: one channel is stored and expanded to three on the device, a third of the memory of RGB.
+Decoding runs on a thread pool: Pillow releases the GIL while it decodes and resizes.
 """
 
 from __future__ import annotations
@@ -22,16 +22,13 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from .data import Split
+from .imageio import cache_side, decode_image  # noqa: F401  (cache_side: part of this module's interface)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: more than 8 bits scaled by imageio.scale_to_uint8 (rounded, not truncated)
 CACHE_DIR_ENV = "CXR_CACHE_DIR"
-# The cache keeps 256 px for 224 px training images: the classic evaluation resize, and at least
-# every pretrained weight's own resize (ResNet V2 weights use 232, ViT 256), so one cache serves all.
-CACHE_RATIO = 256 / 224
 
 
 def default_cache_dir() -> Path:
@@ -40,43 +37,6 @@ def default_cache_dir() -> Path:
         return Path(os.environ[CACHE_DIR_ENV]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser() / "cxr"
-
-
-def cache_side(image_size: int, resize: int | None = None) -> int:
-    """Side of the cached squares for training at ``image_size`` with evaluation resize ``resize``."""
-    return max(resize or 0, round(image_size * CACHE_RATIO))
-
-
-def _gray8(image: Image.Image) -> Image.Image:
-    """Any mode as 8-bit grayscale, the way ``data.load_image`` reads it (16-bit stretched to its range,
-    palette and alpha images through RGBA) followed by a conversion to L."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float32)
-        low, high = float(array.min()), float(array.max())
-        scaled = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
-        return Image.fromarray(scaled.astype(np.uint8), mode="L")
-    if image.mode == "L":
-        return image
-    if image.mode in ("P", "LA", "PA") or "transparency" in image.info:
-        image = image.convert("RGBA")
-    return image.convert("RGB").convert("L")
-
-
-def decode_image(path: str | os.PathLike, side: int) -> np.ndarray:
-    """One image as a ``side`` x ``side`` uint8 grayscale square: EXIF orientation applied, shorter side
-    resized to ``side`` (PIL's bilinear filter widens with the scale, so shrinking is antialiased),
-    longer side center-cropped."""
-    with Image.open(path) as image:
-        if image.format == "JPEG":
-            image.draft("L", (side, side))  # DCT-domain downscale; the result stays >= side on both axes
-        image = _gray8(ImageOps.exif_transpose(image))
-        width, height = image.size
-        scale = side / min(width, height)
-        size = (max(side, round(width * scale)), max(side, round(height * scale)))
-        if size != image.size:
-            image = image.resize(size, Image.Resampling.BILINEAR)
-        left, top = (size[0] - side) // 2, (size[1] - side) // 2
-        return np.asarray(image.crop((left, top, left + side, top + side)), dtype=np.uint8)
 
 
 def entry_path(cache_dir: Path, path: Path, side: int) -> Path:

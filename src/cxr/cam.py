@@ -20,9 +20,9 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
-from torchvision.transforms import v2
 
-from .data import load_image
+from . import uncertainty
+from .imageio import decode_image
 
 
 def vit_tokens_to_grid(tokens: torch.Tensor) -> torch.Tensor:
@@ -74,19 +74,11 @@ def grad_cam(model: nn.Module, images: torch.Tensor, targets: Sequence[int] | No
     return np.clip(maps, 0.0, 1.0)
 
 
-def display_transform(preprocessing: dict[str, Any]) -> v2.Compose:
-    """The evaluation geometry (resize + centre crop) without normalisation: the pixels the model saw."""
-    return v2.Compose([
-        v2.ToImage(),
-        v2.Resize(preprocessing["resize"], antialias=True),
-        v2.CenterCrop(preprocessing["image_size"]),
-        v2.ToDtype(torch.float32, scale=True),
-    ])
-
-
-def as_display(image: Image.Image, preprocessing: dict[str, Any]) -> np.ndarray:
-    """(H, W, 3) float image in [0, 1], cropped like the model's input."""
-    return display_transform(preprocessing)(image).permute(1, 2, 0).numpy()
+def as_display(inputs: torch.Tensor, preprocessing: dict[str, Any]) -> np.ndarray:
+    """One normalised model input ``(3, H, W)`` as an ``(H, W, 3)`` float image in [0, 1]: the pixels the model saw."""
+    mean = torch.tensor(preprocessing["mean"], dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(preprocessing["std"], dtype=torch.float32).view(-1, 1, 1)
+    return (inputs.detach().float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
 def overlay(display: np.ndarray, heat_map: np.ndarray) -> np.ndarray:
@@ -120,10 +112,11 @@ def plot_cam_grid(
     """Test images (predicted and true class; mistakes in red) with the Grad-CAM of the predicted class beneath."""
     predictions = probabilities.argmax(1)
     chosen = choose_examples(np.asarray(labels), predictions, count, seed)
-    normalise = v2.Normalize(list(preprocessing["mean"]), list(preprocessing["std"]))
-    displays = [as_display(load_image(paths[i]), preprocessing) for i in chosen]
-    batch = normalise(torch.stack([torch.from_numpy(d).permute(2, 0, 1) for d in displays])) if displays else None
-    heat_maps = grad_cam(model, batch, predictions[chosen]) if displays else []
+    side = uncertainty.square_side(preprocessing)
+    squares = [decode_image(paths[i], side) for i in chosen]
+    batch = uncertainty.eval_transform(preprocessing)(torch.from_numpy(np.stack(squares))[:, None]) if squares else []
+    displays = [as_display(inputs, preprocessing) for inputs in batch]
+    heat_maps = grad_cam(model, batch, predictions[chosen]) if squares else []
     rows = 2 * max(1, math.ceil(len(chosen) / columns))
     figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows), squeeze=False, layout="constrained")
     for axis in axes.flat:

@@ -48,7 +48,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def _cache_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cache", dest="cache", action="store_const", const=False,
-                        help="decode and transform every image with PIL on every pass (no decoded-image cache)")
+                        help="decode and transform every image on every pass (no decoded-image cache)")
     parser.add_argument("--cache-dir", help="decoded-image cache folder (default: $CXR_CACHE_DIR, else ~/.cache/cxr)")
 
 
@@ -88,16 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", required=True)
     _common(evaluate)
     evaluate.add_argument("--tta", action="store_true",
-                          help="also report test-time augmentation (corner and centre crops, each mirrored)")
+                          help="also report test-time augmentation (centre crop, whole square, small shifts; each mirrored)")
     _cache_options(evaluate)
 
     predict = commands.add_parser("predict", help="classify image files or folders with a trained checkpoint")
-    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files, or folders searched recursively")
+    predict.add_argument("paths", nargs="+", metavar="PATH",
+                         help="image files (JPEG, PNG, DICOM), or folders searched recursively")
     predict.add_argument("--checkpoint", required=True, help="a checkpoint written by cxr train (best.pt)")
     predict.add_argument("--csv", help="also write the table (every class's probability) to this CSV file")
     predict.add_argument("--cam", metavar="DIR", help="write each image beside its Grad-CAM overlay into DIR")
     predict.add_argument("--device", help="cuda, mps, cpu or cuda:N (default: best available)")
-    predict.add_argument("--tta", action="store_true", help="average over ten views (corner and centre crops, mirrored)")
+    predict.add_argument("--tta", action="store_true",
+                         help="average over eight views (centre crop, whole square, small shifts; each mirrored)")
     predict.add_argument("--batch-size", type=positive_int, default=16)
     predict.add_argument("--quiet", action="store_true", help="no progress bars")
 

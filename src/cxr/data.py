@@ -1,6 +1,6 @@
 """Find, scan, split and load the Kaggle chest X-ray dataset.
 
-Layout: ``<root>/{train,val,test}/<CLASS>/*.{jpg,jpeg,png}``; the Kaggle archive spells the
+Layout: ``<root>/{train,val,test}/<CLASS>/*.{jpg,jpeg,png,dcm}``; the Kaggle archive spells the
 tuberculosis folder ``TURBERCULOSIS`` and may nest the split folders one or two levels down.
 """
 
@@ -12,24 +12,26 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from .imageio import IMAGE_EXTENSIONS, check_dicom, decode_image, is_dicom, open_8bit
+
 CLASSES: tuple[str, ...] = ("COVID19", "NORMAL", "PNEUMONIA", "TUBERCULOSIS")
 FOLDER_ALIASES = {"TURBERCULOSIS": "TUBERCULOSIS"}
 SPLITS = ("train", "val", "test")
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
 KAGGLE_HANDLE = "jtiptj/chest-xray-pneumoniacovid19tuberculosis"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 EXPECTED_LAYOUT = (
-    "Expected layout: DATA_DIR/{train,val,test}/{COVID19,NORMAL,PNEUMONIA,TUBERCULOSIS}/*.jpg|jpeg|png "
+    "Expected layout: DATA_DIR/{train,val,test}/{COVID19,NORMAL,PNEUMONIA,TUBERCULOSIS}/*.jpg|jpeg|png|dcm "
     "(the Kaggle spelling TURBERCULOSIS is accepted; the split folders may sit one or two levels down)."
 )
 
@@ -131,6 +133,8 @@ def check_image(path: Path) -> str | None:
     try:
         if path.stat().st_size == 0:
             return "empty file"
+        if is_dicom(path):
+            return check_dicom(path)
         with warnings.catch_warnings():  # over PIL's pixel limit: decoding it every epoch would stall training
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
@@ -242,17 +246,9 @@ def load_splits(
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open any image mode (L, LA, RGB, RGBA, P, I;16, CMYK) as 8-bit RGB, with EXIF orientation applied."""
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            array = np.asarray(image, dtype=np.float32)
-            low, high = float(array.min()), float(array.max())
-            scaled = (array - low) / (high - low) * 255.0 if high > low else np.zeros_like(array)
-            image = Image.fromarray(scaled.astype(np.uint8), mode="L")
-        elif image.mode in ("P", "LA", "PA") or "transparency" in image.info:
-            image = image.convert("RGBA")
-        return image.convert("RGB")
+    """Any supported file (every image mode, 16-bit, DICOM) as 8-bit RGB, EXIF orientation applied: for
+    showing the whole image. What a model sees comes from :func:`cxr.imageio.decode_image`."""
+    return open_8bit(path).convert("RGB")
 
 
 def build_transforms(
@@ -279,15 +275,16 @@ def build_transforms(
 
 
 class XRayDataset(Dataset):
-    """Images of one split, decoded on access and transformed."""
+    """Images of one split, decoded on access into the ``side`` square that the decoded-image cache
+    holds (:func:`cxr.imageio.decode_image`), then transformed as a batch of one by ``transform`` (an
+    ``augment.TrainAugment`` or ``EvalTransform``): the cache's pixels without the cache."""
 
-    def __init__(self, split: Split, transform) -> None:
-        self.split = split
-        self.transform = transform
+    def __init__(self, split: Split, transform: Callable[[torch.Tensor], torch.Tensor], side: int) -> None:
+        self.split, self.transform, self.side = split, transform, side
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(load_image(self.split.paths[index])), self.split.labels[index]
-
+        square = torch.from_numpy(decode_image(self.split.paths[index], self.side))[None, None]
+        return self.transform(square)[0], self.split.labels[index]

@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpoint import CheckpointError, CheckpointWriter, load_checkpoint
 from .config import Experiment
-from .augment import DeviceDataset, DeviceLoader, EvalTransform, TrainAugment
+from .augment import BatchTransform, DeviceDataset, DeviceLoader, EvalTransform, TrainAugment
 from .cache import cache_side, cache_split
-from .data import CLASSES, EXPECTED_LAYOUT, DatasetError, DataSplits, Split, XRayDataset, build_transforms, warn_skipped
+from .data import CLASSES, EXPECTED_LAYOUT, DatasetError, DataSplits, Split, XRayDataset, warn_skipped
 from .features import feature_dataset
 from .models import Classifier, build_model, estimate_batchnorm_statistics, needs_batchnorm_statistics, preprocessing
 from .runtime import Runtime, device_name, select_device  # noqa: F401 (re-exported: engine.select_device is public)
@@ -95,28 +95,29 @@ def make_loader(
 
 def build_dataset(
     split: Split, experiment: Experiment, prep: dict[str, Any], runtime: Runtime, train: bool,
-    description: str = "decode",
+    description: str = "decode", transform: BatchTransform | None = None,
 ) -> tuple[Dataset | DeviceDataset, Split, dict[str, Any]]:
     """One split as ``fit`` and ``workflow.evaluate_model`` read it.
 
     With ``runtime.cache`` every image is decoded once into the on-disk cache (:mod:`cxr.cache`), the
     whole uint8 split is held where ``runtime`` keeps data and transformed on the device per batch
-    (:mod:`cxr.augment`); without it PIL decodes and transforms every image on every access, in
+    (:mod:`cxr.augment`); without it every image is decoded and transformed on every access, in
     DataLoader workers. Returns the dataset, the split it holds (the cache leaves out files that fail to
-    decode, listed in ``skipped``) and what it cost, for metrics.json.
+    decode, listed in ``skipped``) and what it cost, for metrics.json. Both read the same decoded squares
+    and apply the same tensor ``transform`` (default: training augmentation or the evaluation crop).
     """
     augment = train and experiment.augment
     mean, std = tuple(prep["mean"]), tuple(prep["std"])
     resize = prep.get("resize") or round(experiment.image_size * 256 / 224)  # checkpoints may predate "resize"
+    channels_last = runtime.channels_last and runtime.cache  # DataLoader workers collate contiguous batches
+    transform = transform or (TrainAugment(experiment.image_size, mean, std, channels_last=channels_last) if augment
+                              else EvalTransform(experiment.image_size, resize, mean, std, channels_last=channels_last))
+    side = cache_side(experiment.image_size, resize)
     if not runtime.cache:
-        transform = build_transforms(experiment.image_size, augment, augment, mean, std, resize=resize)
-        return XRayDataset(split, transform), split, {"held_on": "disk (decoded every epoch)"}
-    cached = cache_split(split, cache_side(experiment.image_size, resize), runtime.cache_dir,
-                         progress=runtime.progress, description=description)
+        return XRayDataset(split, transform, side), split, {"held_on": "disk (decoded every epoch)"}
+    cached = cache_split(split, side, runtime.cache_dir, progress=runtime.progress, description=description)
     if cached.write_error:
         warnings.warn(cached.write_error, stacklevel=2)
-    transform = (TrainAugment(experiment.image_size, mean, std, channels_last=runtime.channels_last) if augment
-                 else EvalTransform(experiment.image_size, resize, mean, std, channels_last=runtime.channels_last))
     dataset = DeviceDataset.from_images(cached.images, cached.split.labels, runtime, transform)
     return dataset, cached.split, {"held_on": dataset.inputs.device.type, "cache_side": cached.side,
                                    "decoded": cached.decoded, "cache_seconds": cached.seconds}

@@ -1,7 +1,9 @@
-"""Classify single images with a trained checkpoint, optionally with a Grad-CAM overlay per image.
+"""Classify single images (JPEG, PNG, DICOM) with a trained checkpoint, optionally with a Grad-CAM overlay.
 
-The checkpoint brings its class names and preprocessing (resize, crop, normalisation), so an image
-is prepared exactly as the test split was. A file that cannot be read is reported and skipped.
+The checkpoint brings its class names and preprocessing (resize, crop, normalisation), and every file is
+decoded by the same function as the training and test images (:func:`cxr.imageio.decode_image`) and
+cropped by the same tensor transform, so an image gets the probabilities ``cxr evaluate`` gives it.
+A file that cannot be read is reported and skipped.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from . import uncertainty
-from .data import IMAGE_EXTENSIONS, build_transforms, check_image, load_image
+from .data import IMAGE_EXTENSIONS, check_image
+from .imageio import ImageReadError, decode_image
 from .runtime import Runtime
 from .models import preprocessing as default_preprocessing
 from .workflow import load_trained_model
@@ -34,7 +38,7 @@ class Predictions:
 
 
 def collect_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Expand files and folders (searched recursively for .jpg/.jpeg/.png) into image paths; a missing
+    """Expand files and folders (searched recursively for .jpg/.jpeg/.png/.dcm/.dicom) into image paths; a missing
     path or an empty folder is reported instead. A file named explicitly is tried whatever its suffix."""
     found: list[Path] = []
     failures: list[tuple[Path, str]] = []
@@ -44,7 +48,7 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], lis
                             and not p.name.startswith("."))
             found.extend(images)
             if not images:
-                failures.append((entry, "folder holds no .jpg, .jpeg or .png file"))
+                failures.append((entry, "folder holds no .jpg, .jpeg, .png or .dcm file"))
         elif entry.is_file():
             found.append(entry)
         else:
@@ -52,13 +56,16 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> tuple[list[Path], lis
     return found, failures
 
 
-def read_image(path: Path) -> tuple[Image.Image | None, str | None]:
-    """The image as RGB, or None and why it cannot be used (empty, not an image, truncated, corrupt)."""
+def read_image(path: Path, side: int) -> tuple[np.ndarray | None, str | None]:
+    """The decoded ``side`` square, or None and why it cannot be used (empty, not an image, truncated,
+    corrupt, a DICOM file without a decoder for its pixel data)."""
     reason = check_image(path)
     if reason is not None:
         return None, reason
     try:
-        return load_image(path), None
+        return decode_image(path, side), None
+    except ImageReadError as error:
+        return None, str(error)
     except UnidentifiedImageError:
         return None, "not an image"
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
@@ -78,31 +85,30 @@ def predict_images(
     model: torch.nn.Module, classes: Sequence[str], preprocessing: dict[str, Any], paths: Sequence[Path],
     runtime: Runtime, batch_size: int = 16, tta: bool = False, cam_dir: Path | None = None,
 ) -> Predictions:
-    """Class probabilities for every readable image of ``paths``; with ``tta``, averaged over ten views
-    (corner and centre crops, each mirrored); with ``cam_dir``, one image + Grad-CAM PNG per image."""
+    """Class probabilities for every readable image of ``paths``; with ``tta``, averaged over the views of
+    ``uncertainty.TTAViews``; with ``cam_dir``, one image + Grad-CAM PNG per image."""
     if cam_dir is not None:
         from . import cam  # imported only when asked for: it needs the grad-cam package
     runtime.prepare_model(model).eval()
-    transform = build_transforms(preprocessing["image_size"], False, mean=preprocessing["mean"],
-                                 std=preprocessing["std"], resize=preprocessing["resize"])
-    views_transform = uncertainty.tta_transform(preprocessing) if tta else None
+    side, transform = uncertainty.square_side(preprocessing), uncertainty.eval_transform(preprocessing)
+    views_transform = uncertainty.TTAViews.from_preprocessing(preprocessing) if tta else None
     rows, failures, cam_files, taken = [], [], [], set()
     batches = [list(paths[i:i + batch_size]) for i in range(0, len(paths), batch_size)]
     for batch_paths in tqdm(batches, desc="predict", leave=False, disable=not runtime.progress):
         loaded = []
         for path in batch_paths:
-            image, reason = read_image(path)
-            if image is None:
+            square, reason = read_image(path, side)
+            if square is None:
                 failures.append((path, reason))
             else:
-                loaded.append((path, image))
+                loaded.append((path, square))
         if not loaded:
             continue
-        inputs = torch.stack([transform(image) for _, image in loaded])
+        squares = torch.from_numpy(np.stack([square for _, square in loaded]))[:, None].to(runtime.device)
+        inputs = transform(squares)
         with torch.inference_mode():
             if views_transform is not None:
-                views = torch.stack([views_transform(image) for _, image in loaded])
-                probabilities = uncertainty.average_view_probabilities(model, views, runtime)
+                probabilities = uncertainty.average_view_probabilities(model, views_transform(squares), runtime)
             else:
                 with runtime.autocast():
                     probabilities = model(runtime.to_device(inputs)).float().softmax(1)
@@ -113,7 +119,7 @@ def predict_images(
                          **{name: float(value) for name, value in zip(classes, p)}})
         if cam_dir is not None:
             heat_maps = cam.grad_cam(model, inputs, predicted)
-            for (path, image), heat_map in zip(loaded, heat_maps):
+            for (path, _), image, heat_map in zip(loaded, inputs, heat_maps):
                 display = cam.as_display(image, preprocessing)
                 cam_files.append(cam.save_overlay(display, heat_map, Path(cam_dir) / _cam_name(path, taken)))
     columns = ["file", "prediction", "probability", *classes]

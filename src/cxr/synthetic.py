@@ -1,8 +1,10 @@
 """A tiny synthetic dataset in the Kaggle layout, for tests and the notebooks' smoke mode.
 
 Each class gets a different simple pattern so a model can learn something in one epoch, drawn over a
-random smooth structure of each image's own, so that two images are never near-duplicates; the folder also holds the awkward files real downloads contain (corrupt, empty, truncated, non-image,
-grayscale, RGBA and 16-bit images) and the Kaggle spelling ``TURBERCULOSIS``.
+random smooth structure of each image's own, so that two images are never near-duplicates; the folder
+also holds the awkward files real downloads contain (corrupt, empty, truncated, non-image, grayscale,
+RGBA and 16-bit images) and the Kaggle spelling ``TURBERCULOSIS``. :func:`write_dicom` writes DICOM files
+for tests and examples.
 """
 
 from __future__ import annotations
@@ -72,3 +74,33 @@ def write_synthetic_dataset(
         Image.fromarray(_pattern(1, size, rng), mode="L").save(folder / "gray.png")
         Image.fromarray(_pattern(1, size, rng).astype(np.uint16) * 257).save(folder / "sixteen_bit.png")
     return root
+
+
+def write_dicom(
+    path: str | Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int | None = None,
+    window: tuple[float, float] | None = None, rescale: tuple[float, float] | None = None, rle: bool = False,
+) -> Path:
+    """Write a single-frame grayscale DICOM radiograph (uint8 or uint16 ``pixels``, stored as given) with
+    pydicom, optionally with a window (centre, width), a rescale (intercept, slope) or RLE compression."""
+    import pydicom
+    from pydicom import uid
+
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = uid.DigitalXRayImageStorageForPresentation
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = uid.generate_uid()
+    ds.file_meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
+    ds.Modality, ds.SamplesPerPixel, ds.PhotometricInterpretation = "DX", 1, photometric
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated = pixels.dtype.itemsize * 8
+    ds.BitsStored = bits_stored or ds.BitsAllocated
+    ds.HighBit, ds.PixelRepresentation = ds.BitsStored - 1, 0
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    if rescale is not None:
+        ds.RescaleIntercept, ds.RescaleSlope = rescale
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    if rle:
+        ds.compress(uid.RLELossless)
+    ds.save_as(path, enforce_file_format=True)
+    return Path(path)

@@ -6,19 +6,21 @@ next; the intervals say how much. Calibration says whether a predicted 0.9 means
 
 from __future__ import annotations
 
-import functools
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.special import softmax
 from torch import nn
 from torch.utils.data import DataLoader
-from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
+from .augment import EvalTransform
+from .imageio import cache_side
 from .runtime import Runtime
 
 CONFIDENCE_LEVEL = 0.95
@@ -192,21 +194,43 @@ def calibration_report(test_logits: np.ndarray, test_labels: np.ndarray, path: P
     return expected_calibration_error(probabilities, test_labels)
 
 
-def _stacked_views(ten_crop: v2.Compose, image: Any) -> torch.Tensor:
-    return torch.stack(ten_crop(image))
+def eval_transform(preprocessing: dict[str, Any]) -> EvalTransform:
+    """A checkpoint's evaluation crop and normalisation, on decoded uint8 squares."""
+    return EvalTransform(preprocessing["image_size"], preprocessing["resize"], tuple(preprocessing["mean"]),
+                         tuple(preprocessing["std"]))
 
 
-def tta_transform(preprocessing: dict[str, Any]) -> Callable[[Any], torch.Tensor]:
-    """Ten views per image as one (10, C, H, W) tensor: the four corner crops and the centre crop of
-    the evaluation resize, each also mirrored left-right (``TenCrop``)."""
-    ten_crop = v2.Compose([
-        v2.ToImage(),
-        v2.Resize(preprocessing["resize"], antialias=True),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(preprocessing["mean"]), list(preprocessing["std"])),
-        v2.TenCrop(preprocessing["image_size"]),
-    ])
-    return functools.partial(_stacked_views, ten_crop)
+def square_side(preprocessing: dict[str, Any]) -> int:
+    """Side of the decoded square (:func:`cxr.imageio.decode_image`) a checkpoint's inputs are cut from."""
+    return cache_side(preprocessing["image_size"], preprocessing["resize"])
+
+
+@dataclass(frozen=True)
+class TTAViews:
+    """Eight views of each decoded square, all inside what training augmentation shows: the evaluation
+    crop (view 0, exactly the plain evaluation input), the whole square resized (the largest random crop)
+    and the evaluation crop shifted left and right by up to 4% (the largest shift), each also mirrored.
+    A ``(B, 1, S, S)`` uint8 batch becomes ``(B, 8, 3, image_size, image_size)``."""
+
+    image_size: int
+    resize: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    shift: float = 0.04  # TrainAugment.translate
+    names = ("centre crop", "whole square", "shifted left", "shifted right")
+
+    @classmethod
+    def from_preprocessing(cls, preprocessing: dict[str, Any]) -> TTAViews:
+        return cls(preprocessing["image_size"], preprocessing["resize"], tuple(preprocessing["mean"]),
+                   tuple(preprocessing["std"]))
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        full = EvalTransform(self.resize, self.resize, self.mean, self.std)(images)  # normalised, not cropped
+        size, top = self.image_size, int(round((self.resize - self.image_size) / 2.0))
+        shift = min(round(self.shift * size), top, self.resize - size - top)
+        crops = [full[..., top:top + size, left:left + size] for left in (top, top - shift, top + shift)]
+        crops.insert(1, F.interpolate(full, size=(size, size), mode="bilinear", antialias=True, align_corners=False))
+        return torch.stack(crops + [crop.flip(-1) for crop in crops], 1)
 
 
 @torch.inference_mode()
@@ -228,7 +252,7 @@ def predict_tta(model: nn.Module, loader: DataLoader, runtime: Runtime,
     for views, labels in tqdm(loader, desc=description, leave=False, disable=not runtime.progress):
         probabilities = average_view_probabilities(model, views, runtime)
         all_log_probs.append(probabilities.clamp_min(1e-12).log().cpu())
-        all_labels.append(torch.as_tensor(labels))
+        all_labels.append(torch.as_tensor(labels).cpu())  # a DeviceLoader's labels live on the device
     return torch.cat(all_log_probs).numpy(), torch.cat(all_labels).numpy()
 
 

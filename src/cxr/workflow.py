@@ -22,7 +22,7 @@ from . import distributed, reporting, uncertainty
 from .audit import audit_summary, audit_training_splits
 from .checkpoint import load_checkpoint
 from .config import Experiment, experiment_from_dict, get_experiment
-from .data import CLASSES, KAGGLE_HANDLE, DataSplits, XRayDataset, load_splits, locate_dataset, warn_skipped
+from .data import CLASSES, KAGGLE_HANDLE, DataSplits, load_splits, locate_dataset, warn_skipped
 from .engine import build_dataset, fit, make_deterministic, make_loader, predict
 from .models import Classifier, build_model
 from .runtime import Runtime, device_name
@@ -94,11 +94,13 @@ def uncertainty_report(
         "logit_adjusted": uncertainty.logit_adjustment_report(val_logits, val_labels, logits, labels,
                                                               splits.train.labels, CLASSES),
     }
-    if tta:
-        views = XRayDataset(splits.test, uncertainty.tta_transform(preprocessing))
-        tta_loader = make_loader(views, max(1, experiment.batch_size // 4), False, runtime)
+    if tta:  # the views are cut from the same decoded squares as the plain evaluation
+        views = uncertainty.TTAViews.from_preprocessing(preprocessing)
+        tta_set, _, _ = build_dataset(splits.test, experiment, preprocessing, runtime, False, "decode test",
+                                      transform=views)
+        tta_loader = make_loader(tta_set, max(1, experiment.batch_size // 4), False, runtime)
         tta_logits, tta_labels = uncertainty.predict_tta(model, tta_loader, runtime, "test TTA")
-        report["tta"] = {"views": "TenCrop: 4 corner + centre crops, each also mirrored",
+        report["tta"] = {"views": f"{', '.join(views.names)}; each also mirrored",
                          **uncertainty.summary_with_ci(tta_logits, tta_labels, CLASSES)}
     try:
         from . import cam  # imported here: the grad-cam package is missing on some bare GPU machines
