@@ -19,8 +19,7 @@ from tqdm.auto import tqdm
 from . import uncertainty
 from .data import IMAGE_EXTENSIONS, build_transforms, check_image, load_image
 from .engine import autocast, autocast_dtype, select_device
-from .models import preprocessing as default_preprocessing
-from .workflow import load_trained_model
+from .export import load_for_inference
 
 
 @dataclass
@@ -127,12 +126,11 @@ def run_predict(
     cam_dir: str | os.PathLike | None = None, device: str | None = None, tta: bool = False, batch_size: int = 16,
     progress: bool = True,
 ) -> Predictions:
-    """Load ``checkpoint``, classify every image found in ``inputs`` and write the CSV when asked."""
-    model, state = load_trained_model(checkpoint)
-    config = state["experiment"]
-    prep = state.get("preprocessing") or default_preprocessing(config["arch"], config["image_size"])
+    """Load ``checkpoint`` (or a folder written by ``cxr export``), classify every image found in ``inputs``
+    and write the CSV when asked."""
+    model, classes, prep = load_for_inference(checkpoint)
     paths, failures = collect_images(inputs)
-    result = predict_images(model, list(state["classes"]), prep, paths, select_device(device), batch_size, tta,
+    result = predict_images(model, classes, prep, paths, select_device(device), batch_size, tta,
                             Path(cam_dir) if cam_dir else None, progress)
     result.failures[:0] = failures
     if csv_path is not None:

@@ -25,6 +25,7 @@ from .config import Experiment, experiment_from_dict, get_experiment
 from .data import CLASSES, KAGGLE_HANDLE, DataSplits, XRayDataset, load_splits, locate_dataset, warn_skipped
 from .engine import build_dataset, device_name, fit, make_deterministic, make_loader, predict, select_device, autocast_dtype
 from .models import Classifier, build_model
+from .tensorboard_log import RunLog
 
 ASSET_FILES = {
     "curves": "curves.png",
@@ -164,12 +165,14 @@ def train_experiment(
     splits: DataSplits | None = None,
     deterministic: bool = False,
     cache_dir: str | os.PathLike | None = None,
+    tensorboard: bool = True,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Train the named experiment, evaluate its best checkpoint on the test split and write every
     asset into ``out/<name>/``. ``overrides`` replace configuration values (epochs, batch_size, ...);
-    ``deterministic`` allows only deterministic kernels. The data is audited first: duplicates and
-    train/test leakage are warned about and summarised in metrics.json. Returns the contents of ``metrics.json``.
+    ``deterministic`` allows only deterministic kernels; ``tensorboard`` also writes TensorBoard event files
+    into ``out/<name>/tensorboard/``. The data is audited first: duplicates and train/test leakage are warned
+    about and summarised in metrics.json. Returns the contents of ``metrics.json``.
 
     Under ``torchrun`` every process calls this (see :mod:`cxr.distributed`); rank 0 audits the data and
     writes every file, the other ranks return only the test metrics."""
@@ -186,8 +189,10 @@ def train_experiment(
         for message in data_audit["warnings"]:
             warnings.warn(message, stacklevel=2)
         out_dir.mkdir(parents=True, exist_ok=True)
+    board = RunLog(out_dir / "tensorboard", resume) if main_rank and tensorboard else None
     result = fit(experiment, splits, out_dir, run_device, seed=seed, workers=workers, resume=resume,
-                 progress=progress, on_epoch_end=on_epoch_end, cache_dir=cache_dir)
+                 progress=progress, on_epoch_end=board.on_epoch_end(on_epoch_end) if board else on_epoch_end,
+                 cache_dir=cache_dir)
     if main_rank:
         plt.close(reporting.plot_history(result.history, out_dir / ASSET_FILES["curves"], experiment.name))
     state = load_checkpoint(result.best_checkpoint, experiment=experiment.name)
@@ -220,6 +225,9 @@ def train_experiment(
         "files": {k: v for k, v in ASSET_FILES.items()},
     }
     reporting.write_json(metrics, out_dir / ASSET_FILES["metrics"])
+    if board is not None:
+        test_logits = np.load(out_dir / "test_logits.npz")
+        board.finish(metrics, test_logits["labels"], test_logits["logits"].argmax(1))
     return metrics
 
 
