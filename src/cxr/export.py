@@ -7,14 +7,16 @@ folder is written under a temporary name and renamed at the end, so a failure le
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
 import json
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -29,7 +31,9 @@ FORMAT = "cxr-export/1"
 FILES = {"onnx": "model.onnx", "weights": "model.safetensors", "description": "model.json"}
 # LayerNormalization, which ViT-B/16 needs as one node, is in the standard ONNX domain from opset 17.
 ONNX_OPSET = 17
-ONNX_TOLERANCE = 1e-4
+# A broken export (a layer in the wrong mode, an operator with other semantics) is off by far more; float32
+# rounding alone, in a badly conditioned network (a random-weight ResNet152), reaches about 1e-3.
+ONNX_TOLERANCE = 1e-3
 
 
 class ExportError(RuntimeError):
@@ -96,6 +100,21 @@ def _describe(state: dict[str, Any], prep: dict[str, Any], checkpoint: Path, che
     }
 
 
+@contextlib.contextmanager
+def _stdout_to_devnull() -> Iterator[None]:
+    """Silence file descriptor 1: on a failure torch's exporter prints its whole graph there from C++
+    (its log switch is read as always on), burying the one-line error."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def write_onnx(model: Classifier, path: Path, prep: dict[str, Any], classes: list[str]) -> float:
     """Trace ``model`` into ONNX with a dynamic batch, check it with onnxruntime against PyTorch on two
     random inputs and return the largest probability difference. torch's TorchScript exporter is used:
@@ -104,14 +123,14 @@ def write_onnx(model: Classifier, path: Path, prep: dict[str, Any], classes: lis
     import onnxruntime
 
     size = prep["image_size"]
-    wrapped = _WithProbabilities(model.eval())
+    wrapped = _WithProbabilities(model).eval()  # the exporter restores this mode afterwards
     example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     traced = io.BytesIO()  # in memory: the file is written once, with its descriptions
     fast_path = torch.backends.mha.get_fastpath_enabled()
     try:
         # A frozen ViT would trace into the fused attention kernel, which ONNX has no operator for.
         torch.backends.mha.set_fastpath_enabled(False)
-        with warnings.catch_warnings():  # the tracer's notes on ViT's shape asserts, the exporter's deprecation
+        with warnings.catch_warnings(), _stdout_to_devnull():  # tracer notes on ViT's shape asserts, deprecation
             warnings.simplefilter("ignore")
             torch.onnx.export(wrapped, (example,), traced, dynamo=False, opset_version=ONNX_OPSET,
                               input_names=["image"], output_names=["logits", "probabilities"],
