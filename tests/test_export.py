@@ -191,3 +191,27 @@ def test_predict_refuses_a_folder_that_is_not_an_export(tmp_path, images, capsys
     (tmp_path / "model.json").unlink()
     assert main(["predict", "--checkpoint", str(tmp_path), str(images[0]), "--quiet"]) == 1
     assert capsys.readouterr().err == f"error: {str(tmp_path)!r} is not an export folder: it has no model.json.\n"
+
+
+class Drifting(nn.Module):
+    """A backbone whose output changes after it was traced (as a model left in training mode would)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return images.flatten(1)[:, :3] * 10 * (-1) ** self.calls
+
+
+def test_refuses_an_onnx_file_that_does_not_match_pytorch(tmp_path, monkeypatch, capsys):
+    checkpoint = write_run(tmp_path / "run", "resnet50_full")
+    model = Classifier(Drifting(), nn.Linear(3, len(CLASSES)), "drifting", freeze_backbone=False)
+    real = export.load_trained_model
+    monkeypatch.setattr(export, "load_trained_model", lambda path: (model, real(path)[1]))
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "export")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: The ONNX model's probabilities differ from PyTorch's by ")
+    assert err.endswith("(more than 0.001); not exported.\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
