@@ -118,7 +118,8 @@ def _stdout_to_devnull() -> Iterator[None]:
 def write_onnx(model: Classifier, path: Path, prep: dict[str, Any], classes: list[str]) -> float:
     """Trace ``model`` into ONNX with a dynamic batch, check it with onnxruntime against PyTorch on two
     random inputs and return the largest probability difference. torch's TorchScript exporter is used:
-    it needs no extra package and traced ResNets and ViT-B/16 ~4x faster than the dynamo exporter."""
+    it needs no extra package (the dynamo exporter needs onnxscript) and, with the same results, exported
+    ResNet50 and ViT-B/16 at 32 px 3-4.5x faster on this project's 2-core CPU."""
     import onnx
     import onnxruntime
 
