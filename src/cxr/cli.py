@@ -1,4 +1,4 @@
-"""Command-line interface: ``cxr list``, ``train``, ``evaluate``, ``predict``, ``serve``, ``compare`` and the rest (``cxr -h``)."""
+"""Command-line interface: ``cxr list``, ``train``, ``evaluate``, ``predict``, ``export``, ``serve`` and the rest (``cxr -h``)."""
 
 from __future__ import annotations
 
@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--feature-cache", choices=["auto", "off"],
                        help="auto (default): train a frozen backbone's head on cached features where nothing is augmented")
     train.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
+    train.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
+                       help="write no TensorBoard event files (default: OUT/<experiment>/tensorboard/)")
 
     evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on the test split")
     evaluate.add_argument("experiment", choices=sorted(EXPERIMENTS))
@@ -94,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="classify image files or folders with a trained checkpoint")
     predict.add_argument("paths", nargs="+", metavar="PATH",
                          help="image files (JPEG, PNG, DICOM), or folders searched recursively")
-    predict.add_argument("--checkpoint", required=True, help="a checkpoint written by cxr train (best.pt)")
+    predict.add_argument("--checkpoint", required=True,
+                         help="a checkpoint written by cxr train (best.pt), or a folder written by cxr export")
     predict.add_argument("--csv", help="also write the table (every class's probability) to this CSV file")
     predict.add_argument("--cam", metavar="DIR", help="write each image beside its Grad-CAM overlay into DIR")
     predict.add_argument("--device", help="cuda, mps, cpu or cuda:N (default: best available)")
@@ -104,11 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--quiet", action="store_true", help="no progress bars")
 
     serve = commands.add_parser("serve", help="a local demo page: upload an image, see its prediction and Grad-CAM")
-    serve.add_argument("--checkpoint", required=True, help="a checkpoint written by cxr train (best.pt)")
+    serve.add_argument("--checkpoint", required=True,
+                       help="a checkpoint written by cxr train (best.pt), or a folder written by cxr export")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every network)")
     serve.add_argument("--port", type=positive_int, help="port (default: 7860, or the next free one up to 7959)")
     serve.add_argument("--device", help="cuda, mps, cpu or cuda:N (default: best available)")
+    export = commands.add_parser("export", help="write a checkpoint as ONNX, safetensors and model.json")
+    export.add_argument("--checkpoint", required=True, help="a checkpoint written by cxr train (best.pt)")
+    export.add_argument("--out", required=True, metavar="DIR", help="folder to create for the three files")
+    export.add_argument("--force", action="store_true", help="replace an earlier export in DIR")
 
     audit = commands.add_parser("audit", help="check the dataset: counts, skipped files, sizes, duplicates, leakage")
     audit.add_argument("--data-dir", help="dataset folder (default: $CXR_DATA_DIR, else download with kagglehub)")
@@ -179,6 +187,14 @@ def _serve(args: argparse.Namespace) -> int:
     except ServeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+def _export(args: argparse.Namespace) -> int:
+    from .export import FILES, export_model
+
+    description = export_model(args.checkpoint, args.out, args.force)
+    sizes = ", ".join(f"{name} ({(Path(args.out) / name).stat().st_size / 2**20:.1f} MiB)" for name in FILES.values())
+    difference = description["onnx"]["max_probability_difference_to_pytorch"]
+    print(f"exported {description['experiment']['name']} to {args.out}/: {sizes}; "
+          f"onnxruntime matches PyTorch within {difference:.1g}")
     return 0
 
 
@@ -242,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .data import DatasetError
     from .engine import TrainingError, TrainingInterrupted
+    from .export import ExportError
     from .models import WeightsError
     from .workflow import evaluate_checkpoint, train_experiment
 
@@ -256,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 backbone_lr=args.backbone_lr, warmup_epochs=args.warmup_epochs,
                 patience=args.patience, weights=args.weights, deterministic=args.deterministic,
                 cache=args.cache, cache_dir=args.cache_dir, augment=args.augment, feature_cache=args.feature_cache,
-                compile=args.compile,
+                compile=args.compile, tensorboard=args.tensorboard,
             )
         elif args.command == "predict":
             return _predict(args)
@@ -266,6 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _compare(args)
         elif args.command == "audit":
             return _audit(args)
+        elif args.command == "export":
+            return _export(args)
         else:
             metrics = evaluate_checkpoint(args.checkpoint, args.experiment, data_dir=args.data_dir, out=args.out,
                                           device=args.device, progress=not args.quiet, tta=args.tta,
@@ -284,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except torch.OutOfMemoryError:
         print("error: the GPU ran out of memory; try a smaller --batch-size (or --image-size).", file=sys.stderr)
         return 1
-    except (DatasetError, WeightsError, CheckpointError, TrainingError, ValueError) as error:
+    except (DatasetError, WeightsError, CheckpointError, TrainingError, ExportError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     finally:

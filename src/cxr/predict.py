@@ -21,10 +21,9 @@ from tqdm.auto import tqdm
 
 from . import uncertainty
 from .data import IMAGE_EXTENSIONS, check_image
+from .export import load_for_inference
 from .imageio import ImageReadError, decode_image
 from .runtime import Runtime
-from .models import preprocessing as default_preprocessing
-from .workflow import load_trained_model
 
 
 @dataclass
@@ -126,22 +125,14 @@ def predict_images(
     return Predictions(pd.DataFrame(rows, columns=columns), failures, cam_files)
 
 
-def load_predictor(checkpoint: str | os.PathLike) -> tuple[torch.nn.Module, list[str], dict[str, Any]]:
-    """The trained model, its class names and its preprocessing: what ``predict_images`` needs, loaded once
-    (``cxr predict`` and the demo page share it, so both prepare an image the same way)."""
-    model, state = load_trained_model(checkpoint)
-    config = state["experiment"]
-    prep = state.get("preprocessing") or default_preprocessing(config["arch"], config["image_size"])
-    return model, list(state["classes"]), prep
-
-
 def run_predict(
     checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLike], csv_path: str | os.PathLike | None = None,
     cam_dir: str | os.PathLike | None = None, device: str | None = None, tta: bool = False, batch_size: int = 16,
     progress: bool = True,
 ) -> Predictions:
-    """Load ``checkpoint``, classify every image found in ``inputs`` and write the CSV when asked."""
-    model, classes, prep = load_predictor(checkpoint)
+    """Load ``checkpoint`` (or a folder written by ``cxr export``), classify every image found in ``inputs``
+    and write the CSV when asked."""
+    model, classes, prep = load_for_inference(checkpoint)
     paths, failures = collect_images(inputs)
     runtime = Runtime.create(device, progress=progress)
     result = predict_images(model, classes, prep, paths, runtime, batch_size, tta,

@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from .data import IMAGE_EXTENSIONS
-from .predict import load_predictor, predict_images
+from .export import load_for_inference
+from .predict import predict_images
 from .runtime import Runtime
 
 # The model's input is small (224 px, 32 in tests): show it as large as its box, pixels as squares.
@@ -54,7 +55,7 @@ class Predictor:
 
     @classmethod
     def load(cls, checkpoint: str | os.PathLike, device: str | None = None) -> "Predictor":
-        model, classes, prep = load_predictor(checkpoint)
+        model, classes, prep = load_for_inference(checkpoint)
         return cls(model, classes, prep, Runtime.create(device, progress=False), Path(checkpoint).name)
 
     def classify(self, path: str | os.PathLike) -> tuple[dict[str, float], np.ndarray]:

@@ -26,6 +26,7 @@ from .data import CLASSES, KAGGLE_HANDLE, DataSplits, load_splits, locate_datase
 from .engine import build_dataset, fit, make_deterministic, make_loader, predict
 from .models import Classifier, build_model
 from .runtime import Runtime, device_name
+from .tensorboard_log import RunLog
 
 ASSET_FILES = {
     "curves": "curves.png",
@@ -164,14 +165,16 @@ def train_experiment(
     deterministic: bool = False,
     cache_dir: str | os.PathLike | None = None,
     runtime: Runtime | None = None,
+    tensorboard: bool = True,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Train the named experiment, evaluate its best checkpoint on the test split and write every
     asset into ``out/<name>/``. ``overrides`` replace configuration values (epochs, batch_size, ...);
     ``deterministic`` allows only deterministic kernels. ``runtime`` decides how the run executes; without
     it one is made for ``device`` from ``workers``, ``cache_dir``, ``progress`` and the experiment's
-    ``cache`` and ``compile`` (:meth:`Runtime.create`). The data is audited first: duplicates and
-    train/test leakage are warned about and summarised in metrics.json. Returns the contents of ``metrics.json``.
+    ``cache`` and ``compile`` (:meth:`Runtime.create`). ``tensorboard`` also writes TensorBoard event files
+    into ``out/<name>/tensorboard/``. The data is audited first: duplicates and train/test leakage are
+    warned about and summarised in metrics.json. Returns the contents of ``metrics.json``.
 
     Under ``torchrun`` every process calls this (see :mod:`cxr.distributed`); rank 0 audits the data and
     writes every file, the other ranks return only the test metrics."""
@@ -190,7 +193,9 @@ def train_experiment(
         for message in data_audit["warnings"]:
             warnings.warn(message, stacklevel=2)
         out_dir.mkdir(parents=True, exist_ok=True)
-    result = fit(experiment, splits, out_dir, runtime, seed=seed, resume=resume, on_epoch_end=on_epoch_end)
+    board = RunLog(out_dir / "tensorboard", resume) if main_rank and tensorboard else None
+    result = fit(experiment, splits, out_dir, runtime, seed=seed, resume=resume,
+                 on_epoch_end=board.on_epoch_end(on_epoch_end) if board else on_epoch_end)
     if main_rank:
         plt.close(reporting.plot_history(result.history, out_dir / ASSET_FILES["curves"], experiment.name))
     state = load_checkpoint(result.best_checkpoint, experiment=experiment.name)
@@ -222,6 +227,9 @@ def train_experiment(
         "files": {k: v for k, v in ASSET_FILES.items()},
     }
     reporting.write_json(metrics, out_dir / ASSET_FILES["metrics"])
+    if board is not None:
+        test_logits = np.load(out_dir / "test_logits.npz")
+        board.finish(metrics, test_logits["labels"], test_logits["logits"].argmax(1))
     return metrics
 
 

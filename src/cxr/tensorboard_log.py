@@ -1,0 +1,91 @@
+"""TensorBoard event files for a training run, so runs can be compared with ``tensorboard --logdir assets``.
+
+Per epoch: losses, accuracies, validation macro-F1 and the learning rate; at the end: the test metrics, the
+confusion matrix (figure and text) and the configuration as hyperparameters. Written under
+``<run>/tensorboard/``; a fresh run replaces the previous run's logs there, a resumed run adds to them.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from sklearn.metrics import confusion_matrix
+
+from . import reporting
+from .data import CLASSES
+
+EPOCH_TAGS = {
+    "train_loss": "loss/train",
+    "val_loss": "loss/val",
+    "train_accuracy": "accuracy/train",
+    "val_accuracy": "accuracy/val",
+    "val_macro_f1": "macro_f1/val",
+    "lr": "learning_rate",
+}
+TEST_KEYS = ("accuracy", "macro_f1", "balanced_accuracy")
+
+
+class RunLog:
+    """One run's TensorBoard writer. It opens at the first finished epoch, so a run that fails before
+    that leaves the previous logs alone, and it flushes every epoch, so an interrupted run keeps its curves."""
+
+    def __init__(self, log_dir: str | Path, resume: bool = False) -> None:
+        self.log_dir = Path(log_dir)
+        self.resume = resume
+        self._writer = None
+
+    @property
+    def writer(self):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            if not self.resume:
+                shutil.rmtree(self.log_dir, ignore_errors=True)
+            self._writer = SummaryWriter(str(self.log_dir))
+        return self._writer
+
+    def on_epoch_end(self, then: Callable[[list[dict[str, float]]], None] | None = None):
+        """A callback for ``engine.fit`` that logs the newest epoch, then calls ``then`` (if any)."""
+
+        def callback(history: list[dict[str, float]]) -> None:
+            row = history[-1]
+            for key, tag in EPOCH_TAGS.items():
+                self.writer.add_scalar(tag, row[key], row["epoch"])
+            self.writer.flush()
+            if then is not None:
+                then(history)
+
+        return callback
+
+    def finish(self, metrics: dict[str, Any], labels: np.ndarray, predictions: np.ndarray) -> None:
+        """Test metrics, confusion matrix and hyperparameters at the last epoch's step; closes the writer."""
+        step, test = metrics["epochs_run"], metrics["test"]
+        for key in TEST_KEYS:
+            self.writer.add_scalar(f"test/{key}", test[key], step)
+        for name, scores in test["per_class"].items():
+            self.writer.add_scalar(f"test/recall_{name}", scores["recall"], step)
+        figure = reporting.plot_confusion(labels, predictions, CLASSES, title=f"{metrics['experiment']}: test split")
+        self.writer.add_figure("test/confusion_matrix", figure, step)  # and closes the figure
+        self.writer.add_text("test/confusion_matrix", confusion_table(labels, predictions, CLASSES), step)
+        self.write_hparams(metrics)
+        self.writer.close()
+
+    def write_hparams(self, metrics: dict[str, Any]) -> None:
+        """The configuration (plus seed) in TensorBoard's HPARAMS tab, against the test scalars above."""
+        from torch.utils.tensorboard.summary import hparams
+
+        config = {**metrics["config"], "seed": metrics["seed"]}
+        values = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in config.items()}
+        for summary in hparams(values, {f"test/{key}": metrics["test"][key] for key in TEST_KEYS}):
+            self.writer.file_writer.add_summary(summary)
+
+
+def confusion_table(labels: np.ndarray, predictions: np.ndarray, classes: Sequence[str]) -> str:
+    """The confusion matrix as a Markdown table (rows: true class, columns: predicted), for the TEXT tab."""
+    counts = confusion_matrix(labels, predictions, labels=range(len(classes)))
+    lines = ["| true \\ predicted | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(str(n) for n in row) + " |" for name, row in zip(classes, counts)]
+    return "\n".join(lines)
