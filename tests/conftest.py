@@ -22,6 +22,25 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_synthetic_dataset(tmp_path_factory.mktemp("kaggle") / "chest_xray")
 
 
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 32 px ResNet50 checkpoint in ``cxr train``'s format (random weights: for tests of the plumbing)."""
+    import torch
+
+    from cxr.checkpoint import save_checkpoint
+    from cxr.config import get_experiment
+    from cxr.data import CLASSES
+    from cxr.models import build_model, preprocessing
+
+    torch.manual_seed(0)
+    experiment = get_experiment("resnet50_full", epochs=1, batch_size=8, image_size=32, weights="none")
+    model = build_model("resnet50", weights="none", image_size=32)
+    path = tmp_path_factory.mktemp("run") / "best.pt"
+    save_checkpoint({"model": model.state_dict(), "experiment": experiment.to_dict(), "classes": list(CLASSES),
+                     "epoch": 1, "preprocessing": preprocessing("resnet50", 32), "seed": 42}, path)
+    return str(path)
+
+
 @pytest.fixture
 def tiny() -> dict:
     return dict(TINY)

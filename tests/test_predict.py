@@ -27,18 +27,6 @@ CPU = Runtime.create("cpu", progress=False)
 SIZE = 32
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    """A ResNet50 checkpoint as ``cxr train`` writes it (random weights: the tests check the plumbing)."""
-    torch.manual_seed(0)
-    experiment = get_experiment("resnet50_full", epochs=1, batch_size=8, image_size=SIZE, weights="none")
-    model = build_model("resnet50", weights="none", image_size=SIZE)
-    path = tmp_path_factory.mktemp("run") / "best.pt"
-    save_checkpoint({"model": model.state_dict(), "experiment": experiment.to_dict(), "classes": list(CLASSES),
-                     "epoch": 1, "preprocessing": preprocessing("resnet50", SIZE), "seed": 42}, path)
-    return str(path)
-
-
 @pytest.fixture
 def scans(tmp_path):
     """A folder with three good images (one in a subfolder) and four bad files."""

@@ -12,13 +12,9 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pytest
-import torch
 
-from cxr.checkpoint import save_checkpoint
 from cxr.cli import main
-from cxr.config import get_experiment
 from cxr.data import CLASSES
-from cxr.models import build_model, preprocessing
 from cxr.predict import run_predict
 from cxr.serve import Predictor, probability_table, serve
 
@@ -27,18 +23,6 @@ CHROMIUM = os.environ.get("CXR_CHROMIUM") or shutil.which("chromium") or shutil.
 # Without the background-networking flags Chromium dials Google's services, which a closed network refuses.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    """A ResNet50 checkpoint in ``cxr train``'s format (random weights: the tests check the plumbing)."""
-    torch.manual_seed(0)
-    experiment = get_experiment("resnet50_full", epochs=1, batch_size=8, image_size=SIZE, weights="none")
-    model = build_model("resnet50", weights="none", image_size=SIZE)
-    path = tmp_path_factory.mktemp("run") / "best.pt"
-    save_checkpoint({"model": model.state_dict(), "experiment": experiment.to_dict(), "classes": list(CLASSES),
-                     "epoch": 1, "preprocessing": preprocessing("resnet50", SIZE), "seed": 42}, path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
