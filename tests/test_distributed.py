@@ -24,6 +24,7 @@ Why equality holds here, and what differs in other settings (README, "Multi-GPU 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import io
@@ -42,6 +43,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from cxr import distributed
+from cxr.cache import FORMAT_VERSION
 from cxr.augment import DeviceDataset, DeviceLoader
 from cxr.cli import main
 from cxr.engine import make_loader
@@ -183,7 +185,9 @@ def test_only_rank_zero_writes_files_and_the_image_cache(runs):
     names = {path.name for path in rank0}
     assert {"best.pt", "last.pt", "history.csv", "metrics.json", "test_logits.npz", "curves.png"} <= names
     cache_entries = {path for path in rank0 if path.suffix == ".u8" and not path.name.startswith(".")}
-    assert len(cache_entries) == 32 + 11 + 15  # every image decoded once, by rank 0
+    per_side = collections.Counter(path.parent.parent.name for path in cache_entries)
+    # every image decoded once, by rank 0: at the training side and at the audit's 256 px
+    assert sorted(per_side.values()) == [32 + 11 + 15] * 2 and f"v{FORMAT_VERSION}-256px" in per_side
     assert written(runs, "-") == []  # nor did the torchrun launcher
 
 
