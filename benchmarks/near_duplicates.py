@@ -13,8 +13,9 @@
 from __future__ import annotations
 
 import argparse
-import io
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageEnhance
@@ -28,7 +29,7 @@ KINDS = ("jpeg q70", "16-bit png", "half size", "crop 5% centre", "crop 5% side"
          "contrast 1.4", "gamma 0.7", "crop 10% centre", "rotate 2 deg")
 
 
-def changed(path, kind: str) -> io.BytesIO:
+def changed(path, kind: str, folder: Path, index: int) -> Path:
     image = Image.open(path).convert("L")
     w, h = image.size
     image = {
@@ -42,10 +43,9 @@ def changed(path, kind: str) -> io.BytesIO:
         "crop 10% centre": image.crop((w // 20, h // 20, w - w // 20, h - h // 20)),
         "rotate 2 deg": image.rotate(2, resample=Image.Resampling.BILINEAR),
     }[kind]
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=70) if kind == "jpeg q70" else image.save(buffer, format="PNG")
-    buffer.seek(0)
-    return buffer
+    target = folder / f"{index}.{'jpg' if kind == 'jpeg q70' else 'png'}"
+    image.save(target, quality=70) if kind == "jpeg q70" else image.save(target)
+    return target
 
 
 def main() -> None:
@@ -65,7 +65,9 @@ def main() -> None:
     picked = np.random.default_rng(0).choice(len(paths), min(args.planted, len(paths)), replace=False)
     print(f"\nplanted copies of {len(picked)} images: largest hash distance, smallest and 10th-percentile correlation")
     for kind in KINDS:
-        copies_h, copies_v = nd.describe(np.stack([decode_image(changed(paths[k], kind), AUDIT_SIDE) for k in picked]))
+        with tempfile.TemporaryDirectory() as folder:
+            copies = [decode_image(changed(paths[k], kind, Path(folder), k), AUDIT_SIDE) for k in picked]
+        copies_h, copies_v = nd.describe(np.stack(copies))
         both_h = np.concatenate([hashes[:, picked], copies_h], axis=1)
         both_v = np.concatenate([views[picked], copies_v])
         first, second = np.arange(len(picked)), np.arange(len(picked)) + len(picked)

@@ -9,7 +9,7 @@ from cxr.augment import DeviceDataset, DeviceLoader
 from cxr.config import get_experiment
 from cxr.data import load_splits
 from cxr.engine import fit
-from cxr.features import extract_features
+from cxr.features import FrozenBackboneBatches, extract_features
 from cxr.models import build_model
 from cxr.runtime import Runtime
 
@@ -36,10 +36,10 @@ def small_splits(synthetic_root):
         return load_splits(synthetic_root)
 
 
-def _head_training(splits, tmp_path, feature_cache):
-    experiment = get_experiment("resnet50_full", freeze_backbone=True, backbone_lr=0.0, augment=False, epochs=1,
+def _head_training(splits, tmp_path, feature_cache, runtime=CPU, epochs=1):
+    experiment = get_experiment("resnet50_full", freeze_backbone=True, backbone_lr=0.0, augment=False, epochs=epochs,
                                 batch_size=8, image_size=32, weights="none", feature_cache=feature_cache)
-    return fit(experiment, splits, tmp_path / feature_cache, CPU, seed=3)
+    return fit(experiment, splits, tmp_path / f"{feature_cache}-{runtime.frozen_forward_batch}", runtime, seed=3)
 
 
 def test_training_the_head_on_cached_features_matches_the_full_forward_pass(small_splits, tmp_path):
@@ -63,3 +63,31 @@ def test_with_augmentation_only_validation_features_are_cached(small_splits, tmp
     assert experiment.augment and pipeline["feature_cache"] == "val" and pipeline["augment_on"] == "cpu"
     assert pipeline["cache"] is True and pipeline["data_on"] == "cpu"
     assert dataclasses.asdict(experiment)["feature_cache"] == "auto"
+
+
+def test_frozen_backbone_batches_are_the_step_loaders_batches_in_features():
+    torch.manual_seed(0)
+    backbone = build_model("resnet50", weights="none", freeze_backbone=True, image_size=32).backbone
+    dataset = DeviceDataset(torch.randn(21, 3, 32, 32), torch.arange(21) % 4)
+    batches = FrozenBackboneBatches(backbone, DeviceLoader(dataset, 12, True, CPU, seed=5), CPU, step_batch=4)
+    steps = list(DeviceLoader(dataset, 4, True, CPU, seed=5))
+    assert len(batches) == len(steps) == 6
+    for (features, labels), (images, step_labels) in zip(batches, steps, strict=True):
+        assert torch.equal(labels, step_labels) and not features.requires_grad
+        with torch.no_grad():
+            assert torch.allclose(features, backbone(images), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="multiple"):
+        FrozenBackboneBatches(backbone, DeviceLoader(dataset, 10, True, CPU), CPU, step_batch=4)
+
+
+def test_a_larger_frozen_forward_batch_trains_the_same_head(small_splits, tmp_path):
+    """Two epochs, the head stepping every 8 images: the backbone run on 8 or on 32 images at once (what a
+    GPU run does with 256) gives the same losses and the same head."""
+    step = _head_training(small_splits, tmp_path, "off", CPU, epochs=2)
+    large = _head_training(small_splits, tmp_path, "off", CPU.replace(frozen_forward_batch=32), epochs=2)
+    assert step.extra["pipeline"]["frozen_forward_batch"] == 8 and large.extra["pipeline"]["frozen_forward_batch"] == 32
+    for row_step, row_large in zip(step.history, large.history, strict=True):
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+            assert row_step[key] == pytest.approx(row_large[key], rel=1e-4, abs=1e-6), key
+    for name, value in step.model.head.state_dict().items():
+        assert torch.allclose(value, large.model.head.state_dict()[name], atol=1e-5), name

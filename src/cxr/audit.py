@@ -63,10 +63,9 @@ def _stats(values: list[int]) -> dict[str, float] | None:
 
 
 def _relative(path: Path, root: Path) -> str:
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return str(path)
+    """``path`` below ``root`` as a POSIX path (string work: ``Path.relative_to`` cost seconds per 7,000 files)."""
+    prefix, text = os.path.join(str(root), ""), str(path)
+    return text[len(prefix):].replace(os.sep, "/") if text.startswith(prefix) else text
 
 
 def ignored_folders(root: Path) -> list[str]:

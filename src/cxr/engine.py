@@ -27,7 +27,7 @@ from .config import Experiment
 from .augment import BatchTransform, DeviceDataset, DeviceLoader, EvalTransform, TrainAugment
 from .cache import cache_side, cache_split
 from .data import CLASSES, EXPECTED_LAYOUT, DatasetError, DataSplits, Split, XRayDataset, warn_skipped
-from .features import feature_dataset
+from .features import FrozenBackboneBatches, feature_dataset
 from .models import Classifier, build_model, estimate_batchnorm_statistics, needs_batchnorm_statistics, preprocessing
 from .runtime import Runtime, device_name, select_device  # noqa: F401 (re-exported: engine.select_device is public)
 
@@ -285,10 +285,27 @@ def check_resumable(state: dict[str, Any], path: Path, experiment: Experiment, s
         )
 
 
+def frozen_forward_batch(step_batch: int, runtime: Runtime) -> int:
+    """How many images a frozen backbone turns into features at once while the head steps on ``step_batch``:
+    the largest multiple of ``step_batch`` up to ``runtime.frozen_forward_batch`` (at least ``step_batch``)."""
+    return step_batch * max(1, runtime.frozen_forward_batch // step_batch)
+
+
+def training_batches(pipeline: DataPipeline, step_batch: int, runtime: Runtime, seed: int, shard: bool = True,
+                     ) -> DataLoader | DeviceLoader | FrozenBackboneBatches:
+    """One epoch's training batches in the seeded order: images, or a frozen backbone's features of them."""
+    if pipeline.frozen_backbone is None:
+        return make_loader(pipeline.train_set, step_batch, True, runtime, seed, shard=shard)
+    loader = make_loader(pipeline.train_set, frozen_forward_batch(step_batch, runtime), True, runtime, seed, shard=shard)
+    return FrozenBackboneBatches(pipeline.frozen_backbone, loader, runtime, step_batch)
+
+
 @dataclass
 class DataPipeline:
     """What the model reads while it trains: the training and validation sets (images, or a frozen
-    backbone's cached features) and the module each is fed to (the whole model, or the head alone)."""
+    backbone's cached features) and the module each is fed to (the whole model, or the head alone).
+    ``frozen_backbone``: the backbone that turns training images into the head's inputs every epoch
+    (a frozen backbone whose training images are augmented), else None."""
 
     train_set: Dataset | DeviceDataset
     val_set: Dataset | DeviceDataset
@@ -296,6 +313,7 @@ class DataPipeline:
     train_module: nn.Module
     val_module: nn.Module
     info: dict[str, Any]
+    frozen_backbone: nn.Module | None = None
 
 
 def _features_of(model: Classifier, dataset: Dataset | DeviceDataset, batch_size: int, runtime: Runtime,
@@ -314,6 +332,7 @@ def _estimate_batchnorm(model: Classifier, experiment: Experiment, train_set: Da
     steps = min(len(loader), math.ceil(BATCHNORM_IMAGES / experiment.batch_size))
     batches = tqdm(itertools.islice(loader, steps), "BatchNorm statistics", total=steps, leave=False,
                    disable=not runtime.progress)
+    batches = (batch for batch in batches if len(batch[1]) > 1)  # BatchNorm cannot average a single 1x1 map
     with runtime.autocast():
         estimate_batchnorm_statistics(model.backbone, batches, runtime.device)
     return min(train_size, steps * experiment.batch_size)
@@ -332,6 +351,7 @@ def build_pipeline(experiment: Experiment, splits: DataSplits, model: Classifier
     if needs_batchnorm_statistics(model, experiment.weights):
         batchnorm_images = _estimate_batchnorm(model, experiment, train_set, len(train_split), runtime, seed)
     train_module = val_module = model
+    frozen_backbone = None
     feature_cache, started = "off", time.perf_counter()
     if model.freeze_backbone and experiment.feature_cache == "auto":
         val_set, val_module, feature_cache = _features_of(model, val_set, experiment.batch_size, runtime,
@@ -339,6 +359,8 @@ def build_pipeline(experiment: Experiment, splits: DataSplits, model: Classifier
         if not experiment.augment:
             train_set, train_module, feature_cache = _features_of(model, train_set, experiment.batch_size, runtime,
                                                                   "train features"), model.head, "train+val"
+    if model.freeze_backbone and train_module is model:
+        train_module, frozen_backbone = model.head, model.backbone
     info = {
         **runtime.describe(),
         "cache_side": train_info.get("cache_side"),
@@ -350,8 +372,9 @@ def build_pipeline(experiment: Experiment, splits: DataSplits, model: Classifier
         "feature_seconds": round(time.perf_counter() - started, 3),
         "processes": distributed.world_size(),
         "batchnorm_statistics": f"estimated from {batchnorm_images} training images" if batchnorm_images else "as built",
+        "frozen_forward_batch": frozen_forward_batch(experiment.batch_size, runtime) if frozen_backbone else None,
     }
-    return DataPipeline(train_set, val_set, train_split.labels, train_module, val_module, info)
+    return DataPipeline(train_set, val_set, train_split.labels, train_module, val_module, info, frozen_backbone)
 
 
 @dataclass
@@ -465,7 +488,7 @@ class EpochRunner:
         seed = epoch_seed(self.seed, epoch)
         seed_everything(distributed.rank_seed(seed))
         batch_per_rank = distributed.per_rank_batch(self.experiment.batch_size)
-        train_loader = make_loader(self.pipeline.train_set, batch_per_rank, True, self.runtime, seed, shard=True)
+        train_loader = training_batches(self.pipeline, batch_per_rank, self.runtime, seed)
         train = train_one_epoch(self.pipeline.train_module, train_loader, self.criterion, state.optimizer,
                                 state.scheduler, self.runtime, state.scaler, f"epoch {epoch + 1}")
         if not math.isfinite(train["loss"]):
@@ -524,12 +547,14 @@ def fit(
     runtime.apply_backend_settings()
     seed_everything(seed)
 
-    model = runtime.prepare_model(build_model(experiment.arch, len(CLASSES), experiment.weights,
-                                              experiment.freeze_backbone, experiment.image_size))
+    with runtime.device:  # random initialisation runs where the model lives (seconds on a CPU for ResNet152)
+        model = build_model(experiment.arch, len(CLASSES), experiment.weights, experiment.freeze_backbone,
+                            experiment.image_size)
+    model = runtime.prepare_model(model)
     prep = preprocessing(experiment.arch, experiment.image_size)
     pipeline = build_pipeline(experiment, splits, model, prep, runtime, seed)
-    if runtime.compile:
-        model.compile()
+    if runtime.compile:  # the backbone alone: a frozen one is called without the Classifier while training
+        model.backbone.compile()
     pipeline.train_module = distributed.wrap(pipeline.train_module, runtime.device, model.freeze_backbone)
     steps_per_epoch = len(make_loader(pipeline.train_set, distributed.per_rank_batch(experiment.batch_size), True,
                                       runtime, shard=True))

@@ -42,6 +42,10 @@ def device_name(device: torch.device) -> str:
     return f"{device.type} ({os.cpu_count()} cores)" if device.type == "cpu" else device.type
 
 
+# Images per frozen-backbone forward pass on a GPU while the head steps every batch (benchmarks/results.md).
+FROZEN_FORWARD_BATCH = 256
+
+
 def _cuda_amp_dtype() -> torch.dtype:
     """bf16 where the GPU has it (no loss scaling needed), else fp16 (with a GradScaler)."""
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -55,7 +59,8 @@ class Runtime:
     backbone's features) is kept on ``device`` as one tensor and sliced per batch; otherwise it stays in
     host memory (pinned when ``pin_memory``). ``cache`` decodes each image once into ``cache_dir`` (the
     augmentation then runs on the device); without it PIL decodes and transforms every image in
-    ``workers`` DataLoader processes."""
+    ``workers`` DataLoader processes. ``frozen_forward_batch``: how many images a frozen backbone turns
+    into features at once while its head trains (``engine.frozen_forward_batch``); 0 means the step batch."""
 
     device: torch.device
     amp_dtype: torch.dtype | None = None
@@ -67,6 +72,7 @@ class Runtime:
     hold_on_device: bool = False
     workers: int = 0
     compile: bool = False
+    frozen_forward_batch: int = 0
     cache: bool = True
     cache_dir: Path | None = None
     progress: bool = True
@@ -75,16 +81,17 @@ class Runtime:
     def create(cls, device: torch.device | str | None = None, *, workers: int | None = None, compile: bool = False,
                cache: bool = True, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Runtime:
         """The choices for ``device`` (default: the best available): on CUDA mixed precision,
-        channels_last, fused AdamW, cuDNN autotuning, pinned non-blocking copies, data held on the GPU and
-        up to 8 DataLoader workers; elsewhere fp32 in the main process."""
+        channels_last, fused AdamW, cuDNN autotuning, pinned non-blocking copies, data held on the GPU, a
+        frozen backbone run on batches of 256 and up to 8 DataLoader workers; elsewhere fp32 in the main
+        process."""
         device = device if isinstance(device, torch.device) else select_device(device)
         cuda = device.type == "cuda"
         return cls(
             device=device, amp_dtype=_cuda_amp_dtype() if cuda else None, channels_last=cuda, fused_optimizer=cuda,
             cudnn_benchmark=cuda, pin_memory=cuda, non_blocking=cuda, hold_on_device=device.type != "cpu",
             workers=(min(8, os.cpu_count() or 1) if cuda else 0) if workers is None else workers,
-            compile=compile, cache=cache, cache_dir=Path(cache_dir).expanduser() if cache_dir else None,
-            progress=progress,
+            compile=compile, frozen_forward_batch=FROZEN_FORWARD_BATCH if cuda else 0, cache=cache,
+            cache_dir=Path(cache_dir).expanduser() if cache_dir else None, progress=progress,
         )
 
     @classmethod
@@ -94,7 +101,8 @@ class Runtime:
         pinned memory and cuDNN, which need the GPU itself."""
         device = torch.device(device)
         choices = dict(device=device, amp_dtype=amp_dtype, channels_last=True, fused_optimizer=True,
-                       cudnn_benchmark=False, pin_memory=False, non_blocking=True, hold_on_device=True, workers=0)
+                       cudnn_benchmark=False, pin_memory=False, non_blocking=True, hold_on_device=True, workers=0,
+                       frozen_forward_batch=FROZEN_FORWARD_BATCH)
         return cls(**{**choices, **changes})
 
     def replace(self, **changes: Any) -> Runtime:
@@ -154,6 +162,7 @@ class Runtime:
             "pin_memory": self.pin_memory,
             "workers": self.workers,
             "compile": self.compile,
+            "frozen_forward_batch": self.frozen_forward_batch,
             "cache": self.cache,
             "cache_dir": str(self.resolved_cache_dir) if self.cache else None,
         }
