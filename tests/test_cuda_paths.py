@@ -141,3 +141,45 @@ def test_compiled_model_trains_evaluates_and_explains(synthetic_root, tmp_path, 
                                             runtime=cuda_like.replace(compile=True), **TINY)
     assert metrics["pipeline"]["compile"] is True and np.isfinite(metrics["test"]["macro_f1"])
     assert (tmp_path / "resnet50_full" / "cam.png").stat().st_size > 0
+
+
+class _RecordsAutotuning(torch.nn.Module):
+    """A linear classifier that notes, per batch, whether cuDNN autotuning was on in its forward and backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, len(CLASSES))
+        self.seen: list[tuple[int, bool, str]] = []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.seen.append((len(images), torch.backends.cudnn.benchmark, "forward"))
+        out = self.linear(images.mean(dim=(2, 3)))
+        if out.requires_grad:
+            out.register_hook(lambda grad: self.seen.append((len(grad), torch.backends.cudnn.benchmark, "backward")))
+        return out
+
+
+def test_only_full_batches_are_autotuned(monkeypatch):
+    """cuDNN tunes each new input shape once, seconds per shape for a ResNet's backward pass; an epoch's last,
+    smaller batch (training, validation, features) runs untuned, and the setting comes back afterwards."""
+    from cxr.augment import DeviceDataset, DeviceLoader
+    from cxr.engine import predict, train_one_epoch, warmup_cosine
+    from cxr.features import FrozenBackboneBatches
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    runtime = Runtime.cuda_like("cpu", cudnn_benchmark=True, progress=False)
+    dataset = DeviceDataset(torch.rand(10, 3, 8, 8), torch.arange(10) % len(CLASSES))
+    model = _RecordsAutotuning()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_one_epoch(model, DeviceLoader(dataset, 4, True, runtime), torch.nn.CrossEntropyLoss(), optimizer,
+                    warmup_cosine(optimizer, 3, 1), runtime)
+    assert model.seen == [(4, True, "forward"), (4, True, "backward")] * 2 + [(2, False, "forward"), (2, False, "backward")]
+    model.seen.clear()
+    predict(model, DeviceLoader(dataset, 4, False, runtime), runtime)
+    assert model.seen == [(4, True, "forward")] * 2 + [(2, False, "forward")]
+    model.seen.clear()
+    list(FrozenBackboneBatches(model, DeviceLoader(dataset, 8, True, runtime), runtime, step_batch=4))
+    assert model.seen == [(8, True, "forward"), (2, False, "forward")]
+    assert torch.backends.cudnn.benchmark is True
+    with Runtime.cuda_like("cpu", cudnn_benchmark=False).tuning(2, 4):
+        assert torch.backends.cudnn.benchmark is True  # a runtime that never asked for autotuning leaves it alone

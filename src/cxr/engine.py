@@ -170,21 +170,24 @@ def train_one_epoch(
     batchnorm_trains = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
     loss_sum = torch.zeros((), device=runtime.device)
     correct = torch.zeros((), device=runtime.device, dtype=torch.long)
-    seen = 0
+    seen, full_batch = 0, getattr(loader, "batch_size", None)
     for images, labels in tqdm(loader, desc=description, leave=False, disable=not runtime.progress):
         if batchnorm_trains and labels.numel() == 1:
             continue
         images, labels = runtime.to_device(images), runtime.to_device(labels)
-        with runtime.autocast():
-            logits = model(images)
-            loss = criterion(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
+        with runtime.tuning(labels.numel(), full_batch):
+            with runtime.autocast():
+                logits = model(images)
+                loss = criterion(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+            else:
+                loss.backward()
         if scaler is not None:
-            scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
             optimizer.step()
         scheduler.step()
         loss_sum += loss.detach() * labels.numel()
@@ -204,7 +207,7 @@ def predict(
     model.eval()
     all_logits, all_labels = [], []
     for images, labels in tqdm(loader, desc=description, leave=False, disable=not runtime.progress):
-        with runtime.autocast():
+        with runtime.tuning(len(labels), getattr(loader, "batch_size", None)), runtime.autocast():
             all_logits.append(model(runtime.to_device(images)).float())
         all_labels.append(runtime.to_device(labels))
     logits, labels = gather_shards(loader, torch.cat(all_logits), torch.cat(all_labels))

@@ -33,7 +33,7 @@ def extract_features(
     backbone.eval()
     features, labels = [], []
     for images, targets in tqdm(loader, desc=description, leave=False, disable=not runtime.progress):
-        with runtime.autocast():
+        with runtime.tuning(len(targets), getattr(loader, "batch_size", None)), runtime.autocast():
             features.append(backbone(runtime.to_device(images)).float())
         labels.append(runtime.to_device(targets))
     backbone.train(was_training)
@@ -59,12 +59,13 @@ class FrozenBackboneBatches:
             raise ValueError(f"the backbone's batch ({loader.batch_size}) must be a multiple of the head's "
                              f"({step_batch})")
         self.backbone, self.loader, self.runtime, self.step_batch = backbone, loader, runtime, step_batch
+        self.batch_size = step_batch  # what train_one_epoch calls a full batch
 
     def __len__(self) -> int:
         return math.ceil(len(self.loader.sampler) / self.step_batch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels in self.loader:
-            with torch.no_grad(), self.runtime.autocast():
+            with torch.no_grad(), self.runtime.tuning(len(labels), self.loader.batch_size), self.runtime.autocast():
                 features = self.backbone(self.runtime.to_device(images))
             yield from zip(features.split(self.step_batch), self.runtime.to_device(labels).split(self.step_batch))

@@ -14,7 +14,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any, ContextManager, Iterator
 
 import torch
 
@@ -49,6 +49,17 @@ FROZEN_FORWARD_BATCH = 256
 def _cuda_amp_dtype() -> torch.dtype:
     """bf16 where the GPU has it (no loss scaling needed), else fp16 (with a GradScaler)."""
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(enabled: bool) -> Iterator[None]:
+    """Process-wide, like the flag itself; the backward pass runs while this is held (``backward()`` waits)."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
 
 
 @dataclass(frozen=True)
@@ -117,6 +128,14 @@ class Runtime:
         when deterministic algorithms were asked for)."""
         if self.cudnn_benchmark and not torch.are_deterministic_algorithms_enabled():
             torch.backends.cudnn.benchmark = True
+
+    def tuning(self, batch: int, full_batch: int | None) -> ContextManager:
+        """cuDNN autotunes every new input shape once, seconds per shape for a ResNet's backward pass: a
+        batch smaller than ``full_batch`` (an epoch's last) runs on cuDNN's heuristic kernels instead of
+        being tuned for the one step it takes."""
+        if not self.cudnn_benchmark or full_batch is None or batch == full_batch or not torch.backends.cudnn.benchmark:
+            return contextlib.nullcontext()
+        return _cudnn_benchmark(False)
 
     def autocast(self) -> ContextManager:
         """Mixed precision around a forward pass, or nothing for fp32."""
