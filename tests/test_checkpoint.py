@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from cxr.checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
+from cxr.checkpoint import FORMAT, CheckpointError, CheckpointWriter, load_checkpoint, save_checkpoint
 from cxr.config import experiment_from_dict, get_experiment
 from cxr.data import CLASSES
 from cxr.models import build_model
@@ -100,3 +100,31 @@ def test_checkpoint_serves_as_weights_file(tmp_path):
     rebuilt = build_model("resnet50_full", weights=path, image_size=32)
     expected = trained.state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in rebuilt.state_dict().items())
+
+
+def test_a_best_epoch_is_serialised_once_and_later_epochs_leave_it_alone(tmp_path, monkeypatch):
+    best, last = tmp_path / "checkpoints" / "best.pt", tmp_path / "checkpoints" / "last.pt"
+    serialised = []
+    original_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, target, *a, **k: (serialised.append(obj["epoch"]),
+                                                                     original_save(obj, target, *a, **k)))
+    writer = CheckpointWriter()
+    writer.save(checkpoint_state(nn.Linear(3, 4), epoch=1), best, last)
+    writer.wait()
+    assert best.samefile(last)  # one file, two names
+    writer.save(checkpoint_state(nn.Linear(3, 4), epoch=2), last)
+    writer.wait()
+    assert serialised == [1, 2]
+    assert load_checkpoint(best)["epoch"] == 1 and load_checkpoint(last)["epoch"] == 2
+    assert sorted(p.name for p in best.parent.iterdir()) == ["best.pt", "last.pt"]  # no temporary left behind
+
+
+def test_without_hard_links_the_second_name_is_a_copy(tmp_path, monkeypatch):
+    def no_links(source, target):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr("os.link", no_links)
+    writer = CheckpointWriter()
+    writer.save(checkpoint_state(nn.Linear(3, 4), epoch=4), tmp_path / "best.pt", tmp_path / "last.pt")
+    writer.wait()
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 4 and not (tmp_path / "last.pt").samefile(tmp_path / "best.pt")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,30 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> Path:
             "there, if any, is unchanged."
         ) from None
     finally:  # also on Ctrl-C or a pickling error mid-write; after the rename there is nothing left to remove
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def link_checkpoint(source: Path, path: Path) -> Path:
+    """Give the finished checkpoint ``source`` the second name ``path`` without serialising it again: a hard
+    link made beside ``path`` and renamed over it (atomic, as in :func:`save_checkpoint`), or a copy where the
+    filesystem has no hard links. Checkpoints are only ever replaced, never changed in place, so the two
+    names never see each other's later writes."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.unlink(missing_ok=True)
+        try:
+            os.link(source, temporary)
+        except OSError:
+            shutil.copyfile(source, temporary)
+        os.replace(temporary, path)
+    except OSError as error:
+        raise CheckpointError(
+            f"Could not write checkpoint {str(path)!r} ({error}); is the disk full? The previous checkpoint "
+            "there, if any, is unchanged."
+        ) from None
+    finally:
         temporary.unlink(missing_ok=True)
     return path
 
@@ -66,8 +91,9 @@ class CheckpointWriter:
     """Writes checkpoints in a background thread, off the training loop's critical path.
 
     :meth:`save` takes a host copy of the state (:func:`host_copy`, milliseconds) and returns; the thread
-    then writes each file with :func:`save_checkpoint` (temporary file, then rename), so a kill or a crash
-    mid-write leaves the previous checkpoint in place. At most one write is in flight: :meth:`save` and
+    then writes the first file with :func:`save_checkpoint` (temporary file, then rename), so a kill or a crash
+    mid-write leaves the previous checkpoint in place, and gives the others the same content as hard links
+    (:func:`link_checkpoint`): ``best.pt`` and ``last.pt`` of a best epoch are serialised once. At most one write is in flight: :meth:`save` and
     :meth:`wait` first wait for the previous one and re-raise its error, so a failure is never lost."""
 
     def __init__(self) -> None:
@@ -80,8 +106,9 @@ class CheckpointWriter:
 
         def write() -> None:
             try:
-                for path in paths:
-                    save_checkpoint(snapshot, path)
+                save_checkpoint(snapshot, paths[0])
+                for path in paths[1:]:
+                    link_checkpoint(paths[0], path)
             except BaseException as error:  # handed to the training thread by wait()
                 self._error = error
 
