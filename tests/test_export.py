@@ -171,12 +171,17 @@ class SingularValues(nn.Module):
         return torch.linalg.svdvals(images.flatten(2)).flatten(1)
 
 
-def test_refuses_a_model_the_exporter_cannot_trace(tmp_path, monkeypatch, capfd):
+def export_with_backbone(tmp_path, monkeypatch, backbone: nn.Module, arch: str) -> int:
+    """``cxr export`` of a real checkpoint whose model is swapped for ``backbone`` + a 3-feature head."""
     checkpoint = write_run(tmp_path / "run", "resnet50_full")
-    model = Classifier(SingularValues(), nn.Linear(3, len(CLASSES)), "svd_net", freeze_backbone=False)
+    model = Classifier(backbone, nn.Linear(3, len(CLASSES)), arch, freeze_backbone=False)
     real = export.load_trained_model
     monkeypatch.setattr(export, "load_trained_model", lambda path: (model, real(path)[1]))
-    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "export")]) == 1
+    return main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "export")])
+
+
+def test_refuses_a_model_the_exporter_cannot_trace(tmp_path, monkeypatch, capfd):
+    assert export_with_backbone(tmp_path, monkeypatch, SingularValues(), "svd_net") == 1
     out, err = capfd.readouterr()
     assert err == ("error: The ONNX exporter could not trace the svd_net model (UnsupportedOperatorError: Exporting "
                    "the operator 'aten::linalg_svdvals' to ONNX opset version 17 is not supported).\n")
@@ -206,11 +211,7 @@ class Drifting(nn.Module):
 
 
 def test_refuses_an_onnx_file_that_does_not_match_pytorch(tmp_path, monkeypatch, capsys):
-    checkpoint = write_run(tmp_path / "run", "resnet50_full")
-    model = Classifier(Drifting(), nn.Linear(3, len(CLASSES)), "drifting", freeze_backbone=False)
-    real = export.load_trained_model
-    monkeypatch.setattr(export, "load_trained_model", lambda path: (model, real(path)[1]))
-    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "export")]) == 1
+    assert export_with_backbone(tmp_path, monkeypatch, Drifting(), "drifting") == 1
     err = capsys.readouterr().err
     assert err.startswith("error: The ONNX model's probabilities differ from PyTorch's by ")
     assert err.endswith("(more than 0.001); not exported.\n")
