@@ -55,3 +55,16 @@ def test_overlay_png_shows_the_crop_beside_its_heat_map(tmp_path):
         assert image.size == (64, 32) and image.mode == "RGB"
         left, right = np.asarray(image)[:, :32], np.asarray(image)[:, 32:]
     assert np.ptp(left) <= 1 and np.ptp(right) > 50  # plain grey crop beside a coloured overlay
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "vit_b_16"])
+def test_grad_cam_of_a_compiled_backbone_is_the_eager_one(arch):
+    """``--compile`` compiles the backbone; Grad-CAM runs it eagerly (its hooks fire, its backward runs twice)."""
+    torch.manual_seed(0)
+    model = build_model(arch, weights="none", freeze_backbone=True, image_size=32).eval()
+    images = torch.randn(2, 3, 32, 32)
+    eager = cam.grad_cam(model, images, targets=[1, 2])
+    model.backbone.compile(backend="aot_eager")
+    with torch.no_grad():
+        model(images)  # traced once, as evaluation does before the figures
+    assert np.allclose(cam.grad_cam(model, images, targets=[1, 2]), eager, atol=1e-5)

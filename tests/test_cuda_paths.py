@@ -130,17 +130,23 @@ def test_missing_gpu_is_a_clear_error(synthetic_root, tmp_path, capsys, monkeypa
     assert error.startswith("error: --device cuda was requested but no CUDA GPU is available") and "Traceback" not in error
 
 
-def test_compiled_model_trains_evaluates_and_explains(synthetic_root, tmp_path, cuda_like, monkeypatch):
-    """``--compile`` with the CUDA choices: torch.compile traces the model (dynamo and AOT autograd with the
-    ``aot_eager`` backend here; inductor's code generation is left to the GPU), training and evaluation run
-    through the compiled graph, and Grad-CAM still gets its gradients."""
+@pytest.mark.parametrize("name", ["resnet50_full", "vit_b16_head"])
+def test_compiled_model_trains_evaluates_and_explains(name, synthetic_root, tmp_path, cuda_like, monkeypatch):
+    """``--compile`` with the CUDA choices: torch.compile traces the backbone (dynamo and AOT autograd with the
+    ``aot_eager`` backend here; inductor's code generation is left to the GPU), training (for a frozen backbone:
+    its forward on 256 images at once) and evaluation run through the compiled graph, and Grad-CAM still gets
+    its gradients."""
     compile_module = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_module(self, backend="aot_eager", **kw))
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, **kw: (compiled.append(type(self).__name__),
+                                            compile_module(self, backend="aot_eager", **kw))[1])
     with pytest.warns(UserWarning, match="Skipped"):
-        metrics = workflow.train_experiment("resnet50_full", data_dir=synthetic_root, out=tmp_path, seed=SEED,
+        metrics = workflow.train_experiment(name, data_dir=synthetic_root, out=tmp_path, seed=SEED,
                                             runtime=cuda_like.replace(compile=True), **TINY)
+    assert compiled == ["ResNet" if name.startswith("resnet") else "VisionTransformer"]
     assert metrics["pipeline"]["compile"] is True and np.isfinite(metrics["test"]["macro_f1"])
-    assert (tmp_path / "resnet50_full" / "cam.png").stat().st_size > 0
+    assert (tmp_path / name / "cam.png").stat().st_size > 0
 
 
 class _RecordsAutotuning(torch.nn.Module):
@@ -164,7 +170,7 @@ def test_only_full_batches_are_autotuned(monkeypatch):
     smaller batch (training, validation, features) runs untuned, and the setting comes back afterwards."""
     from cxr.augment import DeviceDataset, DeviceLoader
     from cxr.engine import predict, train_one_epoch, warmup_cosine
-    from cxr.features import FrozenBackboneBatches
+    from cxr.features import FrozenBackboneBatches, extract_features
 
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     runtime = Runtime.cuda_like("cpu", cudnn_benchmark=True, progress=False)
@@ -180,6 +186,9 @@ def test_only_full_batches_are_autotuned(monkeypatch):
     model.seen.clear()
     list(FrozenBackboneBatches(model, DeviceLoader(dataset, 8, True, runtime), runtime, step_batch=4))
     assert model.seen == [(8, True, "forward"), (2, False, "forward")]
+    model.seen.clear()
+    extract_features(model, DeviceLoader(dataset, 4, False, runtime), runtime)
+    assert model.seen == [(4, True, "forward")] * 2 + [(2, False, "forward")]
     assert torch.backends.cudnn.benchmark is True
     with Runtime.cuda_like("cpu", cudnn_benchmark=False).tuning(2, 4):
         assert torch.backends.cudnn.benchmark is True  # a runtime that never asked for autotuning leaves it alone

@@ -44,18 +44,6 @@ def target_layer(model: nn.Module) -> tuple[nn.Module, Callable[[torch.Tensor], 
     raise ValueError(f"no Grad-CAM target layer known for architecture {arch!r}")
 
 
-class _EagerForward(nn.Module):
-    """Runs a classifier's plain ``forward``, bypassing ``Module.compile``: a compiled graph may not run
-    hooks added after it was traced, and Grad-CAM's hooks are added afterwards."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.forward(images)
-
-
 def grad_cam(model: nn.Module, images: torch.Tensor, targets: Sequence[int] | None = None) -> np.ndarray:
     """Heat maps of shape (B, H, W) with values in [0, 1], for the class in ``targets`` (default: the
     predicted class). The model runs in eval mode, where gradients flow through a frozen backbone;
@@ -66,8 +54,10 @@ def grad_cam(model: nn.Module, images: torch.Tensor, targets: Sequence[int] | No
     device = next(model.parameters()).device
     chosen = None if targets is None else [ClassifierOutputTarget(int(t)) for t in targets]
     inputs = images.detach().to(device).requires_grad_(True)
-    explainer = GradCAM(model=_EagerForward(model), target_layers=[layer], reshape_transform=reshape)
-    with torch.enable_grad(), explainer:
+    explainer = GradCAM(model=model, target_layers=[layer], reshape_transform=reshape)
+    # eager, whatever part of the model is compiled: a compiled graph may not run hooks added after it was
+    # traced (Grad-CAM's are), and its backward cannot be run twice as Grad-CAM does
+    with torch.enable_grad(), torch.compiler.set_stance("force_eager"), explainer:
         maps = explainer(input_tensor=inputs, targets=chosen)
     model.zero_grad(set_to_none=True)
     model.train(was_training)

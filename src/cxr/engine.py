@@ -559,8 +559,7 @@ def fit(
     if runtime.compile:  # the backbone alone: a frozen one is called without the Classifier while training
         model.backbone.compile()
     pipeline.train_module = distributed.wrap(pipeline.train_module, runtime.device, model.freeze_backbone)
-    steps_per_epoch = len(make_loader(pipeline.train_set, distributed.per_rank_batch(experiment.batch_size), True,
-                                      runtime, shard=True))
+    steps_per_epoch = len(training_batches(pipeline, distributed.per_rank_batch(experiment.batch_size), runtime, seed))
     state = build_training_state(model, experiment, runtime, steps_per_epoch)
     if resume:
         saved = load_checkpoint(last_path, experiment=experiment.name, arch=experiment.arch, classes=CLASSES)
