@@ -185,10 +185,13 @@ class SyntheticLoader:
             yield self.images, self.labels
 
 
-def measure_ceiling(experiment: Experiment, runtime: Runtime, steps: int, warmup: int = 5) -> dict[str, Any]:
+def measure_ceiling(experiment: Experiment, runtime: Runtime, steps: int, warmup: int = 5,
+                    torch_loss: bool = False) -> dict[str, Any]:
     """Our training step alone, ``fit``'s way (a frozen backbone runs forward on ``runtime``'s
-    frozen_forward_batch images at once and the head steps every batch), on synthetic batches already on the
-    device. The warm-up (cuDNN autotuning; compiling, with ``runtime.compile``) is reported as ``warmup_seconds``."""
+    frozen_forward_batch images at once and the head steps every batch; fit's loss), on synthetic batches already
+    on the device. The warm-up (cuDNN autotuning; compiling, with ``runtime.compile``) is reported as
+    ``warmup_seconds``. ``torch_loss``: PyTorch's own class-weighted, label-smoothed ``nn.CrossEntropyLoss``
+    instead of fit's (``cxr.losses``), to show what its host sync per step costs."""
     device = runtime.device
     reset_peak_memory(device)
     torch.backends.cudnn.benchmark = runtime.cudnn_benchmark
@@ -198,11 +201,13 @@ def measure_ceiling(experiment: Experiment, runtime: Runtime, steps: int, warmup
     if runtime.compile:
         model.backbone.compile()
     optimizer = engine.build_optimizer(model, experiment, runtime)
-    criterion = nn.CrossEntropyLoss(label_smoothing=experiment.label_smoothing)
     batch = experiment.batch_size
     forward = engine.frozen_forward_batch(batch, runtime) if model.freeze_backbone else batch
     images = runtime.to_device(torch.randn(forward, 3, experiment.image_size, experiment.image_size))
     labels = torch.randint(0, len(CLASSES), (forward,), device=device)
+    criterion = engine.training_loss(labels.tolist(), experiment, device)  # fit's loss, class weights included
+    if torch_loss:
+        criterion = nn.CrossEntropyLoss(weight=criterion.weight, label_smoothing=experiment.label_smoothing)
     per_forward = forward // batch
 
     def steps_of(count: int):
@@ -225,18 +230,20 @@ def measure_ceiling(experiment: Experiment, runtime: Runtime, steps: int, warmup
     torch.backends.cudnn.benchmark = False
     return {"images_per_second": round(timed * batch / seconds, 1), "steps": timed, "batch_size": batch,
             "forward_batch": forward, "precision": runtime.precision(), "compile": runtime.compile,
-            "cudnn_benchmark": runtime.cudnn_benchmark, "warmup_seconds": round(warmup_seconds, 1),
+            "cudnn_benchmark": runtime.cudnn_benchmark, "torch_loss": torch_loss,
+            "warmup_seconds": round(warmup_seconds, 1),
             "peak_memory_gib": peak_memory_gib(device)}
 
 
-def ceiling_variants(experiment: Experiment, device: torch.device) -> dict[str, Runtime]:
-    """The runtimes whose ceilings are measured: ``fit``'s default, then what it was chosen against."""
+def ceiling_variants(experiment: Experiment, device: torch.device) -> dict[str, tuple[Runtime, bool]]:
+    """The ceilings measured, as (runtime, PyTorch's loss instead of fit's): ``fit``'s default, then what
+    it was chosen against."""
     default = Runtime.create(device, progress=False)
-    variants = {"ceiling": default}
+    variants = {"ceiling": (default, False), "ceiling_torch_loss": (default, True)}
     if experiment.freeze_backbone and engine.frozen_forward_batch(experiment.batch_size, default) > experiment.batch_size:
-        variants["ceiling_forward_at_step_batch"] = default.replace(frozen_forward_batch=0)
+        variants["ceiling_forward_at_step_batch"] = (default.replace(frozen_forward_batch=0), False)
     elif device.type == "cuda":
-        variants["ceiling_no_cudnn_benchmark"] = default.replace(cudnn_benchmark=False)
+        variants["ceiling_no_cudnn_benchmark"] = (default.replace(cudnn_benchmark=False), False)
     return variants
 
 
@@ -333,34 +340,48 @@ def measure_seed_style(experiment: Experiment, splits, device: torch.device, wor
 
 
 @contextlib.contextmanager
-def timed_checkpoints() -> Iterator[list[float]]:
-    """Time what checkpoints cost the training loop: ``CheckpointWriter.save`` (waiting for the previous
-    write, then the host copy; the write itself runs in the background) and the final wait."""
-    spent: list[float] = []
-    original_save, original_wait = engine.CheckpointWriter.save, engine.CheckpointWriter.wait
+def timed_calls(*targets: tuple[Any, str]) -> Iterator[dict[str, list[float]]]:
+    """Wall seconds of every call of each ``(owner, attribute)`` function made while this is held, by
+    attribute name. A call made inside another timed call is left out (it is part of that one's time):
+    ``CheckpointWriter.save`` waits for the previous write with ``wait``, and that wait is the save's."""
+    spent: dict[str, list[float]] = {name: [] for _, name in targets}
+    originals = [(owner, name, getattr(owner, name)) for owner, name in targets]
+    active: list[str] = []
 
-    def timed(method):
+    def timed(name, method):
         def call(*args, **kwargs):
+            if active:
+                return method(*args, **kwargs)
+            active.append(name)
             started = time.perf_counter()
             try:
                 return method(*args, **kwargs)
             finally:
-                spent.append(time.perf_counter() - started)
+                spent[name].append(time.perf_counter() - started)
+                active.pop()
         return call
 
-    engine.CheckpointWriter.save, engine.CheckpointWriter.wait = timed(original_save), timed(original_wait)
+    for owner, name, method in originals:
+        setattr(owner, name, timed(name, method))
     try:
         yield spent
     finally:
-        engine.CheckpointWriter.save, engine.CheckpointWriter.wait = original_save, original_wait
+        for owner, name, method in originals:
+            setattr(owner, name, method)
+
+
+# What fit spends its time on, besides the epochs' training and validation (see run_ours).
+FIT_STEPS = ((engine, "train_one_epoch"), (engine, "evaluate"), (engine.CheckpointWriter, "save"),
+             (engine.CheckpointWriter, "wait"), (engine, "build_model"), (engine, "_estimate_batchnorm"),
+             (engine, "load_checkpoint"))
 
 
 def run_ours(experiment: Experiment, data_root: Path, cache_dir: Path, out_dir: Path, device: torch.device,
              profile_to: Path | None = None) -> dict[str, Any]:
     """Scan, fit (train + validation every epoch, checkpoints) and predict the test split, timed as a whole
-    and split into the epochs and what surrounds them. With ``profile_to`` the epochs after the first (which
-    holds cuDNN autotuning) are profiled (torch.profiler, CPU and CUDA activity) and the top operators are
-    written there."""
+    and split into the epochs (training loop, validation, checkpoint) and what surrounds them, step by step.
+    With ``profile_to`` the epochs after the first (which holds cuDNN autotuning) are profiled
+    (torch.profiler, CPU and CUDA activity) and the top operators are written there."""
     reset_peak_memory(device)
     profiler = torch_profiler(device) if profile_to and experiment.epochs > 1 else None
 
@@ -376,42 +397,54 @@ def run_ours(experiment: Experiment, data_root: Path, cache_dir: Path, out_dir: 
     splits = load_splits(data_root)
     scan_seconds = time.perf_counter() - started
     runtime = Runtime.create(device, cache_dir=cache_dir, compile=experiment.compile, progress=False)
-    with timed_checkpoints() as checkpoint_seconds:
+    with timed_calls(*FIT_STEPS) as spent:
         result = engine.fit(experiment, splits, out_dir, runtime, seed=42,
                             on_epoch_end=profile_after_first_epoch if profiler else None)
     test_started = time.perf_counter()
     prep = preprocessing(experiment.arch, experiment.image_size)
     test_set, test_split, test_info = engine.build_dataset(splits.test, experiment, prep, runtime, False)
     loader = engine.make_loader(test_set, experiment.batch_size, False, runtime)
-    logits, labels = engine.predict(result.model, loader, runtime)
+    with runtime.one_off():  # as workflow.evaluate_model
+        logits, labels = engine.predict(result.model, loader, runtime)
     synchronize(device)
     finished = time.perf_counter()
     seconds, test_seconds = finished - started, finished - test_started - test_info.get("cache_seconds", 0.0)
-    epochs = [row["seconds"] for row in result.history]
-    epoch_seconds = statistics.median(epochs[1:] or epochs)
+    rows, saves = [row["seconds"] for row in result.history], spent["save"]
+    epochs = [row + save for row, save in zip(rows, saves)]  # an epoch: training, validation, its checkpoint
+
+    def steady(values: list[float]) -> float:  # the median epoch after the first (which autotunes cuDNN)
+        return statistics.median(values[1:] or values)
+
+    epoch_seconds = steady(epochs)
     pipeline = result.extra["pipeline"]
     cache_seconds = pipeline["cache_seconds"] + test_info.get("cache_seconds", 0.0)
     outside = seconds - sum(epochs)
+    steps = {
+        "scan": scan_seconds,
+        "image cache (decode or read)": cache_seconds,
+        "model build": sum(spent["build_model"]),
+        "BatchNorm statistics": sum(spent["_estimate_batchnorm"]),
+        "frozen-backbone features (validation)": pipeline["feature_seconds"],
+        "last checkpoint write (wait)": sum(spent["wait"]),
+        "best.pt reload": sum(spent["load_checkpoint"]),
+        "test split (predictions)": test_seconds,
+    }
+    steps["other"] = outside - sum(steps.values())
     row = {
         "images_per_second": round(len(splits.train) / epoch_seconds, 1),
         "epoch_seconds": round(epoch_seconds, 3),
+        "epoch_parts": {"training loop": round(steady(spent["train_one_epoch"]), 3),
+                        "validation": round(steady(spent["evaluate"]), 3),
+                        "checkpoint (host copy, wait for the previous write)": round(steady(saves), 3)},
         "first_epoch_seconds": round(epochs[0], 3),
         "experiment_seconds": round(seconds, 1),
         "epochs": len(epochs),
         "train_seconds": round(result.train_seconds, 1),
-        "checkpoint_seconds": round(sum(checkpoint_seconds), 1),
+        "checkpoint_seconds": round(sum(saves), 2),
         "cache_seconds": round(cache_seconds, 2),
         "images_decoded": pipeline["images_decoded"] + test_info.get("decoded", 0)
         if isinstance(pipeline["images_decoded"], int) else pipeline["images_decoded"],
-        "outside_epochs": {
-            "total": round(outside, 2),
-            "scan": round(scan_seconds, 2),
-            "image cache (decode or read)": round(cache_seconds, 2),
-            "frozen-backbone features (validation)": round(pipeline["feature_seconds"], 2),
-            "test split (predictions)": round(test_seconds, 2),
-            "model, BatchNorm statistics, last checkpoint write, best.pt reload": round(
-                outside - scan_seconds - cache_seconds - pipeline["feature_seconds"] - test_seconds, 2),
-        },
+        "outside_epochs": {"total": round(outside, 2), **{name: round(value, 2) for name, value in steps.items()}},
         "test_accuracy": round(float((logits.argmax(1) == labels).mean()), 4),
         "pipeline": pipeline,
         "peak_memory_gib": peak_memory_gib(device),
@@ -436,7 +469,9 @@ def write_profile(profiler: torch.profiler.profile, path: Path, wall_seconds: fl
     on_cuda = any(event.device_type == torch.autograd.DeviceType.CUDA for event in averages)
     key = "self_device_time_total" if on_cuda else "self_cpu_time_total"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(averages.table(sort_by=key, row_limit=rows) + "\n")
+    host = "" if not on_cuda else ("\nThe same operators by host time (where the host, not the device, is busy):\n\n"
+                                   + averages.table(sort_by="self_cpu_time_total", row_limit=15))
+    path.write_text(averages.table(sort_by=key, row_limit=rows) + "\n" + host + "\n")
     device_events = [e for e in averages if (e.device_type == torch.autograd.DeviceType.CUDA) == on_cuda]
     operators = [e for e in averages if e.device_type == torch.autograd.DeviceType.CPU]
     top = sorted(operators, key=lambda event: getattr(event, key), reverse=True)[:8]
@@ -489,14 +524,17 @@ def seed_limit(seed: dict[str, Any], seed_loader: dict[str, Any] | None) -> str:
 
 
 def ours_limit(ours: dict[str, Any], ceiling: dict[str, Any], train_images: int) -> str:
-    """Where an epoch's seconds go: the training steps at the ceiling's rate, checkpoint writes, the rest
-    (validation pass, augmentation, per-step overhead); then what the run spent outside its epochs."""
-    epoch = ours["epoch_seconds"]
+    """Where an epoch's seconds go: the training steps at the ceiling's rate, the rest of the training loop
+    (augmentation, per-step overhead, the device waiting for the host), validation, the checkpoint, and
+    the epoch's setup; then what the run spent outside its epochs."""
+    epoch, measured = ours["epoch_seconds"], ours["epoch_parts"]
+    at_ceiling = min(measured["training loop"], train_images / ceiling["images_per_second"])
     parts = {
-        "training steps at ceiling rate": min(epoch, train_images / ceiling["images_per_second"]),
-        "checkpoint writes": ours["checkpoint_seconds"] / max(1, ours["epochs"]),
+        "training steps at ceiling rate": at_ceiling,
+        "rest of the training loop": measured["training loop"] - at_ceiling,
+        **{name: value for name, value in measured.items() if name != "training loop"},
     }
-    parts["validation, augmentation and other overhead"] = max(0.0, epoch - sum(parts.values()))
+    parts["epoch setup"] = max(0.0, epoch - sum(parts.values()))
     largest = max(parts, key=parts.get)
     label = "device compute" if largest.startswith("training") else largest
     shares = ", ".join(f"{name} {100 * seconds / epoch:.0f}%" for name, seconds in parts.items())
@@ -516,6 +554,8 @@ def _times(numerator: float | None, denominator: float | None) -> str:
 
 CEILING_LABELS = {
     "ceiling": "ceiling: our training step on synthetic device tensors ({precision}, backbone forward on {forward})",
+    "ceiling_torch_loss": "ceiling with PyTorch's nn.CrossEntropyLoss (class weights + label smoothing: "
+                          "a host sync every step) as before",
     "ceiling_forward_at_step_batch": "ceiling, frozen backbone forward on the step batch ({forward}) as before",
     "ceiling_no_cudnn_benchmark": "ceiling without cuDNN autotuning",
     "ceiling_compiled": "ceiling with torch.compile",
@@ -588,7 +628,7 @@ def targets(results: dict[str, Any]) -> dict[str, str]:
             share = ours["images_per_second"] / ceiling["images_per_second"]
             found[f"{name} epochs >= 90% of its ceiling"] = f"{'met' if share >= 0.9 else 'missed'}: {100 * share:.0f}%"
         if ours and ours.get("epochs") and ours.get("epoch_seconds"):
-            share = ours["checkpoint_seconds"] / ours["epochs"] / ours["epoch_seconds"]
+            share = ours["epoch_parts"]["checkpoint (host copy, wait for the previous write)"] / ours["epoch_seconds"]
             found[f"{name} checkpoints under 3% of an epoch"] = f"{'met' if share < 0.03 else 'missed'}: {100 * share:.1f}%"
             outside = ours["outside_epochs"]["total"] - ours["cache_seconds"]
             found[f"{name} at most 5 s outside the epochs, image decoding aside"] = (
@@ -757,9 +797,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             save(f"{name} (ours)")
         results["loader_alone"]["ours"] = measure_our_loader(next(iter(experiments.values())), splits, cache_dir, device)
         for name, experiment in experiments.items():
-            for key, runtime in ceiling_variants(experiment, device).items():
+            for key, (runtime, torch_loss) in ceiling_variants(experiment, device).items():
                 log(f"{name}: {key}")
-                rows[name][key] = measure_ceiling(experiment, runtime, args.ceiling_steps)
+                rows[name][key] = measure_ceiling(experiment, runtime, args.ceiling_steps, torch_loss=torch_loss)
             if "seed-style" not in results["loader_alone"]:
                 log("seed-style DataLoader alone")
                 results["loader_alone"]["seed-style"] = measure_seed_loader(

@@ -192,3 +192,74 @@ def test_only_full_batches_are_autotuned(monkeypatch):
     assert torch.backends.cudnn.benchmark is True
     with Runtime.cuda_like("cpu", cudnn_benchmark=False).tuning(2, 4):
         assert torch.backends.cudnn.benchmark is True  # a runtime that never asked for autotuning leaves it alone
+
+
+
+HOST_SYNCS = {"aten::masked_select", "aten::nonzero", "aten::item", "aten::_local_scalar_dense"}
+
+
+def _host_syncs(name: str, data_dir: Path, runtime: Runtime, steps: int) -> list[str]:
+    """Operators that make the host wait for the device in a ``train_one_epoch`` of ``steps`` batches, fit's
+    way (its pipeline and loss). The optimizer's are left out: fused AdamW reads its step counters on the
+    host only on the CPU (on CUDA they are device tensors that its kernel reads)."""
+    import itertools
+
+    from cxr import engine
+    from cxr.config import get_experiment
+    from cxr.models import build_model, preprocessing
+
+    experiment = get_experiment(name, **{**TINY, "batch_size": 4})
+    torch.manual_seed(SEED)
+    model = runtime.prepare_model(build_model(experiment.arch, len(CLASSES), "none", experiment.freeze_backbone,
+                                              experiment.image_size))
+    with pytest.warns(UserWarning, match="Skipped"):
+        pipeline = engine.build_pipeline(experiment, load_splits(data_dir), model,
+                                         preprocessing(experiment.arch, experiment.image_size), runtime, SEED)
+    criterion = engine.EpochRunner(experiment, pipeline, runtime, SEED).criterion
+    state = engine.build_training_state(model, experiment, runtime, steps)
+    batches = itertools.islice(engine.training_batches(pipeline, experiment.batch_size, runtime, SEED), steps)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        engine.train_one_epoch(pipeline.train_module, batches, criterion, state.optimizer, state.scheduler, runtime)
+
+    def in_optimizer(event) -> bool:
+        while event is not None:
+            if event.name.startswith("Optimizer.step"):
+                return True
+            event = event.cpu_parent
+        return False
+
+    return [event.name for event in profile.events() if event.name in HOST_SYNCS and not in_optimizer(event)]
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_training_steps_never_wait_for_the_device(name, synthetic_root, cuda_like):
+    """A training step that reads a value the device computes (``.item()``, or an operator whose output size
+    only the device knows) stops the host from queueing the next kernels until the device has caught up. On
+    an H200 a step of fit's former loss (``nn.CrossEntropyLoss`` with class weights and label smoothing)
+    did so: only the end of an epoch may wait, however many steps it has."""
+    two, five = (_host_syncs(name, synthetic_root, cuda_like, steps) for steps in (2, 5))
+    assert two == five
+    assert "aten::masked_select" not in five and "aten::nonzero" not in five
+
+
+def test_passes_that_run_once_are_not_autotuned(synthetic_root, monkeypatch):
+    """A frozen random backbone's BatchNorm statistics and validation features are computed once: autotuning
+    their shapes would cost seconds and never pay. Its training forward passes are tuned."""
+    from cxr import engine
+    from cxr.config import get_experiment
+    from cxr.models import build_model, preprocessing
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    runtime = Runtime.cuda_like("cpu", cudnn_benchmark=True, progress=False, frozen_forward_batch=8)
+    experiment = get_experiment("resnet152_head", **{**TINY, "batch_size": 4})
+    model = runtime.prepare_model(build_model(experiment.arch, len(CLASSES), "none", True, experiment.image_size))
+    tuned: list[bool] = []
+    model.backbone.register_forward_pre_hook(lambda module, args: tuned.append(torch.backends.cudnn.benchmark))
+    with pytest.warns(UserWarning, match="Skipped"):
+        pipeline = engine.build_pipeline(experiment, load_splits(synthetic_root), model,
+                                         preprocessing(experiment.arch, experiment.image_size), runtime, SEED)
+    assert pipeline.info["batchnorm_statistics"].startswith("estimated") and pipeline.info["feature_cache"] == "val"
+    assert tuned and not any(tuned)
+    tuned.clear()
+    next(iter(engine.training_batches(pipeline, experiment.batch_size, runtime, SEED)))
+    assert tuned == [True] and torch.backends.cudnn.benchmark is True

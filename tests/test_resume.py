@@ -121,6 +121,22 @@ def test_early_stopping_state_survives_resume(splits, tmp_path, monkeypatch):
     assert resumed.stopped_early and len(resumed.history) == 2 and resumed.best_epoch == 1
 
 
+def test_fit_returns_the_best_epoch_without_reading_best_pt_back(splits, tmp_path, monkeypatch):
+    """The best epoch's weights are kept from the host copy that best.pt was written from; only a run that
+    trained no new best epoch (a resumed one) reads the file."""
+    def flat_validation(*args, **kwargs):  # epoch 1 stays the best
+        return {"loss": 1.0, "accuracy": 0.25, "macro_f1": 0.1, "balanced_accuracy": 0.25}
+
+    monkeypatch.setattr(engine, "evaluate", flat_validation)
+    reads = []
+    monkeypatch.setattr(engine, "load_checkpoint", lambda *args, **kwargs: reads.append(args) or load_checkpoint(*args, **kwargs))
+    result = fit(tiny_experiment(epochs=2), splits, tmp_path, CPU, seed=3)
+    assert result.best_epoch == 1 and reads == []
+    best, last = (load_checkpoint(tmp_path / "checkpoints" / name)["model"] for name in ("best.pt", "last.pt"))
+    assert_identical(result.model.state_dict(), best, "returned model")
+    assert not torch.equal(best["head.weight"], last["head.weight"])
+
+
 def test_interrupt_before_first_epoch_ends_says_nothing_to_resume(splits, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -100,7 +100,9 @@ class CheckpointWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def save(self, state: dict[str, Any], *paths: Path) -> None:
+    def save(self, state: dict[str, Any], *paths: Path) -> dict[str, Any]:
+        """Start writing ``state`` to ``paths``; returns the host copy being written (the caller must not
+        change it)."""
         self.wait()
         snapshot = host_copy(state)
 
@@ -114,6 +116,7 @@ class CheckpointWriter:
 
         self._thread = threading.Thread(target=write, name="checkpoint-writer", daemon=False)
         self._thread.start()
+        return snapshot
 
     def wait(self) -> None:
         """Block until the write in flight is on disk; raise its error, if any."""

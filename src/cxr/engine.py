@@ -28,6 +28,7 @@ from .augment import BatchTransform, DeviceDataset, DeviceLoader, EvalTransform,
 from .cache import cache_side, cache_split
 from .data import CLASSES, EXPECTED_LAYOUT, DatasetError, DataSplits, Split, XRayDataset, warn_skipped
 from .features import FrozenBackboneBatches, feature_dataset
+from .losses import WeightedSmoothedCrossEntropy
 from .models import Classifier, build_model, estimate_batchnorm_statistics, needs_batchnorm_statistics, preprocessing
 from .runtime import Runtime, device_name, select_device  # noqa: F401 (re-exported: engine.select_device is public)
 
@@ -129,6 +130,11 @@ def class_weights(labels: list[int], num_classes: int = len(CLASSES)) -> torch.T
     weights = np.ones(num_classes, dtype=np.float32)
     weights[present] = compute_class_weight("balanced", classes=present, y=np.asarray(labels))
     return torch.tensor(weights, dtype=torch.float32)
+
+
+def training_loss(train_labels: list[int], experiment: Experiment, device: torch.device) -> nn.Module:
+    """Cross-entropy weighted by the training split's class frequencies, with the experiment's label smoothing."""
+    return WeightedSmoothedCrossEntropy(class_weights(train_labels), experiment.label_smoothing).to(device)
 
 
 def build_optimizer(model: Classifier, experiment: Experiment, runtime: Runtime) -> torch.optim.Optimizer:
@@ -323,7 +329,8 @@ def _features_of(model: Classifier, dataset: Dataset | DeviceDataset, batch_size
                  description: str) -> DeviceDataset:
     """The backbone's features of a whole split; in a torchrun job each rank computes its shard."""
     loader = make_loader(dataset, batch_size, False, runtime, shard=True)
-    shard = feature_dataset(model.backbone, loader, runtime, description)
+    with runtime.one_off():
+        shard = feature_dataset(model.backbone, loader, runtime, description)
     return DeviceDataset(*gather_shards(loader, shard.inputs, shard.labels))
 
 
@@ -336,7 +343,7 @@ def _estimate_batchnorm(model: Classifier, experiment: Experiment, train_set: Da
     batches = tqdm(itertools.islice(loader, steps), "BatchNorm statistics", total=steps, leave=False,
                    disable=not runtime.progress)
     batches = (batch for batch in batches if len(batch[1]) > 1)  # BatchNorm cannot average a single 1x1 map
-    with runtime.autocast():
+    with runtime.one_off(), runtime.autocast():
         estimate_batchnorm_statistics(model.backbone, batches, runtime.device)
     return min(train_size, steps * experiment.batch_size)
 
@@ -479,10 +486,8 @@ class EpochRunner:
     seed: int
 
     def __post_init__(self) -> None:
-        weights = class_weights(self.pipeline.train_labels)
-        self.criterion = nn.CrossEntropyLoss(weight=weights.to(self.runtime.device),
-                                             label_smoothing=self.experiment.label_smoothing)
-        self.val_criterion = nn.CrossEntropyLoss(weight=weights)
+        self.criterion = training_loss(self.pipeline.train_labels, self.experiment, self.runtime.device)
+        self.val_criterion = nn.CrossEntropyLoss(weight=class_weights(self.pipeline.train_labels))
         self.val_loader = make_loader(self.pipeline.val_set, self.experiment.batch_size, False, self.runtime, shard=True)
 
     def __call__(self, epoch: int, state: TrainingState) -> dict[str, float]:
@@ -567,22 +572,25 @@ def fit(
         state.restore(saved)
 
     writer = CheckpointWriter()
-    saved_epochs = state.epochs_done
+    saved_epochs, best_weights = state.epochs_done, None
     if distributed.is_main():
         last_path.parent.mkdir(parents=True, exist_ok=True)
 
     def save(is_best: bool) -> None:
-        nonlocal saved_epochs
+        nonlocal saved_epochs, best_weights
         if distributed.is_main():  # every rank holds the same weights, history and early-stopping state
-            writer.save(state.checkpoint(experiment, prep, seed, splits), *([best_path] if is_best else []), last_path)
+            written = writer.save(state.checkpoint(experiment, prep, seed, splits),
+                                  *([best_path] if is_best else []), last_path)
+            best_weights = written["model"] if is_best else best_weights  # what best.pt holds, kept in memory
             _write_history(state.history, out_dir / "history.csv")
         saved_epochs = state.epochs_done
 
     try:  # Ctrl-C anywhere in the loop (a batch, a save, the callback) ends in the same resumable state
         stopped_early = run_epochs(experiment, pipeline, state, runtime, seed, save, on_epoch_end)
         writer.wait()
-        distributed.barrier()  # rank 0 has written best.pt; every rank reads it
-        best = load_checkpoint(best_path, experiment=experiment.name)
+        distributed.barrier()  # rank 0 has written best.pt; the ranks without its copy in memory read it
+        if best_weights is None:
+            best_weights = load_checkpoint(best_path, experiment=experiment.name)["model"]
     except KeyboardInterrupt:
         writer.wait()  # the epoch handed to the writer is on disk before we say it is
         raise _interrupted(experiment, saved_epochs, last_path) from None
@@ -591,6 +599,6 @@ def fit(
         kept = (f"the last good checkpoint (epoch {saved_epochs}) is {str(last_path)!r}" if saved_epochs
                 else "no checkpoint was written")
         raise TrainingError(f"{error}; {kept}. Try a lower --lr.") from None
-    model.load_state_dict(best["model"])
+    model.load_state_dict(best_weights)
     return FitResult(model, state.history, best_path, last_path, state.best_epoch, stopped_early,
                      state.train_seconds, runtime, {"pipeline": pipeline.info})

@@ -137,6 +137,13 @@ class Runtime:
             return contextlib.nullcontext()
         return _cudnn_benchmark(False)
 
+    def one_off(self) -> ContextManager:
+        """Around a pass that runs once (a frozen backbone's BatchNorm statistics and cached features, the test
+        evaluation): cuDNN's heuristic kernels, instead of seconds of autotuning for shapes that never return."""
+        if not self.cudnn_benchmark or not torch.backends.cudnn.benchmark:
+            return contextlib.nullcontext()
+        return _cudnn_benchmark(False)
+
     def autocast(self) -> ContextManager:
         """Mixed precision around a forward pass, or nothing for fp32."""
         if self.amp_dtype is None:

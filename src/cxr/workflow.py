@@ -130,12 +130,14 @@ def evaluate_model(
     splits = dataclasses.replace(splits, test=test_split)  # without any image the cache could not decode
     loader = make_loader(test_set, experiment.batch_size, False, runtime, shard=True)
     runtime.prepare_model(model)
-    logits, labels = predict(model, loader, runtime, "test")
-    metrics = reporting.classification_metrics(logits, labels, CLASSES)
-    if not distributed.is_main():
-        return metrics
-    out_dir.mkdir(parents=True, exist_ok=True)
-    metrics.update(uncertainty_report(model, experiment, splits, out_dir, runtime, preprocessing, logits, labels, tta))
+    with runtime.one_off():
+        logits, labels = predict(model, loader, runtime, "test")
+        metrics = reporting.classification_metrics(logits, labels, CLASSES)
+        if not distributed.is_main():
+            return metrics
+        out_dir.mkdir(parents=True, exist_ok=True)
+        metrics.update(uncertainty_report(model, experiment, splits, out_dir, runtime, preprocessing, logits, labels,
+                                          tta))
     reporting.write_json(metrics, out_dir / ASSET_FILES["report_json"])
     (out_dir / ASSET_FILES["report_text"]).write_text(reporting.report_text(metrics, CLASSES))
     title = f"{experiment.name}: test split"
