@@ -214,7 +214,9 @@ def measure_ceiling(experiment: Experiment, runtime: Runtime, steps: int, warmup
         loader = SyntheticLoader(images, labels, math.ceil(count / per_forward))
         if model.freeze_backbone:
             return model.head, engine.FrozenBackboneBatches(model.backbone, loader, runtime, batch)
-        return model, loader
+        return trained, loader
+
+    trained = engine.training_module(model, batch, runtime)
 
     scheduler = engine.warmup_cosine(optimizer, warmup + steps + 2 * per_forward, 1)
     module, batches = steps_of(warmup)
@@ -230,7 +232,7 @@ def measure_ceiling(experiment: Experiment, runtime: Runtime, steps: int, warmup
     torch.backends.cudnn.benchmark = False
     return {"images_per_second": round(timed * batch / seconds, 1), "steps": timed, "batch_size": batch,
             "forward_batch": forward, "precision": runtime.precision(), "compile": runtime.compile,
-            "cudnn_benchmark": runtime.cudnn_benchmark, "torch_loss": torch_loss,
+            "cudnn_benchmark": runtime.cudnn_benchmark, "cuda_graphs": runtime.cuda_graphs, "torch_loss": torch_loss,
             "warmup_seconds": round(warmup_seconds, 1),
             "peak_memory_gib": peak_memory_gib(device)}
 
@@ -243,6 +245,7 @@ def ceiling_variants(experiment: Experiment, device: torch.device) -> dict[str, 
     if experiment.freeze_backbone and engine.frozen_forward_batch(experiment.batch_size, default) > experiment.batch_size:
         variants["ceiling_forward_at_step_batch"] = (default.replace(frozen_forward_batch=0), False)
     elif device.type == "cuda":
+        variants["ceiling_no_cuda_graphs"] = (default.replace(cuda_graphs=False), False)
         variants["ceiling_no_cudnn_benchmark"] = (default.replace(cudnn_benchmark=False), False)
     return variants
 
@@ -557,6 +560,7 @@ CEILING_LABELS = {
     "ceiling_torch_loss": "ceiling with PyTorch's nn.CrossEntropyLoss (class weights + label smoothing: "
                           "a host sync every step) as before",
     "ceiling_forward_at_step_batch": "ceiling, frozen backbone forward on the step batch ({forward}) as before",
+    "ceiling_no_cuda_graphs": "ceiling without CUDA graphs",
     "ceiling_no_cudnn_benchmark": "ceiling without cuDNN autotuning",
     "ceiling_compiled": "ceiling with torch.compile",
 }

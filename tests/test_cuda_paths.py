@@ -65,7 +65,7 @@ def test_runtime_for_cuda_is_what_cuda_like_reproduces():
     if torch.cuda.is_available():  # on a GPU machine: the real choices
         real = Runtime.create("cuda")
         differs = {k for k, v in vars(real).items() if vars(cuda_like)[k] != v}
-        assert differs <= {"device", "amp_dtype", "pin_memory", "cudnn_benchmark", "workers"}
+        assert differs <= {"device", "amp_dtype", "pin_memory", "cudnn_benchmark", "cuda_graphs", "workers"}
 
 
 def test_channels_last_only_for_image_batches():
@@ -263,3 +263,63 @@ def test_passes_that_run_once_are_not_autotuned(synthetic_root, monkeypatch):
     tuned.clear()
     next(iter(engine.training_batches(pipeline, experiment.batch_size, runtime, SEED)))
     assert tuned == [True] and torch.backends.cudnn.benchmark is True
+
+
+def _stand_in_for_cuda_graphs(replays: list[tuple[int, ...]]):
+    """What ``torch.cuda.make_graphed_callables`` does that can be done without a GPU: warm-up passes (forward
+    and gradients, which move BatchNorm's running statistics), then a module that accepts only the sample's
+    shape. ``replays`` records each call of it."""
+    def capture(module, sample):
+        for _ in range(3):
+            output = module(*sample)
+            torch.autograd.grad(output.float().sum(), [p for p in module.parameters() if p.requires_grad])
+        eager, shape = module.forward, sample[0].shape
+
+        def replay(images):
+            assert images.shape == shape, "a graph replays only the shape it was captured with"
+            replays.append(tuple(images.shape))
+            return eager(images)
+
+        module.forward = replay
+        return module
+    return capture
+
+
+@pytest.mark.filterwarnings("ignore:Skipped")
+def test_cuda_graphs_change_nothing_but_how_full_batches_run(synthetic_root, tmp_path, cuda_like, monkeypatch):
+    """With ``cuda_graphs`` a fully trained network's full batches go through the captured module and the rest
+    (an epoch's last batch, validation) through the model; the run is the one without graphs, bit for bit:
+    capturing's warm-up passes leave BatchNorm's statistics as they were."""
+    from cxr import engine, graphs
+    from cxr.checkpoint import load_checkpoint
+    from cxr.config import get_experiment
+
+    replays: list[tuple[int, ...]] = []
+    monkeypatch.setattr(graphs, "capture_cuda_graphs", _stand_in_for_cuda_graphs(replays))
+    experiment = get_experiment("resnet50_full", **{**TINY, "epochs": 2})
+    splits = load_splits(synthetic_root)
+    plain = engine.fit(experiment, splits, tmp_path / "plain", cuda_like, seed=SEED)
+    assert replays == []
+    graphed = engine.fit(experiment, splits, tmp_path / "graphed", cuda_like.replace(cuda_graphs=True), seed=SEED)
+    full_batches = len(splits.train) // experiment.batch_size
+    assert len(splits.train) % experiment.batch_size and replays == [(8, 3, 32, 32)] * full_batches * 2
+    assert [{k: v for k, v in row.items() if k != "seconds"} for row in plain.history] == [
+        {k: v for k, v in row.items() if k != "seconds"} for row in graphed.history]
+    for name in ("best.pt", "last.pt"):
+        saved = [load_checkpoint(run / "checkpoints" / name)["model"] for run in (tmp_path / "plain", tmp_path / "graphed")]
+        assert all(torch.equal(saved[0][key], saved[1][key]) for key in saved[0]), name
+    assert graphed.extra["pipeline"]["cuda_graphs"] is True
+
+
+def test_cuda_graphs_only_for_a_fully_trained_network_in_one_process():
+    from cxr.engine import training_module
+    from cxr.graphs import GraphedTraining
+    from cxr.models import build_model
+
+    runtime = Runtime.cuda_like("cpu", cuda_graphs=True)
+    full, frozen = (build_model("resnet50", len(CLASSES), "none", freeze, 32) for freeze in (False, True))
+    assert isinstance(training_module(full, 8, runtime), GraphedTraining)
+    assert training_module(frozen, 8, runtime) is frozen
+    assert training_module(full, 8, runtime.replace(compile=True)) is full
+    assert training_module(full, 8, runtime.replace(cuda_graphs=False)) is full
+    assert Runtime.create("cpu").cuda_graphs is False

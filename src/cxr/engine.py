@@ -28,6 +28,7 @@ from .augment import BatchTransform, DeviceDataset, DeviceLoader, EvalTransform,
 from .cache import cache_side, cache_split
 from .data import CLASSES, EXPECTED_LAYOUT, DatasetError, DataSplits, Split, XRayDataset, warn_skipped
 from .features import FrozenBackboneBatches, feature_dataset
+from .graphs import GraphedTraining
 from .losses import WeightedSmoothedCrossEntropy
 from .models import Classifier, build_model, estimate_batchnorm_statistics, needs_batchnorm_statistics, preprocessing
 from .runtime import Runtime, device_name, select_device  # noqa: F401 (re-exported: engine.select_device is public)
@@ -300,6 +301,14 @@ def frozen_forward_batch(step_batch: int, runtime: Runtime) -> int:
     return step_batch * max(1, runtime.frozen_forward_batch // step_batch)
 
 
+def training_module(model: Classifier, step_batch: int, runtime: Runtime) -> nn.Module:
+    """What the training steps call: the model itself, or for a fully trained network with
+    ``runtime.cuda_graphs`` in one process, the model behind CUDA graphs (:mod:`cxr.graphs`)."""
+    if runtime.cuda_graphs and not runtime.compile and not model.freeze_backbone and not distributed.is_distributed():
+        return GraphedTraining(model, step_batch)
+    return model
+
+
 def training_batches(pipeline: DataPipeline, step_batch: int, runtime: Runtime, seed: int, shard: bool = True,
                      ) -> DataLoader | DeviceLoader | FrozenBackboneBatches:
     """One epoch's training batches in the seeded order: images, or a frozen backbone's features of them."""
@@ -563,8 +572,11 @@ def fit(
     pipeline = build_pipeline(experiment, splits, model, prep, runtime, seed)
     if runtime.compile:  # the backbone alone: a frozen one is called without the Classifier while training
         model.backbone.compile()
+    step_batch = distributed.per_rank_batch(experiment.batch_size)
+    if pipeline.train_module is model:
+        pipeline.train_module = training_module(model, step_batch, runtime)
     pipeline.train_module = distributed.wrap(pipeline.train_module, runtime.device, model.freeze_backbone)
-    steps_per_epoch = len(training_batches(pipeline, distributed.per_rank_batch(experiment.batch_size), runtime, seed))
+    steps_per_epoch = len(training_batches(pipeline, step_batch, runtime, seed))
     state = build_training_state(model, experiment, runtime, steps_per_epoch)
     if resume:
         saved = load_checkpoint(last_path, experiment=experiment.name, arch=experiment.arch, classes=CLASSES)

@@ -71,7 +71,8 @@ class Runtime:
     host memory (pinned when ``pin_memory``). ``cache`` decodes each image once into ``cache_dir`` (the
     augmentation then runs on the device); without it PIL decodes and transforms every image in
     ``workers`` DataLoader processes. ``frozen_forward_batch``: how many images a frozen backbone turns
-    into features at once while its head trains (``engine.frozen_forward_batch``); 0 means the step batch."""
+    into features at once while its head trains (``engine.frozen_forward_batch``); 0 means the step batch.
+    ``cuda_graphs``: a fully trained network's forward and backward passes replay CUDA graphs (:mod:`cxr.graphs`)."""
 
     device: torch.device
     amp_dtype: torch.dtype | None = None
@@ -83,6 +84,7 @@ class Runtime:
     hold_on_device: bool = False
     workers: int = 0
     compile: bool = False
+    cuda_graphs: bool = False
     frozen_forward_batch: int = 0
     cache: bool = True
     cache_dir: Path | None = None
@@ -90,18 +92,20 @@ class Runtime:
 
     @classmethod
     def create(cls, device: torch.device | str | None = None, *, workers: int | None = None, compile: bool = False,
-               cache: bool = True, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Runtime:
+               cache: bool = True, cache_dir: str | os.PathLike | None = None, progress: bool = True,
+               cuda_graphs: bool | None = None) -> Runtime:
         """The choices for ``device`` (default: the best available): on CUDA mixed precision,
         channels_last, fused AdamW, cuDNN autotuning, pinned non-blocking copies, data held on the GPU, a
-        frozen backbone run on batches of 256 and up to 8 DataLoader workers; elsewhere fp32 in the main
-        process."""
+        frozen backbone run on batches of 256, CUDA graphs for a fully trained network (unless compiled)
+        and up to 8 DataLoader workers; elsewhere fp32 in the main process."""
         device = device if isinstance(device, torch.device) else select_device(device)
         cuda = device.type == "cuda"
         return cls(
             device=device, amp_dtype=_cuda_amp_dtype() if cuda else None, channels_last=cuda, fused_optimizer=cuda,
             cudnn_benchmark=cuda, pin_memory=cuda, non_blocking=cuda, hold_on_device=device.type != "cpu",
             workers=(min(8, os.cpu_count() or 1) if cuda else 0) if workers is None else workers,
-            compile=compile, frozen_forward_batch=FROZEN_FORWARD_BATCH if cuda else 0, cache=cache,
+            compile=compile, cuda_graphs=cuda and not compile if cuda_graphs is None else cuda_graphs,
+            frozen_forward_batch=FROZEN_FORWARD_BATCH if cuda else 0, cache=cache,
             cache_dir=Path(cache_dir).expanduser() if cache_dir else None, progress=progress,
         )
 
@@ -109,7 +113,8 @@ class Runtime:
     def cuda_like(cls, device: torch.device | str = "cpu", amp_dtype: torch.dtype = torch.bfloat16,
                   **changes: Any) -> Runtime:
         """What :meth:`create` picks on a CUDA GPU, on another device (for tests): everything except
-        pinned memory and cuDNN, which need the GPU itself."""
+        pinned memory, cuDNN and CUDA graphs, which need the GPU itself (tests stand in for the graphs'
+        capture: tests/test_cuda_paths.py)."""
         device = torch.device(device)
         choices = dict(device=device, amp_dtype=amp_dtype, channels_last=True, fused_optimizer=True,
                        cudnn_benchmark=False, pin_memory=False, non_blocking=True, hold_on_device=True, workers=0,
@@ -188,6 +193,7 @@ class Runtime:
             "pin_memory": self.pin_memory,
             "workers": self.workers,
             "compile": self.compile,
+            "cuda_graphs": self.cuda_graphs,
             "frozen_forward_batch": self.frozen_forward_batch,
             "cache": self.cache,
             "cache_dir": str(self.resolved_cache_dir) if self.cache else None,
