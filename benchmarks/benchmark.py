@@ -703,8 +703,8 @@ def write_results(results: dict[str, Any], out: Path) -> None:
         "one, and the seconds outside the epochs, by step. For seed-style, the DataLoader was also timed alone "
         "(no model): when it alone is barely faster than the whole pipeline, host decoding is the limit.",
         "",
-        "## Where the time goes (torch.profiler, the second epoch of a two-epoch run of each experiment)",
-        "",
+        *(["## Where the time goes (torch.profiler, the second epoch of a two-epoch run of each experiment)", ""]
+          if any(row.get("profiled") for row in results["experiments"].values()) else []),
         *[f"- {name}: device busy {row['profile']['busy_seconds']:.2f} s of {row['profile']['wall_seconds']:.2f} s; "
           f"top operators (s): {', '.join(f'`{op}` {sec:.2f}' for op, sec in row['profile']['top'].items())}; "
           f"table: `{row['profile']['table']}`"

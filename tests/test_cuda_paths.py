@@ -323,3 +323,22 @@ def test_cuda_graphs_only_for_a_fully_trained_network_in_one_process():
     assert training_module(full, 8, runtime.replace(compile=True)) is full
     assert training_module(full, 8, runtime.replace(cuda_graphs=False)) is full
     assert Runtime.create("cpu").cuda_graphs is False
+
+
+def test_no_cuda_graphs_flag_reaches_the_runtime(synthetic_root, tmp_path, monkeypatch):
+    from cxr import workflow
+
+    class Made(Exception):
+        pass
+
+    asked = []
+
+    def create(*args, **kwargs):
+        asked.append(kwargs.get("cuda_graphs", "missing"))
+        raise Made
+
+    monkeypatch.setattr(workflow.Runtime, "create", create)
+    for flags in ([], ["--no-cuda-graphs"]):
+        with pytest.raises(Made):
+            main(["train", "resnet50_full", "--data-dir", str(synthetic_root), "--out", str(tmp_path), *flags])
+    assert asked == [None, False]  # None: Runtime.create decides (on for a fully trained network on CUDA)

@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--feature-cache", choices=["auto", "off"],
                        help="auto (default): train a frozen backbone's head on cached features where nothing is augmented")
     train.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
+    train.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
+                       help="run every training step eagerly (default on a GPU: a fully trained network's full "
+                            "batches replay CUDA graphs)")
     train.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
                        help="write no TensorBoard event files (default: OUT/<experiment>/tensorboard/)")
 
@@ -273,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 backbone_lr=args.backbone_lr, warmup_epochs=args.warmup_epochs,
                 patience=args.patience, weights=args.weights, deterministic=args.deterministic,
                 cache=args.cache, cache_dir=args.cache_dir, augment=args.augment, feature_cache=args.feature_cache,
-                compile=args.compile, tensorboard=args.tensorboard,
+                compile=args.compile, tensorboard=args.tensorboard, cuda_graphs=args.cuda_graphs,
             )
         elif args.command == "predict":
             return _predict(args)

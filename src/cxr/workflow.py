@@ -168,15 +168,17 @@ def train_experiment(
     cache_dir: str | os.PathLike | None = None,
     runtime: Runtime | None = None,
     tensorboard: bool = True,
+    cuda_graphs: bool | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Train the named experiment, evaluate its best checkpoint on the test split and write every
     asset into ``out/<name>/``. ``overrides`` replace configuration values (epochs, batch_size, ...);
     ``deterministic`` allows only deterministic kernels. ``runtime`` decides how the run executes; without
-    it one is made for ``device`` from ``workers``, ``cache_dir``, ``progress`` and the experiment's
-    ``cache`` and ``compile`` (:meth:`Runtime.create`). ``tensorboard`` also writes TensorBoard event files
-    into ``out/<name>/tensorboard/``. The data is audited first: duplicates and train/test leakage are
-    warned about and summarised in metrics.json. Returns the contents of ``metrics.json``.
+    it one is made for ``device`` from ``workers``, ``cache_dir``, ``progress``, ``cuda_graphs`` (None: on
+    CUDA) and the experiment's ``cache`` and ``compile`` (:meth:`Runtime.create`). ``tensorboard`` also
+    writes TensorBoard event files into ``out/<name>/tensorboard/``. The data is audited first: duplicates
+    and train/test leakage are warned about and summarised in metrics.json. Returns the contents of
+    ``metrics.json``.
 
     Under ``torchrun`` every process calls this (see :mod:`cxr.distributed`); rank 0 audits the data and
     writes every file, the other ranks return only the test metrics."""
@@ -185,7 +187,7 @@ def train_experiment(
     if deterministic:
         make_deterministic()
     runtime = runtime or Runtime.create(device, workers=workers, compile=experiment.compile, cache=experiment.cache,
-                                        cache_dir=cache_dir, progress=progress)
+                                        cache_dir=cache_dir, progress=progress, cuda_graphs=cuda_graphs)
     runtime = runtime.replace(device=distributed.setup(runtime.device))
     main_rank = distributed.is_main()
     splits = splits or prepare_data(data_dir, val_source=val_source, seed=seed)
