@@ -308,7 +308,11 @@ def test_cuda_graphs_change_nothing_but_how_full_batches_run(synthetic_root, tmp
     for name in ("best.pt", "last.pt"):
         saved = [load_checkpoint(run / "checkpoints" / name)["model"] for run in (tmp_path / "plain", tmp_path / "graphed")]
         assert all(torch.equal(saved[0][key], saved[1][key]) for key in saved[0]), name
-    assert graphed.extra["pipeline"]["cuda_graphs"] is True
+    assert graphed.extra["pipeline"]["cuda_graphs"] is True and plain.extra["pipeline"]["cuda_graphs"] is False
+    replays.clear()
+    frozen = engine.fit(get_experiment("resnet152_head", **TINY), splits, tmp_path / "frozen",
+                        cuda_like.replace(cuda_graphs=True), seed=SEED)
+    assert replays == [] and frozen.extra["pipeline"]["cuda_graphs"] is False  # allowed, but nothing to graph
 
 
 def test_cuda_graphs_only_for_a_fully_trained_network_in_one_process():

@@ -575,6 +575,7 @@ def fit(
     step_batch = distributed.per_rank_batch(experiment.batch_size)
     if pipeline.train_module is model:
         pipeline.train_module = training_module(model, step_batch, runtime)
+    pipeline.info["cuda_graphs"] = isinstance(pipeline.train_module, GraphedTraining)  # used, not just allowed
     pipeline.train_module = distributed.wrap(pipeline.train_module, runtime.device, model.freeze_backbone)
     steps_per_epoch = len(training_batches(pipeline, step_batch, runtime, seed))
     state = build_training_state(model, experiment, runtime, steps_per_epoch)
