@@ -8,13 +8,17 @@ It builds a Kaggle-sized training set (6,326 images in the Kaggle class proporti
 test split) by upscaling the source images to Kaggle-like resolution and re-encoding them as JPEG, so
 decoding costs what it costs on the real data. Then, for each experiment, on the same data:
 
-1. ceiling: training steps per second on synthetic tensors already on the device (our step: bf16
-   autocast, channels_last, fused AdamW; a frozen backbone forward-only);
-2. seed-style: the typical notebook pipeline (fp32, PIL decode and torchvision transforms every epoch
+1. ours, end to end (scan, decoded-image cache, ``engine.fit`` with early stopping off, test
+   predictions), the experiments one after the other with one image cache that is empty for the first
+   (cold) and read by the others (warm), before anything else runs on the device;
+2. ceiling: training steps per second on synthetic tensors already on the device (our step: bf16
+   autocast, channels_last, fused AdamW, fit's loss, CUDA graphs for a fully trained network; a frozen
+   backbone forward-only, on 256 images at once), and the variants the defaults were chosen against;
+3. seed-style: the typical notebook pipeline (fp32, PIL decode and torchvision transforms every epoch
    in 4 DataLoader workers, backbone in train mode, ``.item()`` every step), one epoch measured and
    extrapolated to the experiment's epoch budget;
-3. ours, end to end (scan, decoded-image cache, ``engine.fit`` with early stopping off, test
-   predictions), once with an empty cache (cold) and once again (warm).
+4. a profile of the second epoch of a two-epoch run of each experiment, and the ceilings with
+   ``torch.compile``.
 
 It writes ``results.md`` and ``results.json`` into ``--out`` (default ``benchmarks/``) after every
 experiment, so a run cut short still leaves what it measured. ``--images``, ``--epochs``,
