@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cxr import engine
 from cxr.config import get_experiment
-from cxr.data import load_splits
+from cxr.data import DatasetError, load_splits
 from cxr.runtime import Runtime
 
 
@@ -27,7 +27,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--out", type=Path, help="write both histories here as JSON")
     args = parser.parse_args()
-    splits = load_splits(args.data_dir)
+    try:
+        splits = load_splits(args.data_dir)
+    except DatasetError as error:
+        raise SystemExit(f"error: {error}") from None
     experiment = get_experiment("resnet50_full", epochs=args.epochs, weights="none", patience=0)
     histories = {}
     with tempfile.TemporaryDirectory() as work:

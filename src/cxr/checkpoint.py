@@ -93,8 +93,9 @@ class CheckpointWriter:
     :meth:`save` takes a host copy of the state (:func:`host_copy`, milliseconds) and returns; the thread
     then writes the first file with :func:`save_checkpoint` (temporary file, then rename), so a kill or a crash
     mid-write leaves the previous checkpoint in place, and gives the others the same content as hard links
-    (:func:`link_checkpoint`): ``best.pt`` and ``last.pt`` of a best epoch are serialised once. At most one write is in flight: :meth:`save` and
-    :meth:`wait` first wait for the previous one and re-raise its error, so a failure is never lost."""
+    (:func:`link_checkpoint`): ``best.pt`` and ``last.pt`` of a best epoch are serialised once. At most one
+    write is in flight: :meth:`save` and :meth:`wait` first wait for the previous one and re-raise its error,
+    so a failure is never lost."""
 
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None

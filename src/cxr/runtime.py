@@ -138,9 +138,7 @@ class Runtime:
         """cuDNN autotunes every new input shape once, seconds per shape for a ResNet's backward pass: a
         batch smaller than ``full_batch`` (an epoch's last) runs on cuDNN's heuristic kernels instead of
         being tuned for the one step it takes."""
-        if not self.cudnn_benchmark or full_batch is None or batch == full_batch or not torch.backends.cudnn.benchmark:
-            return contextlib.nullcontext()
-        return _cudnn_benchmark(False)
+        return contextlib.nullcontext() if full_batch is None or batch == full_batch else self.one_off()
 
     def one_off(self) -> ContextManager:
         """Around a pass that runs once (a frozen backbone's BatchNorm statistics and cached features, the test
