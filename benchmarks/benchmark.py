@@ -58,7 +58,7 @@ from cxr import engine
 from cxr.cache import default_workers
 from cxr.config import EXPERIMENTS, Experiment, get_experiment
 from cxr.data import CLASSES, IMAGENET_MEAN, IMAGENET_STD, SPLITS, build_transforms, find_split_root, load_image
-from cxr.data import load_splits, scan_split
+from cxr.data import DataSplits, load_splits, scan_split
 from cxr.models import ARCHITECTURES, build_model, preprocessing
 from cxr.runtime import Runtime, device_name, select_device
 from cxr.workflow import git_commit
@@ -712,6 +712,8 @@ def write_results(results: dict[str, Any], out: Path) -> None:
         "",
         "## Targets",
         "",
+        *([f"This run left out {', '.join(reductions(settings))}; the targets are stated for the default work, "
+           "so these verdicts only indicate.", ""] if reductions(settings) else []),
         *[f"- {name}: **{verdict}**" for name, verdict in targets(results).items()],
         "",
         "## What the columns mean",
@@ -788,29 +790,53 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@contextlib.contextmanager
-def phase(results: dict[str, Any], name: str) -> Iterator[None]:
-    """Adds the seconds spent inside to ``results["benchmark_phases"][name]``: where the command's own time goes."""
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        phases = results.setdefault("benchmark_phases", {})
-        phases[name] = round(phases.get(name, 0.0) + time.perf_counter() - started, 2)
+@dataclasses.dataclass
+class Bench:
+    """One benchmark run: what it measures on, and ``results``, which every step adds to and saves."""
+
+    args: argparse.Namespace
+    device: torch.device
+    experiments: dict[str, Experiment]
+    splits: DataSplits
+    root: Path
+    work: Path
+    results: dict[str, Any]
+    started: float
+
+    @property
+    def rows(self) -> dict[str, dict[str, Any]]:
+        return self.results["experiments"]
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.work / "cache"
+
+    def save(self, step: str) -> None:
+        """Write results.md and results.json now, so that a run cut short keeps what it measured."""
+        self.results["benchmark_seconds"] = round(time.perf_counter() - self.started, 1)
+        write_results(self.results, self.args.out)
+        log(f"{step}: done; results so far in {self.args.out / 'results.md'}")
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Adds the seconds spent inside to ``benchmark_phases[name]``: where the command's own time goes."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            phases = self.results["benchmark_phases"]
+            phases[name] = round(phases.get(name, 0.0) + time.perf_counter() - started, 2)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    device = select_device(args.device)
-    if args.compile_ceiling is None:
-        args.compile_ceiling = device.type == "cuda"
+def start(args: argparse.Namespace, argv: list[str], device: torch.device, work: Path) -> Bench:
+    """Build (or reuse) the Kaggle-sized set and the results' header: device, versions, commit, settings."""
     started = time.perf_counter()
     log(f"device {device_name(device)}; building the data set from {args.source}")
     data = build_kaggle_sized(args.source, args.data, args.images, args.size, args.threads)
     log(f"data set {'reused' if data['reused'] else 'built'}: {data['root']}")
     splits = load_splits(Path(data["root"]))
-    data_seconds = time.perf_counter() - started
+    experiments = {name: get_experiment(name, image_size=args.image_size, weights="none", patience=0,
+                                        epochs=args.epochs, batch_size=args.batch_size) for name in args.experiments}
     results: dict[str, Any] = {
         "command": "PYTHONPATH=src python benchmarks/benchmark.py" + (" " + shlex.join(argv) if argv else ""),
         "device": device_name(device),
@@ -824,75 +850,100 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "data": {**data, "train_images_per_epoch": len(splits.train), "val_images": len(splits.val),
                  "test_images": len(splits.test)},
         "loader_alone": {},
-        "experiments": {},
-        "benchmark_phases": {"data set": round(data_seconds, 2)},
+        "experiments": {name: {"epochs": experiment.epochs} for name, experiment in experiments.items()},
+        "benchmark_phases": {"data set": round(time.perf_counter() - started, 2)},
         "finished": False,
     }
+    return Bench(args, device, experiments, splits, Path(data["root"]), work, results, started)
+
+
+def time_ours(bench: Bench) -> None:
+    """Ours end to end, the experiments one after the other, first: nothing else has run on the GPU yet."""
+    for index, (name, experiment) in enumerate(bench.experiments.items()):
+        row = bench.rows[name]
+        row["cache"] = "cold" if index == 0 else "warm"
+        log(f"{name}: ours, {row['cache']} image cache")
+        with bench.phase("ours"):
+            row["ours"] = run_ours(experiment, bench.root, bench.cache_dir, bench.work / "runs" / name, bench.device)
+        shutil.rmtree(bench.work / "runs", ignore_errors=True)
+        done = [row["ours"] for row in bench.rows.values() if "ours" in row]
+        bench.results["totals"] = {"experiments": len(done), "ours": round(sum(r["experiment_seconds"] for r in done), 1)}
+        bench.save(f"{name} (ours)")
+
+
+def time_ceilings_and_seed_style(bench: Bench) -> None:
+    """Each experiment's ceiling and its variants, then its seed-style epoch; both loaders alone."""
+    args, loaders = bench.args, bench.results["loader_alone"]
+    with bench.phase("loaders alone"):
+        loaders["ours"] = measure_our_loader(next(iter(bench.experiments.values())), bench.splits, bench.cache_dir,
+                                             bench.device)
+    for name, experiment in bench.experiments.items():
+        row = bench.rows[name]
+        for key, (runtime, torch_loss) in ceiling_variants(experiment, bench.device).items():
+            log(f"{name}: {key}")
+            with bench.phase("ceilings"):
+                row[key] = measure_ceiling(experiment, runtime, args.ceiling_steps, torch_loss=torch_loss)
+        if "seed-style" not in loaders:
+            log("seed-style DataLoader alone")
+            with bench.phase("loaders alone"):
+                loaders["seed-style"] = measure_seed_loader(bench.splits, experiment, args.seed_workers,
+                                                            min(args.seed_steps or 20, 20))
+        log(f"{name}: seed-style")
+        torch.backends.cudnn.benchmark = False  # as in the notebooks
+        with bench.phase("seed-style"):
+            row["seed_style"] = measure_seed_style(experiment, bench.splits, bench.device, args.seed_workers,
+                                                   args.seed_steps)
+        row["seed_limit"] = seed_limit(row["seed_style"], loaders["seed-style"])
+        if all("seed_style" in row for row in bench.rows.values()):
+            bench.results["totals"]["seed_style"] = round(
+                sum(row["seed_style"]["experiment_seconds"] for row in bench.rows.values()), 1)
+        bench.save(f"{name} (ceilings, seed-style)")
+
+
+def time_profiles(bench: Bench) -> None:
+    """A two-epoch run of each experiment whose second epoch runs under torch.profiler."""
+    for name, experiment in bench.experiments.items():
+        log(f"{name}: profiling its second epoch")
+        with bench.phase("profiles"):
+            bench.rows[name]["profiled"] = run_ours(
+                dataclasses.replace(experiment, epochs=min(2, experiment.epochs)), bench.root, bench.cache_dir,
+                bench.work / "runs" / name, bench.device, bench.args.out / "profiles" / f"{name}.txt")
+        shutil.rmtree(bench.work / "runs", ignore_errors=True)
+        bench.save(f"{name} (profile)")
+
+
+def time_compiled_ceilings(bench: Bench) -> None:
+    """The ceilings with torch.compile, last: compiling takes the longest."""
+    for name, experiment in bench.experiments.items():
+        log(f"{name}: ceiling with torch.compile")
+        with bench.phase("compiled ceilings"):
+            bench.rows[name]["ceiling_compiled"] = measure_ceiling(
+                experiment, Runtime.create(bench.device, progress=False, compile=True), bench.args.ceiling_steps)
+        bench.save(f"{name} (compiled ceiling)")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    device = select_device(args.device)
+    if args.compile_ceiling is None:
+        args.compile_ceiling = device.type == "cuda"
     work = args.work or Path(tempfile.mkdtemp(prefix="cxr-benchmark-"))
-    experiments = {name: get_experiment(name, image_size=args.image_size, weights="none", patience=0,
-                                        epochs=args.epochs, batch_size=args.batch_size) for name in args.experiments}
-    rows = {name: {"epochs": experiment.epochs} for name, experiment in experiments.items()}
-    results["experiments"] = rows
-    root, cache_dir = Path(data["root"]), work / "cache"
-
-    def save(step: str) -> None:
-        results["benchmark_seconds"] = round(time.perf_counter() - started, 1)
-        write_results(results, args.out)
-        log(f"{step}: done; results so far in {args.out / 'results.md'}")
-
     try:
-        for index, (name, experiment) in enumerate(experiments.items()):  # first: nothing else has run on the GPU
-            rows[name]["cache"] = "cold" if index == 0 else "warm"
-            log(f"{name}: ours, {rows[name]['cache']} image cache")
-            with phase(results, "ours"):
-                rows[name]["ours"] = run_ours(experiment, root, cache_dir, work / "runs" / name, device)
-            shutil.rmtree(work / "runs", ignore_errors=True)
-            done = [row for row in rows.values() if "ours" in row]
-            results["totals"] = {"experiments": len(done), "ours": round(sum(r["ours"]["experiment_seconds"] for r in done), 1)}
-            save(f"{name} (ours)")
-        with phase(results, "loaders alone"):
-            results["loader_alone"]["ours"] = measure_our_loader(next(iter(experiments.values())), splits,
-                                                                 cache_dir, device)
-        for name, experiment in experiments.items():
-            for key, (runtime, torch_loss) in ceiling_variants(experiment, device).items():
-                log(f"{name}: {key}")
-                with phase(results, "ceilings"):
-                    rows[name][key] = measure_ceiling(experiment, runtime, args.ceiling_steps, torch_loss=torch_loss)
-            if "seed-style" not in results["loader_alone"]:
-                log("seed-style DataLoader alone")
-                with phase(results, "loaders alone"):
-                    results["loader_alone"]["seed-style"] = measure_seed_loader(
-                        splits, experiment, args.seed_workers, min(args.seed_steps or 20, 20))
-            log(f"{name}: seed-style")
-            torch.backends.cudnn.benchmark = False  # as in the notebooks
-            with phase(results, "seed-style"):
-                rows[name]["seed_style"] = measure_seed_style(experiment, splits, device, args.seed_workers,
-                                                              args.seed_steps)
-            rows[name]["seed_limit"] = seed_limit(rows[name]["seed_style"], results["loader_alone"]["seed-style"])
-            if all("seed_style" in row for row in rows.values()):
-                results["totals"]["seed_style"] = round(sum(r["seed_style"]["experiment_seconds"] for r in rows.values()), 1)
-            save(f"{name} (ceilings, seed-style)")
-        for name, experiment in experiments.items() if args.profile else ():
-            log(f"{name}: profiling its second epoch")
-            with phase(results, "profiles"):
-                rows[name]["profiled"] = run_ours(dataclasses.replace(experiment, epochs=min(2, experiment.epochs)),
-                                                  root, cache_dir, work / "runs" / name, device,
-                                                  args.out / "profiles" / f"{name}.txt")
-            shutil.rmtree(work / "runs", ignore_errors=True)
-            save(f"{name} (profile)")
-        for name, experiment in experiments.items() if args.compile_ceiling else ():
-            log(f"{name}: ceiling with torch.compile")
-            with phase(results, "compiled ceilings"):
-                rows[name]["ceiling_compiled"] = measure_ceiling(
-                    experiment, Runtime.create(device, progress=False, compile=True), args.ceiling_steps)
-            save(f"{name} (compiled ceiling)")
-        results["finished"] = True
-        save("benchmark")
+        bench = start(args, argv, device, work)
+        time_ours(bench)
+        time_ceilings_and_seed_style(bench)
+        if args.profile:
+            time_profiles(bench)
+        if args.compile_ceiling:
+            time_compiled_ceilings(bench)
+        bench.results["finished"] = True
+        bench.save("benchmark")
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     print((args.out / "results.md").read_text())
-    return results
+    return bench.results
 
 
 if __name__ == "__main__":
