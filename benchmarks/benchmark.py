@@ -629,6 +629,10 @@ def reductions(settings: dict[str, Any]) -> list[str]:
         "a subset of the experiments": sorted(settings.get("experiments", EXPERIMENTS)) != sorted(EXPERIMENTS),
         "smaller epoch budgets": settings.get("epochs") is not None,
         "a smaller data set": settings.get("images", sum(KAGGLE_TRAIN.values())) < sum(KAGGLE_TRAIN.values()),
+        "smaller JPEGs": settings.get("size", 1600) < 1600,
+        "another input size": settings.get("image_size", 224) != 224,
+        "another batch size": settings.get("batch_size") is not None,
+        "fewer ceiling steps": settings.get("ceiling_steps", 30) < 30,
         "--no-profile": not settings.get("profile", True),
         "--no-compile-ceiling": not settings.get("compile_ceiling", True),
     }
