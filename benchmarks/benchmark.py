@@ -625,16 +625,17 @@ COMMAND_LIMIT_SECONDS = 7 * 60
 
 def reductions(settings: dict[str, Any]) -> list[str]:
     """What a run left out of the default command's work (``--seed-steps`` is part of the target's command)."""
+    default = vars(parse_args([]))
     left_out = {
-        "a subset of the experiments": sorted(settings.get("experiments", EXPERIMENTS)) != sorted(EXPERIMENTS),
-        "smaller epoch budgets": settings.get("epochs") is not None,
-        "a smaller data set": settings.get("images", sum(KAGGLE_TRAIN.values())) < sum(KAGGLE_TRAIN.values()),
-        "smaller JPEGs": settings.get("size", 1600) < 1600,
-        "another input size": settings.get("image_size", 224) != 224,
-        "another batch size": settings.get("batch_size") is not None,
-        "fewer ceiling steps": settings.get("ceiling_steps", 30) < 30,
-        "--no-profile": not settings.get("profile", True),
-        "--no-compile-ceiling": not settings.get("compile_ceiling", True),
+        "a subset of the experiments": sorted(settings["experiments"]) != sorted(default["experiments"]),
+        "smaller epoch budgets": settings["epochs"] is not None,
+        "a smaller data set": settings["images"] < default["images"],
+        "smaller JPEGs": settings["size"] < default["size"],
+        "another input size": settings["image_size"] != default["image_size"],
+        "another batch size": settings["batch_size"] is not None,
+        "fewer ceiling steps": settings["ceiling_steps"] < default["ceiling_steps"],
+        "--no-profile": not settings["profile"],
+        "--no-compile-ceiling": not settings["compile_ceiling"],
     }
     return [what for what, reduced in left_out.items() if reduced]
 

@@ -11,6 +11,9 @@ their first validation pass (channels_last asked of rank-2 feature vectors) whil
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -327,6 +330,15 @@ def test_cuda_graphs_only_for_a_fully_trained_network_in_one_process():
     assert training_module(full, 8, runtime.replace(compile=True)) is full
     assert training_module(full, 8, runtime.replace(cuda_graphs=False)) is full
     assert Runtime.create("cpu").cuda_graphs is False
+
+
+def test_cuda_graphs_asked_for_without_a_gpu_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA GPU; this run is on cpu"):
+        Runtime.create("cpu", cuda_graphs=True)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cuda_graphs_check.py"
+    done = subprocess.run([sys.executable, str(script), "--data-dir", str(tmp_path)], capture_output=True, text=True,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(script.parents[1] / "src")})
+    assert done.returncode == 1 and done.stderr.strip() == "error: CUDA graphs need a CUDA GPU, and none is available here."
 
 
 def test_no_cuda_graphs_flag_reaches_the_runtime(synthetic_root, tmp_path, monkeypatch):

@@ -100,6 +100,8 @@ class Runtime:
         and up to 8 DataLoader workers; elsewhere fp32 in the main process."""
         device = device if isinstance(device, torch.device) else select_device(device)
         cuda = device.type == "cuda"
+        if cuda_graphs and not cuda:
+            raise ValueError(f"CUDA graphs need a CUDA GPU; this run is on {device.type}: leave cuda_graphs unset.")
         return cls(
             device=device, amp_dtype=_cuda_amp_dtype() if cuda else None, channels_last=cuda, fused_optimizer=cuda,
             cudnn_benchmark=cuda, pin_memory=cuda, non_blocking=cuda, hold_on_device=device.type != "cpu",
