@@ -71,6 +71,18 @@ def test_runtime_for_cuda_is_what_cuda_like_reproduces():
         assert differs <= {"device", "amp_dtype", "pin_memory", "cudnn_benchmark", "cuda_graphs", "workers"}
 
 
+def test_a_split_stays_on_the_gpu_only_under_a_quarter_of_its_free_memory(monkeypatch):
+    """The rule :meth:`Runtime.holds_on_device` applies on a GPU, with its free memory stood in for."""
+    from cxr import runtime as runtime_module
+
+    gib = 2**30
+    monkeypatch.setattr(runtime_module, "free_device_memory", lambda device: 8 * gib)
+    gpu = Runtime(torch.device("cuda"), hold_on_device=True)
+    assert gpu.holds_on_device(gib) and not gpu.holds_on_device(3 * gib)
+    assert not gpu.replace(hold_on_device=False).holds_on_device(1)
+    assert Runtime.create("cpu").holds_on_device(100 * gib)  # host memory is the CPU's own
+
+
 def test_channels_last_only_for_image_batches():
     runtime = Runtime.cuda_like("cpu")
     images, features = runtime.to_device(torch.randn(2, 3, 8, 8)), runtime.to_device(torch.randn(2, 16))
@@ -286,6 +298,33 @@ def _stand_in_for_cuda_graphs(replays: list[tuple[int, ...]]):
         module.forward = replay
         return module
     return capture
+
+
+@pytest.mark.filterwarnings("ignore:Skipped")
+@pytest.mark.parametrize("name", ["resnet50_full", "resnet152_head"])
+def test_a_split_too_large_for_the_gpu_is_copied_batch_by_batch(name, synthetic_root, tmp_path, cuda_like,
+                                                                monkeypatch):
+    """A split over a quarter of the GPU's free memory stays in host memory and each batch goes through pinned
+    memory to the device (for a frozen backbone: to its forward pass and its cached validation features). The
+    run is the one with the splits on the device, bit for bit. The CPU has neither free GPU memory to ask nor
+    pinned memory: stand-ins say that none is free and note what would have been pinned."""
+    from cxr import engine
+    from cxr import runtime as runtime_module
+    from cxr.config import get_experiment
+
+    experiment, splits = get_experiment(name, **{**TINY, "epochs": 2}), load_splits(synthetic_root)
+    held = engine.fit(experiment, splits, tmp_path / "held", cuda_like, seed=SEED)
+    pinned: list[torch.Size] = []
+    monkeypatch.setattr(runtime_module, "free_device_memory", lambda device: 0)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda tensor: (pinned.append(tensor.shape), tensor)[1])
+    copied = engine.fit(experiment, splits, tmp_path / "copied", cuda_like.replace(pin_memory=True), seed=SEED)
+    assert held.extra["pipeline"]["data_on"] == "cpu"
+    assert copied.extra["pipeline"]["data_on"] == "host memory, copied to the device per batch"
+    image_batches = [shape for shape in pinned if len(shape) == 4]
+    assert image_batches and len({shape[1:] for shape in image_batches}) == 1  # uint8 squares, one channel
+    assert len(pinned) == 2 * len(image_batches)  # each batch's labels too
+    assert [{k: v for k, v in row.items() if k != "seconds"} for row in held.history] == [
+        {k: v for k, v in row.items() if k != "seconds"} for row in copied.history]
 
 
 @pytest.mark.filterwarnings("ignore:Skipped")

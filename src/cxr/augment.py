@@ -128,23 +128,35 @@ class EvalTransform:
 
 class DeviceDataset:
     """A whole split as two tensors: inputs (uint8 images or backbone features) and labels, on the
-    device when they fit. ``transform(batch, generator)`` runs per batch on the device."""
+    device when they fit. ``transform(batch, generator)`` runs per batch on the device. With
+    ``copied_per_batch`` the tensors are in host memory and :class:`DeviceLoader` copies each batch over."""
 
-    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor, transform: BatchTransform | None = None) -> None:
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor, transform: BatchTransform | None = None,
+                 copied_per_batch: bool = False) -> None:
         if len(inputs) != len(labels):
             raise ValueError(f"{len(inputs)} inputs but {len(labels)} labels")
         self.inputs, self.labels, self.transform = inputs, labels, transform
+        self.copied_per_batch = copied_per_batch
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def held_on(self) -> str:
+        """Where the split is, for metrics.json."""
+        return "host memory, copied to the device per batch" if self.copied_per_batch else self.inputs.device.type
 
     @classmethod
     def from_images(
         cls, images: np.ndarray, labels: Sequence[int], runtime: Runtime, transform: BatchTransform | None
     ) -> DeviceDataset:
-        """Hold a ``(N, S, S)`` uint8 array where ``runtime`` keeps whole splits (:meth:`Runtime.hold`)."""
-        inputs = runtime.hold(torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1))
-        return cls(inputs, torch.as_tensor(list(labels), dtype=torch.long, device=inputs.device), transform)
+        """Hold a ``(N, S, S)`` uint8 array on the device where it fits (:meth:`Runtime.holds_on_device`),
+        else in host memory, copied to the device batch by batch."""
+        inputs = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)
+        targets = torch.as_tensor(list(labels), dtype=torch.long)
+        if runtime.holds_on_device(inputs.nbytes):
+            return cls(inputs.to(runtime.device), targets.to(runtime.device), transform)
+        return cls(inputs, targets, transform, copied_per_batch=True)
 
 
 class DeviceLoader:
@@ -170,10 +182,8 @@ class DeviceLoader:
         for start in range(0, len(order), self.batch_size):
             index = order[start:start + self.batch_size]
             batch, targets = inputs.index_select(0, index), labels.index_select(0, index)
-            if batch.device.type != device.type:  # a split too large for the device: copied batch by batch
-                batch = (batch.pin_memory() if self.runtime.pin_memory else batch).to(
-                    device, non_blocking=self.runtime.non_blocking)
-                targets = targets.to(device, non_blocking=self.runtime.non_blocking)
+            if self.dataset.copied_per_batch:
+                batch, targets = self.runtime.copy_batch(batch), self.runtime.copy_batch(targets)
             if self.dataset.transform is not None:
                 batch = self.dataset.transform(batch, generator)
             yield batch, targets

@@ -121,7 +121,7 @@ def build_dataset(
     if cached.write_error:
         warnings.warn(cached.write_error, stacklevel=2)
     dataset = DeviceDataset.from_images(cached.images, cached.split.labels, runtime, transform)
-    return dataset, cached.split, {"held_on": dataset.inputs.device.type, "cache_side": cached.side,
+    return dataset, cached.split, {"held_on": dataset.held_on, "cache_side": cached.side,
                                    "decoded": cached.decoded, "cache_seconds": cached.seconds}
 
 

@@ -42,6 +42,11 @@ def device_name(device: torch.device) -> str:
     return f"{device.type} ({os.cpu_count()} cores)" if device.type == "cpu" else device.type
 
 
+def free_device_memory(device: torch.device) -> int | None:
+    """Bytes free on a CUDA device now; None where no limit is known (any other device)."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
 # Images per frozen-backbone forward pass on a GPU while the head steps every batch (benchmarks/results.md).
 FROZEN_FORWARD_BATCH = 256
 
@@ -66,9 +71,9 @@ def _cudnn_benchmark(enabled: bool) -> Iterator[None]:
 class Runtime:
     """Where and how tensors are computed and moved; passed down instead of a device and its options.
 
-    ``amp_dtype`` None means fp32. ``hold_on_device``: a cached split (uint8 images, or a frozen
-    backbone's features) is kept on ``device`` as one tensor and sliced per batch; otherwise it stays in
-    host memory (pinned when ``pin_memory``). ``cache`` decodes each image once into ``cache_dir`` (the
+    ``amp_dtype`` None means fp32. ``hold_on_device``: a cached split of uint8 images is kept on ``device``
+    as one tensor and sliced per batch where it fits (:meth:`holds_on_device`); otherwise it stays in host
+    memory and each batch is copied over (:meth:`copy_batch`). ``cache`` decodes each image once into ``cache_dir`` (the
     augmentation then runs on the device); without it PIL decodes and transforms every image in
     ``workers`` DataLoader processes. ``frozen_forward_batch``: how many images a frozen backbone turns
     into features at once while its head trains (``engine.frozen_forward_batch``); 0 means the step batch.
@@ -171,13 +176,19 @@ class Runtime:
         return model.to(self.device, memory_format=torch.channels_last if self.channels_last
                         else torch.preserve_format)
 
-    def hold(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A whole split's tensor where batches are sliced from: on the device when it takes under a
-        quarter of the free memory there, else in (pinned) host memory, copied per batch."""
-        if self.hold_on_device and self.device.type != "cpu":
-            if self.device.type != "cuda" or tensor.nbytes < torch.cuda.mem_get_info(self.device)[0] / 4:
-                return tensor.to(self.device)
-        return tensor.pin_memory() if self.pin_memory else tensor
+    def holds_on_device(self, nbytes: int) -> bool:
+        """Whether a whole split of ``nbytes`` is kept on the device and sliced there per batch: with
+        ``hold_on_device`` when it takes under a quarter of the memory free there (so the model, its
+        activations and the other splits still fit), and always on the CPU, whose memory the host's is."""
+        if not self.hold_on_device:
+            return self.device.type == "cpu"
+        free = free_device_memory(self.device)
+        return free is None or nbytes < free / 4
+
+    def copy_batch(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A batch sliced from a split held in host memory, on the device: on CUDA through pinned memory,
+        without waiting for the copy (the stream orders it before the kernels that read the batch)."""
+        return (tensor.pin_memory() if self.pin_memory else tensor).to(self.device, non_blocking=self.non_blocking)
 
     def precision(self) -> str:
         return str(self.amp_dtype).replace("torch.", "") if self.amp_dtype is not None else "fp32"
