@@ -403,7 +403,7 @@ def run_ours(experiment: Experiment, data_root: Path, cache_dir: Path, out_dir: 
     started = time.perf_counter()
     splits = load_splits(data_root)
     scan_seconds = time.perf_counter() - started
-    runtime = Runtime.create(device, cache_dir=cache_dir, compile=experiment.compile, progress=False)
+    runtime = Runtime.create(device, cache_dir=cache_dir, progress=False)
     with timed_calls(*FIT_STEPS) as spent:
         result = engine.fit(experiment, splits, out_dir, runtime, seed=42,
                             on_epoch_end=profile_after_first_epoch if profiler else None)
@@ -621,6 +621,7 @@ def table(results: dict[str, Any]) -> list[str]:
 
 
 COMMAND_LIMIT_SECONDS = 7 * 60
+PROFILE_CHOICES = ("missed", "all", "none")
 
 
 def reductions(settings: dict[str, Any]) -> list[str]:
@@ -634,7 +635,7 @@ def reductions(settings: dict[str, Any]) -> list[str]:
         "another input size": settings["image_size"] != default["image_size"],
         "another batch size": settings["batch_size"] is not None,
         "fewer ceiling steps": settings["ceiling_steps"] < default["ceiling_steps"],
-        "--no-profile": not settings["profile"],
+        "--profile none": settings["profile"] in ("none", False),  # False: --no-profile, before "missed"
         "--no-compile-ceiling": not settings["compile_ceiling"],
     }
     return [what for what, reduced in left_out.items() if reduced]
@@ -745,8 +746,10 @@ def write_results(results: dict[str, Any], out: Path) -> None:
         "one, and the seconds outside the epochs, by step. For seed-style, the DataLoader was also timed alone "
         "(no model): when it alone is barely faster than the whole pipeline, host decoding is the limit.",
         "",
-        *(["## Where the time goes (torch.profiler, the second epoch of a two-epoch run of each experiment)", ""]
+        *(["## Where the time goes (torch.profiler, the second epoch of a two-epoch run of each profiled experiment)", ""]
           if any(row.get("profiled") for row in results["experiments"].values()) else []),
+        *(["No profile: every experiment met its own targets and the totals theirs (`--profile all` profiles "
+           "them anyway).", ""] if results.get("profiled") == [] else []),
         *[f"- {name}: device busy {row['profile']['busy_seconds']:.2f} s of {row['profile']['wall_seconds']:.2f} s; "
           f"top operators (s): {', '.join(f'`{op}` {sec:.2f}' for op, sec in row['profile']['top'].items())}; "
           f"table: `{row['profile']['table']}`"
@@ -788,8 +791,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--ceiling-steps", type=int, default=30, help="timed steps of the ceiling (default: 30)")
     parser.add_argument("--compile-ceiling", action=argparse.BooleanOptionalAction, default=None,
                         help="also measure the ceiling with torch.compile (default: on CUDA only)")
-    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
-                        help="profile two epochs of each experiment with torch.profiler (default: on)")
+    parser.add_argument("--profile", choices=PROFILE_CHOICES, default="missed",
+                        help="profile two epochs with torch.profiler: of each experiment that misses a target "
+                        "(default), of every one, or of none")
     parser.add_argument("--threads", type=int, default=default_workers(), help="threads that build the data set")
     return parser.parse_args(argv)
 
@@ -904,9 +908,24 @@ def time_ceilings_and_seed_style(bench: Bench) -> None:
         bench.save(f"{name} (ceilings, seed-style)")
 
 
+def to_profile(results: dict[str, Any], choice: str) -> list[str]:
+    """The experiments a profile must explain (``--profile missed``): those that miss one of their own
+    targets, or all of them when a total misses; with ``all``, every one."""
+    names = list(results["experiments"])
+    if choice == "all":
+        return names
+    missed = [target for target, verdict in targets(results).items() if verdict.startswith("missed")]
+    if any(not target.startswith(tuple(f"{name} " for name in names)) for target in missed):
+        return names
+    return [name for name in names if any(target.startswith(f"{name} ") for target in missed)]
+
+
 def time_profiles(bench: Bench) -> None:
-    """A two-epoch run of each experiment whose second epoch runs under torch.profiler."""
-    for name, experiment in bench.experiments.items():
+    """A two-epoch run of each experiment to profile (:func:`to_profile`) whose second epoch runs under
+    torch.profiler."""
+    names = bench.results["profiled"] = to_profile(bench.results, bench.args.profile)
+    for name in names:
+        experiment = bench.experiments[name]
         log(f"{name}: profiling its second epoch")
         with bench.phase("profiles"):
             bench.rows[name]["profiled"] = run_ours(
@@ -937,7 +956,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         bench = start(args, argv, device, work)
         time_ours(bench)
         time_ceilings_and_seed_style(bench)
-        if args.profile:
+        if args.profile != "none":
             time_profiles(bench)
         if args.compile_ceiling:
             time_compiled_ceilings(bench)

@@ -131,17 +131,15 @@ def test_an_unwritable_cache_costs_only_the_reuse(tmp_path):
 
 def test_cache_is_the_default_and_the_flag_turns_it_off(synthetic_root, tmp_path, monkeypatch):
     parser = build_parser()
-    assert parser.parse_args(["train", "resnet50_full"]).cache is None
+    assert parser.parse_args(["train", "resnet50_full"]).cache is True
     args = parser.parse_args(["train", "resnet50_full", "--no-cache", "--cache-dir", str(tmp_path)])
     assert args.cache is False and args.cache_dir == str(tmp_path)
     split = _write_images(tmp_path / "images")
     prep = preprocessing("resnet50", 32)
     monkeypatch.setenv("CXR_CACHE_DIR", str(tmp_path / "default-cache"))
-    off = get_experiment("resnet50_full", image_size=32, cache=False)
-    dataset, kept, _ = build_dataset(split, off, prep, Runtime.create("cpu", cache=False, progress=False), True)
+    experiment = get_experiment("resnet50_full", image_size=32)
+    dataset, kept, _ = build_dataset(split, experiment, prep, Runtime.create("cpu", cache=False, progress=False), True)
     assert isinstance(dataset, XRayDataset) and kept is split and not (tmp_path / "default-cache").exists()
-    on = get_experiment("resnet50_full", image_size=32)
-    assert on.cache is True
-    dataset, kept, info = build_dataset(split, on, prep, Runtime.create("cpu", progress=False), True)
+    dataset, kept, info = build_dataset(split, experiment, prep, Runtime.create("cpu", progress=False), True)
     assert len(dataset) == 6 and info["decoded"] == 6 and (tmp_path / "default-cache").is_dir()
     assert dataset.inputs.shape == (6, 1, cache.cache_side(32, prep["resize"]), cache.cache_side(32, prep["resize"]))

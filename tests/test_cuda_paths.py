@@ -380,7 +380,9 @@ def test_cuda_graphs_asked_for_without_a_gpu_is_a_clear_error(tmp_path):
     assert done.returncode == 1 and done.stderr.strip() == "error: CUDA graphs need a CUDA GPU, and none is available here."
 
 
-def test_no_cuda_graphs_flag_reaches_the_runtime(synthetic_root, tmp_path, monkeypatch):
+def test_how_to_run_flags_reach_the_runtime(synthetic_root, tmp_path, monkeypatch):
+    """``--no-cuda-graphs``, ``--compile`` and ``--no-cache`` are the Runtime's choices, made once in
+    :meth:`Runtime.create`; the experiment's configuration has none of them."""
     from cxr import workflow
 
     class Made(Exception):
@@ -389,11 +391,14 @@ def test_no_cuda_graphs_flag_reaches_the_runtime(synthetic_root, tmp_path, monke
     asked = []
 
     def create(*args, **kwargs):
-        asked.append(kwargs.get("cuda_graphs", "missing"))
+        asked.append({key: kwargs.get(key, "missing") for key in ("cuda_graphs", "compile", "cache")})
         raise Made
 
     monkeypatch.setattr(workflow.Runtime, "create", create)
-    for flags in ([], ["--no-cuda-graphs"]):
+    for flags in ([], ["--no-cuda-graphs"], ["--compile", "--no-cache"]):
         with pytest.raises(Made):
             main(["train", "resnet50_full", "--data-dir", str(synthetic_root), "--out", str(tmp_path), *flags])
-    assert asked == [None, False]  # None: Runtime.create decides (on for a fully trained network on CUDA)
+    assert asked == [{"cuda_graphs": None, "compile": False, "cache": True},  # None: Runtime.create decides
+                     {"cuda_graphs": False, "compile": False, "cache": True},
+                     {"cuda_graphs": None, "compile": True, "cache": False}]
+    assert not {"cache", "compile"} & set(EXPERIMENTS["resnet50_full"].to_dict())

@@ -47,7 +47,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _cache_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--no-cache", dest="cache", action="store_const", const=False,
+    parser.add_argument("--no-cache", dest="cache", action="store_false",
                         help="decode and transform every image on every pass (no decoded-image cache)")
     parser.add_argument("--cache-dir", help="decoded-image cache folder (default: $CXR_CACHE_DIR, else ~/.cache/cxr)")
 
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="no training augmentation (a frozen backbone's features are then computed once)")
     train.add_argument("--feature-cache", choices=["auto", "off"],
                        help="auto (default): train a frozen backbone's head on cached features where nothing is augmented")
-    train.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
+    train.add_argument("--compile", action="store_true", help="torch.compile the model")
     train.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
                        help="run every training step eagerly (default on a GPU: a fully trained network's full "
                             "batches replay CUDA graphs)")

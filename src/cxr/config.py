@@ -34,11 +34,9 @@ class Experiment:
     weights: str = "imagenet"
     optimizer: str = "adamw"
     schedule: str = "warmup+cosine"
-    # Data path (speed only): decode each image once into the on-disk cache and augment on the device;
-    # train a frozen backbone's head on cached features where no augmentation changes them; torch.compile.
-    cache: bool = True
+    # Speed only: train a frozen backbone's head on cached features where no augmentation changes them.
+    # How a run executes (image cache, torch.compile, device, precision) is the Runtime's, not the experiment's.
     feature_cache: Literal["auto", "off"] = "auto"
-    compile: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -95,6 +93,7 @@ def get_experiment(name: str, **overrides: Any) -> Experiment:
 
 
 def experiment_from_dict(data: dict[str, Any]) -> Experiment:
-    """Rebuild an experiment from the plain dict stored in a checkpoint."""
+    """Rebuild an experiment from the plain dict stored in a checkpoint (keys it no longer has are dropped:
+    older checkpoints also stored ``cache`` and ``compile``, which are now the Runtime's)."""
     known = {f.name for f in dataclasses.fields(Experiment)}
     return Experiment(**{k: v for k, v in data.items() if k in known})

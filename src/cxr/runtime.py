@@ -73,9 +73,9 @@ class Runtime:
 
     ``amp_dtype`` None means fp32. ``hold_on_device``: a cached split of uint8 images is kept on ``device``
     as one tensor and sliced per batch where it fits (:meth:`holds_on_device`); otherwise it stays in host
-    memory and each batch is copied over (:meth:`copy_batch`). ``cache`` decodes each image once into ``cache_dir`` (the
-    augmentation then runs on the device); without it PIL decodes and transforms every image in
-    ``workers`` DataLoader processes. ``frozen_forward_batch``: how many images a frozen backbone turns
+    memory and each batch is copied over (:meth:`copy_batch`). ``cache`` decodes each image once into
+    ``cache_dir`` (the augmentation then runs on the device); without it PIL decodes and transforms every
+    image in ``workers`` DataLoader processes. ``frozen_forward_batch``: how many images a frozen backbone turns
     into features at once while its head trains (``engine.frozen_forward_batch``); 0 means the step batch.
     ``cuda_graphs``: a fully trained network's forward and backward passes replay CUDA graphs (:mod:`cxr.graphs`)."""
 

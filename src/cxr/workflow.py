@@ -165,7 +165,9 @@ def train_experiment(
     on_epoch_end: Callable[[list[dict[str, float]]], None] | None = None,
     splits: DataSplits | None = None,
     deterministic: bool = False,
+    cache: bool = True,
     cache_dir: str | os.PathLike | None = None,
+    compile: bool = False,
     runtime: Runtime | None = None,
     tensorboard: bool = True,
     cuda_graphs: bool | None = None,
@@ -174,8 +176,8 @@ def train_experiment(
     """Train the named experiment, evaluate its best checkpoint on the test split and write every
     asset into ``out/<name>/``. ``overrides`` replace configuration values (epochs, batch_size, ...);
     ``deterministic`` allows only deterministic kernels. ``runtime`` decides how the run executes; without
-    it one is made for ``device`` from ``workers``, ``cache_dir``, ``progress``, ``cuda_graphs`` (None: on
-    CUDA) and the experiment's ``cache`` and ``compile`` (:meth:`Runtime.create`). ``tensorboard`` also
+    it one is made for ``device`` from ``workers``, ``cache`` (the decoded-image cache), ``cache_dir``,
+    ``compile``, ``progress`` and ``cuda_graphs`` (None: on CUDA) (:meth:`Runtime.create`). ``tensorboard`` also
     writes TensorBoard event files into ``out/<name>/tensorboard/``. The data is audited first: duplicates
     and train/test leakage are warned about and summarised in metrics.json. Returns the contents of
     ``metrics.json``.
@@ -186,7 +188,7 @@ def train_experiment(
     experiment = get_experiment(name, **overrides)
     if deterministic:
         make_deterministic()
-    runtime = runtime or Runtime.create(device, workers=workers, compile=experiment.compile, cache=experiment.cache,
+    runtime = runtime or Runtime.create(device, workers=workers, compile=compile, cache=cache,
                                         cache_dir=cache_dir, progress=progress, cuda_graphs=cuda_graphs)
     runtime = runtime.replace(device=distributed.setup(runtime.device))
     main_rank = distributed.is_main()
@@ -249,15 +251,15 @@ def load_trained_model(checkpoint: str | os.PathLike, experiment: str | None = N
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike, experiment: str | None = None, data_dir: str | os.PathLike | None = None,
     out: str | os.PathLike = "assets", device: str | None = None, progress: bool = True, tta: bool = False,
-    cache: bool | None = None, cache_dir: str | os.PathLike | None = None, runtime: Runtime | None = None,
+    cache: bool = True, cache_dir: str | os.PathLike | None = None, runtime: Runtime | None = None,
 ) -> dict[str, Any]:
     """Evaluate a saved checkpoint on the test split and write the report files into ``out/<name>/``
-    (with ``tta``, also the test-time augmentation results). ``cache`` overrides the checkpoint's
-    decoded-image cache setting; ``runtime``, when given, replaces ``device``, ``progress``, ``cache``
+    (with ``tta``, also the test-time augmentation results). ``cache``: read the images through the
+    decoded-image cache; ``runtime``, when given, replaces ``device``, ``progress``, ``cache``
     and ``cache_dir``."""
     model, state = load_trained_model(checkpoint, experiment)
     config = experiment_from_dict(state["experiment"])
-    runtime = runtime or Runtime.create(device, cache=config.cache if cache is None else cache, cache_dir=cache_dir,
+    runtime = runtime or Runtime.create(device, cache=cache, cache_dir=cache_dir,
                                         progress=progress)
     runtime = runtime.replace(device=distributed.setup(runtime.device))
     splits = prepare_data(data_dir, seed=state.get("seed", 42))
