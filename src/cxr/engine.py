@@ -536,6 +536,33 @@ def run_epochs(
     return False
 
 
+def prepare_training(experiment: Experiment, splits: DataSplits, runtime: Runtime, seed: int,
+                     resume_from: Path | None) -> tuple[Classifier, dict[str, Any], DataPipeline, TrainingState]:
+    """Everything the epochs need, built in the order it depends on: the model on the device, its
+    preprocessing, the data pipeline, the module a training step runs (compiled, graphed or wrapped for
+    torchrun, as ``runtime`` says) and the optimisation state, restored from ``resume_from`` if given."""
+    with runtime.device:  # random initialisation runs where the model lives (seconds on a CPU for ResNet152)
+        model = build_model(experiment.arch, len(CLASSES), experiment.weights, experiment.freeze_backbone,
+                            experiment.image_size)
+    model = runtime.prepare_model(model)
+    prep = preprocessing(experiment.arch, experiment.image_size)
+    pipeline = build_pipeline(experiment, splits, model, prep, runtime, seed)
+    if runtime.compile:  # the backbone alone: a frozen one is called without the Classifier while training
+        model.backbone.compile()
+    step_batch = distributed.per_rank_batch(experiment.batch_size)
+    if pipeline.train_module is model:
+        pipeline.train_module = training_module(model, step_batch, runtime)
+    pipeline.info["cuda_graphs"] = isinstance(pipeline.train_module, GraphedTraining)  # used, not just allowed
+    pipeline.train_module = distributed.wrap(pipeline.train_module, runtime.device, model.freeze_backbone)
+    steps_per_epoch = len(training_batches(pipeline, step_batch, runtime, seed))
+    state = build_training_state(model, experiment, runtime, steps_per_epoch)
+    if resume_from is not None:
+        saved = load_checkpoint(resume_from, experiment=experiment.name, arch=experiment.arch, classes=CLASSES)
+        check_resumable(saved, resume_from, experiment, seed, splits)
+        state.restore(saved)
+    return model, prep, pipeline, state
+
+
 def fit(
     experiment: Experiment,
     splits: DataSplits,
@@ -563,26 +590,8 @@ def fit(
                               progress=runtime.progress and distributed.is_main())
     runtime.apply_backend_settings()
     seed_everything(seed)
-
-    with runtime.device:  # random initialisation runs where the model lives (seconds on a CPU for ResNet152)
-        model = build_model(experiment.arch, len(CLASSES), experiment.weights, experiment.freeze_backbone,
-                            experiment.image_size)
-    model = runtime.prepare_model(model)
-    prep = preprocessing(experiment.arch, experiment.image_size)
-    pipeline = build_pipeline(experiment, splits, model, prep, runtime, seed)
-    if runtime.compile:  # the backbone alone: a frozen one is called without the Classifier while training
-        model.backbone.compile()
-    step_batch = distributed.per_rank_batch(experiment.batch_size)
-    if pipeline.train_module is model:
-        pipeline.train_module = training_module(model, step_batch, runtime)
-    pipeline.info["cuda_graphs"] = isinstance(pipeline.train_module, GraphedTraining)  # used, not just allowed
-    pipeline.train_module = distributed.wrap(pipeline.train_module, runtime.device, model.freeze_backbone)
-    steps_per_epoch = len(training_batches(pipeline, step_batch, runtime, seed))
-    state = build_training_state(model, experiment, runtime, steps_per_epoch)
-    if resume:
-        saved = load_checkpoint(last_path, experiment=experiment.name, arch=experiment.arch, classes=CLASSES)
-        check_resumable(saved, last_path, experiment, seed, splits)
-        state.restore(saved)
+    model, prep, pipeline, state = prepare_training(experiment, splits, runtime, seed,
+                                                    last_path if resume else None)
 
     writer = CheckpointWriter()
     saved_epochs, best_weights = state.epochs_done, None
