@@ -381,8 +381,8 @@ def test_cuda_graphs_asked_for_without_a_gpu_is_a_clear_error(tmp_path):
 
 
 def test_how_to_run_flags_reach_the_runtime(synthetic_root, tmp_path, monkeypatch):
-    """``--no-cuda-graphs``, ``--compile`` and ``--no-cache`` are the Runtime's choices, made once in
-    :meth:`Runtime.create`; the experiment's configuration has none of them."""
+    """``--no-cuda-graphs``, ``--compile``, ``--no-cache`` and ``--feature-cache off`` are the Runtime's
+    choices, made once in :meth:`Runtime.create`; the experiment's configuration has none of them."""
     from cxr import workflow
 
     class Made(Exception):
@@ -391,14 +391,15 @@ def test_how_to_run_flags_reach_the_runtime(synthetic_root, tmp_path, monkeypatc
     asked = []
 
     def create(*args, **kwargs):
-        asked.append({key: kwargs.get(key, "missing") for key in ("cuda_graphs", "compile", "cache")})
+        asked.append({key: kwargs.get(key, "missing") for key in ("cuda_graphs", "compile", "cache", "feature_cache")})
         raise Made
 
     monkeypatch.setattr(workflow.Runtime, "create", create)
-    for flags in ([], ["--no-cuda-graphs"], ["--compile", "--no-cache"]):
+    for flags in ([], ["--no-cuda-graphs"], ["--compile", "--no-cache", "--feature-cache", "off"]):
         with pytest.raises(Made):
             main(["train", "resnet50_full", "--data-dir", str(synthetic_root), "--out", str(tmp_path), *flags])
-    assert asked == [{"cuda_graphs": None, "compile": False, "cache": True},  # None: Runtime.create decides
-                     {"cuda_graphs": False, "compile": False, "cache": True},
-                     {"cuda_graphs": None, "compile": True, "cache": False}]
-    assert not {"cache", "compile"} & set(EXPERIMENTS["resnet50_full"].to_dict())
+    # cuda_graphs None: Runtime.create decides (on for a fully trained network on CUDA)
+    assert asked == [{"cuda_graphs": None, "compile": False, "cache": True, "feature_cache": True},
+                     {"cuda_graphs": False, "compile": False, "cache": True, "feature_cache": True},
+                     {"cuda_graphs": None, "compile": True, "cache": False, "feature_cache": False}]
+    assert not {"cache", "compile", "feature_cache"} & set(EXPERIMENTS["resnet50_full"].to_dict())

@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     _cache_options(train)
     train.add_argument("--no-augment", dest="augment", action="store_const", const=False,
                        help="no training augmentation (a frozen backbone's features are then computed once)")
-    train.add_argument("--feature-cache", choices=["auto", "off"],
+    train.add_argument("--feature-cache", choices=["auto", "off"], default="auto",
                        help="auto (default): train a frozen backbone's head on cached features where nothing is augmented")
     train.add_argument("--compile", action="store_true", help="torch.compile the model")
     train.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
@@ -275,7 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size, lr=args.lr,
                 backbone_lr=args.backbone_lr, warmup_epochs=args.warmup_epochs,
                 patience=args.patience, weights=args.weights, deterministic=args.deterministic,
-                cache=args.cache, cache_dir=args.cache_dir, augment=args.augment, feature_cache=args.feature_cache,
+                cache=args.cache, cache_dir=args.cache_dir, augment=args.augment,
+                feature_cache=args.feature_cache == "auto",
                 compile=args.compile, tensorboard=args.tensorboard, cuda_graphs=args.cuda_graphs,
             )
         elif args.command == "predict":

@@ -34,9 +34,6 @@ class Experiment:
     weights: str = "imagenet"
     optimizer: str = "adamw"
     schedule: str = "warmup+cosine"
-    # Speed only: train a frozen backbone's head on cached features where no augmentation changes them.
-    # How a run executes (image cache, torch.compile, device, precision) is the Runtime's, not the experiment's.
-    feature_cache: Literal["auto", "off"] = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -94,6 +91,7 @@ def get_experiment(name: str, **overrides: Any) -> Experiment:
 
 def experiment_from_dict(data: dict[str, Any]) -> Experiment:
     """Rebuild an experiment from the plain dict stored in a checkpoint (keys it no longer has are dropped:
-    older checkpoints also stored ``cache`` and ``compile``, which are now the Runtime's)."""
+    older checkpoints also stored ``cache``, ``feature_cache`` and ``compile``, which are now how a run
+    executes, the :class:`~cxr.runtime.Runtime`'s)."""
     known = {f.name for f in dataclasses.fields(Experiment)}
     return Experiment(**{k: v for k, v in data.items() if k in known})

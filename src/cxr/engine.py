@@ -372,7 +372,7 @@ def build_pipeline(experiment: Experiment, splits: DataSplits, model: Classifier
     train_module = val_module = model
     frozen_backbone = None
     feature_cache, started = "off", time.perf_counter()
-    if model.freeze_backbone and experiment.feature_cache == "auto":
+    if model.freeze_backbone and runtime.feature_cache:
         val_set, val_module, feature_cache = _features_of(model, val_set, experiment.batch_size, runtime,
                                                           "val features"), model.head, "val"
         if not experiment.augment:

@@ -75,7 +75,9 @@ class Runtime:
     as one tensor and sliced per batch where it fits (:meth:`holds_on_device`); otherwise it stays in host
     memory and each batch is copied over (:meth:`copy_batch`). ``cache`` decodes each image once into
     ``cache_dir`` (the augmentation then runs on the device); without it PIL decodes and transforms every
-    image in ``workers`` DataLoader processes. ``frozen_forward_batch``: how many images a frozen backbone turns
+    image in ``workers`` DataLoader processes. ``feature_cache``: a frozen backbone's features are computed
+    once for each split no augmentation changes (validation; training too without augmentation) and the head
+    trains on them. ``frozen_forward_batch``: how many images a frozen backbone turns
     into features at once while its head trains (``engine.frozen_forward_batch``); 0 means the step batch.
     ``cuda_graphs``: a fully trained network's forward and backward passes replay CUDA graphs (:mod:`cxr.graphs`)."""
 
@@ -92,13 +94,14 @@ class Runtime:
     cuda_graphs: bool = False
     frozen_forward_batch: int = 0
     cache: bool = True
+    feature_cache: bool = True
     cache_dir: Path | None = None
     progress: bool = True
 
     @classmethod
     def create(cls, device: torch.device | str | None = None, *, workers: int | None = None, compile: bool = False,
                cache: bool = True, cache_dir: str | os.PathLike | None = None, progress: bool = True,
-               cuda_graphs: bool | None = None) -> Runtime:
+               cuda_graphs: bool | None = None, feature_cache: bool = True) -> Runtime:
         """The choices for ``device`` (default: the best available): on CUDA mixed precision,
         channels_last, fused AdamW, cuDNN autotuning, pinned non-blocking copies, data held on the GPU, a
         frozen backbone run on batches of 256, CUDA graphs for a fully trained network (unless compiled)
@@ -112,7 +115,7 @@ class Runtime:
             cudnn_benchmark=cuda, pin_memory=cuda, non_blocking=cuda, hold_on_device=device.type != "cpu",
             workers=(min(8, os.cpu_count() or 1) if cuda else 0) if workers is None else workers,
             compile=compile, cuda_graphs=cuda and not compile if cuda_graphs is None else cuda_graphs,
-            frozen_forward_batch=FROZEN_FORWARD_BATCH if cuda else 0, cache=cache,
+            frozen_forward_batch=FROZEN_FORWARD_BATCH if cuda else 0, cache=cache, feature_cache=feature_cache,
             cache_dir=Path(cache_dir).expanduser() if cache_dir else None, progress=progress,
         )
 

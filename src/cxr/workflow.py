@@ -168,6 +168,7 @@ def train_experiment(
     cache: bool = True,
     cache_dir: str | os.PathLike | None = None,
     compile: bool = False,
+    feature_cache: bool = True,
     runtime: Runtime | None = None,
     tensorboard: bool = True,
     cuda_graphs: bool | None = None,
@@ -177,10 +178,10 @@ def train_experiment(
     asset into ``out/<name>/``. ``overrides`` replace configuration values (epochs, batch_size, ...);
     ``deterministic`` allows only deterministic kernels. ``runtime`` decides how the run executes; without
     it one is made for ``device`` from ``workers``, ``cache`` (the decoded-image cache), ``cache_dir``,
-    ``compile``, ``progress`` and ``cuda_graphs`` (None: on CUDA) (:meth:`Runtime.create`). ``tensorboard`` also
-    writes TensorBoard event files into ``out/<name>/tensorboard/``. The data is audited first: duplicates
-    and train/test leakage are warned about and summarised in metrics.json. Returns the contents of
-    ``metrics.json``.
+    ``compile``, ``feature_cache``, ``progress`` and ``cuda_graphs`` (None: on CUDA) (:meth:`Runtime.create`).
+    ``tensorboard`` also writes TensorBoard event files into ``out/<name>/tensorboard/``. The data is audited
+    first: duplicates and train/test leakage are warned about and summarised in metrics.json. Returns the
+    contents of ``metrics.json``.
 
     Under ``torchrun`` every process calls this (see :mod:`cxr.distributed`); rank 0 audits the data and
     writes every file, the other ranks return only the test metrics."""
@@ -188,8 +189,8 @@ def train_experiment(
     experiment = get_experiment(name, **overrides)
     if deterministic:
         make_deterministic()
-    runtime = runtime or Runtime.create(device, workers=workers, compile=compile, cache=cache,
-                                        cache_dir=cache_dir, progress=progress, cuda_graphs=cuda_graphs)
+    runtime = runtime or Runtime.create(device, workers=workers, compile=compile, cache=cache, cache_dir=cache_dir,
+                                        feature_cache=feature_cache, progress=progress, cuda_graphs=cuda_graphs)
     runtime = runtime.replace(device=distributed.setup(runtime.device))
     main_rank = distributed.is_main()
     splits = splits or prepare_data(data_dir, val_source=val_source, seed=seed)
