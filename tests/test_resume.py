@@ -156,6 +156,23 @@ def test_resume_with_other_settings_is_refused(splits, tmp_path):
         fit(experiment, splits, tmp_path, CPU, seed=4, resume=True)
 
 
+def test_resume_may_change_how_the_run_executes(splits, tmp_path):
+    """The image cache, torch.compile and the feature cache are how a run executes (the Runtime's), not what
+    it trains: a run interrupted with the image cache resumes without it, also from a checkpoint written
+    when the experiment's configuration still held those choices."""
+    from cxr.checkpoint import save_checkpoint
+
+    experiment = tiny_experiment(epochs=2)
+    with pytest.raises(TrainingInterrupted):
+        fit(experiment, splits, tmp_path, CPU, seed=3, on_epoch_end=ctrl_c_after_epoch(1))
+    last = tmp_path / "checkpoints" / "last.pt"
+    older = load_checkpoint(last)
+    older["experiment"] |= {"cache": True, "compile": False, "feature_cache": "auto"}
+    save_checkpoint(older, last)
+    resumed = fit(experiment, splits, tmp_path, CPU.replace(cache=False), seed=3, resume=True)
+    assert len(resumed.history) == 2 and resumed.extra["pipeline"]["cache"] is False
+
+
 def test_cli_ctrl_c_exits_130_with_resume_command_that_works(small_root, tmp_path, monkeypatch, capsys):
     real_train_one_epoch = engine.train_one_epoch
     calls = []

@@ -156,7 +156,7 @@ def frame_square(image: Image.Image, side: int) -> np.ndarray:
     if size != image.size:
         image = image.resize(size, Image.Resampling.BILINEAR)
     left, top = (size[0] - side) // 2, (size[1] - side) // 2
-    return np.asarray(image.crop((left, top, left + side, top + side)), dtype=np.uint8)
+    return np.array(image.crop((left, top, left + side, top + side)), dtype=np.uint8)  # writable: torch.from_numpy
 
 
 def decode_image(path: str | os.PathLike, side: int) -> np.ndarray:
