@@ -119,10 +119,13 @@ def test_cli_audit_finds_duplicates_and_leakage_and_writes_json(tmp_path, capsys
 
 def test_training_warns_about_leakage_and_keeps_the_audit_in_metrics(tmp_path):
     root = leaky_dataset(tmp_path / "data")
-    with pytest.warns(UserWarning, match="LEAKAGE: 1 test image") as caught:
+    with pytest.warns(UserWarning, match="LEAKAGE|duplicate image|different class labels") as caught:
         metrics = train_experiment("resnet50_full", data_dir=root, out=tmp_path / "out", val_source="given",
                                    progress=False, epochs=1, batch_size=8, image_size=32, weights="none")
-    assert any(str(w.message).startswith("LEAKAGE: 1 test image(s) are near-duplicates") for w in caught)
+    shown = [str(w.message) for w in caught]
+    assert any(message.startswith("LEAKAGE: 1 test image(s) are near-duplicates") for message in shown)
+    assert "1 duplicate image(s) within train: train/COVID19/again.png = train/COVID19/train_000.png." in shown
+    assert "1 identical image(s) carry different class labels." in shown
     audit = metrics["audit"]
     assert audit["leakage"] == {"train/test": 1, "val/test": 0}
     assert audit["near_leakage"] == {"into_val": 0, "into_test": 1}
