@@ -635,7 +635,7 @@ def reductions(settings: dict[str, Any]) -> list[str]:
         "another input size": settings["image_size"] != default["image_size"],
         "another batch size": settings["batch_size"] is not None,
         "fewer ceiling steps": settings["ceiling_steps"] < default["ceiling_steps"],
-        "--profile none": settings["profile"] in ("none", False),  # False: --no-profile, before "missed"
+        "--profile none": settings["profile"] == "none",
         "--no-compile-ceiling": not settings["compile_ceiling"],
     }
     return [what for what, reduced in left_out.items() if reduced]
@@ -746,7 +746,8 @@ def write_results(results: dict[str, Any], out: Path) -> None:
         "one, and the seconds outside the epochs, by step. For seed-style, the DataLoader was also timed alone "
         "(no model): when it alone is barely faster than the whole pipeline, host decoding is the limit.",
         "",
-        *(["## Where the time goes (torch.profiler, the second epoch of a two-epoch run of each profiled experiment)", ""]
+        *(["## Where the time goes (torch.profiler, the second epoch of a two-epoch run of each profiled "
+           "experiment)", ""]
           if any(row.get("profiled") for row in results["experiments"].values()) else []),
         *(["No profile: every experiment met its own targets and the totals theirs (`--profile all` profiles "
            "them anyway).", ""] if results.get("profiled") == [] else []),
@@ -875,7 +876,8 @@ def time_ours(bench: Bench) -> None:
             row["ours"] = run_ours(experiment, bench.root, bench.cache_dir, bench.work / "runs" / name, bench.device)
         shutil.rmtree(bench.work / "runs", ignore_errors=True)
         done = [row["ours"] for row in bench.rows.values() if "ours" in row]
-        bench.results["totals"] = {"experiments": len(done), "ours": round(sum(r["experiment_seconds"] for r in done), 1)}
+        bench.results["totals"] = {"experiments": len(done),
+                                   "ours": round(sum(r["experiment_seconds"] for r in done), 1)}
         bench.save(f"{name} (ours)")
 
 

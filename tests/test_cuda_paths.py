@@ -303,7 +303,6 @@ def _stand_in_for_cuda_graphs(replays: list[tuple[int, ...]]):
     return capture
 
 
-@pytest.mark.filterwarnings("ignore:Skipped")
 @pytest.mark.parametrize("name", ["resnet50_full", "resnet152_head"])
 def test_a_split_too_large_for_the_gpu_is_copied_batch_by_batch(name, synthetic_root, tmp_path, cuda_like,
                                                                 monkeypatch):
@@ -330,7 +329,6 @@ def test_a_split_too_large_for_the_gpu_is_copied_batch_by_batch(name, synthetic_
         {k: v for k, v in row.items() if k != "seconds"} for row in copied.history]
 
 
-@pytest.mark.filterwarnings("ignore:Skipped")
 def test_cuda_graphs_change_nothing_but_how_full_batches_run(synthetic_root, tmp_path, cuda_like, monkeypatch):
     """With ``cuda_graphs`` a fully trained network's full batches go through the captured module and the rest
     (an epoch's last batch, validation) through the model; the run is the one without graphs, bit for bit:

@@ -2,7 +2,8 @@
 
 Fine-tuning all of ResNet50 at batch 64 launches about 840 kernels a step, and on an H200 the host takes
 longer to launch them than the device takes to run them (benchmarks/results-2946261.md, before graphs: an
-epoch took 2.8 s, of which the device's kernels ran 1.6 s). A CUDA graph records a step's kernels once and replays them with one launch.
+epoch took 2.8 s, of which the device's kernels ran 1.6 s). A CUDA graph records a step's kernels once and
+replays them with one launch.
 
 :class:`GraphedTraining` wraps the model for ``train_one_epoch``: full training batches run the graphs
 (captured at the first one, by ``torch.cuda.make_graphed_callables``), anything else (an epoch's smaller

@@ -260,8 +260,7 @@ def evaluate_checkpoint(
     and ``cache_dir``."""
     model, state = load_trained_model(checkpoint, experiment)
     config = experiment_from_dict(state["experiment"])
-    runtime = runtime or Runtime.create(device, cache=cache, cache_dir=cache_dir,
-                                        progress=progress)
+    runtime = runtime or Runtime.create(device, cache=cache, cache_dir=cache_dir, progress=progress)
     runtime = runtime.replace(device=distributed.setup(runtime.device))
     splits = prepare_data(data_dir, seed=state.get("seed", 42))
     return evaluate_model(model, config, splits, Path(out) / config.name, runtime, state["preprocessing"], tta)
