@@ -235,11 +235,11 @@ def _report(args: argparse.Namespace) -> int:
     from .report import ReportError, write_report
 
     try:
-        names = write_report(args.assets, args.readme)
+        change = write_report(args.assets, args.readme)
     except ReportError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"{args.readme}: results of {', '.join(names)} from {args.assets}/*/metrics.json")
+    print(change.describe(args.readme, args.assets))
     return 0
 
 
