@@ -263,4 +263,5 @@ def evaluate_checkpoint(
     runtime = runtime or Runtime.create(device, cache=cache, cache_dir=cache_dir, progress=progress)
     runtime = runtime.replace(device=distributed.setup(runtime.device))
     splits = prepare_data(data_dir, seed=state.get("seed", 42))
-    return evaluate_model(model, config, splits, Path(out) / config.name, runtime, state["preprocessing"], tta)
+    metrics = evaluate_model(model, config, splits, Path(out) / config.name, runtime, state["preprocessing"], tta)
+    return {"experiment": config.name, **metrics}
