@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import os
 import platform
 import subprocess
@@ -152,6 +153,27 @@ def evaluate_model(
     return metrics
 
 
+def results_replaced(out_dir: Path, experiment: Experiment, device: str) -> str | None:
+    """What an earlier run left in ``out_dir`` and how it differs from this one, or None when there is nothing:
+    a run rewrites every file of its folder, and committed results (README shows them) are lost silently
+    otherwise."""
+    path = out_dir / ASSET_FILES["metrics"]
+    if not path.is_file():
+        return None
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return f"{out_dir}/ holds an unreadable metrics.json; this run replaces it."
+    planned = earlier.get("config", {}).get("epochs", "?")
+    made = (f"{earlier.get('device', 'unknown device')}, {earlier.get('epochs_run', '?')} of {planned} epochs, "
+            f"weights {earlier.get('weights', '?')}, {str(earlier.get('date', 'undated'))[:10]}")
+    same = earlier.get("config") == experiment.to_dict() and earlier.get("device") == device
+    return (f"{out_dir}/ holds the results of an earlier run ({made}"
+            f"{'; the same configuration and device' if same else '; another configuration or device'}); this run "
+            "replaces them. To keep them, stop now (Ctrl-C) and pass another output folder (--out DIR), or commit "
+            "them first.")
+
+
 def train_experiment(
     name: str,
     data_dir: str | os.PathLike | None = None,
@@ -193,8 +215,11 @@ def train_experiment(
                                         feature_cache=feature_cache, progress=progress, cuda_graphs=cuda_graphs)
     runtime = runtime.replace(device=distributed.setup(runtime.device))
     main_rank = distributed.is_main()
-    splits = splits or prepare_data(data_dir, val_source=val_source, seed=seed)
     out_dir = Path(out) / experiment.name
+    replaced = None if resume or not main_rank else results_replaced(out_dir, experiment, device_name(runtime.device))
+    if replaced:
+        warnings.warn(replaced, stacklevel=2)
+    splits = splits or prepare_data(data_dir, val_source=val_source, seed=seed)
     if main_rank:  # the audit reads every file: one process is enough
         data_audit = audit_training_splits(splits, runtime.progress, runtime.cache_dir)
         for message in data_audit["warnings"]:
