@@ -119,6 +119,9 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
     runs.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
                       help="run every training step eagerly (default on a GPU: a fully trained network's full "
                            "batches replay CUDA graphs)")
+    runs.add_argument("--splits-in-host-memory", dest="splits_on_device", action="store_false",
+                      help="keep every cached split in host memory and copy each batch to the GPU through pinned "
+                           "memory (default: a split under a quarter of the GPU's free memory is held on it)")
     results = train.add_argument_group("where results go")
     results.add_argument("--out", default="assets",
                          help="output folder; files go to OUT/<experiment>/ (default: assets)")
@@ -383,7 +386,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
                 val_source=args.val_source, workers=args.workers, resume=args.resume, progress=not args.quiet,
                 deterministic=args.deterministic, cache=args.cache, cache_dir=args.cache_dir,
                 feature_cache=args.feature_cache == "auto", compile=args.compile, tensorboard=args.tensorboard,
-                cuda_graphs=args.cuda_graphs, **hyperparameters(args),
+                cuda_graphs=args.cuda_graphs, splits_on_device=args.splits_on_device, **hyperparameters(args),
             )
         elif args.command == "predict":
             return _predict(args)

@@ -194,13 +194,15 @@ def train_experiment(
     runtime: Runtime | None = None,
     tensorboard: bool = True,
     cuda_graphs: bool | None = None,
+    splits_on_device: bool = True,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Train the named experiment, evaluate its best checkpoint on the test split and write every
     asset into ``out/<name>/``. ``overrides`` replace configuration values (epochs, batch_size, ...);
     ``deterministic`` allows only deterministic kernels. ``runtime`` decides how the run executes; without
     it one is made for ``device`` from ``workers``, ``cache`` (the decoded-image cache), ``cache_dir``,
-    ``compile``, ``feature_cache``, ``progress`` and ``cuda_graphs`` (None: on CUDA) (:meth:`Runtime.create`).
+    ``compile``, ``feature_cache``, ``progress``, ``cuda_graphs`` (None: on CUDA) and ``splits_on_device``
+    (:meth:`Runtime.create`).
     ``tensorboard`` also writes TensorBoard event files into ``out/<name>/tensorboard/``. The data is audited
     first: duplicates and train/test leakage are warned about and summarised in metrics.json. Returns the
     contents of ``metrics.json``.
@@ -212,7 +214,8 @@ def train_experiment(
     if deterministic:
         make_deterministic()
     runtime = runtime or Runtime.create(device, workers=workers, compile=compile, cache=cache, cache_dir=cache_dir,
-                                        feature_cache=feature_cache, progress=progress, cuda_graphs=cuda_graphs)
+                                        feature_cache=feature_cache, progress=progress, cuda_graphs=cuda_graphs,
+                                        splits_on_device=splits_on_device)
     runtime = runtime.replace(device=distributed.setup(runtime.device))
     main_rank = distributed.is_main()
     out_dir = Path(out) / experiment.name
