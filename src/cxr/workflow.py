@@ -244,7 +244,7 @@ def load_trained_model(checkpoint: str | os.PathLike, experiment: str | None = N
     """Rebuild a trained classifier from a checkpoint (refusing one of another experiment)."""
     state = load_checkpoint(checkpoint, experiment=experiment, classes=CLASSES)
     config = experiment_from_dict(state["experiment"])
-    model = build_model(config.arch, len(state["classes"]), "none", config.freeze_backbone, config.image_size)
+    model = build_model(config.arch, len(state["classes"]), "none", config.trainable_blocks, config.image_size)
     model.load_state_dict(state["model"])
     return model.eval(), state
 
