@@ -1,4 +1,4 @@
-"""One script for whoever has a GPU for a few minutes: the three experiments at their full budgets, then
+"""One script for whoever has a GPU for a few minutes: every experiment at its full budget, then
 ``cxr evaluate --tta`` and ``cxr predict --csv --cam`` with each, every result in the ``assets/`` layout.
 
 On a GPU machine with torch, torchvision, numpy, pandas, matplotlib, seaborn, scikit-learn and tqdm (no
@@ -30,7 +30,10 @@ from pathlib import Path
 from typing import Any
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-EXPERIMENTS = ("resnet152_head", "resnet50_full", "vit_b16_head")
+sys.path.insert(0, str(REPOSITORY / "src"))  # cxr.config is plain data: readable without the project installed
+from cxr.config import EXPERIMENTS as CONFIGURED  # noqa: E402
+
+EXPERIMENTS = tuple(CONFIGURED)
 SMOKE_FLAGS = ["--epochs", "1", "--batch-size", "8", "--image-size", "32", "--device", "cpu"]
 PREDICT_IMAGES_PER_CLASS = 1
 

@@ -280,3 +280,16 @@ def test_optimizer_and_schedule_are_chosen_by_name(models):
         with pytest.raises(ValueError, match=re.escape(message)):
             build_schedule(build_optimizer(model, wrong, runtime), wrong, 2)
 
+
+def test_the_seeds_next_steps_are_one_configuration_entry_each():
+    """vit_b16_partial: ViT-B/16's last 4 encoder blocks, final norm and head; resnet50_focal: resnet50_full
+    with focal loss (gamma 2, class weights as alpha) and nothing else changed."""
+    partial = get_experiment("vit_b16_partial")
+    assert (partial.arch, partial.trainable_blocks, partial.loss) == ("vit_b_16", 4, "weighted_ce")
+    model = build_model("vit_b16_partial", weights="none", image_size=32)
+    trained = {n.split(".")[3] if ".layers." in n else n.split(".")[0] + "." + n.split(".")[1]
+               for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {f"encoder_layer_{i}" for i in range(8, 12)} | {"backbone.encoder", "head.weight", "head.bias"}
+    focal, full = get_experiment("resnet50_focal").to_dict(), get_experiment("resnet50_full").to_dict()
+    assert {k for k in focal if focal[k] != full[k]} == {"name", "summary", "loss"}
+    assert (focal["loss"], focal["focal_gamma"]) == ("focal", 2.0)

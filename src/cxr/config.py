@@ -106,6 +106,33 @@ EXPERIMENTS: dict[str, Experiment] = {
             backbone_lr=0.0,
             weight_decay=1e-4,
         ),
+        Experiment(
+            name="resnet50_focal",
+            arch="resnet50",
+            trainable_blocks="all",
+            summary="resnet50_full with focal loss (gamma 2, the class weights as alpha) for the rarer classes' recall",
+            epochs=30,
+            batch_size=64,
+            lr=1e-3,
+            backbone_lr=1e-4,
+            weight_decay=0.05,
+            warmup_epochs=2,
+            patience=8,
+            loss="focal",
+            focal_gamma=2.0,
+        ),
+        Experiment(
+            name="vit_b16_partial",
+            arch="vit_b_16",
+            trainable_blocks=4,
+            summary="ViT-B/16, last 4 encoder blocks, final norm and new head trained; the rest frozen (eval mode)",
+            epochs=20,
+            batch_size=64,
+            lr=1e-3,
+            backbone_lr=1e-4,
+            weight_decay=0.05,
+            warmup_epochs=2,
+        ),
     )
 }
 
