@@ -60,7 +60,7 @@ def environment(device: str) -> dict[str, Any]:
     import torch
 
     from cxr.runtime import device_name
-    from cxr.workflow import git_commit
+    from cxr.provenance import git_commit
 
     return {
         "device": device_name(torch.device(device)) if device != "cuda" or torch.cuda.is_available() else "no CUDA GPU",

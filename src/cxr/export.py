@@ -25,7 +25,8 @@ from torch import nn
 from .config import experiment_from_dict, upgrade_experiment_dict
 from .models import ARCHITECTURES, Classifier, build_model
 from .models import preprocessing as default_preprocessing
-from .workflow import git_commit, load_trained_model
+from .inference import load_trained_model
+from .provenance import git_commit
 
 FORMAT = "cxr-export/1"
 FILES = {"onnx": "model.onnx", "weights": "model.safetensors", "description": "model.json"}
