@@ -60,8 +60,8 @@ from cxr.config import EXPERIMENTS, Experiment, get_experiment
 from cxr.data import CLASSES, IMAGENET_MEAN, IMAGENET_STD, SPLITS, build_transforms, find_split_root, load_image
 from cxr.data import DataSplits, load_splits, scan_split
 from cxr.models import ARCHITECTURES, build_model, preprocessing
+from cxr.provenance import git_commit
 from cxr.runtime import Runtime, device_name, select_device
-from cxr.workflow import git_commit
 
 # Kaggle jtiptj/chest-xray-pneumoniacovid19tuberculosis: train 6,326 and test 771 images (val: 38).
 KAGGLE_TRAIN = {"COVID19": 460, "NORMAL": 1341, "PNEUMONIA": 3875, "TUBERCULOSIS": 650}

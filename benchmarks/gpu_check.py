@@ -1,4 +1,4 @@
-"""One script for whoever has a GPU for a few minutes: the three experiments at their full budgets, then
+"""One script for whoever has a GPU for a few minutes: every experiment at its full budget, then
 ``cxr evaluate --tta`` and ``cxr predict --csv --cam`` with each, every result in the ``assets/`` layout.
 
 On a GPU machine with torch, torchvision, numpy, pandas, matplotlib, seaborn, scikit-learn and tqdm (no
@@ -34,7 +34,10 @@ from pathlib import Path
 from typing import Any
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-EXPERIMENTS = ("resnet152_head", "resnet50_full", "vit_b16_head")
+sys.path.insert(0, str(REPOSITORY / "src"))  # cxr.config is plain data: readable without the project installed
+from cxr.config import EXPERIMENTS as CONFIGURED  # noqa: E402
+
+EXPERIMENTS = tuple(CONFIGURED)
 SMOKE_COUNTS = {"train": 8, "val": 2, "test": 2}  # images per class: a test image of every class to predict
 SMOKE_FLAGS = ["--epochs", "1", "--batch-size", "8", "--image-size", "32", "--device", "cpu"]
 PREDICT_IMAGES_PER_CLASS = 1
@@ -62,7 +65,7 @@ def environment(device: str) -> dict[str, Any]:
     import torch
 
     from cxr.runtime import device_name
-    from cxr.workflow import git_commit
+    from cxr.provenance import git_commit
 
     return {
         "device": device_name(torch.device(device)) if device != "cuda" or torch.cuda.is_available() else "no CUDA GPU",

@@ -1,5 +1,7 @@
 """Batched augmentation on device tensors, and the loader that slices cached splits."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -87,3 +89,18 @@ def test_device_dataset_from_images_keeps_uint8_single_channel():
     assert dataset.inputs.shape == (3, 1, 37, 37) and dataset.inputs.dtype == torch.uint8
     with pytest.raises(ValueError):
         DeviceDataset(dataset.inputs, dataset.labels[:2])
+
+
+def test_both_augmentations_read_the_one_set_of_parameters():
+    from cxr.config import AUGMENTATION
+    from cxr.uncertainty import TTAViews
+
+    device = TrainAugment(32)
+    assert {k: getattr(device, k) for k in NO_CHANGE} == dataclasses.asdict(AUGMENTATION)
+    crop, flip, affine, jitter = build_transforms(32, train=True).transforms[1:5]
+    assert (crop.scale, crop.ratio, flip.p) == (AUGMENTATION.scale, AUGMENTATION.ratio, AUGMENTATION.flip_probability)
+    assert (affine.degrees, affine.translate) == ([-AUGMENTATION.degrees, AUGMENTATION.degrees],
+                                                  (AUGMENTATION.translate, AUGMENTATION.translate))
+    assert jitter.brightness == (1 - AUGMENTATION.brightness, 1 + AUGMENTATION.brightness)
+    assert jitter.contrast == (1 - AUGMENTATION.contrast, 1 + AUGMENTATION.contrast)
+    assert TTAViews(32, 36, IMAGENET_MEAN, IMAGENET_STD).shift == AUGMENTATION.translate

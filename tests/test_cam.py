@@ -14,7 +14,7 @@ CASES = [("resnet50", 64), ("vit_b_16", 32)]
 @pytest.mark.parametrize(("arch", "size"), CASES)
 def test_grad_cam_has_image_size_and_unit_range_through_a_frozen_backbone(arch, size):
     torch.manual_seed(0)
-    model = build_model(arch, weights="none", freeze_backbone=True, image_size=size).train()
+    model = build_model(arch, weights="none", trainable_blocks=0, image_size=size).train()
     images = torch.randn(2, 3, size, size)
     heat_maps = cam.grad_cam(model, images, targets=[1, 3])
     assert heat_maps.shape == (2, size, size)
@@ -26,7 +26,7 @@ def test_grad_cam_has_image_size_and_unit_range_through_a_frozen_backbone(arch, 
 
 def test_grad_cam_follows_the_target_class():
     torch.manual_seed(0)
-    model = build_model("vit_b_16", weights="none", freeze_backbone=True, image_size=32).eval()
+    model = build_model("vit_b_16", weights="none", trainable_blocks=0, image_size=32).eval()
     image = torch.randn(1, 3, 32, 32)
     first, second = cam.grad_cam(model, image.repeat(2, 1, 1, 1), targets=[0, 2])
     assert not np.allclose(first, second)
@@ -61,7 +61,7 @@ def test_overlay_png_shows_the_crop_beside_its_heat_map(tmp_path):
 def test_grad_cam_of_a_compiled_backbone_is_the_eager_one(arch):
     """``--compile`` compiles the backbone; Grad-CAM runs it eagerly (its hooks fire, its backward runs twice)."""
     torch.manual_seed(0)
-    model = build_model(arch, weights="none", freeze_backbone=True, image_size=32).eval()
+    model = build_model(arch, weights="none", trainable_blocks=0, image_size=32).eval()
     images = torch.randn(2, 3, 32, 32)
     eager = cam.grad_cam(model, images, targets=[1, 2])
     model.backbone.compile(backend="aot_eager")

@@ -128,3 +128,11 @@ def test_without_hard_links_the_second_name_is_a_copy(tmp_path, monkeypatch):
     writer.save(checkpoint_state(nn.Linear(3, 4), epoch=4), tmp_path / "best.pt", tmp_path / "last.pt")
     writer.wait()
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 4 and not (tmp_path / "last.pt").samefile(tmp_path / "best.pt")
+
+
+def test_checkpoints_with_the_old_freeze_backbone_flag_still_load():
+    old = {k: v for k, v in get_experiment("resnet152_head").to_dict().items() if k != "trainable_blocks"}
+    assert experiment_from_dict({**old, "freeze_backbone": True}) == get_experiment("resnet152_head")
+    trained = {k: v for k, v in get_experiment("resnet50_full").to_dict().items() if k != "trainable_blocks"}
+    assert experiment_from_dict({**trained, "freeze_backbone": False}).trainable_blocks == "all"
+    assert "freeze_backbone" not in get_experiment("resnet152_head").to_dict()

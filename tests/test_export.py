@@ -92,6 +92,20 @@ def test_onnx_and_safetensors_reproduce_the_pytorch_model(exported, images):
     weights = load_file(str(folder / "model.safetensors"))
     assert set(weights) == set(model.state_dict()) and not any("optim" in key for key in weights)
     assert description["arch"] == EXPERIMENTS[name].arch and description["classes"] == classes == list(CLASSES)
+    assert description["trainable_blocks"] == EXPERIMENTS[name].trainable_blocks == rebuilt.trainable_blocks
+
+
+@pytest.mark.parametrize("exported", ["resnet50_full"], indirect=True)
+def test_an_export_from_before_trainable_blocks_still_loads(exported, tmp_path):
+    _, _, folder = exported
+    old = tmp_path / "old-export"
+    shutil.copytree(folder, old)
+    description = json.loads((old / "model.json").read_text())
+    description["freeze_backbone"] = False
+    del description["trainable_blocks"]
+    (old / "model.json").write_text(json.dumps(description))
+    model, _ = load_export(old)
+    assert model.trainable_blocks == "all"
 
 
 def test_model_json_says_how_to_use_the_onnx_file_without_this_package(exported):
@@ -174,7 +188,7 @@ class SingularValues(nn.Module):
 def export_with_backbone(tmp_path, monkeypatch, backbone: nn.Module, arch: str) -> int:
     """``cxr export`` of a real checkpoint whose model is swapped for ``backbone`` + a 3-feature head."""
     checkpoint = write_run(tmp_path / "run", "resnet50_full")
-    model = Classifier(backbone, nn.Linear(3, len(CLASSES)), arch, freeze_backbone=False)
+    model = Classifier(backbone, nn.Linear(3, len(CLASSES)), arch, trainable_blocks="all")
     real = export.load_trained_model
     monkeypatch.setattr(export, "load_trained_model", lambda path: (model, real(path)[1]))
     return main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "export")])

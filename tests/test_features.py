@@ -18,7 +18,7 @@ CPU = Runtime.create("cpu", progress=False)
 
 def test_cached_features_give_the_same_head_outputs():
     torch.manual_seed(0)
-    model = build_model("resnet50", weights="none", freeze_backbone=True, image_size=32)
+    model = build_model("resnet50", weights="none", trainable_blocks=0, image_size=32)
     images, labels = torch.randn(10, 3, 32, 32), torch.arange(10) % 4
     features, feature_labels = extract_features(model.backbone, DeviceLoader(DeviceDataset(images, labels), 4, False, CPU),
                                                 CPU)
@@ -37,7 +37,7 @@ def small_splits(synthetic_root):
 
 
 def _head_training(splits, tmp_path, feature_cache, runtime=CPU, epochs=1):
-    experiment = get_experiment("resnet50_full", freeze_backbone=True, backbone_lr=0.0, augment=False, epochs=epochs,
+    experiment = get_experiment("resnet50_full", trainable_blocks=0, backbone_lr=0.0, augment=False, epochs=epochs,
                                 batch_size=8, image_size=32, weights="none")
     return fit(experiment, splits, tmp_path / f"{feature_cache}-{runtime.frozen_forward_batch}",
                runtime.replace(feature_cache=feature_cache == "auto"), seed=3)
@@ -57,7 +57,7 @@ def test_training_the_head_on_cached_features_matches_the_full_forward_pass(smal
 
 
 def test_with_augmentation_only_validation_features_are_cached(small_splits, tmp_path):
-    experiment = get_experiment("resnet50_full", freeze_backbone=True, backbone_lr=0.0, epochs=1, batch_size=8,
+    experiment = get_experiment("resnet50_full", trainable_blocks=0, backbone_lr=0.0, epochs=1, batch_size=8,
                                 image_size=32, weights="none")
     result = fit(experiment, small_splits, tmp_path, CPU, seed=3)
     pipeline = result.extra["pipeline"]
@@ -68,7 +68,7 @@ def test_with_augmentation_only_validation_features_are_cached(small_splits, tmp
 
 def test_frozen_backbone_batches_are_the_step_loaders_batches_in_features():
     torch.manual_seed(0)
-    backbone = build_model("resnet50", weights="none", freeze_backbone=True, image_size=32).backbone
+    backbone = build_model("resnet50", weights="none", trainable_blocks=0, image_size=32).backbone
     dataset = DeviceDataset(torch.randn(21, 3, 32, 32), torch.arange(21) % 4)
     batches = FrozenBackboneBatches(backbone, DeviceLoader(dataset, 12, True, CPU, seed=5), CPU, step_batch=4)
     steps = list(DeviceLoader(dataset, 4, True, CPU, seed=5))

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from cxr.config import EXPERIMENTS
+
 REPOSITORY = Path(__file__).resolve().parents[1]
 SCRIPT = REPOSITORY / "benchmarks" / "gpu_check.py"
 
@@ -42,7 +44,7 @@ def test_smoke_runs_every_step(smoke):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["smoke"] is True and summary["torch"]
     names = [step["name"] for step in summary["steps"]]
-    for experiment in ("resnet152_head", "resnet50_full", "vit_b16_head"):
+    for experiment in EXPERIMENTS:
         assert [f"train {experiment}", f"evaluate --tta {experiment}", f"predict {experiment}"] == [
             n for n in names if n.endswith(experiment)]
     assert all(step["exit_status"] == 0 and step["seconds"] > 0 for step in summary["steps"])
@@ -50,7 +52,7 @@ def test_smoke_runs_every_step(smoke):
 
 def test_smoke_writes_the_assets_layout(smoke):
     _, out = smoke
-    for experiment in ("resnet152_head", "resnet50_full", "vit_b16_head"):
+    for experiment in EXPERIMENTS:
         metrics = json.loads((out / "assets" / experiment / "metrics.json").read_text())
         assert metrics["epochs_run"] == 1 and metrics["pipeline"]["device"].startswith("cpu")
         assert (out / "assets" / experiment / "curves.png").stat().st_size > 0

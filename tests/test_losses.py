@@ -1,4 +1,4 @@
-"""The training loss equals PyTorch's class-weighted, label-smoothed cross-entropy, without its host sync."""
+"""The losses chosen by name: weighted cross-entropy equals PyTorch's without its host sync; focal loss."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from cxr.losses import WeightedSmoothedCrossEntropy
+from cxr.config import get_experiment
+from cxr.engine import class_weights, training_loss, validation_loss
+from cxr.losses import FocalLoss, WeightedSmoothedCrossEntropy, build_loss
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.5])
@@ -48,3 +50,42 @@ def test_no_operation_whose_result_size_only_the_device_knows():
     syncing = {"aten::masked_select", "aten::nonzero", "aten::item", "aten::_local_scalar_dense"}
     assert operators(nn.CrossEntropyLoss(weight=weight, label_smoothing=0.1)) & syncing  # the check can fail
     assert not operators(WeightedSmoothedCrossEntropy(weight, 0.1)) & syncing
+
+
+def _logits_targets(seed: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.rand(4, generator=generator, dtype=torch.float64) + 0.5
+    return weight, torch.randn(32, 4, generator=generator, dtype=torch.float64) * 3, torch.randint(0, 4, (32,), generator=generator)
+
+
+def test_focal_loss_is_the_weighted_cross_entropy_at_gamma_zero_and_down_weights_easy_images():
+    weight, logits, target = _logits_targets()
+    torch.testing.assert_close(FocalLoss(weight, 0.0).double()(logits, target),
+                               nn.CrossEntropyLoss(weight=weight)(logits, target))
+    p = logits.softmax(1).gather(1, target[:, None]).squeeze(1)
+    alpha = weight[target]
+    by_hand = -(alpha * (1 - p) ** 2 * p.log()).sum() / alpha.sum()
+    torch.testing.assert_close(FocalLoss(weight, 2.0).double()(logits, target), by_hand, atol=1e-6, rtol=1e-6)
+    assert FocalLoss(weight, 2.0)(logits, target) < FocalLoss(weight, 0.0)(logits, target)
+
+
+def test_build_loss_picks_by_name_and_refuses_unknown_names():
+    weight, logits, target = _logits_targets(3)
+    assert isinstance(build_loss("weighted_ce", weight, 0.1), WeightedSmoothedCrossEntropy)
+    unsmoothed = build_loss("weighted_ce", weight, 0.0)(logits.float(), target)
+    assert torch.equal(unsmoothed, nn.CrossEntropyLoss(weight=weight.float())(logits.float(), target))  # bit for bit
+    focal = build_loss("focal", weight, 0.1, gamma=3.0)
+    assert isinstance(focal, FocalLoss) and focal.gamma == 3.0 and torch.equal(focal.alpha, weight.float())
+    with pytest.raises(ValueError, match="unknown loss 'dice'; choose one of: weighted_ce, focal"):
+        build_loss("dice", weight)
+
+
+def test_training_and_validation_use_the_experiments_loss():
+    labels = [0, 0, 0, 1, 2, 3, 3]
+    focal = get_experiment("resnet50_full", loss="focal", focal_gamma=2.0)
+    train, val = training_loss(labels, focal, torch.device("cpu")), validation_loss(labels, focal)
+    assert isinstance(train, FocalLoss) and isinstance(val, FocalLoss) and train.gamma == val.gamma == 2.0
+    assert torch.equal(train.alpha, class_weights(labels)) and torch.equal(val.alpha, class_weights(labels))
+    full = get_experiment("resnet50_full")
+    assert isinstance(training_loss(labels, full, torch.device("cpu")), WeightedSmoothedCrossEntropy)
+    assert isinstance(validation_loss(labels, full), nn.CrossEntropyLoss)  # unsmoothed, class-weighted

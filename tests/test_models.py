@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import urllib.error
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from torchvision import models as tvm
 
 from cxr.config import EXPERIMENTS, get_experiment
 from cxr.engine import build_optimizer
-from cxr.models import (WeightsError, build_model, count_parameters, default_weights, estimate_batchnorm_statistics,
+from cxr.models import (Classifier, WeightsError, build_model, count_parameters, default_weights, estimate_batchnorm_statistics,
                         needs_batchnorm_statistics)
 from cxr.runtime import Runtime
 
@@ -29,9 +30,17 @@ def models() -> dict[str, nn.Module]:
 def test_trainable_parameter_counts(models, name):
     model = models[name]
     total, trainable = count_parameters(model)
+    blocks = EXPERIMENTS[name].trainable_blocks
     if name in HEAD_ONLY:
-        assert trainable == HEAD_ONLY[name]
+        assert blocks == 0 and trainable == HEAD_ONLY[name]
         assert {n for n, p in model.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
+    elif blocks != "all":  # ViT-B/16's last encoder blocks, its final LayerNorm and the head
+        layers = [f"encoder.layers.encoder_layer_{i}." for i in range(12 - blocks, 12)]
+        expected = {n for n, _ in model.named_parameters()
+                    if n.startswith("head.") or n.startswith("backbone.encoder.ln.")
+                    or any(n.startswith("backbone." + layer) for layer in layers)}
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
+        assert trainable == sum(p.numel() for n, p in model.named_parameters() if n in expected) < total
     else:
         assert trainable == total
         torchvision_total = sum(p.numel() for p in tvm.resnet50().parameters())
@@ -81,6 +90,48 @@ def test_frozen_backbone_stays_in_eval_mode_during_training(name):
         assert all(p.grad is None for p in model.backbone.parameters())
     head_after = model.head.state_dict()
     assert not any(torch.equal(v, head_after[k]) for k, v in head.items())
+
+
+def test_partially_trained_vit_keeps_its_frozen_blocks_in_eval_mode_and_unchanged():
+    torch.manual_seed(0)
+    model = build_model("vit_b_16", weights="none", trainable_blocks=2, image_size=32)
+    layers = model.backbone.encoder.layers
+    trained = ("encoder.layers.encoder_layer_10.", "encoder.layers.encoder_layer_11.", "encoder.ln.")
+    frozen = {k: v.clone() for k, v in model.backbone.state_dict().items() if not k.startswith(trained)}
+    model.train()
+    blocks = list(layers)
+    trained_modules = [m for block in blocks[-2:] for m in block.modules()] + [model.backbone.encoder.ln]
+    assert all(m.training for m in trained_modules) and model.head.training
+    frozen_modules = [m for block in blocks[:-2] for m in block.modules()]
+    assert not any(m.training for m in [*frozen_modules, model.backbone.conv_proj, model.backbone.encoder.dropout])
+    experiment = get_experiment("vit_b16_head", trainable_blocks=2, backbone_lr=1e-4)
+    optimizer = build_optimizer(model, experiment, Runtime.create(CPU))
+    assert optimizer.param_groups[1]["lr"] == 1e-4
+    nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3])).backward()
+    optimizer.step()
+    after = model.backbone.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in frozen.items())
+    assert all(p.grad is not None for p in layers[-1].parameters())
+    assert all(p.grad is None for p in layers[0].parameters())
+
+
+def test_trainable_blocks_count_residual_blocks_from_the_end():
+    model = build_model("resnet50", weights="none", trainable_blocks=3, image_size=32)  # layer4 has 3 blocks
+    trainable = {n.split(".")[1] if n.startswith("backbone.") else n for n, p in model.named_parameters()
+                 if p.requires_grad}
+    assert trainable == {"layer4", "head.weight", "head.bias"}
+    model.train()
+    assert all(m.training for block in model.backbone.layer4 for m in block.modules())
+    assert not any(m.training for m in [*model.backbone.layer3.modules(), model.backbone.bn1])
+    assert needs_batchnorm_statistics(model, "none")  # its frozen BatchNorm layers hold initial statistics
+    for wrong in (-1, 17, "some", True):
+        with pytest.raises(ValueError, match="trainable_blocks"):
+            Classifier(model.backbone, model.head, "resnet50", wrong)
+
+
+def test_a_bool_is_the_old_freeze_backbone_flag():
+    assert build_model("resnet50", weights="none", trainable_blocks=True, image_size=32).trainable_blocks == 0
+    assert build_model("resnet50", weights="none", trainable_blocks=False, image_size=32).trainable_blocks == "all"
 
 
 def test_vit_backbone_in_eval_mode_and_image_size(models):
@@ -203,3 +254,42 @@ def test_estimated_batchnorm_statistics_tame_a_frozen_random_backbone():
     first = model.backbone.bn1
     assert torch.allclose(first.running_mean, first.running_mean.new_tensor(
         [model.backbone.conv1(images)[:, c].mean() for c in range(first.num_features)]), atol=1e-5)
+
+
+def test_optimizer_and_schedule_are_chosen_by_name(models):
+    import dataclasses
+
+    from cxr.optim import build_schedule
+
+    model, runtime = models["resnet50_full"], Runtime.create(CPU)
+    sgd = dataclasses.replace(get_experiment("resnet50_full"), optimizer="sgd", schedule="warmup+constant",
+                              epochs=3, warmup_epochs=1)
+    optimizer = build_optimizer(model, sgd, runtime)
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[1]["lr"] == sgd.backbone_lr
+    schedule = build_schedule(optimizer, sgd, steps_per_epoch=2)
+    factors = []
+    for _ in range(6):
+        factors.append(optimizer.param_groups[0]["lr"] / sgd.lr)
+        optimizer.step()
+        schedule.step()
+    assert factors == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]  # warm-up over one epoch of two steps, then constant
+    assert isinstance(build_optimizer(model, get_experiment("resnet50_full"), runtime), torch.optim.AdamW)
+    for field, value, message in (("optimizer", "lion", "unknown optimizer 'lion'; choose one of: adamw, sgd"),
+                                  ("schedule", "step", "unknown schedule 'step'; choose one of: warmup+cosine")):
+        wrong = dataclasses.replace(sgd, **{field: value})
+        with pytest.raises(ValueError, match=re.escape(message)):
+            build_schedule(build_optimizer(model, wrong, runtime), wrong, 2)
+
+
+def test_the_seeds_next_steps_are_one_configuration_entry_each():
+    """vit_b16_partial: ViT-B/16's last 4 encoder blocks, final norm and head; resnet50_focal: resnet50_full
+    with focal loss (gamma 2, class weights as alpha) and nothing else changed."""
+    partial = get_experiment("vit_b16_partial")
+    assert (partial.arch, partial.trainable_blocks, partial.loss) == ("vit_b_16", 4, "weighted_ce")
+    model = build_model("vit_b16_partial", weights="none", image_size=32)
+    trained = {n.split(".")[3] if ".layers." in n else n.split(".")[0] + "." + n.split(".")[1]
+               for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {f"encoder_layer_{i}" for i in range(8, 12)} | {"backbone.encoder", "head.weight", "head.bias"}
+    focal, full = get_experiment("resnet50_focal").to_dict(), get_experiment("resnet50_full").to_dict()
+    assert {k for k in focal if focal[k] != full[k]} == {"name", "summary", "loss"}
+    assert (focal["loss"], focal["focal_gamma"]) == ("focal", 2.0)

@@ -128,7 +128,7 @@ def test_data_tables_and_figures(synthetic_root):
 
 
 def test_parameter_table_shows_frozen_backbone_in_eval_mode():
-    frozen = notebook.parameter_table(build_model("resnet50", weights="none", freeze_backbone=True))
+    frozen = notebook.parameter_table(build_model("resnet50", weights="none", trainable_blocks=0))
     full = notebook.parameter_table(build_model("resnet50_full", weights="none"))
     assert frozen.loc["backbone", "trainable"] == 0 and frozen.loc["backbone", "mode during training"] == "eval"
     assert frozen.loc["total", "trainable"] == frozen.loc["head", "parameters"] == 2048 * len(CLASSES) + len(CLASSES)

@@ -61,7 +61,7 @@ def test_the_configuration_is_logged_as_hyperparameters(run):
     logged = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
     assert logged["lr"].number_value == metrics["config"]["lr"]
     assert logged["epochs"].number_value == 2 and logged["seed"].number_value == metrics["seed"]
-    assert logged["arch"].string_value == "vit_b_16" and logged["freeze_backbone"].number_value == 1
+    assert logged["arch"].string_value == "vit_b_16" and logged["trainable_blocks"].number_value == 0
 
 
 def test_no_tensorboard_writes_no_event_files(synthetic_root, tmp_path):

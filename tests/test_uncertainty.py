@@ -109,7 +109,7 @@ def test_logit_adjustment_report_never_uses_test_labels_for_tau():
 
 def test_tta_views_are_the_evaluation_crop_its_mirror_and_mild_changes(synthetic_root):
     torch.manual_seed(0)
-    model = build_model("resnet50", weights="none", freeze_backbone=True, image_size=32).eval()
+    model = build_model("resnet50", weights="none", trainable_blocks=0, image_size=32).eval()
     prep = preprocessing("resnet50", 32)
     with pytest.warns(UserWarning, match="Skipped"):
         test_split = load_splits(synthetic_root).test.subset([0, 5, 10])

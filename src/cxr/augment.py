@@ -7,9 +7,7 @@ rotation and translation in a single resampling, then brightness, contrast and n
 as element-wise ops. The random parameters come from a seeded ``torch.Generator`` on the device, so
 an epoch's augmentation depends only on its seed (see ``engine.epoch_seed``).
 
-The parameters match ``data.build_transforms``: scale 0.7-1.0, ratio 0.9-1.1, flip p=0.5 (never
-vertical: X-rays have a top and a bottom), rotation +-7 degrees, translation +-4%, brightness and
-contrast +-20%.
+The parameters are ``config.AUGMENTATION``'s, which ``data.build_transforms`` reads too.
 """
 
 from __future__ import annotations
@@ -24,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
+from .config import AUGMENTATION
 from .data import IMAGENET_MEAN, IMAGENET_STD
 from .distributed import rank_seed
 from .runtime import Runtime
@@ -61,13 +60,13 @@ class TrainAugment:
     image_size: int
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
-    scale: tuple[float, float] = (0.7, 1.0)
-    ratio: tuple[float, float] = (0.9, 1.1)
-    flip_probability: float = 0.5
-    degrees: float = 7.0
-    translate: float = 0.04
-    brightness: float = 0.2
-    contrast: float = 0.2
+    scale: tuple[float, float] = AUGMENTATION.scale
+    ratio: tuple[float, float] = AUGMENTATION.ratio
+    flip_probability: float = AUGMENTATION.flip_probability
+    degrees: float = AUGMENTATION.degrees
+    translate: float = AUGMENTATION.translate
+    brightness: float = AUGMENTATION.brightness
+    contrast: float = AUGMENTATION.contrast
     channels_last: bool = False
 
     def affine(self, batch: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:

@@ -1,6 +1,8 @@
-"""The three experiments, each one named configuration.
+"""The experiments, each one named configuration, and the training augmentation's parameters.
 
-The experiments differ only by these values; the code that trains them is shared.
+The experiments differ only by these values; the code that trains them is shared, and every field is read
+by it: the factories in :mod:`cxr.optim` and :mod:`cxr.losses` pick the optimiser, schedule and loss by
+name, and ``trainable_blocks`` decides how much of the backbone learns (:class:`cxr.models.Classifier`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,26 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Monitor = Literal["val_macro_f1", "val_loss"]
+TrainableBlocks = int | Literal["all"]
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training augmentation for chest X-rays: small geometric and exposure changes, never a vertical flip
+    (X-rays have a top and a bottom). The one home of these values: ``augment.TrainAugment`` (on the
+    device), ``data.build_transforms`` (torchvision v2) and ``uncertainty.TTAViews`` (its largest shift)
+    read them from :data:`AUGMENTATION`."""
+
+    scale: tuple[float, float] = (0.7, 1.0)  # random resized crop: fraction of the area kept
+    ratio: tuple[float, float] = (0.9, 1.1)  # and its aspect ratio
+    flip_probability: float = 0.5  # horizontal only
+    degrees: float = 7.0  # rotation, +-
+    translate: float = 0.04  # shift, +- this fraction of the side
+    brightness: float = 0.2  # +- 20%
+    contrast: float = 0.2  # +- 20%
+
+
+AUGMENTATION = Augmentation()
 
 
 def tunable(help: str, default: Any = dataclasses.MISSING, minimum: float | None = None,
@@ -26,7 +48,7 @@ class Experiment:
 
     name: str
     arch: Literal["resnet152", "resnet50", "vit_b_16"]
-    freeze_backbone: bool
+    trainable_blocks: TrainableBlocks  # 0: frozen backbone (head only); N: its last N blocks, final norm, head
     summary: str
     epochs: int = tunable("most epochs to train (early stopping may end sooner)", minimum=1)
     batch_size: int = tunable("images per training step", minimum=1)
@@ -41,8 +63,17 @@ class Experiment:
     monitor: Monitor = tunable("validation score that picks the best epoch and stops early", "val_macro_f1")
     image_size: int = tunable("side in pixels of the square the model sees", 224, minimum=1)
     weights: str = tunable("imagenet, none (random initialisation), or PATH to a local .pth state dict", "imagenet")
-    optimizer: str = "adamw"
-    schedule: str = "warmup+cosine"
+    optimizer: str = "adamw"  # a name in cxr.optim.OPTIMIZERS
+    schedule: str = "warmup+cosine"  # a name in cxr.optim.SCHEDULES
+    loss: Literal["weighted_ce", "focal"] = tunable(
+        "weighted_ce (cross-entropy, class weights from the training split) or focal (those weights as alpha)",
+        "weighted_ce")
+    focal_gamma: float = tunable("focusing strength of the focal loss", 2.0, minimum=0)
+
+    @property
+    def freeze_backbone(self) -> bool:
+        """Whether the whole backbone is frozen (head only): then it can run once, as cached features."""
+        return self.trainable_blocks == 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -54,7 +85,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         Experiment(
             name="resnet152_head",
             arch="resnet152",
-            freeze_backbone=True,
+            trainable_blocks=0,
             summary="ResNet152, ImageNet backbone frozen (eval mode), new linear head on the 2048-d pooled features",
             epochs=20,
             batch_size=64,
@@ -65,7 +96,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         Experiment(
             name="resnet50_full",
             arch="resnet50",
-            freeze_backbone=False,
+            trainable_blocks="all",
             summary="ResNet50, every parameter trained, new linear head; backbone at a 10x lower learning rate",
             epochs=30,
             batch_size=64,
@@ -78,13 +109,40 @@ EXPERIMENTS: dict[str, Experiment] = {
         Experiment(
             name="vit_b16_head",
             arch="vit_b_16",
-            freeze_backbone=True,
+            trainable_blocks=0,
             summary="ViT-B/16, ImageNet backbone frozen (eval mode), new linear head on the class token",
             epochs=20,
             batch_size=64,
             lr=1e-3,
             backbone_lr=0.0,
             weight_decay=1e-4,
+        ),
+        Experiment(
+            name="resnet50_focal",
+            arch="resnet50",
+            trainable_blocks="all",
+            summary="resnet50_full with focal loss (gamma 2, the class weights as alpha) for the rarer classes' recall",
+            epochs=30,
+            batch_size=64,
+            lr=1e-3,
+            backbone_lr=1e-4,
+            weight_decay=0.05,
+            warmup_epochs=2,
+            patience=8,
+            loss="focal",
+            focal_gamma=2.0,
+        ),
+        Experiment(
+            name="vit_b16_partial",
+            arch="vit_b_16",
+            trainable_blocks=4,
+            summary="ViT-B/16, last 4 encoder blocks, final norm and new head trained; the rest frozen (eval mode)",
+            epochs=20,
+            batch_size=64,
+            lr=1e-3,
+            backbone_lr=1e-4,
+            weight_decay=0.05,
+            warmup_epochs=2,
         ),
     )
 }
@@ -98,9 +156,19 @@ def get_experiment(name: str, **overrides: Any) -> Experiment:
     return dataclasses.replace(EXPERIMENTS[name], **changes)
 
 
+def upgrade_experiment_dict(data: dict[str, Any]) -> dict[str, Any]:
+    """A stored experiment dict in today's terms: older checkpoints and exports say ``freeze_backbone``
+    (True: ``trainable_blocks=0``, False: ``"all"``)."""
+    data = dict(data)
+    if "freeze_backbone" in data:
+        frozen = data.pop("freeze_backbone")
+        data.setdefault("trainable_blocks", 0 if frozen else "all")
+    return data
+
+
 def experiment_from_dict(data: dict[str, Any]) -> Experiment:
     """Rebuild an experiment from the plain dict stored in a checkpoint (keys it no longer has are dropped:
     older checkpoints also stored ``cache``, ``feature_cache`` and ``compile``, which are now how a run
-    executes, the :class:`~cxr.runtime.Runtime`'s)."""
+    executes, the :class:`~cxr.runtime.Runtime`'s; their ``freeze_backbone`` becomes ``trainable_blocks``)."""
     known = {f.name for f in dataclasses.fields(Experiment)}
-    return Experiment(**{k: v for k, v in data.items() if k in known})
+    return Experiment(**{k: v for k, v in upgrade_experiment_dict(data).items() if k in known})

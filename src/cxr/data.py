@@ -17,6 +17,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from .config import AUGMENTATION
 from .imageio import IMAGE_EXTENSIONS, check_dicom, decode_image, is_dicom, open_8bit
 from .layout import (  # noqa: F401  (re-exported)
     CLASSES, EXPECTED_LAYOUT, FOLDER_ALIASES, IMAGENET_MEAN, IMAGENET_STD, KAGGLE_HANDLE, SPLITS, DatasetError,
@@ -187,16 +188,18 @@ def build_transforms(
     image_size: int, train: bool, augment: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
     resize: int | None = None,
 ) -> v2.Compose:
-    """Training augmentation suited to chest X-rays (small geometric and exposure changes, no vertical
-    flips) or evaluation resize + center crop; both end with the weights' normalisation. ``resize`` is
+    """Training augmentation suited to chest X-rays (``config.AUGMENTATION``, the values the device
+    augmentation ``augment.TrainAugment`` uses) or evaluation resize + center crop; both end with the
+    weights' normalisation. ``resize`` is
     the evaluation resize stored with the weights (ResNet V2 weights use 232 for 224, ViT 256); the
     default is the classic 256/224 ratio."""
     if train and augment:
+        a = AUGMENTATION
         geometry = [
-            v2.RandomResizedCrop(image_size, scale=(0.7, 1.0), ratio=(0.9, 1.1), antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.RandomAffine(degrees=7, translate=(0.04, 0.04)),
-            v2.ColorJitter(brightness=0.2, contrast=0.2),
+            v2.RandomResizedCrop(image_size, scale=a.scale, ratio=a.ratio, antialias=True),
+            v2.RandomHorizontalFlip(a.flip_probability),
+            v2.RandomAffine(degrees=a.degrees, translate=(a.translate, a.translate)),
+            v2.ColorJitter(brightness=a.brightness, contrast=a.contrast),
         ]
     else:
         resize = resize or round(image_size * 256 / 224)

@@ -149,14 +149,14 @@ def gather_in_order(shard: torch.Tensor, total: int) -> torch.Tensor:
     return torch.stack(shards, dim=1).flatten(0, 1)[:total]
 
 
-def wrap(module: nn.Module, device: torch.device, frozen_backbone: bool) -> nn.Module:
+def wrap(module: nn.Module, device: torch.device, trainable_blocks: int | str = "all") -> nn.Module:
     """``module`` in DistributedDataParallel (unchanged in a single process).
 
     The whole module is wrapped, not just the head: DDP buckets and all-reduces only parameters that
     require gradients, so for a frozen-backbone Classifier only the head is synchronised, while the
-    forward pass stays the Classifier's own. With ``frozen_backbone`` DDP also stops re-sending the
-    backbone's BatchNorm statistics from rank 0 before every step (a frozen backbone stays in eval
-    mode, so its buffers never change; DDP makes them equal once, when it starts). When the head
+    forward pass stays the Classifier's own. With a wholly frozen backbone (``trainable_blocks=0``) DDP
+    also stops re-sending the backbone's BatchNorm statistics from rank 0 before every step (a frozen
+    backbone stays in eval mode, so its buffers never change; DDP makes them equal once, when it starts). When the head
     trains on cached features, ``module`` is the head alone. Checkpoints always take the unwrapped
     module's state dict (same keys as a single process), so they load into any number of processes.
     """
@@ -165,4 +165,4 @@ def wrap(module: nn.Module, device: torch.device, frozen_backbone: bool) -> nn.M
     device_ids = [device.index] if device.type == "cuda" else None
     # newer torch spells broadcast_buffers forward_sync_buffers (and still synchronises buffers once, at start)
     sync_option = "forward_sync_buffers" if "forward_sync_buffers" in _DDP_OPTIONS else "broadcast_buffers"
-    return DistributedDataParallel(module, device_ids=device_ids, **{sync_option: not frozen_backbone})
+    return DistributedDataParallel(module, device_ids=device_ids, **{sync_option: trainable_blocks != 0})

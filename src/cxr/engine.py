@@ -29,8 +29,9 @@ from .cache import cache_side, cache_split
 from .data import CLASSES, EXPECTED_LAYOUT, DatasetError, DataSplits, Split, XRayDataset, warn_skipped
 from .features import FrozenBackboneBatches, feature_dataset
 from .graphs import GraphedTraining
-from .losses import WeightedSmoothedCrossEntropy
+from .losses import build_loss
 from .models import Classifier, build_model, estimate_batchnorm_statistics, needs_batchnorm_statistics, preprocessing
+from .optim import build_optimizer, build_schedule, warmup_cosine  # noqa: F401 (re-exported)
 from .runtime import Runtime, device_name, select_device  # noqa: F401 (re-exported: engine.select_device is public)
 
 
@@ -134,29 +135,15 @@ def class_weights(labels: list[int], num_classes: int = len(CLASSES)) -> torch.T
 
 
 def training_loss(train_labels: list[int], experiment: Experiment, device: torch.device) -> nn.Module:
-    """Cross-entropy weighted by the training split's class frequencies, with the experiment's label smoothing."""
-    return WeightedSmoothedCrossEntropy(class_weights(train_labels), experiment.label_smoothing).to(device)
+    """The experiment's loss (:func:`cxr.losses.build_loss`), weighted by the training split's class
+    frequencies, with its label smoothing."""
+    return build_loss(experiment.loss, class_weights(train_labels), experiment.label_smoothing,
+                      experiment.focal_gamma).to(device)
 
 
-def build_optimizer(model: Classifier, experiment: Experiment, runtime: Runtime) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters only: the head at ``lr``, a trained backbone at ``backbone_lr``."""
-    groups = [{"params": list(model.head.parameters()), "lr": experiment.lr}]
-    if not model.freeze_backbone:
-        groups.append({"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": experiment.backbone_lr})
-    return torch.optim.AdamW(groups, weight_decay=experiment.weight_decay,
-                             fused=runtime.fused_optimizer)
-
-
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
-    """Linear warm-up, then cosine decay to zero, stepped once per batch."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def validation_loss(train_labels: list[int], experiment: Experiment) -> nn.Module:
+    """The same loss without label smoothing, on the CPU where validation scores are computed."""
+    return build_loss(experiment.loss, class_weights(train_labels), 0.0, experiment.focal_gamma)
 
 
 def train_one_epoch(
@@ -458,7 +445,7 @@ class TrainingState:
 
 def build_training_state(model: Classifier, experiment: Experiment, runtime: Runtime, steps_per_epoch: int) -> TrainingState:
     optimizer = build_optimizer(model, experiment, runtime)
-    scheduler = warmup_cosine(optimizer, experiment.epochs * steps_per_epoch, experiment.warmup_epochs * steps_per_epoch)
+    scheduler = build_schedule(optimizer, experiment, steps_per_epoch)
     return TrainingState(model, optimizer, scheduler, runtime.grad_scaler())
 
 
@@ -496,7 +483,7 @@ class EpochRunner:
 
     def __post_init__(self) -> None:
         self.criterion = training_loss(self.pipeline.train_labels, self.experiment, self.runtime.device)
-        self.val_criterion = nn.CrossEntropyLoss(weight=class_weights(self.pipeline.train_labels))
+        self.val_criterion = validation_loss(self.pipeline.train_labels, self.experiment)
         self.val_loader = make_loader(self.pipeline.val_set, self.experiment.batch_size, False, self.runtime, shard=True)
 
     def __call__(self, epoch: int, state: TrainingState) -> dict[str, float]:
@@ -542,7 +529,7 @@ def prepare_training(experiment: Experiment, splits: DataSplits, runtime: Runtim
     preprocessing, the data pipeline, the module a training step runs (compiled, graphed or wrapped for
     torchrun, as ``runtime`` says) and the optimisation state, restored from ``resume_from`` if given."""
     with runtime.device:  # random initialisation runs where the model lives (seconds on a CPU for ResNet152)
-        model = build_model(experiment.arch, len(CLASSES), experiment.weights, experiment.freeze_backbone,
+        model = build_model(experiment.arch, len(CLASSES), experiment.weights, experiment.trainable_blocks,
                             experiment.image_size)
     model = runtime.prepare_model(model)
     prep = preprocessing(experiment.arch, experiment.image_size)
@@ -553,7 +540,7 @@ def prepare_training(experiment: Experiment, splits: DataSplits, runtime: Runtim
     if pipeline.train_module is model:
         pipeline.train_module = training_module(model, step_batch, runtime)
     pipeline.info["cuda_graphs"] = isinstance(pipeline.train_module, GraphedTraining)  # used, not just allowed
-    pipeline.train_module = distributed.wrap(pipeline.train_module, runtime.device, model.freeze_backbone)
+    pipeline.train_module = distributed.wrap(pipeline.train_module, runtime.device, model.trainable_blocks)
     steps_per_epoch = len(training_batches(pipeline, step_batch, runtime, seed))
     state = build_training_state(model, experiment, runtime, steps_per_epoch)
     if resume_from is not None:

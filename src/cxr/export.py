@@ -22,10 +22,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import experiment_from_dict
+from .config import experiment_from_dict, upgrade_experiment_dict
 from .models import ARCHITECTURES, Classifier, build_model
 from .models import preprocessing as default_preprocessing
-from .workflow import git_commit, load_trained_model
+from .inference import load_trained_model
+from .provenance import git_commit
 
 FORMAT = "cxr-export/1"
 FILES = {"onnx": "model.onnx", "weights": "model.safetensors", "description": "model.json"}
@@ -86,7 +87,7 @@ def _describe(state: dict[str, Any], prep: dict[str, Any], checkpoint: Path, che
         "classes": list(state["classes"]),
         "arch": config["arch"],
         "image_size": config["image_size"],
-        "freeze_backbone": config["freeze_backbone"],
+        "trainable_blocks": experiment_from_dict(config).trainable_blocks,
         "preprocessing": {**prep, "channels": "RGB; grayscale repeated on the 3 channels",
                           "layout": "N x 3 x H x W float32", "description": input_description(prep)},
         "onnx": {"file": FILES["onnx"], "opset": ONNX_OPSET, "input": "image",
@@ -229,7 +230,8 @@ def load_export(folder: str | os.PathLike) -> tuple[Classifier, dict[str, Any]]:
 
     folder = Path(folder)
     description = read_description(folder)
-    model = build_model(description["arch"], len(description["classes"]), "none", description["freeze_backbone"],
+    trainable_blocks = upgrade_experiment_dict(description).get("trainable_blocks", "all")  # older: freeze_backbone
+    model = build_model(description["arch"], len(description["classes"]), "none", trainable_blocks,
                         description["image_size"])
     try:
         model.load_state_dict(load_file(str(folder / FILES["weights"])))

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
+from .config import TrainableBlocks
 from .data import CLASSES, IMAGENET_MEAN, IMAGENET_STD
 
 ARCHITECTURES: dict[str, tuple[Any, Any, str, int]] = {
@@ -27,24 +28,62 @@ class WeightsError(RuntimeError):
     """Pretrained weights cannot be obtained or do not fit; the message says what to do."""
 
 
-class Classifier(nn.Module):
-    """Backbone + new head. A frozen backbone stays in eval mode (BatchNorm statistics and dropout
-    fixed) and runs without autograd during training; only the head learns."""
+def trainable_parts(backbone: nn.Module, arch: str, blocks: TrainableBlocks) -> list[nn.Module]:
+    """The backbone modules that learn for ``blocks``: none (0), the last ``blocks`` residual blocks
+    (ResNet) or encoder layers plus the final LayerNorm (ViT), or the whole backbone (``"all"``)."""
+    if blocks == "all":
+        return [backbone]
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0:
+        raise ValueError(f"trainable_blocks must be a whole number >= 0 or 'all', not {blocks!r}")
+    if arch.startswith("vit"):
+        layers, final = list(backbone.encoder.layers), [backbone.encoder.ln]
+    else:
+        layers, final = [block for stage in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4)
+                         for block in stage], []
+    if blocks > len(layers):
+        raise ValueError(f"trainable_blocks={blocks}, but {arch} has {len(layers)} blocks")
+    return layers[len(layers) - blocks:] + final if blocks else []
 
-    def __init__(self, backbone: nn.Module, head: nn.Linear, arch: str, freeze_backbone: bool) -> None:
+
+def as_trainable_blocks(value: TrainableBlocks | bool | None) -> TrainableBlocks:
+    """``trainable_blocks`` from what callers pass: a bool is the old ``freeze_backbone`` flag (True: 0,
+    False: ``"all"``), None the default (``"all"``)."""
+    if value is None or value is False:
+        return "all"
+    return 0 if value is True else value
+
+
+class Classifier(nn.Module):
+    """Backbone + new head. ``trainable_blocks`` says how much of the backbone learns (see
+    :func:`trainable_parts`). The frozen parts stay in eval mode (BatchNorm statistics and dropout
+    fixed) and get no gradients; a wholly frozen backbone (``trainable_blocks=0``) also runs without
+    autograd during training, so only the head learns."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear, arch: str, trainable_blocks: TrainableBlocks = "all",
+                 ) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.arch = arch
-        self.freeze_backbone = freeze_backbone
-        if freeze_backbone:
+        self.trainable_blocks = trainable_blocks
+        self._trained_parts = trainable_parts(backbone, arch, trainable_blocks)
+        if trainable_blocks != "all":
             self.backbone.requires_grad_(False)
-            self.backbone.eval()
+            for part in self._trained_parts:
+                part.requires_grad_(True)
+            self.train(self.training)
+
+    @property
+    def freeze_backbone(self) -> bool:
+        """The whole backbone is frozen: only the head learns, so the backbone's features can be cached."""
+        return self.trainable_blocks == 0
 
     def train(self, mode: bool = True) -> Classifier:
         super().train(mode)
-        if self.freeze_backbone:
+        if self.trainable_blocks != "all":
             self.backbone.eval()
+            for part in self._trained_parts:
+                part.train(mode)
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -105,13 +144,14 @@ def build_model(
     arch_or_experiment: str,
     num_classes: int = len(CLASSES),
     weights: str | os.PathLike | None = "imagenet",
-    freeze_backbone: bool | None = None,
+    trainable_blocks: TrainableBlocks | bool | None = None,
     image_size: int = 224,
 ) -> Classifier:
     """Build a classifier.
 
     ``arch_or_experiment`` is an architecture (``resnet152``, ``resnet50``, ``vit_b_16``) or an
-    experiment name (which also decides what is frozen). ``weights`` is ``"imagenet"`` (torchvision's
+    experiment name (which also decides how much of the backbone trains, unless ``trainable_blocks``
+    is given; see :func:`as_trainable_blocks`). ``weights`` is ``"imagenet"`` (torchvision's
     weight enum, cached under ``TORCH_HOME``), ``"none"``/None (random initialisation) or a path to a
     local ``.pth`` file: a torchvision state dict or one of our checkpoints.
     """
@@ -120,12 +160,13 @@ def build_model(
     if arch_or_experiment in EXPERIMENTS:
         experiment = EXPERIMENTS[arch_or_experiment]
         arch = experiment.arch
-        freeze_backbone = experiment.freeze_backbone if freeze_backbone is None else freeze_backbone
+        trainable_blocks = experiment.trainable_blocks if trainable_blocks is None else trainable_blocks
     elif arch_or_experiment in ARCHITECTURES:
         arch = arch_or_experiment
     else:
         raise KeyError(f"unknown model {arch_or_experiment!r}; choose from {sorted(ARCHITECTURES) + sorted(EXPERIMENTS)}")
     weights = "none" if weights is None else str(weights)
+    trainable_blocks = as_trainable_blocks(trainable_blocks)
     _, _, head_name, feature_dim = ARCHITECTURES[arch]
     backbone = _backbone(arch, pretrained=weights == "imagenet", image_size=image_size)
     head = nn.Linear(feature_dim, num_classes)
@@ -133,7 +174,7 @@ def build_model(
         state = _load_state_dict_file(Path(weights))
         if any(k.startswith("backbone.") for k in state):
             setattr(backbone, head_name, nn.Identity())
-            classifier = Classifier(backbone, head, arch, bool(freeze_backbone))
+            classifier = Classifier(backbone, head, arch, trainable_blocks)
             try:
                 classifier.load_state_dict(state)
             except RuntimeError as error:
@@ -144,7 +185,7 @@ def build_model(
         except RuntimeError as error:
             raise WeightsError(f"{weights!r} is not a torchvision {arch} state dict: {error}") from None
     setattr(backbone, head_name, nn.Identity())
-    return Classifier(backbone, head, arch, bool(freeze_backbone))
+    return Classifier(backbone, head, arch, trainable_blocks)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -155,13 +196,14 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def needs_batchnorm_statistics(model: Classifier, weights: str | os.PathLike | None) -> bool:
-    """A frozen backbone from random weights whose BatchNorm layers still hold their initial statistics.
+    """A backbone from random weights whose frozen BatchNorm layers still hold their initial statistics.
 
     Kept in eval mode, BatchNorm with running mean 0 and variance 1 normalises nothing, so activations grow
     block after block: a frozen random ResNet152 feeds its head features of order 1e6 and training diverges.
     Pretrained (or local) weights bring their own statistics, which stay as they are."""
-    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.backbone.modules())
-    return model.freeze_backbone and str(weights).lower() == "none" and has_batchnorm
+    frozen_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.weight.requires_grad
+                           for m in model.backbone.modules())
+    return str(weights).lower() == "none" and frozen_batchnorm
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .augment import EvalTransform
+from .config import AUGMENTATION
 from .imageio import cache_side
 from .runtime import Runtime
 
@@ -216,7 +217,7 @@ class TTAViews:
     resize: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    shift: float = 0.04  # TrainAugment.translate
+    shift: float = AUGMENTATION.translate  # the largest shift training augmentation makes
     names = ("centre crop", "whole square", "shifted left", "shifted right")
 
     @classmethod

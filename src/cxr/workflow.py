@@ -8,7 +8,6 @@ import datetime as dt
 import json
 import os
 import platform
-import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -23,9 +22,11 @@ from . import distributed, reporting, uncertainty
 from .audit import audit_summary, audit_training_splits
 from .checkpoint import load_checkpoint
 from .config import Experiment, experiment_from_dict, get_experiment
-from .data import CLASSES, KAGGLE_HANDLE, DataSplits, load_splits, locate_dataset, warn_skipped
+from .data import CLASSES, DataSplits, load_splits, locate_dataset, warn_skipped
 from .engine import build_dataset, fit, make_deterministic, make_loader, predict
-from .models import Classifier, build_model
+from .inference import load_trained_model  # noqa: F401 (re-exported: workflow.load_trained_model)
+from .models import Classifier
+from .provenance import dataset_info, git_commit  # noqa: F401 (re-exported)
 from .runtime import Runtime, device_name
 from .tensorboard_log import RunLog
 
@@ -47,36 +48,6 @@ def prepare_data(
 ) -> DataSplits:
     """Locate (or download) the dataset and scan its splits."""
     return load_splits(locate_dataset(data_dir), val_source=val_source, val_fraction=val_fraction, seed=seed)
-
-
-def git_commit(where: str | os.PathLike | None = None) -> str | None:
-    """The commit of the checkout holding ``where`` (default: this package), with ``-dirty`` when tracked
-    files other than the results under ``assets/`` differ from it. Results are left out because re-running
-    an experiment rewrites its committed results before it asks. ``$CXR_COMMIT``, when set, wins: a copy of
-    the tree on a GPU machine may carry another commit's git metadata. None outside a git checkout."""
-    if os.environ.get("CXR_COMMIT"):
-        return os.environ["CXR_COMMIT"]
-    where = Path(where) if where is not None else Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=where, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
-                                ":(top,exclude)assets"], cwd=where, capture_output=True, text=True,
-                               check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit + ("-dirty" if dirty else "")
-
-
-def dataset_info(splits: DataSplits) -> dict[str, Any]:
-    kaggle = "kagglehub" in str(splits.root) or KAGGLE_HANDLE.split("/")[1] in str(splits.root)
-    return {
-        "name": KAGGLE_HANDLE if kaggle else splits.root.name,
-        "root": str(splits.root),
-        "val_source": splits.val_source,
-        "counts": splits.counts(),
-        "skipped_files": len(splits.skipped),
-    }
 
 
 def uncertainty_report(
@@ -266,15 +237,6 @@ def train_experiment(
         test_logits = np.load(out_dir / "test_logits.npz")
         board.finish(metrics, test_logits["labels"], test_logits["logits"].argmax(1))
     return metrics
-
-
-def load_trained_model(checkpoint: str | os.PathLike, experiment: str | None = None) -> tuple[Classifier, dict[str, Any]]:
-    """Rebuild a trained classifier from a checkpoint (refusing one of another experiment)."""
-    state = load_checkpoint(checkpoint, experiment=experiment, classes=CLASSES)
-    config = experiment_from_dict(state["experiment"])
-    model = build_model(config.arch, len(state["classes"]), "none", config.freeze_backbone, config.image_size)
-    model.load_state_dict(state["model"])
-    return model.eval(), state
 
 
 def evaluate_checkpoint(
