@@ -203,7 +203,9 @@ def _export(args: argparse.Namespace) -> int:
 
 def _audit(args: argparse.Namespace) -> int:
     from .audit import audit_dataset, format_audit, write_audit
+    from .guards import writable_folder
 
+    writable_folder(args.out, "--out")  # before the audit reads every file
     report = audit_dataset(args.data_dir, progress=not args.quiet, cache_dir=args.cache_dir)
     print(format_audit(report))
     print(f"\nFull report: {write_audit(report, args.out)}")

@@ -15,6 +15,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from .data import CLASSES, IMAGENET_MEAN, IMAGENET_STD
+from .guards import require
 
 ARCHITECTURES: dict[str, tuple[Any, Any, str, int]] = {
     "resnet152": (tvm.resnet152, tvm.ResNet152_Weights.DEFAULT, "fc", 2048),
@@ -23,8 +24,26 @@ ARCHITECTURES: dict[str, tuple[Any, Any, str, int]] = {
 }
 
 
+# Input sizes a run may ask for. Below 32 px a ResNet's 32x downsampling leaves a single feature pixel and
+# training stays at chance (--image-size 1 did, without a word); above 1024 px the decoded-image cache of a
+# Kaggle-sized set (7,000 squares of 1170 px) needs 9.6 GB and 100,000 px asked numpy for 438 GiB.
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024
+VIT_PATCH = 16
+
+
 class WeightsError(RuntimeError):
     """Pretrained weights cannot be obtained or do not fit; the message says what to do."""
+
+
+def check_image_size(arch: str, image_size: int) -> None:
+    """Refuse an input size the architecture cannot use or a run cannot hold, before any data is read."""
+    require(MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE,
+            f"--image-size {image_size} is outside {MIN_IMAGE_SIZE}-{MAX_IMAGE_SIZE} px: below {MIN_IMAGE_SIZE} "
+            f"a {arch} sees a single feature pixel and learns nothing, above {MAX_IMAGE_SIZE} the decoded images "
+            "do not fit in memory.")
+    require(not arch.startswith("vit") or image_size % VIT_PATCH == 0,
+            f"--image-size {image_size} does not suit {arch}: ViT-B/16 cuts the image into {VIT_PATCH} px patches, "
+            f"so the size must be a multiple of {VIT_PATCH} (e.g. {max(2, round(image_size / VIT_PATCH)) * VIT_PATCH}).")
 
 
 class Classifier(nn.Module):

@@ -3,6 +3,7 @@ and write every asset. The CLI and the notebooks are thin front ends over these 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import os
@@ -18,13 +19,13 @@ import numpy as np
 import torch
 from scipy.special import softmax
 
-from . import distributed, reporting, uncertainty
+from . import distributed, reporting, runlock, uncertainty
 from .audit import audit_summary, audit_training_splits
-from .checkpoint import load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint
 from .config import Experiment, experiment_from_dict, get_experiment
 from .data import CLASSES, KAGGLE_HANDLE, DataSplits, load_splits, locate_dataset, warn_skipped
 from .engine import build_dataset, fit, make_deterministic, make_loader, predict
-from .models import Classifier, build_model
+from .models import ARCHITECTURES, Classifier, build_model, check_image_size
 from .runtime import Runtime, device_name
 from .tensorboard_log import RunLog
 
@@ -187,19 +188,32 @@ def train_experiment(
     writes every file, the other ranks return only the test metrics."""
     started = time.perf_counter()
     experiment = get_experiment(name, **overrides)
+    check_image_size(experiment.arch, experiment.image_size)
     if deterministic:
         make_deterministic()
     runtime = runtime or Runtime.create(device, workers=workers, compile=compile, cache=cache, cache_dir=cache_dir,
                                         feature_cache=feature_cache, progress=progress, cuda_graphs=cuda_graphs)
     runtime = runtime.replace(device=distributed.setup(runtime.device))
     main_rank = distributed.is_main()
-    splits = splits or prepare_data(data_dir, val_source=val_source, seed=seed)
     out_dir = Path(out) / experiment.name
-    if main_rank:  # the audit reads every file: one process is enough
-        data_audit = audit_training_splits(splits, runtime.progress, runtime.cache_dir)
-        for message in data_audit["warnings"]:
-            warnings.warn(message, stacklevel=2)
-        out_dir.mkdir(parents=True, exist_ok=True)
+    # The folder is held before the data is scanned: a second run into it, or an --out that cannot be
+    # written, is refused at once, not after the audit.
+    with runlock.hold_folder(out_dir, "cxr train") if main_rank else contextlib.nullcontext():
+        splits = splits or prepare_data(data_dir, val_source=val_source, seed=seed)
+        if main_rank:  # the audit reads every file: one process is enough
+            data_audit = audit_training_splits(splits, runtime.progress, runtime.cache_dir)
+            for message in data_audit["warnings"]:
+                warnings.warn(message, stacklevel=2)
+        return _train_and_report(experiment, splits, out_dir, runtime, data_audit if main_rank else None, seed,
+                                 resume, tensorboard, on_epoch_end, deterministic, started)
+
+
+def _train_and_report(experiment: Experiment, splits: DataSplits, out_dir: Path, runtime: Runtime,
+                      data_audit: dict[str, Any] | None, seed: int, resume: bool, tensorboard: bool,
+                      on_epoch_end: Callable[[list[dict[str, float]]], None] | None, deterministic: bool,
+                      started: float) -> dict[str, Any]:
+    """:func:`train_experiment` once the folder is held and the data audited: fit, evaluate, write metrics.json."""
+    main_rank = distributed.is_main()
     board = RunLog(out_dir / "tensorboard", resume) if main_rank and tensorboard else None
     result = fit(experiment, splits, out_dir, runtime, seed=seed, resume=resume,
                  on_epoch_end=board.on_epoch_end(on_epoch_end) if board else on_epoch_end)
@@ -243,10 +257,43 @@ def train_experiment(
 def load_trained_model(checkpoint: str | os.PathLike, experiment: str | None = None) -> tuple[Classifier, dict[str, Any]]:
     """Rebuild a trained classifier from a checkpoint (refusing one of another experiment)."""
     state = load_checkpoint(checkpoint, experiment=experiment, classes=CLASSES)
-    config = experiment_from_dict(state["experiment"])
+    config = checkpoint_experiment(state, checkpoint)
     model = build_model(config.arch, len(state["classes"]), "none", config.freeze_backbone, config.image_size)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise CheckpointError(f"{str(checkpoint)!r} holds weights that do not fit its {config.arch} model with "
+                              f"{len(state['classes'])} classes ({state_dict_mismatch(error)}).") from None
+    check_finite_outputs(model, config.image_size, checkpoint)
     return model.eval(), state
+
+
+def checkpoint_experiment(state: dict[str, Any], checkpoint: str | os.PathLike) -> Experiment:
+    """The experiment a checkpoint was trained with; a clear error when its settings are incomplete."""
+    try:
+        config = experiment_from_dict(state["experiment"])
+    except TypeError as error:  # a required field (name, arch) is missing
+        raise CheckpointError(f"{str(checkpoint)!r} has incomplete experiment settings ({error}).") from None
+    if config.arch not in ARCHITECTURES:
+        raise CheckpointError(f"{str(checkpoint)!r} names an unknown architecture {config.arch!r}.")
+    return config
+
+
+def state_dict_mismatch(error: RuntimeError) -> str:
+    """The first two lines of torch's load_state_dict error after its header: which tensors are missing,
+    unexpected or of another shape (the header alone, "Error(s) in loading state_dict", says nothing)."""
+    lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+    return "; ".join(line[:300] for line in lines[:2]) or str(error)
+
+
+@torch.inference_mode()
+def check_finite_outputs(model: Classifier, image_size: int, source: str | os.PathLike) -> None:
+    """Refuse a model whose output for a plain grey image is not finite (weights so large they overflow,
+    even where each is finite): it would print NaN probabilities and exit 0."""
+    logits = model.eval()(torch.zeros(1, 3, image_size, image_size))
+    if not bool(torch.isfinite(logits).all()):
+        raise CheckpointError(f"{str(source)!r} gives non-finite outputs (NaN or infinity) for a plain image; "
+                              "it cannot predict anything. Use an earlier checkpoint.")
 
 
 def evaluate_checkpoint(
@@ -262,5 +309,7 @@ def evaluate_checkpoint(
     config = experiment_from_dict(state["experiment"])
     runtime = runtime or Runtime.create(device, cache=cache, cache_dir=cache_dir, progress=progress)
     runtime = runtime.replace(device=distributed.setup(runtime.device))
-    splits = prepare_data(data_dir, seed=state.get("seed", 42))
-    return evaluate_model(model, config, splits, Path(out) / config.name, runtime, state["preprocessing"], tta)
+    out_dir = Path(out) / config.name
+    with runlock.hold_folder(out_dir, "cxr evaluate") if distributed.is_main() else contextlib.nullcontext():
+        splits = prepare_data(data_dir, seed=state.get("seed", 42))
+        return evaluate_model(model, config, splits, out_dir, runtime, state["preprocessing"], tta)
