@@ -288,11 +288,13 @@ def state_dict_mismatch(error: RuntimeError) -> str:
 
 @torch.inference_mode()
 def check_finite_outputs(model: Classifier, image_size: int, source: str | os.PathLike) -> None:
-    """Refuse a model whose output for a plain grey image is not finite (weights so large they overflow,
-    even where each is finite): it would print NaN probabilities and exit 0."""
-    logits = model.eval()(torch.zeros(1, 3, image_size, image_size))
+    """Refuse a model whose output for a fixed random image is not finite (weights so large they overflow,
+    even where each is finite): it would print NaN probabilities and exit 0. Not a blank image: a network
+    maps one to zero features, which hide any weight."""
+    probe = torch.rand(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    logits = model.eval()(probe)
     if not bool(torch.isfinite(logits).all()):
-        raise CheckpointError(f"{str(source)!r} gives non-finite outputs (NaN or infinity) for a plain image; "
+        raise CheckpointError(f"{str(source)!r} gives non-finite outputs (NaN or infinity) for a test image; "
                               "it cannot predict anything. Use an earlier checkpoint.")
 
 
