@@ -15,6 +15,7 @@ image reaches the model with bone bright.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -173,17 +174,21 @@ def open_8bit(path: str | os.PathLike, draft_side: int | None = None) -> Image.I
 
 def frame_square(image: Image.Image, side: int) -> np.ndarray:
     """Shorter side resized to ``side`` (PIL's bilinear filter widens with the scale, so shrinking is
-    antialiased), longer side centre-cropped: a ``side`` x ``side`` uint8 array. Only the source region
-    under the crop is resampled (the same sampling grid as resizing the whole image, then cropping), so the
-    memory is the source's plus the output's whatever the shape: resizing the whole image first made a
-    1 x 100,000 PNG a 224 x 22,400,000 intermediate."""
+    antialiased), longer side centre-cropped: a ``side`` x ``side`` uint8 array. Only the source pixels the
+    filter reads for the crop are copied and resampled (the same sampling grid as resizing the whole image,
+    then cropping), so past the decoded source the memory is the output's, whatever the shape: resizing the
+    whole image first made a 1 x 100,000 PNG a 256 x 25,600,000 intermediate (7.5 GB)."""
     width, height = image.size
     scale = side / min(width, height)
     size = (max(side, round(width * scale)), max(side, round(height * scale)))
     left, top = (size[0] - side) // 2, (size[1] - side) // 2
     box = (left * width / size[0], top * height / size[1],
            (left + side) * width / size[0], (top + side) * height / size[1])
-    square = image.resize((side, side), Image.Resampling.BILINEAR, box=box)
+    margin = math.ceil(max(1.0, 1 / scale)) + 1  # the filter's reach in source pixels, and one to spare
+    region = (max(0, math.floor(box[0]) - margin), max(0, math.floor(box[1]) - margin),
+              min(width, math.ceil(box[2]) + margin), min(height, math.ceil(box[3]) + margin))
+    inner = (box[0] - region[0], box[1] - region[1], box[2] - region[0], box[3] - region[1])
+    square = image.crop(region).resize((side, side), Image.Resampling.BILINEAR, box=inner)
     return np.array(square, dtype=np.uint8)  # writable: torch.from_numpy
 
 
