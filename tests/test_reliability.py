@@ -65,7 +65,7 @@ def error_line(capsys) -> str:
 
 def test_thin_images_are_skipped_per_file_and_the_others_classified(checkpoint, small_root, tmp_path, capsys):
     Image.new("L", (1, 100_000)).save(tmp_path / "thin_100k.png")
-    Image.new("L", (80_000_000, 1)).save(tmp_path / "thin_80m.png")  # 857 bytes; gave an OverflowError
+    Image.new("L", (80_000_000, 1)).save(tmp_path / "thin_80m.png")  # 77 KB; gave an OverflowError
     Image.new("L", (60, 1000), 128).save(tmp_path / "strip.png")  # sides fine, aspect ratio 16.7:1
     good = one_image(small_root)
     assert main(["predict", str(tmp_path / "thin_100k.png"), str(tmp_path / "thin_80m.png"), str(tmp_path / "strip.png"),

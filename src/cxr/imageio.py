@@ -32,7 +32,7 @@ CACHE_RATIO = 256 / 224
 # Inputs beyond any stored value (DICOM stores at most 32 bits): a VOI maps them onto its output's ends.
 VOI_EXTREMES = np.array([-(2**31), 2**31 - 1], dtype=np.int64)
 # Shapes no radiograph has: chest films are about square (1:1.3 at most), whole-spine or long-leg images
-# reach 1:3. A thinner image is a strip or an attack (a 1 x 80,000,000 PNG is 857 bytes), and one under
+# reach 1:3. A thinner image is a strip or an attack (an 80,000,000 x 1 PNG is 77 KB), and one under
 # 8 px holds no picture; both are refused per file, by audit, training, predict and the demo page alike.
 MAX_ASPECT_RATIO = 6
 MIN_SIDE = 8
