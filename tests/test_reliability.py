@@ -358,6 +358,8 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_work(checkpoint, 
     image = one_image(small_root)
     assert main(["predict", str(image), "--checkpoint", checkpoint, "--cam", str(a_file), "--device", "cpu"]) == 1
     assert error_line(capsys) == f"error: --cam {str(a_file)!r} is a file, not a folder; give a folder."
+    assert main(["predict", str(image), "--checkpoint", checkpoint, "--csv", str(tmp_path), "--device", "cpu"]) == 1
+    assert error_line(capsys) == f"error: --csv {str(tmp_path)!r} is a folder, not a file name."
     argv = ["train", "resnet50_full", "--data-dir", str(small_root), "--out", str(a_file / "sub"), *TRAIN_FLAGS]
     assert main(argv) == 1
     assert error_line(capsys).startswith("error: cannot write into the experiment folder")
