@@ -59,7 +59,9 @@ def _describe(holder: dict[str, Any]) -> str:
 @contextlib.contextmanager
 def hold_folder(folder: str | os.PathLike, command: str) -> Iterator[Path]:
     """Hold ``folder`` (created if missing) for this process while the block runs; refuse when another
-    live process holds it, take over a stale lock with a warning."""
+    live process holds it, take over a stale lock with a warning. Folders it created and that are still
+    empty at the end (the run failed before writing anything) are removed again: nothing half-written."""
+    created = [p for p in (Path(folder), *Path(folder).parents) if not p.exists()]  # deepest first
     folder = writable_folder(folder, "the experiment folder")
     path = folder / LOCK_FILE
     me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
@@ -87,3 +89,8 @@ def hold_folder(folder: str | os.PathLike, command: str) -> Iterator[Path]:
     finally:
         if (read_lock(path) or {}).get("pid") == os.getpid():
             path.unlink(missing_ok=True)
+        for empty in created:
+            try:
+                empty.rmdir()
+            except OSError:  # not empty: the run wrote something there
+                break
