@@ -48,9 +48,9 @@ def test_light_commands_import_no_heavy_library(args):
 @pytest.mark.parametrize("args, message", [
     (["train", "resnet50_full", "--data-dir", "/missing"], "Data folder '/missing' does not exist"),
     (["train", "resnet50_full", "--device", "foo"], "--device 'foo' is not a device"),
-    (["train", "vit_b16_head", "--image-size", "100"], "not a multiple of vit_b_16's 16-pixel patches; try 96"),
-    (["train", "resnet50_full", "--image-size", "100000"], "outside 32-1024 pixels"),
-    (["train", "resnet50_full", "--image-size", "1"], "outside 32-1024 pixels"),
+    (["train", "vit_b16_head", "--image-size", "100"], "does not suit vit_b_16: it cuts the image into 16 px patches, so the size must be a multiple of 16 (e.g. 96)"),
+    (["train", "resnet50_full", "--image-size", "100000"], "outside 32-1024 px"),
+    (["train", "resnet50_full", "--image-size", "1"], "outside 32-1024 px"),
     (["train", "resnet50_full", "--out", "README.md"], "--out 'README.md' is a file"),
     (["evaluate", "--checkpoint", "/missing.pt"], "--checkpoint '/missing.pt' does not exist"),
     (["evaluate", "--checkpoint", "src"], "is a folder (an export?)"),

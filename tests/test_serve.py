@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 
+from cxr.cam import CAPTION_HEIGHT
 from cxr.cli import main
 from cxr.data import CLASSES
 from cxr.predict import run_predict
@@ -52,7 +53,7 @@ def test_page_predictions_are_cxr_predicts(checkpoint, images):
     assert list(probabilities) == list(CLASSES)
     reference = expected(checkpoint, images["first"])
     np.testing.assert_allclose(list(probabilities.values()), list(reference.values()), rtol=0, atol=1e-6)
-    assert overlay.shape == (SIZE, 2 * SIZE, 3) and overlay.dtype == np.uint8
+    assert overlay.shape == (SIZE + CAPTION_HEIGHT, 2 * SIZE, 3)  # image and map side by side, captioned and overlay.dtype == np.uint8
     assert f"| COVID19 | {reference['COVID19']:.6f} |" in probability_table(probabilities)
     with pytest.raises(ValueError, match="^notes.png: not an image$"):
         predictor.classify(images["text"])
@@ -68,7 +69,7 @@ def test_serve_without_gradio_is_a_clear_error(checkpoint, monkeypatch, capsys):
 
 def test_serve_with_a_bad_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(["serve", "--checkpoint", str(tmp_path / "missing.pt")]) == 1
-    assert capsys.readouterr().err.startswith("error: Checkpoint")
+    assert capsys.readouterr().err.startswith(f"error: --checkpoint {str(tmp_path / 'missing.pt')!r} does not exist")
     (tmp_path / "fake.pt").write_text("not a checkpoint")
     assert main(["serve", "--checkpoint", str(tmp_path / "fake.pt")]) == 1
     err = capsys.readouterr().err

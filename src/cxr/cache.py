@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from .data import Split
 from .imageio import cache_side, decode_image  # noqa: F401  (cache_side: part of this module's interface)
 
-FORMAT_VERSION = 2  # 2: more than 8 bits scaled by imageio.scale_to_uint8 (rounded, not truncated)
+# 2: more than 8 bits rounded (imageio.scale_to_uint8); 3: only the region under the crop resampled (within a level of 2)
+FORMAT_VERSION = 3
 CACHE_DIR_ENV = "CXR_CACHE_DIR"
 
 

@@ -6,12 +6,16 @@ import os
 import shutil
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from .runlock import pid_running
+
 FORMAT = "cxr-checkpoint/1"
 REQUIRED_KEYS = ("format", "model", "experiment", "classes", "epoch")
+# How every torch.save file starts: a zip archive (b"PK"), or the pickle protocol opcode of the legacy format.
+TORCH_MAGIC = (b"PK", b"\x80\x02")
 
 
 class CheckpointError(RuntimeError):
@@ -61,6 +65,18 @@ def link_checkpoint(source: Path, path: Path) -> Path:
     return path
 
 
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporary files (``.<name>.<pid>.tmp``, each as large as a checkpoint) that runs killed
+    mid-write (``kill -9``, a power cut) left in ``folder``; files of live processes are kept."""
+    removed = []
+    for temporary in Path(folder).glob(".*.*.tmp"):
+        pid = temporary.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_running(int(pid)):
+            temporary.unlink(missing_ok=True)
+            removed.append(temporary)
+    return removed
+
+
 def host_copy(state: Any) -> Any:
     """A copy of ``state`` (nested dicts, lists and tuples of tensors and plain values) whose tensors live in
     host memory and share nothing with the originals: training may go on changing those at once. From a
@@ -101,9 +117,10 @@ class CheckpointWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def save(self, state: dict[str, Any], *paths: Path) -> dict[str, Any]:
-        """Start writing ``state`` to ``paths``; returns the host copy being written (the caller must not
-        change it)."""
+    def save(self, state: dict[str, Any], *paths: Path, then: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Start writing ``state`` to ``paths``, then call ``then`` (in the thread, only once every file is
+        in place: history.csv is written after the checkpoint, so it never lists an epoch the checkpoint
+        lacks); returns the host copy being written (the caller must not change it)."""
         self.wait()
         snapshot = host_copy(state)
 
@@ -112,6 +129,8 @@ class CheckpointWriter:
                 save_checkpoint(snapshot, paths[0])
                 for path in paths[1:]:
                     link_checkpoint(paths[0], path)
+                if then is not None:
+                    then()
             except BaseException as error:  # handed to the training thread by wait()
                 self._error = error
 
@@ -129,14 +148,42 @@ class CheckpointWriter:
             raise error
 
 
+def non_finite_tensor(tensors: dict[str, Any]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or infinity, or None."""
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+def check_weights(state: dict[str, Any], path: Path) -> None:
+    """Refuse a checkpoint without weights, or with NaN or infinite weights: it would predict NaN for
+    every image (argmax 0, the first class) and evaluate to a plausible-looking accuracy."""
+    model = state["model"]
+    if not isinstance(model, dict) or not model or not all(isinstance(v, torch.Tensor) for v in model.values()):
+        raise CheckpointError(f"{str(path)!r} holds no model weights (its 'model' entry is empty or not a state dict).")
+    bad = non_finite_tensor(model)
+    if bad is not None:
+        raise CheckpointError(f"{str(path)!r} holds non-finite weights (NaN or infinity in {bad!r}); "
+                              "it cannot predict anything. Use an earlier checkpoint.")
+
+
 def load_checkpoint(
     path: str | os.PathLike, experiment: str | None = None, arch: str | None = None, classes=None
 ) -> dict[str, Any]:
     """Load a checkpoint without executing code (``weights_only=True``) and refuse one that belongs
     to another experiment, architecture or class list."""
     path = Path(path)
+    if path.is_dir():
+        export = " made by cxr export (cxr predict and cxr serve read it)" if (path / "model.json").is_file() else ""
+        raise CheckpointError(f"{str(path)!r} is a folder{export}, not a checkpoint file; give the .pt file "
+                              "written by cxr train (OUT/<experiment>/checkpoints/best.pt).")
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {str(path)!r} does not exist.")
+    with open(path, "rb") as handle:
+        magic = handle.read(2)
+    if magic and magic not in TORCH_MAGIC:  # random bytes: torch would blame its weights_only default
+        raise CheckpointError(f"{str(path)!r} is not a cxr checkpoint (not a file written by torch.save).")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -149,6 +196,7 @@ def load_checkpoint(
     if (not isinstance(state, dict) or state.get("format") != FORMAT or any(k not in state for k in REQUIRED_KEYS)
             or not isinstance(state["experiment"], dict)):
         raise CheckpointError(f"{str(path)!r} is not a cxr checkpoint (format {FORMAT!r} expected).")
+    check_weights(state, path)
     found = state["experiment"]
     if experiment is not None and found.get("name") != experiment:
         raise CheckpointError(

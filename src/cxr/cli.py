@@ -264,7 +264,9 @@ def _export(args: argparse.Namespace) -> int:
 
 def _audit(args: argparse.Namespace) -> int:
     from .audit import audit_dataset, format_audit, write_audit
+    from .preflight import writable_folder
 
+    writable_folder(args.out, "--out")  # before the audit reads every file
     report = audit_dataset(args.data_dir, progress=not args.quiet, cache_dir=args.cache_dir)
     print(format_audit(report))
     print(f"\nFull report: {write_audit(report, args.out)}")
@@ -348,11 +350,11 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     if args.command == "report":
         return _report(args)
-    from .preflight import PreflightError, check_arguments
+    from .preflight import InputError, check_arguments
 
     try:
         check_arguments(args)
-    except PreflightError as error:
+    except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     try:

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from .config import AUGMENTATION
-from .imageio import IMAGE_EXTENSIONS, check_dicom, decode_image, is_dicom, open_8bit
+from .imageio import IMAGE_EXTENSIONS, check_dicom, check_shape, decode_image, is_dicom, open_8bit
 from .layout import (  # noqa: F401  (re-exported)
     CLASSES, EXPECTED_LAYOUT, FOLDER_ALIASES, IMAGENET_MEAN, IMAGENET_STD, KAGGLE_HANDLE, SPLITS, DatasetError,
     child_dirs, download_dataset, find_split_root, locate_dataset,
@@ -71,7 +71,9 @@ def check_image(path: Path) -> str | None:
         with warnings.catch_warnings():  # over PIL's pixel limit: decoding it every epoch would stall training
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                image_format = image.format
+                image_format, shape = image.format, check_shape(*image.size)
+                if shape is not None:
+                    return shape
                 image.verify()
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
         return f"too large ({error})"
@@ -90,16 +92,32 @@ def check_image(path: Path) -> str | None:
     return None
 
 
+def class_folders(split_dir: Path) -> dict[str, list[Path]]:
+    """The folders of each class in a split. Names are matched without case (and the Kaggle spelling
+    TURBERCULOSIS), so ``NORMAL/`` and ``normal/`` are one class: both are used, with a warning, where one
+    of them used to be dropped silently, which one depending on the directory order."""
+    found: dict[str, list[Path]] = {}
+    for folder in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+        label = FOLDER_ALIASES.get(folder.name.upper(), folder.name.upper())
+        if label in CLASSES:
+            found.setdefault(label, []).append(folder)
+    for label, folders in found.items():
+        if len(folders) > 1:
+            warnings.warn(f"{str(split_dir)!r} holds {len(folders)} folders of class {label} "
+                          f"({', '.join(f.name + '/' for f in folders)}); their images are merged.", stacklevel=3)
+    return found
+
+
+def _images_below(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
 def scan_split(root: Path, split: str, check: bool = True) -> Split:
     """List the images of one split with their labels; unusable files go to ``Split.skipped``."""
     split_dir = child_dirs(root).get(split)
     if split_dir is None:
         raise DatasetError(f"Split folder {split!r} is missing under {str(root)!r}. {EXPECTED_LAYOUT}")
-    class_dirs: dict[str, Path] = {}
-    for name, folder in child_dirs(split_dir).items():
-        label = FOLDER_ALIASES.get(name.upper(), name.upper())
-        if label in CLASSES:
-            class_dirs[label] = folder
+    class_dirs = class_folders(split_dir)
     missing = [c for c in CLASSES if c not in class_dirs]
     if missing:
         raise DatasetError(
@@ -107,8 +125,17 @@ def scan_split(root: Path, split: str, check: bool = True) -> Split:
         )
     result = Split([], [])
     for label, name in enumerate(CLASSES):
-        for path in sorted(class_dirs[name].iterdir()):
-            if not path.is_file() or path.name.startswith("."):
+        for path in sorted(p for folder in class_dirs[name] for p in folder.iterdir()):
+            if path.name.startswith("."):
+                continue
+            if path.is_dir():  # only files directly in a class folder are used: say so for the ones below
+                result.skipped.extend((nested, f"in the subfolder {path.name}/ of {path.parent.name}/, which is "
+                                               "not scanned") for nested in _images_below(path))
+                continue
+            if path.is_symlink() and not path.exists():
+                result.skipped.append((path, "broken symbolic link"))
+                continue
+            if not path.is_file():
                 continue
             reason = "not an image file" if path.suffix.lower() not in IMAGE_EXTENSIONS else None
             if reason is None and check:

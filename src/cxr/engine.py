@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import math
 import os
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from . import distributed
-from .checkpoint import CheckpointError, CheckpointWriter, load_checkpoint
+from .checkpoint import CheckpointError, CheckpointWriter, load_checkpoint, remove_stale_temporaries
 from .config import Experiment
 from .augment import BatchTransform, DeviceDataset, DeviceLoader, EvalTransform, TrainAugment
 from .cache import cache_side, cache_split
@@ -244,11 +245,19 @@ def _better(monitor: str, value: float, best: float | None) -> bool:
 
 
 def _write_history(history: list[dict[str, float]], path: Path) -> None:
+    """history.csv, replaced atomically (a temporary file renamed over it): a kill never leaves half a table."""
     if history:
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(history[0]))
-            writer.writeheader()
-            writer.writerows(history)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(temporary, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(history[0]))
+                writer.writeheader()
+                writer.writerows(history)
+            os.replace(temporary, path)
+        except OSError as error:
+            raise CheckpointError(f"Could not write {str(path)!r} ({error}); is the disk full?") from None
+        finally:
+            temporary.unlink(missing_ok=True)
 
 
 def require_every_class(splits: DataSplits) -> None:
@@ -263,18 +272,49 @@ def require_every_class(splits: DataSplits) -> None:
             )
 
 
+def files_signature(split: Split, root: Path) -> str:
+    """SHA-256 of every file's path (below ``root``), label, size and modification time: swapping one image
+    for another changes it even where the per-class counts stay the same. Reads no pixels (a stat per file)."""
+    digest = hashlib.sha256()
+    prefix = os.path.join(str(root), "")
+    for path, label in zip(split.paths, split.labels):
+        stat = os.stat(path)
+        name = str(path)[len(prefix):] if str(path).startswith(prefix) else str(path)
+        digest.update(f"{name}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def data_signature(splits: DataSplits) -> dict[str, Any]:
-    """What a resumed run must see again: the same split sizes per class and the same validation source."""
-    return {"val_source": splits.val_source, "counts": splits.counts()}
+    """What a resumed run must see again: the same validation source, per-class counts and files."""
+    return {"val_source": splits.val_source, "counts": splits.counts(),
+            "files": {name: files_signature(getattr(splits, name), splits.root) for name in ("train", "val", "test")}}
+
+
+def data_differences(saved: dict[str, Any], wanted: dict[str, Any], path: Path) -> list[str]:
+    """How the data of a checkpoint and of this run differ, in words. A checkpoint written before the
+    file signatures existed can only be compared by counts: it is resumed with a warning."""
+    differences = [f"data {key}={saved[key]!r} (now {wanted[key]!r})" for key in ("val_source", "counts")
+                   if key in saved and saved[key] != wanted[key]]
+    if "files" not in saved:
+        warnings.warn(f"{str(path)!r} predates file signatures: only the per-class image counts could be compared "
+                      "with this run's data.", stacklevel=3)
+        return differences
+    changed = [name for name, digest in wanted["files"].items() if saved["files"].get(name) != digest]
+    if changed and not differences:
+        differences.append(f"the {', '.join(changed)} image files differ (names, sizes or modification times; "
+                           "the per-class counts are the same)")
+    return differences
 
 
 def check_resumable(state: dict[str, Any], path: Path, experiment: Experiment, seed: int, splits: DataSplits) -> None:
     """Refuse to resume from a checkpoint written with other settings, seed or data: the continued run
     would silently differ from the one that was interrupted."""
-    saved = {**state["experiment"], **{key: state[key] for key in ("seed", "data") if key in state}}
-    wanted = {**experiment.to_dict(), "seed": seed, "data": data_signature(splits)}
+    saved = {**state["experiment"], **{key: state[key] for key in ("seed",) if key in state}}
+    wanted = {**experiment.to_dict(), "seed": seed}
     differences = [f"{key}={saved[key]!r} (now {wanted[key]!r})" for key in wanted
                    if key in saved and saved[key] != wanted[key]]
+    if isinstance(state.get("data"), dict):
+        differences += data_differences(state["data"], data_signature(splits), path)
     if differences:
         raise CheckpointError(
             f"{str(path)!r} was written with other settings: {'; '.join(differences)}. "
@@ -582,16 +622,24 @@ def fit(
 
     writer = CheckpointWriter()
     saved_epochs, best_weights = state.epochs_done, None
+    history_path = out_dir / "history.csv"
     if distributed.is_main():
         last_path.parent.mkdir(parents=True, exist_ok=True)
+        removed = remove_stale_temporaries(last_path.parent)
+        if removed:
+            warnings.warn(f"Removed {len(removed)} temporary file(s) that a killed run left in "
+                          f"{str(last_path.parent)!r} ({', '.join(p.name for p in removed)}).", stacklevel=2)
+        if resume:  # as last.pt holds it: a run killed between writing the two left it an epoch behind (or, before, ahead)
+            _write_history(state.history, history_path)
 
     def save(is_best: bool) -> None:
         nonlocal saved_epochs, best_weights
         if distributed.is_main():  # every rank holds the same weights, history and early-stopping state
+            history = list(state.history)
             written = writer.save(state.checkpoint(experiment, prep, seed, splits),
-                                  *([best_path] if is_best else []), last_path)
+                                  *([best_path] if is_best else []), last_path,
+                                  then=lambda: _write_history(history, history_path))
             best_weights = written["model"] if is_best else best_weights  # what best.pt holds, kept in memory
-            _write_history(state.history, out_dir / "history.csv")
         saved_epochs = state.epochs_done
 
     try:  # Ctrl-C anywhere in the loop (a batch, a save, the callback) ends in the same resumable state

@@ -25,7 +25,8 @@ from torch import nn
 from .config import experiment_from_dict, upgrade_experiment_dict
 from .models import ARCHITECTURES, Classifier, build_model
 from .models import preprocessing as default_preprocessing
-from .inference import load_trained_model
+from .checkpoint import non_finite_tensor
+from .inference import check_finite_outputs, load_trained_model, state_dict_mismatch
 from .provenance import git_commit
 
 FORMAT = "cxr-export/1"
@@ -220,7 +221,70 @@ def read_description(folder: Path) -> dict[str, Any]:
         raise ExportError(f"{str(path)!r} is not a cxr export description (format {FORMAT!r} expected).")
     if description.get("arch") not in ARCHITECTURES:
         raise ExportError(f"{str(path)!r} names an unknown architecture {description.get('arch')!r}.")
+    _check_fields(description, path)
+    _check_against_onnx(description, folder / FILES["onnx"], path)
     return description
+
+
+def _refuse_field(path: Path, field: str, problem: str) -> ExportError:
+    return ExportError(f"{str(path)!r}: field {field!r} {problem}; re-export the checkpoint with cxr export.")
+
+
+def _check_fields(description: dict[str, Any], path: Path) -> None:
+    """The fields predicting reads, of the types it reads them as: an edited or truncated model.json is
+    named here, not deep inside PyTorch ("too many dimensions 'str'")."""
+    classes = description.get("classes")
+    if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) and c for c in classes)
+            and len(set(classes)) == len(classes)):
+        raise _refuse_field(path, "classes", f"must be a list of two or more distinct class names, not {classes!r}")
+    prep = description.get("preprocessing")
+    if not isinstance(prep, dict):
+        raise _refuse_field(path, "preprocessing", "is missing" if prep is None else f"must be an object, not {prep!r}")
+    for key in ("image_size", "resize"):
+        if not (isinstance(prep.get(key), int) and prep[key] >= 1):
+            raise _refuse_field(path, f"preprocessing.{key}", f"must be a whole number of pixels, not {prep.get(key)!r}")
+    for key in ("mean", "std"):
+        values = prep.get(key)
+        if not (isinstance(values, list) and len(values) == 3
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+                and (key == "mean" or all(v > 0 for v in values))):
+            raise _refuse_field(path, f"preprocessing.{key}", f"must be three numbers (R, G, B), not {values!r}")
+    if description.get("image_size") != prep["image_size"]:
+        raise _refuse_field(path, "image_size", f"({description.get('image_size')!r}) differs from "
+                                                f"preprocessing.image_size ({prep['image_size']!r})")
+    blocks = upgrade_experiment_dict(description).get("trainable_blocks")  # older exports: freeze_backbone
+    if not (blocks == "all" or (isinstance(blocks, int) and not isinstance(blocks, bool) and blocks >= 0)):
+        raise _refuse_field(path, "trainable_blocks", f"must be a whole number >= 0 or \"all\", not {blocks!r}")
+
+
+def _check_against_onnx(description: dict[str, Any], onnx_path: Path, path: Path) -> None:
+    """model.json against what model.onnx itself holds (its metadata and its input and output shapes):
+    reordered or renamed classes would relabel every prediction, another image size would feed the
+    network inputs it was not trained on."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(onnx_path), load_external_data=False)
+    except FileNotFoundError:
+        raise ExportError(f"{str(onnx_path.parent)!r} is not a complete export: it has no {FILES['onnx']}.") from None
+    except Exception as error:  # protobuf raises its own DecodeError for a damaged file
+        raise ExportError(f"Could not read {str(onnx_path)!r} ({type(error).__name__}: {error}).") from None
+    metadata = {prop.key: prop.value for prop in graph.metadata_props}
+    try:
+        saved_classes, saved_prep = json.loads(metadata["classes"]), json.loads(metadata["preprocessing"])
+    except (KeyError, ValueError):
+        raise ExportError(f"{str(onnx_path)!r} holds no class list or preprocessing in its metadata; "
+                          "re-export the checkpoint with cxr export.") from None
+    image_dims = [d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim]
+    logit_dims = [d.dim_value for d in graph.graph.output[0].type.tensor_type.shape.dim]
+    prep = description["preprocessing"]
+    expected = [("classes", description["classes"], saved_classes),
+                ("image_size", description["image_size"], image_dims[2] if len(image_dims) == 4 else None),
+                ("classes (count)", len(description["classes"]), logit_dims[1] if len(logit_dims) == 2 else None),
+                *((f"preprocessing.{k}", prep[k], saved_prep.get(k)) for k in ("image_size", "resize", "mean", "std"))]
+    for field, found, truth in expected:
+        if found != truth:
+            raise _refuse_field(path, field, f"is {found!r}, but {FILES['onnx']} says {truth!r}")
 
 
 def load_export(folder: str | os.PathLike) -> tuple[Classifier, dict[str, Any]]:
@@ -230,15 +294,24 @@ def load_export(folder: str | os.PathLike) -> tuple[Classifier, dict[str, Any]]:
 
     folder = Path(folder)
     description = read_description(folder)
-    trainable_blocks = upgrade_experiment_dict(description).get("trainable_blocks", "all")  # older: freeze_backbone
+    trainable_blocks = upgrade_experiment_dict(description)["trainable_blocks"]  # checked by read_description
     model = build_model(description["arch"], len(description["classes"]), "none", trainable_blocks,
                         description["image_size"])
+    weights = folder / FILES["weights"]
     try:
-        model.load_state_dict(load_file(str(folder / FILES["weights"])))
-    except (OSError, SafetensorError, RuntimeError) as error:
+        tensors = load_file(str(weights))
+        model.load_state_dict(tensors)
+    except (OSError, SafetensorError) as error:
         detail = (str(error).strip().splitlines() or ["no detail"])[0]
-        raise ExportError(f"Could not load {str(folder / FILES['weights'])!r} into a {description['arch']} model "
-                          f"({detail}).") from None
+        raise ExportError(f"Could not load {str(weights)!r} into a {description['arch']} model ({detail}).") from None
+    except RuntimeError as error:
+        raise ExportError(f"Could not load {str(weights)!r} into a {description['arch']} model with "
+                          f"{len(description['classes'])} classes ({state_dict_mismatch(error)}).") from None
+    bad = non_finite_tensor(tensors)
+    if bad is not None:
+        raise ExportError(f"{str(weights)!r} holds non-finite weights (NaN or infinity in {bad!r}); "
+                          "it cannot predict anything.")
+    check_finite_outputs(model, description["image_size"], folder)
     return model.eval(), description
 
 

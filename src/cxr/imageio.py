@@ -15,6 +15,7 @@ image reaches the model with bone bright.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,32 @@ HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
 CACHE_RATIO = 256 / 224
 # Inputs beyond any stored value (DICOM stores at most 32 bits): a VOI maps them onto its output's ends.
 VOI_EXTREMES = np.array([-(2**31), 2**31 - 1], dtype=np.int64)
+# Shapes no radiograph has: chest films are about square (1:1.3 at most), whole-spine or long-leg images
+# reach 1:3. A thinner image is a strip or an attack (an 80,000,000 x 1 PNG is 77 KB), and one under
+# 8 px holds no picture; both are refused per file, by audit, training, predict and the demo page alike.
+MAX_ASPECT_RATIO = 6
+MIN_SIDE = 8
 
 
 class ImageReadError(ValueError):
     """The file cannot become an image; the message says why, in a few words."""
+
+
+def check_shape(width: int, height: int) -> str | None:
+    """Why an image of ``width`` x ``height`` pixels is refused (a shape no radiograph has), or None."""
+    short, long = min(width, height), max(width, height)
+    if short < MIN_SIDE:
+        return f"image of {width} x {height} pixels: a side under {MIN_SIDE} px, no radiograph is that small"
+    if long > MAX_ASPECT_RATIO * short:
+        return (f"image of {width} x {height} pixels: aspect ratio {long / short:.3g}:1 is beyond "
+                f"{MAX_ASPECT_RATIO}:1, no radiograph has that shape")
+    return None
+
+
+def _refuse_shape(width: int, height: int) -> None:
+    reason = check_shape(width, height)
+    if reason is not None:
+        raise ImageReadError(reason)
 
 
 def cache_side(image_size: int, resize: int | None = None) -> int:
@@ -75,6 +98,7 @@ def _dataset(path: str | os.PathLike) -> Any:
         raise ImageReadError(f"unreadable DICOM ({type(error).__name__}: {error})") from None
     if "PixelData" not in ds or "Rows" not in ds:
         raise ImageReadError("DICOM file without an image (no pixel data)")
+    _refuse_shape(int(ds.Columns), int(ds.Rows))
     syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
     if syntax is not None and syntax.is_compressed and not get_decoder(syntax).is_available:
         raise ImageReadError(f"DICOM pixel data in {syntax.name}: no decoder for it is installed "
@@ -134,6 +158,7 @@ def open_8bit(path: str | os.PathLike, draft_side: int | None = None) -> Image.I
     if is_dicom(path):
         return read_dicom(path)
     with Image.open(path) as image:
+        _refuse_shape(*image.size)  # before any pixel is decoded
         if draft_side and image.format == "JPEG":
             image.draft("L", (draft_side, draft_side))
         image = ImageOps.exif_transpose(image)
@@ -149,14 +174,22 @@ def open_8bit(path: str | os.PathLike, draft_side: int | None = None) -> Image.I
 
 def frame_square(image: Image.Image, side: int) -> np.ndarray:
     """Shorter side resized to ``side`` (PIL's bilinear filter widens with the scale, so shrinking is
-    antialiased), longer side centre-cropped: a ``side`` x ``side`` uint8 array."""
+    antialiased), longer side centre-cropped: a ``side`` x ``side`` uint8 array. Only the source pixels the
+    filter reads for the crop are copied and resampled (the same sampling grid as resizing the whole image,
+    then cropping), so past the decoded source the memory is the output's, whatever the shape: resizing the
+    whole image first made a 1 x 100,000 PNG a 256 x 25,600,000 intermediate (7.5 GB)."""
     width, height = image.size
     scale = side / min(width, height)
     size = (max(side, round(width * scale)), max(side, round(height * scale)))
-    if size != image.size:
-        image = image.resize(size, Image.Resampling.BILINEAR)
     left, top = (size[0] - side) // 2, (size[1] - side) // 2
-    return np.array(image.crop((left, top, left + side, top + side)), dtype=np.uint8)  # writable: torch.from_numpy
+    box = (left * width / size[0], top * height / size[1],
+           (left + side) * width / size[0], (top + side) * height / size[1])
+    margin = math.ceil(max(1.0, 1 / scale)) + 1  # the filter's reach in source pixels, and one to spare
+    region = (max(0, math.floor(box[0]) - margin), max(0, math.floor(box[1]) - margin),
+              min(width, math.ceil(box[2]) + margin), min(height, math.ceil(box[3]) + margin))
+    inner = (box[0] - region[0], box[1] - region[1], box[2] - region[0], box[3] - region[1])
+    square = image.crop(region).resize((side, side), Image.Resampling.BILINEAR, box=inner)
+    return np.array(square, dtype=np.uint8)  # writable: torch.from_numpy
 
 
 def decode_image(path: str | os.PathLike, side: int) -> np.ndarray:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from . import uncertainty
 from .data import IMAGE_EXTENSIONS, check_image
 from .export import load_for_inference
+from .preflight import writable_file, writable_folder
 from .imageio import ImageReadError, decode_image
 from .runtime import Runtime
 
@@ -134,9 +135,13 @@ def run_predict(
 ) -> Predictions:
     """Load ``checkpoint`` (or a folder written by ``cxr export``), classify every image found in ``inputs``
     and write the CSV when asked."""
+    runtime = Runtime.create(device, progress=progress)  # a bad --device, --cam or --csv is refused first
+    if cam_dir is not None:
+        writable_folder(cam_dir, "--cam")
+    if csv_path is not None:
+        writable_file(csv_path, "--csv")
     model, classes, prep = load_for_inference(checkpoint)
     paths, failures = collect_images(inputs)
-    runtime = Runtime.create(device, progress=progress)
     result = predict_images(model, classes, prep, paths, runtime, batch_size, tta,
                             Path(cam_dir) if cam_dir else None)
     result.failures[:0] = failures

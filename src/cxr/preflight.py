@@ -1,12 +1,15 @@
-"""Checks of a command's arguments that need neither torch nor the data's pixels, run before the heavy
-imports, so a wrong path or value is reported in well under a second instead of after torch has loaded
-(about 10 s on 2 CPU cores) or after the audit has read every image."""
+"""Refusing bad input before the work starts: one exception type (:class:`InputError`, a ``ValueError``
+the CLI prints as one ``error:`` line, notebooks see the same sentence) and the checks several commands share.
+The argument checks need neither torch nor the data's pixels and run before the heavy imports, so a wrong
+path or value is reported in well under a second instead of after torch has loaded (about 10 s on 2 CPU
+cores) or after the audit has read every image."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import re
+import tempfile
 from pathlib import Path
 
 from .config import EXPERIMENTS
@@ -18,41 +21,71 @@ LARGEST_IMAGE = 1024  # the decoded-image cache holds squares of 8/7 of this sid
 PATCH = {"vit_b_16": 16}
 
 
-class PreflightError(ValueError):
-    """An argument that cannot work; the message names it and says what would."""
+class InputError(ValueError):
+    """An argument, file or folder that cannot be used; the message names it and says why."""
+
+
+def require(condition: bool, message: str) -> None:
+    """Refuse with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise InputError(message)
+
+
+def writable_folder(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a folder this process can write into, created if missing; ``what`` names it in the
+    message (e.g. ``--out``). Checked before any work, so a read-only or mistyped output never costs a run."""
+    path = Path(path)
+    require(not path.exists() or path.is_dir(), f"{what} {str(path)!r} is a file, not a folder; give a folder.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise InputError(f"cannot write into {what} {str(path)!r} ({error.strerror or error}); "
+                         "choose a folder you can write to.") from None
+    return path
+
+
+def writable_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a file that can be written later: not a folder, in a folder that can be written."""
+    path = Path(path)
+    require(not path.is_dir(), f"{what} {str(path)!r} is a folder, not a file name.")
+    writable_folder(path.parent, f"the folder of {what}")
+    return path
 
 
 def check_device(device: str | None) -> None:
     if device is not None and not DEVICE.fullmatch(device):
-        raise PreflightError(f"--device {device!r} is not a device; use cuda, cuda:N, mps or cpu.")
+        raise InputError(f"--device {device!r} is not a device; use cuda, cuda:N, mps or cpu.")
 
 
 def check_image_size(size: int, arch: str) -> None:
     """The sizes a backbone can take: within [32, 1024] pixels, and a whole number of ViT patches."""
-    if not SMALLEST_IMAGE <= size <= LARGEST_IMAGE:
-        raise PreflightError(f"--image-size {size} is outside {SMALLEST_IMAGE}-{LARGEST_IMAGE} pixels; "
-                             "smaller images leave a backbone next to nothing to see, larger ones do not fit the image cache.")
+    require(SMALLEST_IMAGE <= size <= LARGEST_IMAGE,
+            f"--image-size {size} is outside {SMALLEST_IMAGE}-{LARGEST_IMAGE} px: below {SMALLEST_IMAGE} a {arch} "
+            f"sees a single feature pixel and learns nothing, above {LARGEST_IMAGE} the decoded images do not fit "
+            "in memory.")
     patch = PATCH.get(arch)
-    if patch and size % patch:
-        raise PreflightError(f"--image-size {size} is not a multiple of {arch}'s {patch}-pixel patches; "
-                             f"try {max(patch, size // patch * patch)}.")
+    require(not patch or size % patch == 0,
+            f"--image-size {size} does not suit {arch}: it cuts the image into {patch} px patches, so the size "
+            f"must be a multiple of {patch} (e.g. {max(2, round(size / (patch or 1))) * (patch or 1)}).")
 
 
 def check_output_folder(out: str | os.PathLike, flag: str = "--out") -> None:
     """``out`` is (or can become) a folder this process may write into."""
     path = Path(out).expanduser()
     if path.exists() and not path.is_dir():
-        raise PreflightError(f"{flag} {str(path)!r} is a file; give a folder.")
+        raise InputError(f"{flag} {str(path)!r} is a file, not a folder; give a folder.")
     existing = next(p for p in (path, *path.absolute().parents) if p.exists())
     if not existing.is_dir():
-        raise PreflightError(f"{flag} {str(path)!r} cannot be written ({str(existing)!r} is a file).")
+        raise InputError(f"{flag} {str(path)!r} cannot be written ({str(existing)!r} is a file).")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise PreflightError(f"{flag} {str(path)!r} cannot be written ({str(existing)!r} is not writable).")
+        raise InputError(f"{flag} {str(path)!r} cannot be written ({str(existing)!r} is not writable).")
 
 
 def check_output_file(path: str | os.PathLike | None, flag: str) -> None:
     if path is not None and Path(path).is_dir():
-        raise PreflightError(f"{flag} {str(path)!r} is a folder; give a file name.")
+        raise InputError(f"{flag} {str(path)!r} is a folder, not a file name.")
     if path is not None:
         check_output_folder(Path(path).expanduser().absolute().parent, flag)
 
@@ -61,13 +94,13 @@ def check_checkpoint(path: str | os.PathLike, export_folder_allowed: bool) -> No
     """A checkpoint file (or, where allowed, a folder written by ``cxr export``) that exists."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise PreflightError(f"--checkpoint {str(path)!r} does not exist; train one first (`cxr train EXPERIMENT` "
+        raise InputError(f"--checkpoint {str(path)!r} does not exist; train one first (`cxr train EXPERIMENT` "
                              "writes OUT/EXPERIMENT/checkpoints/best.pt).")
     if path.is_dir() and not export_folder_allowed:
-        raise PreflightError(f"--checkpoint {str(path)!r} is a folder (an export?); this command needs the "
+        raise InputError(f"--checkpoint {str(path)!r} is a folder (an export?); this command needs the "
                              "checkpoint file written by cxr train (OUT/EXPERIMENT/checkpoints/best.pt).")
     if path.is_file() and not os.access(path, os.R_OK):
-        raise PreflightError(f"--checkpoint {str(path)!r} cannot be read (permissions).")
+        raise InputError(f"--checkpoint {str(path)!r} cannot be read (permissions).")
 
 
 def check_data_dir(data_dir: str | None) -> None:
@@ -77,7 +110,7 @@ def check_data_dir(data_dir: str | None) -> None:
         try:
             locate_dataset(data_dir)
         except DatasetError as error:
-            raise PreflightError(str(error)) from None
+            raise InputError(str(error)) from None
 
 
 def check_arguments(args: argparse.Namespace) -> None:

@@ -24,7 +24,10 @@ from .cache import default_cache_dir
 def select_device(name: str | None = None) -> torch.device:
     """The requested device, or the best available one: cuda, then mps, then cpu."""
     if name and name != "auto":
-        device = torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:  # torch's own text lists every backend it was built with
+            raise ValueError(f"--device {name!r} is not a device; use cuda, mps, cpu or cuda:N.") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda was requested but no CUDA GPU is available; use --device cpu "
                              "(or leave --device out to use the best device present).")

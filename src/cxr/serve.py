@@ -27,6 +27,9 @@ from .runtime import Runtime
 # The model's input is small (224 px, 32 in tests): show it as large as its box, pixels as squares.
 CSS = "#cam img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}"
 INSTALL_HINT = "uv sync --extra demo"
+# Uploads larger than this are refused by Gradio before they are stored (HTTP 413): an uncompressed 16-bit
+# 3000 x 3000 DICOM radiograph is 18 MB, so 64 MB leaves room without letting anyone fill the disk or memory.
+MAX_UPLOAD_BYTES = 64 * 2**20
 
 
 class ServeError(RuntimeError):
@@ -55,8 +58,9 @@ class Predictor:
 
     @classmethod
     def load(cls, checkpoint: str | os.PathLike, device: str | None = None) -> "Predictor":
+        runtime = Runtime.create(device, progress=False)  # a bad --device is refused before the model loads
         model, classes, prep = load_for_inference(checkpoint)
-        return cls(model, classes, prep, Runtime.create(device, progress=False), Path(checkpoint).name)
+        return cls(model, classes, prep, runtime, Path(checkpoint).name)
 
     def classify(self, path: str | os.PathLike) -> tuple[dict[str, float], np.ndarray]:
         """Every class's probability and the image beside its Grad-CAM (uint8 RGB); ValueError with the
@@ -115,14 +119,15 @@ def build_demo(predictor: Predictor) -> Any:
 
 
 def serve(checkpoint: str | os.PathLike, host: str = "127.0.0.1", port: int | None = None,
-          device: str | None = None, block: bool = True) -> Any:
+          device: str | None = None, block: bool = True, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> Any:
     """Load the checkpoint and start the page; blocks until Ctrl-C unless ``block`` is False (then call
-    ``.close()`` on the returned demo). Raises ServeError or CheckpointError."""
+    ``.close()`` on the returned demo). Uploads over ``max_upload_bytes`` are refused. Raises ServeError or
+    CheckpointError."""
     import_gradio()
     demo = build_demo(Predictor.load(checkpoint, device))
     try:
         demo.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=True, quiet=True,
-                    show_error=True, footer_links=["api", "settings"], css=CSS)
+                    show_error=True, footer_links=["api", "settings"], css=CSS, max_file_size=max_upload_bytes)
     except OSError as error:
         where = f"{host}:{port}" if port else f"{host} (ports 7860-7959)"
         raise ServeError(f"cannot listen on {where}: the port is taken or the address is not this machine's "

@@ -3,6 +3,7 @@ and write every asset. The CLI and the notebooks are thin front ends over these 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -18,14 +19,15 @@ import numpy as np
 import torch
 from scipy.special import softmax
 
-from . import distributed, reporting, uncertainty
+from . import distributed, reporting, runlock, uncertainty
 from .audit import audit_summary, audit_training_splits
-from .checkpoint import load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint
 from .config import Experiment, experiment_from_dict, get_experiment
 from .data import CLASSES, DataSplits, load_splits, locate_dataset, warn_skipped
 from .engine import build_dataset, fit, make_deterministic, make_loader, predict
 from .inference import load_trained_model  # noqa: F401 (re-exported: workflow.load_trained_model)
 from .models import Classifier
+from .preflight import check_image_size
 from .provenance import dataset_info, git_commit  # noqa: F401 (re-exported)
 from .runtime import Runtime, device_name
 from .tensorboard_log import RunLog
@@ -182,6 +184,7 @@ def train_experiment(
     writes every file, the other ranks return only the test metrics."""
     started = time.perf_counter()
     experiment = get_experiment(name, **overrides)
+    check_image_size(experiment.image_size, experiment.arch)
     if deterministic:
         make_deterministic()
     runtime = runtime or Runtime.create(device, workers=workers, compile=compile, cache=cache, cache_dir=cache_dir,
@@ -190,15 +193,27 @@ def train_experiment(
     runtime = runtime.replace(device=distributed.setup(runtime.device))
     main_rank = distributed.is_main()
     out_dir = Path(out) / experiment.name
+    # The folder is held before the data is scanned: a second run into it, or an --out that cannot be
+    # written, is refused at once, not after the audit.
     replaced = None if resume or not main_rank else results_replaced(out_dir, experiment, device_name(runtime.device))
     if replaced:
         warnings.warn(replaced, stacklevel=2)
-    splits = splits or prepare_data(data_dir, val_source=val_source, seed=seed)
-    if main_rank:  # the audit reads every file: one process is enough
-        data_audit = audit_training_splits(splits, runtime.progress, runtime.cache_dir)
-        for message in data_audit["warnings"]:
-            warnings.warn(message, stacklevel=2)
-        out_dir.mkdir(parents=True, exist_ok=True)
+    with runlock.hold_folder(out_dir, "cxr train") if main_rank else contextlib.nullcontext():
+        splits = splits or prepare_data(data_dir, val_source=val_source, seed=seed)
+        if main_rank:  # the audit reads every file: one process is enough
+            data_audit = audit_training_splits(splits, runtime.progress, runtime.cache_dir)
+            for message in data_audit["warnings"]:
+                warnings.warn(message, stacklevel=2)
+        return _train_and_report(experiment, splits, out_dir, runtime, data_audit if main_rank else None, seed,
+                                 resume, tensorboard, on_epoch_end, deterministic, started)
+
+
+def _train_and_report(experiment: Experiment, splits: DataSplits, out_dir: Path, runtime: Runtime,
+                      data_audit: dict[str, Any] | None, seed: int, resume: bool, tensorboard: bool,
+                      on_epoch_end: Callable[[list[dict[str, float]]], None] | None, deterministic: bool,
+                      started: float) -> dict[str, Any]:
+    """:func:`train_experiment` once the folder is held and the data audited: fit, evaluate, write metrics.json."""
+    main_rank = distributed.is_main()
     board = RunLog(out_dir / "tensorboard", resume) if main_rank and tensorboard else None
     result = fit(experiment, splits, out_dir, runtime, seed=seed, resume=resume,
                  on_epoch_end=board.on_epoch_end(on_epoch_end) if board else on_epoch_end)
@@ -252,6 +267,8 @@ def evaluate_checkpoint(
     config = experiment_from_dict(state["experiment"])
     runtime = runtime or Runtime.create(device, cache=cache, cache_dir=cache_dir, progress=progress)
     runtime = runtime.replace(device=distributed.setup(runtime.device))
-    splits = prepare_data(data_dir, seed=state.get("seed", 42))
-    metrics = evaluate_model(model, config, splits, Path(out) / config.name, runtime, state["preprocessing"], tta)
+    out_dir = Path(out) / config.name
+    with runlock.hold_folder(out_dir, "cxr evaluate") if distributed.is_main() else contextlib.nullcontext():
+        splits = prepare_data(data_dir, seed=state.get("seed", 42))
+        metrics = evaluate_model(model, config, splits, out_dir, runtime, state["preprocessing"], tta)
     return {"experiment": config.name, **metrics}
