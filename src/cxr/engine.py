@@ -15,13 +15,12 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from sklearn.metrics import balanced_accuracy_score, f1_score
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, metrics
 from .checkpoint import CheckpointError, CheckpointWriter, load_checkpoint
 from .config import Experiment
 from .augment import BatchTransform, DeviceDataset, DeviceLoader, EvalTransform, TrainAugment
@@ -231,13 +230,10 @@ def gather_shards(loader: DataLoader | DeviceLoader, *tensors: torch.Tensor) -> 
 
 
 def summarize(logits: np.ndarray, labels: np.ndarray, criterion: nn.Module | None = None) -> dict[str, float]:
-    """Loss, accuracy, macro-F1 and balanced accuracy of a set of predictions."""
+    """Loss and the summary metrics of the table (:mod:`cxr.metrics`) that hard predictions give."""
     predictions = logits.argmax(1)
-    result = {
-        "accuracy": float((predictions == labels).mean()),
-        "macro_f1": float(f1_score(labels, predictions, average="macro", labels=range(logits.shape[1]), zero_division=0)),
-        "balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),
-    }
+    confusion = metrics.confusion(labels, predictions, logits.shape[1])
+    result = {m.name: float(m.function(confusion)) for m in metrics.summary_metrics() if not m.needs_probabilities}
     if criterion is not None:
         result["loss"] = float(criterion(torch.from_numpy(logits), torch.from_numpy(labels).long()))
     return result
@@ -512,7 +508,7 @@ class EpochRunner:
             raise TrainingError(f"Training loss became {train['loss']} in epoch {epoch + 1}")
         val = evaluate(self.pipeline.val_module, self.val_loader, self.val_criterion, self.runtime, "val")
         return {"epoch": epoch + 1, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
-                "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
+                "val_loss": val["loss"], **{f"val_{m.name}": val[m.name] for m in metrics.METRICS if m.history},
                 "lr": state.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started}
 
 

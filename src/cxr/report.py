@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from . import metrics as table
 from .config import EXPERIMENTS
 from .data import CLASSES
 
@@ -136,22 +137,43 @@ def figure_links(metrics: dict[str, Any], base: Path) -> str:
     return ", ".join(links) if links else "none"
 
 
+def score_cells(test: dict[str, Any]) -> list[str]:
+    """One table row's scores: every metric of :mod:`cxr.metrics`, per class for per-class ones."""
+    cells = [format_score(table.summary_value(test, m), table.summary_interval(test, m))
+             for m in table.summary_metrics()]
+    cells += [format_score(table.summary_value(test, m, c), table.summary_interval(test, m, c))
+              for m in table.class_metrics() for c in CLASSES]
+    return cells
+
+
 def scores_table(runs: Sequence[dict[str, Any]]) -> str:
-    """Test-split scores per experiment, with 95% bootstrap intervals where metrics.json has them."""
-    header = ["experiment", "accuracy", "macro-F1", "balanced accuracy", *(f"recall {c}" for c in CLASSES)]
+    """Test-split scores per experiment, with 95% bootstrap intervals where metrics.json has them; a run's
+    external evaluations (``external`` rows, read beside its metrics.json) follow it, marked as such."""
+    header = ["experiment", *(m.label for m in table.summary_metrics()),
+              *(f"{m.label} {c}" for m in table.class_metrics() for c in CLASSES)]
     rows = []
     for metrics in runs:
-        test = metrics["test"]
-        ci95 = test.get("ci95") or {}
-        per_class = test.get("per_class", {})
-        rows.append([
-            f"`{_name(metrics)}`",
-            format_score(test.get("accuracy"), interval(ci95, "accuracy")),
-            format_score(test.get("macro_f1"), interval(ci95, "macro_f1")),
-            format_score(test.get("balanced_accuracy"), interval(ci95, "balanced_accuracy")),
-            *(format_score(per_class.get(c, {}).get("recall"), recall_interval(ci95, c)) for c in CLASSES),
-        ])
+        rows.append([f"`{_name(metrics)}`", *score_cells(metrics["test"])])
+        for label, test in external_rows(metrics):
+            rows.append([f"`{_name(metrics)}` {label}", *score_cells(test)])
     return _markdown_table(header, rows)
+
+
+def external_results(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run's external evaluations: ``external/<folder>/metrics.json`` beside its metrics.json, by folder."""
+    folder = Path(metrics["_path"]).parent / "external"
+    return [json.loads(path.read_text()) for path in sorted(folder.glob("*/metrics.json"))]
+
+
+def external_rows(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, test section) per external evaluation, and again without the images that overlap training."""
+    rows = []
+    for result in external_results(metrics):
+        name = result.get("external", {}).get("folder", "?")
+        rows.append((f"**external** `{name}`", result["test"]))
+        if result.get("test_without_overlaps") is not None:
+            rows.append((f"**external** `{name}`, training overlaps removed", result["test_without_overlaps"]))
+    return rows
 
 
 def runs_table(runs: Sequence[dict[str, Any]], base: Path) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import os
 import platform
 import subprocess
@@ -24,6 +25,8 @@ from .checkpoint import load_checkpoint
 from .config import Experiment, experiment_from_dict, get_experiment
 from .data import CLASSES, KAGGLE_HANDLE, DataSplits, load_splits, locate_dataset, warn_skipped
 from .engine import build_dataset, fit, make_deterministic, make_loader, predict
+from .metrics import operating_points, who_tb_screening
+from .model_card import CARD_FILE, write_model_card
 from .models import Classifier, build_model
 from .runtime import Runtime, device_name
 from .tensorboard_log import RunLog
@@ -37,6 +40,8 @@ ASSET_FILES = {
     "history": "history.csv",
     "metrics": "metrics.json",
     "reliability": "reliability.png",
+    "roc": "roc.png",
+    "model_card": CARD_FILE,
     "cam": "cam.png",
 }
 
@@ -89,8 +94,15 @@ def uncertainty_report(
     val_loader = make_loader(val_set, experiment.batch_size, False, runtime)
     val_logits, val_labels = predict(model, val_loader, runtime, "val")
     title = f"{experiment.name}: test split"
+    probabilities = softmax(logits.astype(np.float64), axis=1)
+    points = operating_points(val_labels, softmax(val_logits.astype(np.float64), axis=1), labels,
+                                      probabilities, CLASSES)
+    plt.close(reporting.plot_roc(labels, probabilities, CLASSES, out_dir / ASSET_FILES["roc"],
+                                 f"{title}: ROC (dots: operating points fixed on validation)", points))
     report = {
-        "ci95": uncertainty.bootstrap_ci(labels, logits.argmax(1), CLASSES),
+        "ci95": uncertainty.bootstrap_ci(labels, logits.argmax(1), CLASSES, probabilities=probabilities),
+        "operating_points": points,
+        "who_tb_screening": who_tb_screening(points),
         "ece": uncertainty.calibration_report(logits, labels, out_dir / ASSET_FILES["reliability"], title),
         "logit_adjusted": uncertainty.logit_adjustment_report(val_logits, val_labels, logits, labels,
                                                               splits.train.labels, CLASSES),
@@ -234,6 +246,7 @@ def train_experiment(
         "files": {k: v for k, v in ASSET_FILES.items()},
     }
     reporting.write_json(metrics, out_dir / ASSET_FILES["metrics"])
+    write_model_card(out_dir, metrics)
     if board is not None:
         test_logits = np.load(out_dir / "test_logits.npz")
         board.finish(metrics, test_logits["labels"], test_logits["logits"].argmax(1))
@@ -263,4 +276,21 @@ def evaluate_checkpoint(
     runtime = runtime or Runtime.create(device, cache=cache, cache_dir=cache_dir, progress=progress)
     runtime = runtime.replace(device=distributed.setup(runtime.device))
     splits = prepare_data(data_dir, seed=state.get("seed", 42))
-    return evaluate_model(model, config, splits, Path(out) / config.name, runtime, state["preprocessing"], tta)
+    out_dir = Path(out) / config.name
+    test = evaluate_model(model, config, splits, out_dir, runtime, state["preprocessing"], tta)
+    if distributed.is_main():
+        write_model_card(out_dir, evaluated_metrics(out_dir, state, checkpoint, splits, test))
+    return test
+
+
+def evaluated_metrics(out_dir: Path, state: dict[str, Any], checkpoint: str | os.PathLike, splits: DataSplits,
+                      test: dict[str, Any]) -> dict[str, Any]:
+    """What the model card of ``cxr evaluate`` reads: the run's metrics.json where ``out_dir`` holds one
+    (its recipe and checks), with this evaluation's test scores, checkpoint and dataset in place."""
+    path = out_dir / ASSET_FILES["metrics"]
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    config = state["experiment"]
+    return {**saved, "experiment": config["name"], "config": config, "weights": config.get("weights"),
+            "seed": state.get("seed"), "dataset": dataset_info(splits), "evaluated_checkpoint": str(checkpoint),
+            "git_commit": git_commit(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "test": test}
