@@ -100,7 +100,7 @@ def limitations(metrics: dict[str, Any]) -> list[str]:
         "Each class comes from its own sources (see Data): the scores may reflect the source, not the disease.",
         "NORMAL and PNEUMONIA are children's images, COVID19 and TUBERCULOSIS adults': the model has never "
         "seen a healthy adult or an adult with bacterial pneumonia.",
-        f"The test split holds {test.get('images') or sum(v['support'] for v in test['per_class'].values())} "
+        f"The test split holds {sum(v.get('support', 0) for v in test.get('per_class', {}).values()) or 'few'} "
         "images from the same sources as training; the bootstrap intervals say how much the scores could move.",
     ]
     baseline = metrics.get("shortcut_baseline")

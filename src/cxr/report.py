@@ -137,26 +137,36 @@ def figure_links(metrics: dict[str, Any], base: Path) -> str:
     return ", ".join(links) if links else "none"
 
 
-def score_cells(test: dict[str, Any]) -> list[str]:
-    """One table row's scores: every metric of :mod:`cxr.metrics`, per class for per-class ones."""
+def reported(tests: Sequence[dict[str, Any]]) -> list[table.Metric]:
+    """The table's metrics that at least one test section holds (files from before a metric existed
+    lack it), so adding a metric changes no README until a run measures it."""
+    def holds(test: dict[str, Any], metric: table.Metric) -> bool:
+        if metric.per_class:
+            return any(metric.name in scores for scores in test.get("per_class", {}).values())
+        return metric.name in test
+
+    return [m for m in table.METRICS if any(holds(test, m) for test in tests)]
+
+
+def score_cells(test: dict[str, Any], shown: Sequence[table.Metric]) -> list[str]:
+    """One table row's scores: each shown metric, per class for per-class ones."""
     cells = [format_score(table.summary_value(test, m), table.summary_interval(test, m))
-             for m in table.summary_metrics()]
+             for m in shown if not m.per_class]
     cells += [format_score(table.summary_value(test, m, c), table.summary_interval(test, m, c))
-              for m in table.class_metrics() for c in CLASSES]
+              for m in shown if m.per_class for c in CLASSES]
     return cells
 
 
 def scores_table(runs: Sequence[dict[str, Any]]) -> str:
     """Test-split scores per experiment, with 95% bootstrap intervals where metrics.json has them; a run's
-    external evaluations (``external`` rows, read beside its metrics.json) follow it, marked as such."""
-    header = ["experiment", *(m.label for m in table.summary_metrics()),
-              *(f"{m.label} {c}" for m in table.class_metrics() for c in CLASSES)]
-    rows = []
-    for metrics in runs:
-        rows.append([f"`{_name(metrics)}`", *score_cells(metrics["test"])])
-        for label, test in external_rows(metrics):
-            rows.append([f"`{_name(metrics)}` {label}", *score_cells(test)])
-    return _markdown_table(header, rows)
+    external evaluations (``external/<folder>/metrics.json`` beside its metrics.json) follow it, marked."""
+    labelled = [(f"`{_name(m)}`", m["test"]) for m in runs]
+    labelled = [row for run, own in zip(runs, labelled) for row in
+                [own, *((f"`{_name(run)}` {label}", test) for label, test in external_rows(run))]]
+    shown = reported([test for _, test in labelled])
+    header = ["experiment", *(m.label for m in shown if not m.per_class),
+              *(f"{m.label} {c}" for m in shown if m.per_class for c in CLASSES)]
+    return _markdown_table(header, [[label, *score_cells(test, shown)] for label, test in labelled])
 
 
 def external_results(metrics: dict[str, Any]) -> list[dict[str, Any]]:
