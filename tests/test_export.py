@@ -160,7 +160,7 @@ def test_refuses_an_existing_folder_unless_forced(exported, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(checkpoint), "--out", str(other), "--force"]) == 1
     assert "is not an export folder" in capsys.readouterr().err and (other / "keep.txt").read_text() == "mine"
     assert main(["export", "--checkpoint", str(checkpoint), "--out", str(folder), "--force"]) == 0
-    assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.onnx", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.onnx", "model.safetensors", "model_card.md"]
     assert load_export(folder)[1]["classes"] == list(CLASSES)
 
 
