@@ -158,7 +158,7 @@ def _print_metrics(metrics: dict, out: str, name: str) -> None:
     intervals = test.get("ci95", {})
 
     def score(metric) -> str:
-        value, interval = table.summary_value(test, metric), table.summary_interval(test, metric)
+        value, interval = table.stored_value(test, metric), table.stored_interval(test, metric)
         if value is None:
             return "undefined"
         return f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")

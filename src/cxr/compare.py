@@ -37,12 +37,12 @@ def metric_table(metrics: dict[str, Any]) -> dict[str, tuple[float | None, list[
     """``{label: (point, [lo, hi] or None)}`` for every metric of the table, per class as ``label\nclass``
     (those a metrics.json from before a metric existed lacks are left out)."""
     test = metrics["test"]
-    rows = {figure_label(m): (table.summary_value(test, m), table.summary_interval(test, m))
+    rows = {figure_label(m): (table.stored_value(test, m), table.stored_interval(test, m))
             for m in table.summary_metrics() if m.name in test}
     for m in table.class_metrics():
         for name, scores in test.get("per_class", {}).items():
             if m.name in scores:
-                rows[f"{m.label}\n{name}"] = (scores[m.name], table.summary_interval(test, m, name))
+                rows[f"{m.label}\n{name}"] = (scores[m.name], table.stored_interval(test, m, name))
     return rows
 
 

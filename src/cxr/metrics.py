@@ -228,7 +228,7 @@ def who_tb_sentence(check: dict[str, Any] | None) -> str:
             "target for TB screening tools (sensitivity >= 0.90 and specificity >= 0.70).")
 
 
-def summary_value(test: dict[str, Any], metric: Metric, name: str | None = None) -> float | None:
+def stored_value(test: dict[str, Any], metric: Metric, name: str | None = None) -> float | None:
     """A metric's point value in a ``metrics.json`` test section: ``test[name]`` for a summary metric,
     ``test["per_class"][class][name]`` for a per-class one (missing in files from before it existed)."""
     if not metric.per_class:
@@ -236,7 +236,7 @@ def summary_value(test: dict[str, Any], metric: Metric, name: str | None = None)
     return (test.get("per_class", {}).get(name) or {}).get(metric.name)
 
 
-def summary_interval(test: dict[str, Any], metric: Metric, name: str | None = None) -> Sequence[float] | None:
+def stored_interval(test: dict[str, Any], metric: Metric, name: str | None = None) -> Sequence[float] | None:
     """A metric's bootstrap interval in a ``metrics.json`` test section, or None."""
     value: Any = (test.get("ci95") or {}).get(metric.name)
     if metric.per_class:

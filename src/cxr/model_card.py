@@ -40,7 +40,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def metrics_lines(test: dict[str, Any]) -> list[str]:
     """The table's metrics with intervals, per-class scores with the operating points, and the WHO check."""
     lines = _table(["metric", "value (95% bootstrap interval)"],
-                   [[m.label, _score(table.summary_value(test, m), table.summary_interval(test, m))]
+                   [[m.label, _score(table.stored_value(test, m), table.stored_interval(test, m))]
                     for m in table.summary_metrics() if m.name in test])
     points = test.get("operating_points") or {}
     header = ["class", *(m.label for m in table.class_metrics())]
@@ -48,7 +48,7 @@ def metrics_lines(test: dict[str, Any]) -> list[str]:
         header += ["threshold (val, 90% sensitivity)", "test sensitivity", "test specificity"]
     rows = []
     for name in CLASSES:
-        row = [name, *(_score(table.summary_value(test, m, name), table.summary_interval(test, m, name))
+        row = [name, *(_score(table.stored_value(test, m, name), table.stored_interval(test, m, name))
                        for m in table.class_metrics())]
         if points:
             point = points.get(name) or {}

@@ -252,7 +252,7 @@ def conclusion_text(metrics: dict[str, Any]) -> str:
     sizes = {split: sum(counts.values()) for split, counts in metrics["dataset"]["counts"].items()}
     stop = ", stopped early by the validation monitor" if metrics.get("stopped_early") else ""
 
-    scores = ", ".join(f"{m.label} **{format_score(table.summary_value(test, m), table.summary_interval(test, m))}**"
+    scores = ", ".join(f"{m.label} **{format_score(table.stored_value(test, m), table.stored_interval(test, m))}**"
                        for m in table.summary_metrics() if m.name in test)
     lines = [
         f"**{metrics['experiment']}** on `{metrics['dataset']['name']}` "

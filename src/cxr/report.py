@@ -150,9 +150,9 @@ def reported(tests: Sequence[dict[str, Any]]) -> list[table.Metric]:
 
 def score_cells(test: dict[str, Any], shown: Sequence[table.Metric]) -> list[str]:
     """One table row's scores: each shown metric, per class for per-class ones."""
-    cells = [format_score(table.summary_value(test, m), table.summary_interval(test, m))
+    cells = [format_score(table.stored_value(test, m), table.stored_interval(test, m))
              for m in shown if not m.per_class]
-    cells += [format_score(table.summary_value(test, m, c), table.summary_interval(test, m, c))
+    cells += [format_score(table.stored_value(test, m, c), table.stored_interval(test, m, c))
               for m in shown if m.per_class for c in CLASSES]
     return cells
 

@@ -87,9 +87,10 @@ def uncertainty_report(
     model: Classifier, experiment: Experiment, splits: DataSplits, out_dir: Path, runtime: Runtime,
     preprocessing: dict[str, Any], logits: np.ndarray, labels: np.ndarray, tta: bool = False,
 ) -> dict[str, Any]:
-    """What goes beside the test metrics: bootstrap 95% intervals, calibration (ECE and a reliability
-    diagram), logit adjustment with its strength chosen on the validation split, test-time augmentation
-    (with ``tta``) and the Grad-CAM grid."""
+    """What goes beside the test metrics: bootstrap 95% intervals (AUROC included), each class's operating
+    point fixed on the validation split (90% sensitivity) with the WHO TB check and the ROC figure,
+    calibration (ECE and a reliability diagram), logit adjustment with its strength chosen on the validation
+    split, test-time augmentation (with ``tta``) and the Grad-CAM grid."""
     val_set, _, _ = build_dataset(splits.val, experiment, preprocessing, runtime, False, "decode val")
     val_loader = make_loader(val_set, experiment.batch_size, False, runtime)
     val_logits, val_labels = predict(model, val_loader, runtime, "val")
@@ -267,8 +268,8 @@ def evaluate_checkpoint(
     out: str | os.PathLike = "assets", device: str | None = None, progress: bool = True, tta: bool = False,
     cache: bool = True, cache_dir: str | os.PathLike | None = None, runtime: Runtime | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a saved checkpoint on the test split and write the report files into ``out/<name>/``
-    (with ``tta``, also the test-time augmentation results). ``cache``: read the images through the
+    """Evaluate a saved checkpoint on the test split and write the report files and the model card into
+    ``out/<name>/`` (with ``tta``, also the test-time augmentation results). ``cache``: read the images through the
     decoded-image cache; ``runtime``, when given, replaces ``device``, ``progress``, ``cache``
     and ``cache_dir``."""
     model, state = load_trained_model(checkpoint, experiment)
