@@ -250,7 +250,8 @@ def _better(monitor: str, value: float, best: float | None) -> bool:
     """Whether ``value`` of the monitored history column improves on ``best`` (the table says which way)."""
     if best is None:
         return True
-    lower = monitor == "val_loss" or any(monitor == f"val_{m.name}" and not m.higher_is_better for m in metrics.METRICS)
+    lower = monitor == "val_loss" or any(monitor == f"val_{m.name}" and not m.higher_is_better
+                                         for m in metrics.METRICS)
     return value < best if lower else value > best
 
 

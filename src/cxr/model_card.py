@@ -138,7 +138,8 @@ def model_card_text(metrics: dict[str, Any], external: list[dict[str, Any]] | No
     ]
     for key, title in (("shortcut_baseline", "Baseline that never sees the anatomy"),
                        ("shortcuts", "Masked evaluation and saliency")):
-        lines += [f"### {title}", ""] + (_checks_lines(metrics[key]) if metrics.get(key) else ["Not computed for this run."])
+        found = _checks_lines(metrics[key]) if metrics.get(key) else ["Not computed for this run."]
+        lines += [f"### {title}", "", *found]
         lines.append("")
     lines += ["## External validation", "", *external_lines(external or []), "## Known limitations", "",
               *limitations(metrics), ""]
