@@ -136,3 +136,8 @@ def test_cli_bad_external_folder_is_one_error_line(checkpoint, tmp_path, capsys)
                  "--device=cpu", "--quiet"])
     assert code == 1
     assert capsys.readouterr().err.startswith("error: no class folder in")
+
+
+def test_tta_is_refused_with_external_rather_than_ignored(checkpoint, tmp_path, capsys):
+    assert main(["evaluate", "resnet50_full", f"--checkpoint={checkpoint}", f"--external={tmp_path}", "--tta"]) == 1
+    assert capsys.readouterr().err.startswith("error: --tta is not available with --external")

@@ -221,6 +221,10 @@ def _audit(args: argparse.Namespace) -> int:
 def _external(args: argparse.Namespace) -> int:
     from .external import evaluate_external
 
+    if args.tta:
+        print("error: --tta is not available with --external; evaluate the external folder without it.",
+              file=sys.stderr)
+        return 1
     result = evaluate_external(args.checkpoint, args.external, args.experiment, data_dir=args.data_dir, out=args.out,
                                device=args.device, progress=not args.quiet, cache=args.cache,
                                cache_dir=args.cache_dir)
