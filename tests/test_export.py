@@ -19,6 +19,7 @@ from cxr.cli import main
 from cxr.config import EXPERIMENTS, get_experiment
 from cxr.data import CLASSES, build_transforms, load_image, load_splits
 from cxr.export import export_model, load_export, load_for_inference
+from cxr.model_card import write_model_card
 from cxr.models import Classifier, build_model, estimate_batchnorm_statistics, preprocessing
 from cxr.predict import run_predict
 
@@ -49,6 +50,7 @@ def write_run(folder, name: str):
     metrics = {"config": experiment.to_dict(), "best_epoch": 1, "git_commit": "0123456789ab",
                "test": {"accuracy": 0.5, "macro_f1": 0.4}, "dataset": {"name": "synthetic"}}
     (folder / "metrics.json").write_text(json.dumps(metrics))
+    write_model_card(folder)
     return checkpoint
 
 
@@ -129,6 +131,17 @@ def test_model_json_says_how_to_use_the_onnx_file_without_this_package(exported)
     assert sorted(p.name for p in folder.parent.iterdir()) == ["export", "run"]  # no temporary folder left
 
 
+def test_the_run_model_card_goes_into_the_export(tmp_path):
+    checkpoint = write_run(tmp_path / "run", "resnet50_full")
+    description = export_model(checkpoint, tmp_path / "export")
+    card = (tmp_path / "export" / "model_card.md").read_text()
+    assert description["model_card"] == "model_card.md" and card == (tmp_path / "run" / "model_card.md").read_text()
+    assert "Not for diagnosis" in card
+    (tmp_path / "run" / "model_card.md").unlink()
+    assert export_model(checkpoint, tmp_path / "export", force=True)["model_card"] is None
+    assert not (tmp_path / "export" / "model_card.md").exists()
+
+
 def test_model_json_leaves_out_metrics_of_another_run(tmp_path):
     checkpoint = write_run(tmp_path / "run", "resnet50_full")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -161,7 +174,7 @@ def test_refuses_an_existing_folder_unless_forced(exported, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(checkpoint), "--out", str(other), "--force"]) == 1
     assert "is not an export folder" in capsys.readouterr().err and (other / "keep.txt").read_text() == "mine"
     assert main(["export", "--checkpoint", str(checkpoint), "--out", str(folder), "--force"]) == 0
-    assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.onnx", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["model.json", "model.onnx", "model.safetensors", "model_card.md"]
     assert load_export(folder)[1]["classes"] == list(CLASSES)
 
 

@@ -174,3 +174,26 @@ def test_report_says_which_rows_it_replaced(project, capsys):
     out = capsys.readouterr().out
     assert "replaced the rows of resnet50_full" in out
     assert "removed the rows of resnet152_head" in out
+
+
+def test_auroc_columns_and_external_rows_marked_as_such(project):
+    run_dir = project / "assets" / "resnet50_full"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["test"]["roc_auc_ovr"] = 0.9012
+    for number, name in enumerate(CLASSES):
+        metrics["test"]["per_class"][name]["auroc"] = 0.8 + number / 100
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    external = {"external": {"folder": "elsewhere"}, "test": {**metrics["test"], "roc_auc_ovr": None, "ci95": {}},
+                "test_without_overlaps": {**metrics["test"], "accuracy": 0.5}}
+    (run_dir / "external" / "elsewhere").mkdir(parents=True)
+    (run_dir / "external" / "elsewhere" / "metrics.json").write_text(json.dumps(external))
+    write_report(project / "assets", project / "README.md")
+    text = (project / "README.md").read_text()
+    first = next(line for line in section(text).splitlines() if line.startswith("| experiment |"))
+    header = [cell.strip() for cell in first.strip("|").split("|")]
+    assert header[4] == "macro AUROC" and header[-4:] == [f"AUROC {c}" for c in CLASSES]
+    assert row(text, "resnet50_full", 0)[4] == "0.901" and row(text, "resnet152_head", 0)[4] == "n/a"
+    assert row(text, "resnet50_full", 0)[-4:] == ["0.800", "0.810", "0.820", "0.830"]
+    external_rows = [line for line in section(text).splitlines() if "**external** `elsewhere`" in line]
+    assert len(external_rows) == 2 and "training overlaps removed" in external_rows[1]
+    assert "| n/a |" in external_rows[0] and "| 0.500 (0.812-0.890) |" in external_rows[1]

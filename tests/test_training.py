@@ -35,7 +35,7 @@ SEED = 3
 TINY = {"epochs": 1, "batch_size": 8, "image_size": 32, "weights": "none"}
 TINY_FLAGS = [*(f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()), "--device=cpu", f"--seed={SEED}", "--quiet"]
 ASSETS = ["curves.png", "confusion_matrix.png", "predictions.png", "classification_report.txt",
-          "classification_report.json", "history.csv", "metrics.json"]
+          "classification_report.json", "history.csv", "metrics.json", "roc.png", "model_card.md"]
 
 
 @dataclass
@@ -128,6 +128,11 @@ def test_metrics_json_has_scores_in_range_and_provenance(run, scanned):
     for key in ("accuracy", "macro_f1", "weighted_f1", "balanced_accuracy"):
         assert in_unit_range(test[key]), key
     assert test["roc_auc_ovr"] is None or in_unit_range(test["roc_auc_ovr"])
+    for name, scores in test["per_class"].items():
+        assert scores["auroc"] is None or in_unit_range(scores["auroc"]), name
+        point = test["operating_points"][name]
+        assert point is None or point["val_sensitivity"] >= 0.9, name
+    assert set(test["ci95"]) >= {"accuracy", "macro_f1", "balanced_accuracy", "roc_auc_ovr", "recall", "auroc"}
     assert {k: v["support"] for k, v in test["per_class"].items()} == scanned.test.counts()
     for scores in test["per_class"].values():
         assert all(in_unit_range(scores[k]) for k in ("precision", "recall", "f1"))

@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(evaluate)
     evaluate.add_argument("--tta", action="store_true",
                           help="also report test-time augmentation (centre crop, whole square, small shifts; each mirrored)")
+    evaluate.add_argument("--external", metavar="DIR",
+                          help="score a folder from elsewhere (class folders, or a test/ split) instead of the test "
+                               "split, after auditing it against the training images (--data-dir); results in "
+                               "OUT/<experiment>/external/<folder name>/")
     _cache_options(evaluate)
 
     predict = commands.add_parser("predict", help="classify image files or folders with a trained checkpoint")
@@ -209,18 +213,22 @@ def _print_experiments() -> None:
 
 
 def _print_metrics(metrics: dict, out: str, name: str) -> None:
+    from . import metrics as table
+
     test = metrics.get("test", metrics)
     intervals = test.get("ci95", {})
 
-    def score(key: str) -> str:
-        interval = intervals.get(key)
-        return f"{test[key]:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+    def score(metric) -> str:
+        value, interval = table.stored_value(test, metric), table.stored_interval(test, metric)
+        if value is None:
+            return "undefined"
+        return f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
 
-    print(
-        f"{name}: test accuracy {score('accuracy')}, macro-F1 {score('macro_f1')}, "
-        f"balanced accuracy {score('balanced_accuracy')}" + (" (95% bootstrap intervals)" if intervals else "")
-        + f"; files in {out}/{name}/"
-    )
+    scores = ", ".join(f"{m.label} {score(m)}" for m in table.summary_metrics())
+    print(f"{name}: test {scores}" + (" (95% bootstrap intervals)" if intervals else "")
+          + f"; files in {out}/{name}/")
+    if test.get("who_tb_screening") is not None or "operating_points" in test:
+        print(table.who_tb_sentence(test.get("who_tb_screening")))
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -270,6 +278,30 @@ def _audit(args: argparse.Namespace) -> int:
     report = audit_dataset(args.data_dir, progress=not args.quiet, cache_dir=args.cache_dir)
     print(format_audit(report))
     print(f"\nFull report: {write_audit(report, args.out)}")
+    return 0
+
+
+def _external(args: argparse.Namespace) -> int:
+    from .external import evaluate_external
+
+    if args.tta:
+        print("error: --tta is not available with --external; evaluate the external folder without it.",
+              file=sys.stderr)
+        return 1
+    result = evaluate_external(args.checkpoint, args.external, args.experiment, data_dir=args.data_dir, out=args.out,
+                               device=args.device, progress=not args.quiet, cache=args.cache,
+                               cache_dir=args.cache_dir)
+    where = f"{result['experiment']}/external/{result['external']['folder']}"
+    for name in result["external"]["ignored_folders"]:
+        print(f"ignored folder (not a class): {name}")
+    for path, matches in result["overlaps"]["files"].items():
+        print(f"overlaps training: {path} = {'; '.join(matches)}")
+    _print_metrics(result, args.out, where)
+    if result["test_without_overlaps"] is not None:
+        print("without the images that overlap training or validation:")
+        _print_metrics({"test": result["test_without_overlaps"]}, args.out, where)
+    if result["overlaps"]["warning"]:
+        print(f"WARNING: {result['overlaps']['warning']}")
     return 0
 
 
@@ -400,6 +432,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             return _audit(args)
         elif args.command == "export":
             return _export(args)
+        elif args.external:
+            return _external(args)
         else:
             metrics = evaluate_checkpoint(args.checkpoint, args.experiment, data_dir=args.data_dir, out=args.out,
                                           device=args.device, progress=not args.quiet, tta=args.tta,

@@ -10,7 +10,13 @@ from typing import Any, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-SUMMARY_METRICS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "balanced_accuracy": "balanced\naccuracy"}
+from . import metrics as table
+
+def figure_label(metric: table.Metric) -> str:
+    return metric.label.replace(" ", "\n")
+
+
+SUMMARY_METRICS = {m.name: figure_label(m) for m in table.summary_metrics()}
 
 
 def read_metrics(path: str | os.PathLike) -> dict[str, Any]:
@@ -28,13 +34,16 @@ def read_metrics(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def metric_table(metrics: dict[str, Any]) -> dict[str, tuple[float | None, list[float] | None]]:
-    """``{label: (point, [lo, hi] or None)}`` for the summary metrics and each class's recall."""
+    """``{label: (point, [lo, hi] or None)}`` for every metric of the table, per class as ``label\nclass``
+    (those a metrics.json from before a metric existed lacks are left out)."""
     test = metrics["test"]
-    intervals = test.get("ci95", {})
-    table = {label: (test[key], intervals.get(key)) for key, label in SUMMARY_METRICS.items()}
-    for name, scores in test.get("per_class", {}).items():
-        table[f"recall\n{name}"] = (scores["recall"], intervals.get("recall", {}).get(name))
-    return table
+    rows = {figure_label(m): (table.stored_value(test, m), table.stored_interval(test, m))
+            for m in table.summary_metrics() if m.name in test}
+    for m in table.class_metrics():
+        for name, scores in test.get("per_class", {}).items():
+            if m.name in scores:
+                rows[f"{m.label}\n{name}"] = (scores[m.name], table.stored_interval(test, m, name))
+    return rows
 
 
 def plot_comparison(paths: Sequence[str | os.PathLike], out_png: str | os.PathLike | None = None) -> plt.Figure:

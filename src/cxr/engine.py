@@ -16,13 +16,12 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from sklearn.metrics import balanced_accuracy_score, f1_score
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, metrics
 from .checkpoint import CheckpointError, CheckpointWriter, load_checkpoint, remove_stale_temporaries
 from .config import Experiment
 from .augment import BatchTransform, DeviceDataset, DeviceLoader, EvalTransform, TrainAugment
@@ -219,13 +218,10 @@ def gather_shards(loader: DataLoader | DeviceLoader, *tensors: torch.Tensor) -> 
 
 
 def summarize(logits: np.ndarray, labels: np.ndarray, criterion: nn.Module | None = None) -> dict[str, float]:
-    """Loss, accuracy, macro-F1 and balanced accuracy of a set of predictions."""
+    """Loss and the summary metrics of the table (:mod:`cxr.metrics`) that hard predictions give."""
     predictions = logits.argmax(1)
-    result = {
-        "accuracy": float((predictions == labels).mean()),
-        "macro_f1": float(f1_score(labels, predictions, average="macro", labels=range(logits.shape[1]), zero_division=0)),
-        "balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),
-    }
+    confusion = metrics.confusion(labels, predictions, logits.shape[1])
+    result = {m.name: float(m.function(confusion)) for m in metrics.summary_metrics() if not m.needs_probabilities}
     if criterion is not None:
         result["loss"] = float(criterion(torch.from_numpy(logits), torch.from_numpy(labels).long()))
     return result
@@ -239,9 +235,12 @@ def evaluate(
 
 
 def _better(monitor: str, value: float, best: float | None) -> bool:
+    """Whether ``value`` of the monitored history column improves on ``best`` (the table says which way)."""
     if best is None:
         return True
-    return value < best if monitor == "val_loss" else value > best
+    lower = monitor == "val_loss" or any(monitor == f"val_{m.name}" and not m.higher_is_better
+                                         for m in metrics.METRICS)
+    return value < best if lower else value > best
 
 
 def _write_history(history: list[dict[str, float]], path: Path) -> None:
@@ -539,7 +538,7 @@ class EpochRunner:
             raise TrainingError(f"Training loss became {train['loss']} in epoch {epoch + 1}")
         val = evaluate(self.pipeline.val_module, self.val_loader, self.val_criterion, self.runtime, "val")
         return {"epoch": epoch + 1, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
-                "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"],
+                "val_loss": val["loss"], **{f"val_{m.name}": val[m.name] for m in metrics.METRICS if m.history},
                 "lr": state.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started}
 
 

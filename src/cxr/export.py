@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .config import experiment_from_dict, upgrade_experiment_dict
+from .model_card import CARD_FILE
 from .models import ARCHITECTURES, Classifier, build_model
 from .models import preprocessing as default_preprocessing
 from .checkpoint import non_finite_tensor
@@ -194,6 +195,10 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, force: b
         check = write_onnx(model, temporary / FILES["onnx"], prep, list(state["classes"]))
         write_weights(model, temporary / FILES["weights"], config["arch"])
         description = _describe(state, prep, checkpoint, check)
+        card = checkpoint.resolve().parent.parent / CARD_FILE  # written beside the run's metrics.json
+        description["model_card"] = CARD_FILE if card.is_file() else None
+        if card.is_file():
+            shutil.copy2(card, temporary / CARD_FILE)
         (temporary / FILES["description"]).write_text(json.dumps(description, indent=2, default=str) + "\n")
         if out.exists():
             out.rename(old)

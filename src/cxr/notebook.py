@@ -24,11 +24,12 @@ import seaborn as sns
 import torch
 from torch import nn
 
+from . import metrics as table
 from . import reporting
 from .config import Experiment, get_experiment
 from .data import CLASSES, DataSplits, load_image
 from .engine import class_weights
-from .report import format_score, interval, recall_interval
+from .report import format_score, recall_interval
 from .synthetic import write_synthetic_dataset
 from .workflow import ASSET_FILES
 
@@ -251,22 +252,22 @@ def conclusion_text(metrics: dict[str, Any]) -> str:
     sizes = {split: sum(counts.values()) for split, counts in metrics["dataset"]["counts"].items()}
     stop = ", stopped early by the validation monitor" if metrics.get("stopped_early") else ""
 
-    def score(key: str) -> str:
-        return format_score(test[key], interval(ci95, key))
-
-    return "\n".join([
+    scores = ", ".join(f"{m.label} **{format_score(table.stored_value(test, m), table.stored_interval(test, m))}**"
+                       for m in table.summary_metrics() if m.name in test)
+    lines = [
         f"**{metrics['experiment']}** on `{metrics['dataset']['name']}` "
         f"({sizes.get('train', 0)} training, {sizes.get('val', 0)} validation, {sizes.get('test', 0)} test images), "
         f"weights `{metrics['weights']}`, {metrics['epochs_run']} epoch(s) (best: {metrics['best_epoch']}{stop}), "
         f"{metrics['train_seconds']:.0f} s of training on {metrics['device']} ({metrics['mixed_precision']}).",
         "",
-        f"- Test accuracy **{score('accuracy')}**, macro-F1 **{score('macro_f1')}**, "
-        f"balanced accuracy **{score('balanced_accuracy')}**"
-        + (" (brackets: bootstrap 95% confidence interval)." if ci95 else "."),
+        f"- Test {scores}" + (" (brackets: bootstrap 95% confidence interval)." if ci95 else "."),
         f"- Best recalled class: {strongest} ({format_score(recalls[strongest], recall_interval(ci95, strongest))}); "
         f"weakest: {weakest} ({format_score(recalls[weakest], recall_interval(ci95, weakest))}).",
         f"- Validation macro-F1 of the chosen checkpoint: {format_score(metrics['best_val'].get('val_macro_f1'))}.",
-    ])
+    ]
+    if "operating_points" in test:
+        lines.append(f"- {table.who_tb_sentence(test.get('who_tb_screening'))}")
+    return "\n".join(lines)
 
 
 def conclusion(metrics_path: str | os.PathLike):

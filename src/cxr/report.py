@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from . import metrics as table
 from .config import EXPERIMENTS
 from .layout import CLASSES
 
@@ -137,22 +138,53 @@ def figure_links(metrics: dict[str, Any], base: Path) -> str:
     return ", ".join(links) if links else "none"
 
 
+def reported(tests: Sequence[dict[str, Any]]) -> list[table.Metric]:
+    """The table's metrics that at least one test section holds (files from before a metric existed
+    lack it), so adding a metric changes no README until a run measures it."""
+    def holds(test: dict[str, Any], metric: table.Metric) -> bool:
+        if metric.per_class:
+            return any(metric.name in scores for scores in test.get("per_class", {}).values())
+        return metric.name in test
+
+    return [m for m in table.METRICS if any(holds(test, m) for test in tests)]
+
+
+def score_cells(test: dict[str, Any], shown: Sequence[table.Metric]) -> list[str]:
+    """One table row's scores: each shown metric, per class for per-class ones."""
+    cells = [format_score(table.stored_value(test, m), table.stored_interval(test, m))
+             for m in shown if not m.per_class]
+    cells += [format_score(table.stored_value(test, m, c), table.stored_interval(test, m, c))
+              for m in shown if m.per_class for c in CLASSES]
+    return cells
+
+
 def scores_table(runs: Sequence[dict[str, Any]]) -> str:
-    """Test-split scores per experiment, with 95% bootstrap intervals where metrics.json has them."""
-    header = ["experiment", "accuracy", "macro-F1", "balanced accuracy", *(f"recall {c}" for c in CLASSES)]
+    """Test-split scores per experiment, with 95% bootstrap intervals where metrics.json has them; a run's
+    external evaluations (``external/<folder>/metrics.json`` beside its metrics.json) follow it, marked."""
+    labelled = [(f"`{_name(m)}`", m["test"]) for m in runs]
+    labelled = [row for run, own in zip(runs, labelled) for row in
+                [own, *((f"`{_name(run)}` {label}", test) for label, test in external_rows(run))]]
+    shown = reported([test for _, test in labelled])
+    header = ["experiment", *(m.label for m in shown if not m.per_class),
+              *(f"{m.label} {c}" for m in shown if m.per_class for c in CLASSES)]
+    return _markdown_table(header, [[label, *score_cells(test, shown)] for label, test in labelled])
+
+
+def external_results(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run's external evaluations: ``external/<folder>/metrics.json`` beside its metrics.json, by folder."""
+    folder = Path(metrics["_path"]).parent / "external"
+    return [json.loads(path.read_text()) for path in sorted(folder.glob("*/metrics.json"))]
+
+
+def external_rows(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, test section) per external evaluation, and again without the images that overlap training."""
     rows = []
-    for metrics in runs:
-        test = metrics["test"]
-        ci95 = test.get("ci95") or {}
-        per_class = test.get("per_class", {})
-        rows.append([
-            f"`{_name(metrics)}`",
-            format_score(test.get("accuracy"), interval(ci95, "accuracy")),
-            format_score(test.get("macro_f1"), interval(ci95, "macro_f1")),
-            format_score(test.get("balanced_accuracy"), interval(ci95, "balanced_accuracy")),
-            *(format_score(per_class.get(c, {}).get("recall"), recall_interval(ci95, c)) for c in CLASSES),
-        ])
-    return _markdown_table(header, rows)
+    for result in external_results(metrics):
+        name = result.get("external", {}).get("folder", "?")
+        rows.append((f"**external** `{name}`", result["test"]))
+        if result.get("test_without_overlaps") is not None:
+            rows.append((f"**external** `{name}`, training overlaps removed", result["test_without_overlaps"]))
+    return rows
 
 
 def runs_table(runs: Sequence[dict[str, Any]], base: Path) -> str:

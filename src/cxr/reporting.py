@@ -12,13 +12,9 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.ticker import MaxNLocator
 from scipy.special import softmax
-from sklearn.metrics import (
-    balanced_accuracy_score,
-    classification_report,
-    confusion_matrix,
-    roc_auc_score,
-)
+from sklearn.metrics import classification_report, confusion_matrix, roc_curve
 
+from . import metrics
 from .data import load_image
 
 
@@ -108,53 +104,75 @@ def plot_predictions(paths: Sequence[Path], labels: np.ndarray, probabilities: n
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
-    """Per-class precision/recall/F1/support, accuracy, macro and weighted averages, balanced accuracy,
-    and one-vs-rest ROC-AUC (None when a class is absent from ``labels``)."""
+    """The table's metrics (:mod:`cxr.metrics`: accuracy, macro-F1, balanced accuracy, macro AUROC, ...),
+    plus sklearn's per-class precision/recall/F1/support and macro and weighted averages. A per-class
+    table metric goes into ``per_class`` beside them (AUROC None where a class has no positive or no
+    negative image); where sklearn already gives one (recall), sklearn's value stays."""
     probabilities = softmax(logits.astype(np.float64), axis=1)
     predictions = probabilities.argmax(1)
     report = classification_report(labels, predictions, labels=range(len(classes)), target_names=list(classes),
                                    output_dict=True, zero_division=0)
-    try:
-        auc = float(roc_auc_score(labels, probabilities, multi_class="ovr", labels=range(len(classes))))
-    except ValueError:
-        auc = None
-    accuracy = float((predictions == labels).mean())
+    scores = metrics.point_scores(labels, predictions, classes, probabilities)
+    per_class = {
+        name: {
+            "precision": float(report[name]["precision"]),
+            "recall": float(report[name]["recall"]),
+            "f1": float(report[name]["f1-score"]),
+            "support": int(report[name]["support"]),
+        }
+        for name in classes
+    }
+    for metric in metrics.class_metrics():
+        for name in classes:
+            per_class[name].setdefault(metric.name, scores[metric.name][name])
     return {
-        "accuracy": accuracy,
-        "macro_f1": float(report["macro avg"]["f1-score"]),
+        **{m.name: scores[m.name] for m in metrics.summary_metrics()},
         "weighted_f1": float(report["weighted avg"]["f1-score"]),
-        "balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),
-        "roc_auc_ovr": auc,
-        "per_class": {
-            name: {
-                "precision": float(report[name]["precision"]),
-                "recall": float(report[name]["recall"]),
-                "f1": float(report[name]["f1-score"]),
-                "support": int(report[name]["support"]),
-            }
-            for name in classes
-        },
+        "per_class": per_class,
         "macro_avg": {k.replace("-score", ""): float(v) for k, v in report["macro avg"].items()},
         "weighted_avg": {k.replace("-score", ""): float(v) for k, v in report["weighted avg"].items()},
     }
 
 
-def report_text(metrics: dict[str, Any], classes: Sequence[str]) -> str:
+def plot_roc(labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[str], path: Path | None = None,
+             title: str = "", operating_points: dict[str, Any] | None = None) -> plt.Figure:
+    """One-vs-rest ROC curve per class with its AUROC, and (if given) each class's operating point chosen
+    on validation, drawn where it lands on this split; a class with no positive or negative image is noted."""
+    figure, axis = plt.subplots(figsize=(6, 5.5))
+    values = metrics.auroc(labels, probabilities)
+    for k, name in enumerate(classes):
+        positive = np.asarray(labels) == k
+        if not np.isfinite(values[k]):
+            axis.plot([], [], " ", label=f"{name}: AUROC undefined (one class present)")
+            continue
+        false_rate, true_rate, _ = roc_curve(positive, probabilities[:, k])
+        line, = axis.plot(false_rate, true_rate, label=f"{name}: AUROC {values[k]:.3f}")
+        point = (operating_points or {}).get(name)
+        if point and point["sensitivity"] is not None and point["specificity"] is not None:
+            axis.plot(1 - point["specificity"], point["sensitivity"], "o", color=line.get_color())
+    axis.plot([0, 1], [0, 1], "k--", alpha=0.5, label="chance")
+    axis.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (true positive rate)",
+             xlim=(0, 1), ylim=(0, 1.01), title=title or "ROC, one class against the rest")
+    axis.legend(loc="lower right", fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    if path is not None:
+        figure.savefig(path, dpi=120)
+    return figure
+
+
+def report_text(scores: dict[str, Any], classes: Sequence[str]) -> str:
     """The classification report as a plain-text table (like sklearn's), plus the summary scores."""
     rows = [
-        [name, m["precision"], m["recall"], m["f1"], m["support"]] for name, m in metrics["per_class"].items()
+        [name, m["precision"], m["recall"], m["f1"], m["support"]] for name, m in scores["per_class"].items()
     ]
-    total = sum(m["support"] for m in metrics["per_class"].values())
+    total = sum(m["support"] for m in scores["per_class"].values())
     for label, key in (("macro avg", "macro_avg"), ("weighted avg", "weighted_avg")):
-        rows.append([label, metrics[key]["precision"], metrics[key]["recall"], metrics[key]["f1"], total])
+        rows.append([label, scores[key]["precision"], scores[key]["recall"], scores[key]["f1"], total])
     frame = pd.DataFrame(rows, columns=["class", "precision", "recall", "f1", "support"]).set_index("class")
-    auc = metrics["roc_auc_ovr"]
-    return (
-        frame.to_string(float_format=lambda v: f"{v:.3f}")
-        + f"\n\naccuracy           {metrics['accuracy']:.3f}"
-        + f"\nbalanced accuracy  {metrics['balanced_accuracy']:.3f}"
-        + f"\nROC-AUC (OvR)      {'n/a' if auc is None else f'{auc:.3f}'}\n"
-    )
+    summary = [f"{m.label:<19}" + ("n/a" if scores.get(m.name) is None else f"{scores[m.name]:.3f}")
+               for m in metrics.summary_metrics() if m.name != "macro_f1"]  # macro-F1 is the macro avg row
+    return frame.to_string(float_format=lambda v: f"{v:.3f}") + "\n\n" + "\n".join(summary) + "\n"
 
 
 def write_json(data: Any, path: Path) -> None:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from sklearn.metrics import confusion_matrix
 
+from . import metrics as table
 from . import reporting
 from .data import CLASSES
 
@@ -21,11 +22,18 @@ EPOCH_TAGS = {
     "train_loss": "loss/train",
     "val_loss": "loss/val",
     "train_accuracy": "accuracy/train",
-    "val_accuracy": "accuracy/val",
-    "val_macro_f1": "macro_f1/val",
+    **{f"val_{m.name}": f"{m.name}/val" for m in table.METRICS if m.history},
     "lr": "learning_rate",
 }
-TEST_KEYS = ("accuracy", "macro_f1", "balanced_accuracy")
+
+
+def test_scalars(results: dict[str, Any]) -> dict[str, float]:
+    """``{tag: value}`` of every table metric in a test section, per class as ``test/<name>_<class>``;
+    undefined values (None) are left out."""
+    scalars = {f"test/{m.name}": results.get(m.name) for m in table.summary_metrics()}
+    for m in table.class_metrics():
+        scalars.update({f"test/{m.name}_{name}": scores.get(m.name) for name, scores in results["per_class"].items()})
+    return {tag: float(value) for tag, value in scalars.items() if value is not None}
 
 
 class RunLog:
@@ -63,10 +71,8 @@ class RunLog:
     def finish(self, metrics: dict[str, Any], labels: np.ndarray, predictions: np.ndarray) -> None:
         """Test metrics, confusion matrix and hyperparameters at the last epoch's step; closes the writer."""
         step, test = metrics["epochs_run"], metrics["test"]
-        for key in TEST_KEYS:
-            self.writer.add_scalar(f"test/{key}", test[key], step)
-        for name, scores in test["per_class"].items():
-            self.writer.add_scalar(f"test/recall_{name}", scores["recall"], step)
+        for tag, value in test_scalars(test).items():
+            self.writer.add_scalar(tag, value, step)
         figure = reporting.plot_confusion(labels, predictions, CLASSES, title=f"{metrics['experiment']}: test split")
         self.writer.add_figure("test/confusion_matrix", figure, step)  # and closes the figure
         self.writer.add_text("test/confusion_matrix", confusion_table(labels, predictions, CLASSES), step)
@@ -79,7 +85,8 @@ class RunLog:
 
         config = {**metrics["config"], "seed": metrics["seed"]}
         values = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in config.items()}
-        for summary in hparams(values, {f"test/{key}": metrics["test"][key] for key in TEST_KEYS}):
+        summaries = {f"test/{m.name}": metrics["test"].get(m.name) for m in table.summary_metrics()}
+        for summary in hparams(values, {tag: value for tag, value in summaries.items() if value is not None}):
             self.writer.file_writer.add_summary(summary)
 
 

@@ -19,83 +19,32 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import metrics
 from .augment import EvalTransform
 from .config import AUGMENTATION
 from .imageio import cache_side
 from .runtime import Runtime
 
-CONFIDENCE_LEVEL = 0.95
-BOOTSTRAP_RESAMPLES = 1000
+CONFIDENCE_LEVEL = metrics.CONFIDENCE_LEVEL
+BOOTSTRAP_RESAMPLES = metrics.BOOTSTRAP_RESAMPLES
 CALIBRATION_BINS = 15
 # Negative strengths undo part of the class-weighted loss (back towards the training prior), positive
 # ones push further towards rare classes (Menon et al., 2021); 0 leaves the logits unchanged.
 TAU_GRID = tuple(np.round(np.arange(-1.0, 2.0001, 0.1), 2))
 
 
-def _scores_from_confusion(confusion: np.ndarray) -> dict[str, np.ndarray]:
-    """Accuracy, macro-F1, balanced accuracy and per-class recall from confusion matrices of shape (..., K, K).
-
-    Same conventions as sklearn with ``labels=range(K), zero_division=0``: a class that is neither
-    present nor predicted has F1 0; balanced accuracy averages recall over the classes present.
-    """
-    confusion = confusion.astype(np.float64)
-    true_positives = np.diagonal(confusion, axis1=-2, axis2=-1)
-    support = confusion.sum(-1)
-    predicted = confusion.sum(-2)
-    total = support.sum(-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        recall = true_positives / support
-        f1_denominator = support + predicted
-        f1 = np.where(f1_denominator > 0, 2 * true_positives / np.where(f1_denominator > 0, f1_denominator, 1), 0.0)
-        balanced = np.nanmean(np.where(support > 0, recall, np.nan), axis=-1)
-    return {
-        "accuracy": true_positives.sum(-1) / total,
-        "macro_f1": f1.mean(-1),
-        "balanced_accuracy": balanced,
-        "recall": recall,
-    }
-
-
 def point_scores(labels: np.ndarray, predictions: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
-    """Accuracy, macro-F1, balanced accuracy and per-class recall, as plain floats (recall None for an absent class)."""
-    k = len(classes)
-    confusion = np.bincount(np.asarray(labels) * k + np.asarray(predictions), minlength=k * k).reshape(k, k)
-    scores = _scores_from_confusion(confusion)
-    return {
-        "accuracy": float(scores["accuracy"]),
-        "macro_f1": float(scores["macro_f1"]),
-        "balanced_accuracy": float(scores["balanced_accuracy"]),
-        "recall": {c: None if np.isnan(r) else float(r) for c, r in zip(classes, scores["recall"])},
-    }
+    """The table's metrics of hard predictions as plain floats (:func:`cxr.metrics.point_scores`)."""
+    return metrics.point_scores(labels, predictions, classes)
 
 
 def bootstrap_ci(
     labels: np.ndarray, predictions: np.ndarray, classes: Sequence[str], resamples: int = BOOTSTRAP_RESAMPLES,
-    level: float = CONFIDENCE_LEVEL, seed: int = 0,
+    level: float = CONFIDENCE_LEVEL, seed: int = 0, probabilities: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Percentile bootstrap intervals: resample the test images with replacement ``resamples`` times
-    (seeded, so the same inputs always give the same intervals) and take the central ``level`` share
-    of each metric. Returns ``{"accuracy": [lo, hi], "macro_f1": ..., "balanced_accuracy": ...,
-    "recall": {class: [lo, hi]}}``; a class's recall interval uses the resamples that contain it."""
-    labels, predictions = np.asarray(labels), np.asarray(predictions)
-    k, n = len(classes), len(labels)
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, n, size=(resamples, n))
-    cells = labels[draws] * k + predictions[draws] + (np.arange(resamples) * k * k)[:, None]
-    confusion = np.bincount(cells.ravel(), minlength=resamples * k * k).reshape(resamples, k, k)
-    scores = _scores_from_confusion(confusion)
-    tails = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
-
-    def interval(values: np.ndarray) -> list[float] | None:
-        values = values[~np.isnan(values)]
-        return [float(v) for v in np.percentile(values, tails)] if len(values) else None
-
-    return {
-        "accuracy": interval(scores["accuracy"]),
-        "macro_f1": interval(scores["macro_f1"]),
-        "balanced_accuracy": interval(scores["balanced_accuracy"]),
-        "recall": {c: interval(scores["recall"][:, i]) for i, c in enumerate(classes)},
-    }
+    """Percentile bootstrap intervals of the table's metrics (:func:`cxr.metrics.bootstrap_ci`): e.g.
+    ``{"accuracy": [lo, hi], ..., "recall": {class: [lo, hi]}}``; with ``probabilities`` also AUROC."""
+    return metrics.bootstrap_ci(labels, predictions, classes, probabilities, resamples, level, seed)
 
 
 def calibration_bins(

@@ -26,6 +26,8 @@ from .config import Experiment, experiment_from_dict, get_experiment
 from .data import CLASSES, DataSplits, load_splits, locate_dataset, warn_skipped
 from .engine import build_dataset, fit, make_deterministic, make_loader, predict
 from .inference import load_trained_model  # noqa: F401 (re-exported: workflow.load_trained_model)
+from .metrics import operating_points, who_tb_screening
+from .model_card import CARD_FILE, write_model_card
 from .models import Classifier
 from .preflight import check_image_size
 from .provenance import dataset_info, git_commit  # noqa: F401 (re-exported)
@@ -41,6 +43,8 @@ ASSET_FILES = {
     "history": "history.csv",
     "metrics": "metrics.json",
     "reliability": "reliability.png",
+    "roc": "roc.png",
+    "model_card": CARD_FILE,
     "cam": "cam.png",
 }
 
@@ -56,15 +60,23 @@ def uncertainty_report(
     model: Classifier, experiment: Experiment, splits: DataSplits, out_dir: Path, runtime: Runtime,
     preprocessing: dict[str, Any], logits: np.ndarray, labels: np.ndarray, tta: bool = False,
 ) -> dict[str, Any]:
-    """What goes beside the test metrics: bootstrap 95% intervals, calibration (ECE and a reliability
-    diagram), logit adjustment with its strength chosen on the validation split, test-time augmentation
-    (with ``tta``) and the Grad-CAM grid."""
+    """What goes beside the test metrics: bootstrap 95% intervals (AUROC included), each class's operating
+    point fixed on the validation split (90% sensitivity) with the WHO TB check and the ROC figure,
+    calibration (ECE and a reliability diagram), logit adjustment with its strength chosen on the validation
+    split, test-time augmentation (with ``tta``) and the Grad-CAM grid."""
     val_set, _, _ = build_dataset(splits.val, experiment, preprocessing, runtime, False, "decode val")
     val_loader = make_loader(val_set, experiment.batch_size, False, runtime)
     val_logits, val_labels = predict(model, val_loader, runtime, "val")
     title = f"{experiment.name}: test split"
+    probabilities = softmax(logits.astype(np.float64), axis=1)
+    points = operating_points(val_labels, softmax(val_logits.astype(np.float64), axis=1), labels,
+                                      probabilities, CLASSES)
+    plt.close(reporting.plot_roc(labels, probabilities, CLASSES, out_dir / ASSET_FILES["roc"],
+                                 f"{title}: ROC (dots: operating points fixed on validation)", points))
     report = {
-        "ci95": uncertainty.bootstrap_ci(labels, logits.argmax(1), CLASSES),
+        "ci95": uncertainty.bootstrap_ci(labels, logits.argmax(1), CLASSES, probabilities=probabilities),
+        "operating_points": points,
+        "who_tb_screening": who_tb_screening(points),
         "ece": uncertainty.calibration_report(logits, labels, out_dir / ASSET_FILES["reliability"], title),
         "logit_adjusted": uncertainty.logit_adjustment_report(val_logits, val_labels, logits, labels,
                                                               splits.train.labels, CLASSES),
@@ -248,6 +260,7 @@ def _train_and_report(experiment: Experiment, splits: DataSplits, out_dir: Path,
         "files": {k: v for k, v in ASSET_FILES.items()},
     }
     reporting.write_json(metrics, out_dir / ASSET_FILES["metrics"])
+    write_model_card(out_dir, metrics)
     if board is not None:
         test_logits = np.load(out_dir / "test_logits.npz")
         board.finish(metrics, test_logits["labels"], test_logits["logits"].argmax(1))
@@ -259,8 +272,8 @@ def evaluate_checkpoint(
     out: str | os.PathLike = "assets", device: str | None = None, progress: bool = True, tta: bool = False,
     cache: bool = True, cache_dir: str | os.PathLike | None = None, runtime: Runtime | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a saved checkpoint on the test split and write the report files into ``out/<name>/``
-    (with ``tta``, also the test-time augmentation results). ``cache``: read the images through the
+    """Evaluate a saved checkpoint on the test split and write the report files and the model card into
+    ``out/<name>/`` (with ``tta``, also the test-time augmentation results). ``cache``: read the images through the
     decoded-image cache; ``runtime``, when given, replaces ``device``, ``progress``, ``cache``
     and ``cache_dir``."""
     model, state = load_trained_model(checkpoint, experiment)
@@ -270,5 +283,20 @@ def evaluate_checkpoint(
     out_dir = Path(out) / config.name
     with runlock.hold_folder(out_dir, "cxr evaluate") if distributed.is_main() else contextlib.nullcontext():
         splits = prepare_data(data_dir, seed=state.get("seed", 42))
-        metrics = evaluate_model(model, config, splits, out_dir, runtime, state["preprocessing"], tta)
-    return {"experiment": config.name, **metrics}
+        test = evaluate_model(model, config, splits, out_dir, runtime, state["preprocessing"], tta)
+        if distributed.is_main():
+            write_model_card(out_dir, evaluated_metrics(out_dir, state, checkpoint, splits, test))
+    return {"experiment": config.name, **test}
+
+
+def evaluated_metrics(out_dir: Path, state: dict[str, Any], checkpoint: str | os.PathLike, splits: DataSplits,
+                      test: dict[str, Any]) -> dict[str, Any]:
+    """What the model card of ``cxr evaluate`` reads: the run's metrics.json where ``out_dir`` holds one
+    (its recipe and checks), with this evaluation's test scores, checkpoint and dataset in place."""
+    path = out_dir / ASSET_FILES["metrics"]
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    config = state["experiment"]
+    return {**saved, "experiment": config["name"], "config": config, "weights": config.get("weights"),
+            "seed": state.get("seed"), "dataset": dataset_info(splits), "evaluated_checkpoint": str(checkpoint),
+            "git_commit": git_commit(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "test": test}

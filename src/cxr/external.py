@@ -1,0 +1,195 @@
+"""External validation: score a trained checkpoint on a folder of images from elsewhere.
+
+``cxr evaluate EXPERIMENT --checkpoint C --external DIR``. DIR holds class folders, directly or under a
+``test/`` folder; their names are matched case-insensitively and with common spellings (``TB``,
+``COVID-19``). Before scoring, DIR is audited against the checkpoint's own training and validation images
+(exact and near duplicates, :mod:`cxr.audit`): a copy of a training image measures memory, not
+generalisation, so the scores are given with and without the overlapping files. Results go to
+``<out>/<experiment>/external/<folder name>/`` and never replace the run's internal test results.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+from scipy.special import softmax
+
+from . import reporting, uncertainty
+from .audit import _relative as audit_path
+from .audit import audit_splits
+from .config import experiment_from_dict
+from .data import CLASSES, FOLDER_ALIASES, Split, check_image, warn_skipped
+from .engine import build_dataset, make_loader, predict
+from .imageio import IMAGE_EXTENSIONS
+from .metrics import operating_points, who_tb_screening
+from .model_card import write_model_card
+from .runtime import Runtime
+from .workflow import load_trained_model, prepare_data
+
+SPELLINGS = {**FOLDER_ALIASES, "TB": "TUBERCULOSIS", "COVID": "COVID19", "COVID2019": "COVID19",
+             "PNEUMONIAS": "PNEUMONIA", "HEALTHY": "NORMAL"}
+EXPECTED = ("expected class folders named (in any case) COVID19 (or COVID-19, COVID), NORMAL, PNEUMONIA "
+            "and TUBERCULOSIS (or TB), directly in the folder or under a test/ folder")
+
+
+class ExternalDataError(ValueError):
+    """The external folder cannot be scored; the message says what is wrong and what is expected."""
+
+
+def class_of(folder_name: str) -> str | None:
+    """The class a folder name stands for (case, spaces, hyphens and underscores ignored), or None."""
+    key = re.sub(r"[^A-Z0-9]", "", folder_name.upper())
+    key = SPELLINGS.get(key, key)
+    return key if key in CLASSES else None
+
+
+def scan_external(folder: str | os.PathLike) -> tuple[Split, list[str], Path]:
+    """The external images with their labels, the folders ignored (not a class), and the folder the
+    class folders were found in (DIR, or DIR/test)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ExternalDataError(f"external folder {str(folder)!r} does not exist or is not a folder")
+    children = {p.name.lower(): p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    base = children.get("test", folder)
+    folders = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    matched: dict[str, list[Path]] = {}
+    ignored = []
+    for path in folders:
+        label = class_of(path.name)
+        if label is None:
+            ignored.append(path.name)
+        else:
+            matched.setdefault(label, []).append(path)
+    if not matched:
+        found = ", ".join(p.name for p in folders) or "no subfolders"
+        raise ExternalDataError(f"no class folder in {str(base)!r} (found: {found}); {EXPECTED}")
+    split = Split([], [])
+    for label, name in enumerate(CLASSES):
+        for class_dir in matched.get(name, []):
+            for path in sorted(class_dir.iterdir()):
+                if not path.is_file() or path.name.startswith("."):
+                    continue
+                reason = "not an image file" if path.suffix.lower() not in IMAGE_EXTENSIONS else check_image(path)
+                if reason is None:
+                    split.paths.append(path)
+                    split.labels.append(label)
+                else:
+                    split.skipped.append((path, reason))
+    if not split.paths:
+        raise ExternalDataError(f"the class folders in {str(base)!r} hold no usable image; {EXPECTED}")
+    return split, ignored, base
+
+
+def training_overlaps(report: dict[str, Any]) -> dict[str, list[str]]:
+    """``{external file: [train/val files showing the same picture]}`` from an audit of the splits
+    ``train``, ``val`` and ``external``: exact copies (same bytes) and near duplicates alike."""
+    overlaps: dict[str, list[str]] = {}
+    for group in report["duplicates"]["groups"] + report["near_duplicates"]["groups"]:
+        seen = [f"{f['split']}: {f['path']}" for f in group["files"] if f["split"] in ("train", "val")]
+        for file in group["files"]:
+            if file["split"] == "external" and seen:
+                overlaps.setdefault(file["path"], [])
+                overlaps[file["path"]] += [s for s in seen if s not in overlaps[file["path"]]]
+    return dict(sorted(overlaps.items()))
+
+
+def score(logits: np.ndarray, labels: np.ndarray, thresholds_from: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+    """The test section of metrics.json for one set of external predictions: the table's metrics with
+    bootstrap intervals, and the operating points fixed on the checkpoint's validation split."""
+    probabilities = softmax(logits.astype(np.float64), axis=1)
+    scores = reporting.classification_metrics(logits, labels, CLASSES)
+    scores["images"] = int(len(labels))
+    scores["classes_present"] = [c for k, c in enumerate(CLASSES) if (labels == k).any()]
+    scores["ci95"] = uncertainty.bootstrap_ci(labels, logits.argmax(1), CLASSES, probabilities=probabilities)
+    val_labels, val_probabilities = thresholds_from
+    scores["operating_points"] = operating_points(val_labels, val_probabilities, labels, probabilities, CLASSES)
+    scores["who_tb_screening"] = who_tb_screening(scores["operating_points"])
+    return scores
+
+
+def overlap_warning(overlapping: int, total: int) -> str | None:
+    """What to say about external images that the model was trained or validated on."""
+    if overlapping == 0:
+        return None
+    if overlapping == total:
+        return (f"EVERY external image ({total}) also appears in the checkpoint's training or validation data: "
+                "these scores measure memory, not generalisation.")
+    return (f"{overlapping} of {total} external images also appear in the checkpoint's training or validation "
+            "data; scores are given with and without them.")
+
+
+def evaluate_external(
+    checkpoint: str | os.PathLike, folder: str | os.PathLike, experiment: str | None = None,
+    data_dir: str | os.PathLike | None = None, out: str | os.PathLike = "assets", device: str | None = None,
+    progress: bool = True, cache: bool = True, cache_dir: str | os.PathLike | None = None,
+    runtime: Runtime | None = None,
+) -> dict[str, Any]:
+    """Audit ``folder`` against the checkpoint's training and validation images (re-scanned from
+    ``data_dir``), score the checkpoint on it with and without the overlapping files, and write
+    metrics.json, the report and figures into ``out/<experiment>/external/<folder name>/``."""
+    external, ignored, base = scan_external(folder)
+    warn_skipped(external.skipped)
+    for name in ignored:
+        warnings.warn(f"external folder {name!r} is not a class; its images are ignored.", stacklevel=2)
+    model, state = load_trained_model(checkpoint, experiment)
+    config = experiment_from_dict(state["experiment"])
+    runtime = runtime or Runtime.create(device, cache=cache, cache_dir=cache_dir, progress=progress)
+    splits = prepare_data(data_dir, val_source=state.get("data", {}).get("val_source", "carve"),
+                          seed=state.get("seed", 42))
+    audit = audit_splits({"train": splits.train, "val": splits.val, "external": external}, splits.root, progress,
+                         {"source": "external validation"}, runtime.cache_dir)
+    overlaps = training_overlaps(audit)
+    external_set, external, _ = build_dataset(external, config, state["preprocessing"], runtime, False,
+                                              "decode external")
+    val_set, _, _ = build_dataset(splits.val, config, state["preprocessing"], runtime, False, "decode val")
+    runtime.prepare_model(model)
+    with runtime.one_off():
+        logits, labels = predict(model, make_loader(external_set, config.batch_size, False, runtime), runtime,
+                                 "external")
+        val_logits, val_labels = predict(model, make_loader(val_set, config.batch_size, False, runtime), runtime,
+                                         "val")
+    thresholds_from = (val_labels, softmax(val_logits.astype(np.float64), axis=1))
+    overlapping = np.array([audit_path(p, splits.root) in overlaps for p in external.paths], dtype=bool)
+    message = overlap_warning(int(overlapping.sum()), len(labels))
+    if message:
+        warnings.warn(message, stacklevel=2)
+    kept = ~overlapping
+    result = {
+        "experiment": config.name,
+        "checkpoint": str(checkpoint),
+        "external": {"folder": Path(folder).resolve().name, "root": str(Path(folder).resolve()),
+                     "classes_from": str(base), "ignored_folders": ignored,
+                     "absent_classes": [c for k, c in enumerate(CLASSES) if not (labels == k).any()],
+                     "skipped_files": [{"path": str(p), "reason": why} for p, why in external.skipped]},
+        "trained_on": {"root": str(splits.root), "val_source": splits.val_source, "counts": splits.counts()},
+        "overlaps": {"files": overlaps, "count": int(overlapping.sum()), "warning": message},
+        "test": score(logits, labels, thresholds_from),
+        "test_without_overlaps": (score(logits[kept], labels[kept], thresholds_from)
+                                  if overlapping.any() and kept.any() else None),
+    }
+    out_dir = Path(out) / config.name / "external" / result["external"]["folder"]
+    write_external(result, out_dir, logits, labels)
+    run_metrics = Path(out) / config.name / "metrics.json"
+    if run_metrics.is_file():  # the run's model card lists its external results
+        write_model_card(run_metrics.parent)
+    return result
+
+
+def write_external(result: dict[str, Any], out_dir: Path, logits: np.ndarray, labels: np.ndarray) -> None:
+    """metrics.json, the text report, the confusion matrix and the ROC curves of one external evaluation."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reporting.write_json(result, out_dir / "metrics.json")
+    (out_dir / "classification_report.txt").write_text(reporting.report_text(result["test"], CLASSES))
+    title = f"{result['experiment']}: external {result['external']['folder']}"
+    probabilities = softmax(logits.astype(np.float64), axis=1)
+    for figure in (reporting.plot_confusion(labels, logits.argmax(1), CLASSES, out_dir / "confusion_matrix.png", title),
+                   reporting.plot_roc(labels, probabilities, CLASSES, out_dir / "roc.png", title,
+                                      result["test"]["operating_points"])):
+        plt.close(figure)
+    np.savez_compressed(out_dir / "test_logits.npz", logits=logits, labels=labels)

@@ -1,0 +1,143 @@
+"""External validation (cxr evaluate --external) on synthetic folders: layouts, spellings, bad input, overlaps."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cxr.cli import main
+from cxr.data import CLASSES
+from cxr.external import ExternalDataError, class_of, evaluate_external, scan_external
+from cxr.synthetic import write_synthetic_dataset
+
+SPELLED = {"COVID19": "Covid-19", "NORMAL": "normal", "PNEUMONIA": "Pneumonia", "TUBERCULOSIS": "TB"}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """A clean synthetic dataset (no bad files) that the module's checkpoint is said to be trained on."""
+    return write_synthetic_dataset(tmp_path_factory.mktemp("trained-on") / "data", bad_files=False)
+
+
+def external_folder(dataset: Path, root: Path, classes=CLASSES, planted: int = 0, layout: str = "test") -> Path:
+    """The dataset's test images under other spellings of the class names, plus ``planted`` training
+    images of each class copied in."""
+    base = root / "test" if layout == "test" else root
+    for name in classes:
+        folder = base / SPELLED[name]
+        folder.mkdir(parents=True)
+        source = "TURBERCULOSIS" if name == "TUBERCULOSIS" else name
+        for path in sorted((dataset / "test" / source).iterdir()):
+            shutil.copy(path, folder / path.name)
+        for path in sorted((dataset / "train" / source).iterdir())[:planted]:
+            shutil.copy(path, folder / f"planted_{path.name}")
+    return root
+
+
+def test_folder_names_are_matched_with_common_spellings():
+    for name, label in [("Tuberculosis", "TUBERCULOSIS"), ("TB", "TUBERCULOSIS"), ("tb", "TUBERCULOSIS"),
+                        ("TURBERCULOSIS", "TUBERCULOSIS"), ("COVID-19", "COVID19"), ("covid_19", "COVID19"),
+                        ("Normal", "NORMAL"), ("Pneumonia", "PNEUMONIA")]:
+        assert class_of(name) == label, name
+    assert class_of("Viral Pneumonia") is None and class_of("cats") is None
+
+
+@pytest.mark.parametrize("layout", ["test", "flat"])
+def test_both_layouts_are_scanned(dataset, tmp_path, layout):
+    root = external_folder(dataset, tmp_path / "ext", layout=layout)
+    split, ignored, base = scan_external(root)
+    assert base == (root / "test" if layout == "test" else root) and ignored == []
+    expected = {c: len(list((dataset / "test" / ("TURBERCULOSIS" if c == "TUBERCULOSIS" else c)).iterdir()))
+                for c in CLASSES}
+    assert split.counts() == expected
+
+
+def test_extra_folders_are_listed_as_ignored(dataset, tmp_path):
+    root = external_folder(dataset, tmp_path / "ext", layout="flat")
+    (root / "Lung Opacity").mkdir()
+    shutil.copy(next((root / "normal").iterdir()), root / "Lung Opacity" / "x.png")
+    split, ignored, _ = scan_external(root)
+    assert ignored == ["Lung Opacity"] and "x.png" not in {p.name for p in split.paths}
+
+
+@pytest.mark.parametrize("make", ["unknown", "empty", "empty_classes", "missing"])
+def test_unusable_folders_give_clear_errors(tmp_path, make):
+    root = tmp_path / "ext"
+    if make != "missing":
+        root.mkdir()
+    if make == "unknown":
+        (root / "cats").mkdir()
+        (root / "dogs").mkdir()
+    if make == "empty_classes":
+        (root / "Normal").mkdir()
+        (root / "TB").mkdir()
+        (root / "TB" / "notes.txt").write_text("not an image")
+    with pytest.raises(ExternalDataError) as error:
+        scan_external(root)
+    message = str(error.value)
+    if make == "missing":
+        assert "does not exist" in message
+    else:
+        assert "COVID19" in message and "TUBERCULOSIS" in message and "TB" in message
+    if make == "unknown":
+        assert "cats, dogs" in message
+
+
+def test_external_scores_with_and_without_training_overlaps(dataset, checkpoint, tmp_path):
+    root = external_folder(dataset, tmp_path / "elsewhere", planted=2)
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match=f"{2 * len(CLASSES)} of .* external images also appear"):
+        result = evaluate_external(checkpoint, root, data_dir=dataset, out=out, device="cpu", progress=False)
+    planted = {p for p in result["overlaps"]["files"] if Path(p).name.startswith("planted_")}
+    assert len(planted) == 2 * len(CLASSES) == result["overlaps"]["count"]  # the planted files, and no others
+    for path in planted:
+        assert any(": train/" in match for match in result["overlaps"]["files"][path])
+    assert result["test_without_overlaps"]["images"] == result["test"]["images"] - result["overlaps"]["count"]
+    assert result["test"]["roc_auc_ovr"] is not None and "ci95" in result["test"]
+    assert set(result["test"]["operating_points"]) == set(CLASSES)
+    folder = out / "resnet50_full" / "external" / "elsewhere"
+    written = json.loads((folder / "metrics.json").read_text())
+    assert written["test"]["accuracy"] == pytest.approx(result["test"]["accuracy"])
+    assert (folder / "roc.png").is_file() and (folder / "confusion_matrix.png").is_file()
+    assert not (out / "resnet50_full" / "metrics.json").exists()  # the internal results are left alone
+
+
+def test_one_class_only_is_scored_with_auroc_undefined(dataset, checkpoint, tmp_path, capsys):
+    root = external_folder(dataset, tmp_path / "tb_only", classes=["TUBERCULOSIS"], layout="flat")
+    code = main(["evaluate", "resnet50_full", f"--checkpoint={checkpoint}", f"--external={root}",
+                 f"--data-dir={dataset}", f"--out={tmp_path / 'out'}", "--device=cpu", "--quiet"])
+    assert code == 0
+    output = capsys.readouterr().out
+    assert "macro AUROC undefined" in output and "test accuracy" in output
+    written = json.loads((tmp_path / "out" / "resnet50_full" / "external" / "tb_only" / "metrics.json").read_text())
+    assert written["test"]["roc_auc_ovr"] is None
+    assert written["external"]["absent_classes"] == ["COVID19", "NORMAL", "PNEUMONIA"]
+
+
+def test_a_folder_of_training_images_is_scored_and_said_loudly(dataset, checkpoint, tmp_path, capsys):
+    root = tmp_path / "copies"
+    for name in CLASSES:
+        source = "TURBERCULOSIS" if name == "TUBERCULOSIS" else name
+        shutil.copytree(dataset / "train" / source, root / SPELLED[name])
+    with pytest.warns(UserWarning, match="EVERY external image"):
+        code = main(["evaluate", "resnet50_full", f"--checkpoint={checkpoint}", f"--external={root}",
+                     f"--data-dir={dataset}", f"--out={tmp_path / 'out'}", "--device=cpu", "--quiet"])
+    assert code == 0
+    output = capsys.readouterr().out
+    assert "WARNING: EVERY external image" in output and "overlaps training:" in output
+    written = json.loads((tmp_path / "out" / "resnet50_full" / "external" / "copies" / "metrics.json").read_text())
+    assert written["test_without_overlaps"] is None and written["test"]["accuracy"] is not None
+
+
+def test_cli_bad_external_folder_is_one_error_line(checkpoint, tmp_path, capsys):
+    (tmp_path / "ext" / "cats").mkdir(parents=True)
+    code = main(["evaluate", "resnet50_full", f"--checkpoint={checkpoint}", f"--external={tmp_path / 'ext'}",
+                 "--device=cpu", "--quiet"])
+    assert code == 1
+    assert capsys.readouterr().err.startswith("error: no class folder in")
+
+
+def test_tta_is_refused_with_external_rather_than_ignored(checkpoint, tmp_path, capsys):
+    assert main(["evaluate", "resnet50_full", f"--checkpoint={checkpoint}", f"--external={tmp_path}", "--tta"]) == 1
+    assert capsys.readouterr().err.startswith("error: --tta is not available with --external")
