@@ -52,6 +52,12 @@ def _cache_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", help="decoded-image cache folder (default: $CXR_CACHE_DIR, else ~/.cache/cxr)")
 
 
+def _lung_masks(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lung-masks", metavar="DIR",
+                        help="per-image lung masks for the shortcut checks (DIR/<class>/<stem>.png or DIR/<stem>.png; "
+                             "default: the geometric lung field)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxr", description="Chest X-ray classification experiments.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--deterministic", action="store_true",
                        help="deterministic algorithms only (bit-identical reruns on one machine; slower on a GPU)")
     _cache_options(train)
+    _lung_masks(train)
     train.add_argument("--no-augment", dest="augment", action="store_const", const=False,
                        help="no training augmentation (a frozen backbone's features are then computed once)")
     train.add_argument("--feature-cache", choices=["auto", "off"], default="auto",
@@ -95,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--tta", action="store_true",
                           help="also report test-time augmentation (centre crop, whole square, small shifts; each mirrored)")
     _cache_options(evaluate)
+    _lung_masks(evaluate)
 
     predict = commands.add_parser("predict", help="classify image files or folders with a trained checkpoint")
     predict.add_argument("paths", nargs="+", metavar="PATH",
@@ -160,6 +168,10 @@ def _print_metrics(metrics: dict, out: str, name: str) -> None:
         f"balanced accuracy {score('balanced_accuracy')}" + (" (95% bootstrap intervals)" if intervals else "")
         + f"; files in {out}/{name}/"
     )
+    checks = metrics.get("shortcuts") or test.get("shortcuts") or {}
+    for sentence in (checks.get("sentence"), checks.get("saliency_sentence")):
+        if sentence:
+            print(sentence)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -278,6 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cache=args.cache, cache_dir=args.cache_dir, augment=args.augment,
                 feature_cache=args.feature_cache == "auto",
                 compile=args.compile, tensorboard=args.tensorboard, cuda_graphs=args.cuda_graphs,
+                lung_masks=args.lung_masks,
             )
         elif args.command == "predict":
             return _predict(args)
@@ -292,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             metrics = evaluate_checkpoint(args.checkpoint, args.experiment, data_dir=args.data_dir, out=args.out,
                                           device=args.device, progress=not args.quiet, tta=args.tta,
-                                          cache=args.cache, cache_dir=args.cache_dir)
+                                          cache=args.cache, cache_dir=args.cache_dir, lung_masks=args.lung_masks)
         distributed.barrier()  # the other ranks wait until rank 0 has written every file
     except TrainingInterrupted as error:
         command = _resume_command(argv)

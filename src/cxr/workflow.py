@@ -18,12 +18,13 @@ import numpy as np
 import torch
 from scipy.special import softmax
 
-from . import distributed, reporting, uncertainty
+from . import distributed, reporting, shortcuts, uncertainty
 from .audit import audit_summary, audit_training_splits
 from .checkpoint import load_checkpoint
 from .config import Experiment, experiment_from_dict, get_experiment
 from .data import CLASSES, KAGGLE_HANDLE, DataSplits, load_splits, locate_dataset, warn_skipped
 from .engine import build_dataset, fit, make_deterministic, make_loader, predict
+from .lung_field import find_lung_masks
 from .models import Classifier, build_model
 from .runtime import Runtime, device_name
 from .tensorboard_log import RunLog
@@ -38,6 +39,7 @@ ASSET_FILES = {
     "metrics": "metrics.json",
     "reliability": "reliability.png",
     "cam": "cam.png",
+    "shortcuts": shortcuts.FIGURE,
 }
 
 
@@ -115,9 +117,11 @@ def uncertainty_report(
 
 def evaluate_model(
     model: Classifier, experiment: Experiment, splits: DataSplits, out_dir: Path, runtime: Runtime,
-    preprocessing: dict[str, Any], tta: bool = False,
+    preprocessing: dict[str, Any], tta: bool = False, lung_masks: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Evaluate on the test split and write the report (text, JSON), confusion matrix and prediction grid.
+    """Evaluate on the test split and write the report (text, JSON), confusion matrix and prediction grid,
+    and run the shortcut checks (:mod:`cxr.shortcuts`; ``lung_masks``: a folder of per-image lung masks
+    instead of the geometric lung field), returned under ``"shortcuts"``.
     With ``runtime.cache`` the test images come from the decoded-image cache.
     In a torchrun job every rank predicts its share of the test split and gets all test predictions;
     rank 0 alone then runs the uncertainty report and writes the files, the others return the test
@@ -138,6 +142,9 @@ def evaluate_model(
         out_dir.mkdir(parents=True, exist_ok=True)
         metrics.update(uncertainty_report(model, experiment, splits, out_dir, runtime, preprocessing, logits, labels,
                                           tta))
+        metrics["shortcuts"] = shortcuts.shortcut_checks(
+            model, splits.test, logits, labels, preprocessing, runtime, CLASSES, out_dir, experiment.batch_size,
+            lung_masks, title=f"{experiment.name}: test split, three views")
     reporting.write_json(metrics, out_dir / ASSET_FILES["report_json"])
     (out_dir / ASSET_FILES["report_text"]).write_text(reporting.report_text(metrics, CLASSES))
     title = f"{experiment.name}: test split"
@@ -172,6 +179,7 @@ def train_experiment(
     runtime: Runtime | None = None,
     tensorboard: bool = True,
     cuda_graphs: bool | None = None,
+    lung_masks: str | os.PathLike | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Train the named experiment, evaluate its best checkpoint on the test split and write every
@@ -180,8 +188,9 @@ def train_experiment(
     it one is made for ``device`` from ``workers``, ``cache`` (the decoded-image cache), ``cache_dir``,
     ``compile``, ``feature_cache``, ``progress`` and ``cuda_graphs`` (None: on CUDA) (:meth:`Runtime.create`).
     ``tensorboard`` also writes TensorBoard event files into ``out/<name>/tensorboard/``. The data is audited
-    first: duplicates and train/test leakage are warned about and summarised in metrics.json. Returns the
-    contents of ``metrics.json``.
+    first: duplicates and train/test leakage are warned about and summarised in metrics.json, beside the
+    shortcut baseline. ``lung_masks``: per-image lung masks for the shortcut checks, checked before training.
+    Returns the contents of ``metrics.json``.
 
     Under ``torchrun`` every process calls this (see :mod:`cxr.distributed`); rank 0 audits the data and
     writes every file, the other ranks return only the test metrics."""
@@ -195,6 +204,8 @@ def train_experiment(
     main_rank = distributed.is_main()
     splits = splits or prepare_data(data_dir, val_source=val_source, seed=seed)
     out_dir = Path(out) / experiment.name
+    if lung_masks is not None:
+        find_lung_masks(splits.test.paths, lung_masks)  # a missing or misfit mask fails now, not after training
     if main_rank:  # the audit reads every file: one process is enough
         data_audit = audit_training_splits(splits, runtime.progress, runtime.cache_dir)
         for message in data_audit["warnings"]:
@@ -206,7 +217,8 @@ def train_experiment(
     if main_rank:
         plt.close(reporting.plot_history(result.history, out_dir / ASSET_FILES["curves"], experiment.name))
     state = load_checkpoint(result.best_checkpoint, experiment=experiment.name)
-    test = evaluate_model(result.model, experiment, splits, out_dir, result.runtime, state["preprocessing"])
+    test = evaluate_model(result.model, experiment, splits, out_dir, result.runtime, state["preprocessing"],
+                          lung_masks=lung_masks)
     if not main_rank:
         return {"experiment": experiment.name, "test": test}
     metrics = {
@@ -220,6 +232,7 @@ def train_experiment(
         "deterministic": deterministic,
         "dataset": dataset_info(splits),
         "audit": audit_summary(data_audit),
+        "shortcut_baseline": data_audit.get("shortcut_baseline"),
         "device": device_name(result.runtime.device),
         "mixed_precision": result.runtime.precision(),
         "pipeline": result.extra.get("pipeline"),
@@ -231,6 +244,7 @@ def train_experiment(
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "best_val": {k: v for k, v in result.history[result.best_epoch - 1].items() if k.startswith("val_")},
         "test": test,
+        "shortcuts": test.pop("shortcuts", None),
         "files": {k: v for k, v in ASSET_FILES.items()},
     }
     reporting.write_json(metrics, out_dir / ASSET_FILES["metrics"])
@@ -253,9 +267,11 @@ def evaluate_checkpoint(
     checkpoint: str | os.PathLike, experiment: str | None = None, data_dir: str | os.PathLike | None = None,
     out: str | os.PathLike = "assets", device: str | None = None, progress: bool = True, tta: bool = False,
     cache: bool = True, cache_dir: str | os.PathLike | None = None, runtime: Runtime | None = None,
+    lung_masks: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Evaluate a saved checkpoint on the test split and write the report files into ``out/<name>/``
-    (with ``tta``, also the test-time augmentation results). ``cache``: read the images through the
+    (with ``tta``, also the test-time augmentation results; the shortcut checks under ``"shortcuts"``,
+    with ``lung_masks`` from that folder). ``cache``: read the images through the
     decoded-image cache; ``runtime``, when given, replaces ``device``, ``progress``, ``cache``
     and ``cache_dir``."""
     model, state = load_trained_model(checkpoint, experiment)
@@ -263,4 +279,7 @@ def evaluate_checkpoint(
     runtime = runtime or Runtime.create(device, cache=cache, cache_dir=cache_dir, progress=progress)
     runtime = runtime.replace(device=distributed.setup(runtime.device))
     splits = prepare_data(data_dir, seed=state.get("seed", 42))
-    return evaluate_model(model, config, splits, Path(out) / config.name, runtime, state["preprocessing"], tta)
+    if lung_masks is not None:
+        find_lung_masks(splits.test.paths, lung_masks)
+    return evaluate_model(model, config, splits, Path(out) / config.name, runtime, state["preprocessing"], tta,
+                          lung_masks)
