@@ -46,6 +46,9 @@ CAM_BATCH = 8
 FIGURE = "shortcuts.png"
 # How a macro-F1 change is worded: below SAME it "stays", within NEAR_CHANCE of chance it is "at chance".
 SAME, NEAR_CHANCE = 0.03, 0.05
+# Maps whose lung share sits this close to the lung field's area, trained and re-initialised alike, carry no
+# location: at 64 px ResNet's last stage is 2x2, and any upsampled 2x2 map gives a symmetric field its area.
+COARSE = 0.005
 
 
 def decoded_squares(split: Split, side: int, runtime: Runtime) -> np.ndarray:
@@ -178,7 +181,7 @@ def masked_sentence(scores: dict[str, dict[str, Any]], chance: float) -> str:
     """One plain sentence from the three macro-F1 scores; the wording follows the numbers."""
     plain, hidden, only = (scores[v]["macro_f1"] for v in VIEWS)
     if plain <= chance + NEAR_CHANCE:
-        return (f"macro-F1 is {plain:.2f} as is, no better than chance ({chance:.2f}), so hiding parts of the image "
+        return (f"Macro-F1 is {plain:.2f} as is, no better than chance ({chance:.2f}), so hiding parts of the image "
                 f"({hidden:.2f} with the lungs hidden, {only:.2f} with only the lungs) says little.")
     if hidden >= plain - SAME:
         verdict = (f"with the lungs hidden, macro-F1 stays at {hidden:.2f} (from {plain:.2f}): the model does not "
@@ -202,6 +205,10 @@ def saliency_sentence(saliency: dict[str, Any] | None) -> str | None:
     if not saliency or saliency.get("lung_share") is None:
         return None
     share, area = saliency["lung_share"], saliency["lung_area_share"]
+    random_share = saliency["randomisation"]["lung_share"]
+    if abs(share - area) < COARSE and random_share is not None and abs(random_share - area) < COARSE:
+        return (f"Grad-CAM cannot tell here: its maps are too coarse at this input size (each puts the lung field's "
+                f"own area share, {area:.0%}, inside it, for the trained and the re-initialised model alike).")
     where = "more than" if share > area + 0.05 else "less than" if share < area - 0.05 else "about as much as"
     text = (f"Grad-CAM puts {share:.0%} of its mass inside the lung field, which covers {area:.0%} of the input: "
             f"{where} a uniform map would ({saliency['images']} test images)")
