@@ -2,10 +2,11 @@
 
 Views: the test images as they are, with the lung field hidden, and with everything but the lung field
 hidden (the lung field of :mod:`cxr.lung_field`, carried through the evaluation resize and crop like
-the pixels). Hidden pixels become 0 after normalisation, i.e. the normalisation mean of each channel
-(a mid grey, about 115 of 255 for ImageNet's): a value inside the range of every training image, that
-the first layer sees as "no signal" (its weights contribute nothing there). Black would not do: black
-borders and letterboxes are themselves a source cue in this dataset.
+the pixels). Hidden pixels become 0 after normalisation, i.e. the normalisation mean of each channel:
+the first layer's zero input, where its weights contribute nothing. With ImageNet's statistics
+(0.485, 0.456, 0.406) it is not exactly grey, but within 0.2 standard deviations in every channel of
+the mid grey 0.45 (115 of 255) that every training X-ray holds. Black would not do: black borders and
+letterboxes are themselves a source cue in this dataset.
 
 Saliency: Grad-CAM (:mod:`cxr.cam`) of the predicted class for up to ``CAM_IMAGES`` test images
 (spread over the classes; the cap keeps a CPU evaluation cheap), and the share of each map's mass that
@@ -225,8 +226,7 @@ def saliency_sentence(saliency: dict[str, Any] | None) -> str | None:
 
 
 def plot_shortcuts(square: np.ndarray, lung: np.ndarray, scores: dict[str, dict[str, Any]],
-                   preprocessing: dict[str, Any], path: Path | None = None, title: str = "",
-                   baseline: float | None = None) -> plt.Figure:
+                   preprocessing: dict[str, Any], path: Path | None = None, title: str = "") -> plt.Figure:
     """One test image in each view, and the three macro-F1 scores (95% bootstrap) side by side."""
     from .cam import as_display
 
@@ -242,9 +242,6 @@ def plot_shortcuts(square: np.ndarray, lung: np.ndarray, scores: dict[str, dict[
                        for k, v in zip(VIEWS, values)]).T
     bars = axes[3].bar(list(VIEWS.values()), values, yerr=errors, capsize=4, color=["#4c72b0", "#dd8452", "#55a868"])
     axes[3].bar_label(bars, fmt="%.2f", padding=6)
-    if baseline is not None:
-        axes[3].axhline(baseline, color="crimson", linestyle="--", label=f"shortcut baseline {baseline:.2f}")
-        axes[3].legend(loc="lower right", fontsize=8)
     axes[3].set(ylabel="test macro-F1", ylim=(0, 1.05), title="macro-F1 (95% bootstrap)")
     axes[3].tick_params(axis="x", labelsize=8)
     figure.suptitle(title)
