@@ -10,12 +10,14 @@ Each step runs as its own ``python -m cxr`` process, so one failure (out of memo
 steps' results; ``OUT/summary.json`` (device, torch, commit, each step's command, exit status and seconds)
 is rewritten before and after every step, so a run killed midway still says which step it was in. The
 exit status is non-zero when any step failed. ``--smoke`` runs the same steps on the CPU with tiny
-settings on a synthetic dataset (that is what CI runs).
+settings on a synthetic dataset (that is what CI runs), each through ``cxr.cli.main`` in this process:
+the same commands, with torch imported once instead of nine times.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import importlib.util
 import json
@@ -25,12 +27,15 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ("resnet152_head", "resnet50_full", "vit_b16_head")
+SMOKE_COUNTS = {"train": 8, "val": 2, "test": 2}  # images per class: a test image of every class to predict
 SMOKE_FLAGS = ["--epochs", "1", "--batch-size", "8", "--image-size", "32", "--device", "cpu"]
 PREDICT_IMAGES_PER_CLASS = 1
 
@@ -128,7 +133,31 @@ def last_error(log: Path) -> str | None:
     return (errors or lines or [None])[-1]
 
 
-def run_step(step: dict[str, Any], summary: Summary, logs: Path, failed: set[str]) -> None:
+INTERRUPTED = threading.Event()
+
+
+def run_as_process(args: list[str], log: Path) -> int:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPOSITORY / "src"), os.environ.get("PYTHONPATH", "")])}
+    with open(log, "w") as handle:
+        return subprocess.run([sys.executable, "-m", "cxr", *args], stdout=handle, stderr=subprocess.STDOUT,
+                              env=env, cwd=REPOSITORY).returncode
+
+
+def run_in_process(args: list[str], log: Path) -> int:
+    """``cxr ARGS`` through ``cxr.cli.main`` here, its output (and any traceback) into ``log``."""
+    from cxr.cli import main as cxr
+
+    with open(log, "w") as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
+        try:
+            return cxr(args)
+        except SystemExit as exit:  # argparse refused an argument
+            return exit.code if isinstance(exit.code, int) else 1
+        except Exception:  # noqa: BLE001  (a crash of one step is that step's failure, as with a process)
+            traceback.print_exc()
+            return 1
+
+
+def run_step(step: dict[str, Any], summary: Summary, logs: Path, failed: set[str], in_process: bool = False) -> None:
     """Run one ``cxr`` step in its own process, recording its exit status, seconds and last error line."""
     record = summary.add({"name": step["name"], "command": "python -m cxr " + " ".join(step["args"]),
                           "status": "running", "exit_status": None, "seconds": None})
@@ -140,11 +169,10 @@ def run_step(step: dict[str, Any], summary: Summary, logs: Path, failed: set[str
         summary.write()
         return
     log = logs / (step["name"].replace(" ", "_").replace("--", "") + ".log")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPOSITORY / "src"), os.environ.get("PYTHONPATH", "")])}
     started = time.perf_counter()
-    with open(log, "w") as handle:
-        code = subprocess.run([sys.executable, "-m", "cxr", *step["args"]], stdout=handle, stderr=subprocess.STDOUT,
-                              env=env, cwd=REPOSITORY).returncode
+    code = (run_in_process if in_process else run_as_process)(step["args"], log)
+    if INTERRUPTED.is_set():  # a kill during an in-process step ended that step: the whole check stops here
+        raise KeyboardInterrupt
     record.update(exit_status=code, seconds=round(time.perf_counter() - started, 1),
                   status="ok" if code == 0 else "failed", log=str(log))
     if code != 0:
@@ -165,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         from cxr.synthetic import write_synthetic_dataset
 
         data_dir = write_synthetic_dataset(Path(tempfile.mkdtemp(prefix="gpu-check-smoke-")) / "chest_xray",
-                                           bad_files=False)
+                                           SMOKE_COUNTS, bad_files=False)
     summary = Summary(out / "summary.json", {
         "command": "PYTHONPATH=src python3 benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         **info, "data_dir": str(data_dir), "weights": args.weights, "smoke": args.smoke,
@@ -180,13 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     started, failed = time.perf_counter(), set()
 
     def stop(signum, frame):  # a kill: say where it stopped, keep what is done
+        INTERRUPTED.set()
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
     try:
         for step in plan(args, Path(data_dir), out, info["grad_cam"]):
             print(f"[{time.strftime('%H:%M:%S')}] {step['name']}", flush=True)
-            run_step(step, summary, out / "logs", failed)
+            run_step(step, summary, out / "logs", failed, in_process=args.smoke)
         summary.data["status"] = "failed" if failed else "ok"
     except KeyboardInterrupt:
         running = [s["name"] for s in summary.data["steps"] if s["status"] == "running"]

@@ -164,3 +164,15 @@ def test_cli_audit_of_missing_dataset_is_a_clear_error(tmp_path, capsys):
     error = capsys.readouterr().err
     assert error.startswith("error: Data folder") and "does not exist" in error
     assert not (tmp_path / "audit.json").exists()
+
+
+def test_leakage_into_a_carved_validation_split_names_the_validation_image():
+    """Carved from train, a validation image lives under train/: the warning says which copy is in validation."""
+    from cxr.audit import _near_warnings
+
+    group = {"files": [{"split": "train", "class": "NORMAL", "path": "train/NORMAL/a.jpg"},
+                       {"split": "val", "class": "NORMAL", "path": "train/NORMAL/b.jpg"}]}
+    near = {"across_splits": {"train/val": 1}, "within_split": {}, "conflicting_labels": 0, "groups": [group]}
+    [message] = _near_warnings(near)
+    assert message.startswith("LEAKAGE into val: 1 val image(s)")
+    assert "train/NORMAL/a.jpg ~ train/NORMAL/b.jpg (in validation)" in message

@@ -86,6 +86,18 @@ def test_a_split_stays_on_the_gpu_only_under_a_quarter_of_its_free_memory(monkey
     assert Runtime.create("cpu").holds_on_device(100 * gib)  # host memory is the CPU's own
 
 
+def test_splits_can_be_kept_in_host_memory_on_purpose():
+    """``cxr train --splits-in-host-memory``: the path of a split too large for the GPU, taken on demand (the GPU
+    check runs it once); it reaches the runtime, which then holds no split on the device."""
+    from cxr.cli import build_parser
+
+    flags = build_parser().parse_args(["train", "resnet50_full", "--splits-in-host-memory"])
+    assert flags.splits_on_device is False
+    assert build_parser().parse_args(["train", "resnet50_full"]).splits_on_device is True
+    assert Runtime.create("cpu", splits_on_device=False).hold_on_device is False
+    assert Runtime.create("cpu").hold_on_device is False  # the CPU never needed it: its memory is the host's
+
+
 def test_channels_last_only_for_image_batches():
     runtime = Runtime.cuda_like("cpu")
     images, features = runtime.to_device(torch.randn(2, 3, 8, 8)), runtime.to_device(torch.randn(2, 16))

@@ -7,7 +7,7 @@ history, and the trained weights in ``best.pt`` (same keys as a single process),
 rounding (a mean over 8 differs in the last bits from the average of two means over 4). The test
 also checks that only rank 0 wrote files, including the decoded-image cache.
 
-Why equality holds here, and what differs in other settings (README, "Multi-GPU and multi-node"):
+Why equality holds here, and what differs in other settings (docs/multi-gpu.md):
 
 - The training split is class-balanced, so every class weight is 1 and each rank's weighted mean
   loss has the same denominator. With unequal weights the ranks' batch shares can hold different

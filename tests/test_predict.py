@@ -9,6 +9,7 @@ from PIL import Image
 from pydicom import dcmread, uid
 from pydicom.encaps import encapsulate
 
+from cxr.cam import CAPTION_HEIGHT
 from cxr.checkpoint import save_checkpoint
 from cxr.cli import main
 from cxr.config import get_experiment
@@ -66,12 +67,16 @@ def test_predict_classifies_good_files_and_reports_bad_ones(checkpoint, scans, t
     for name, reason in bad.items():
         assert reasons[name].startswith(reason)
     written = pd.read_csv(tmp_path / "out" / "p.csv")
-    assert list(written.columns) == ["file", "prediction", "probability", *CLASSES]
+    assert list(written.columns) == ["file", "prediction", "probability", *CLASSES, "cam"]
     np.testing.assert_allclose(written[list(CLASSES)].to_numpy(), probabilities, atol=1e-6)
     assert sorted(p.name for p in (tmp_path / "cam").iterdir()) == ["gray_cam.png", "rgb_cam.png",
                                                                      "sixteen_bit_cam.png"]
+    assert {Path(f).name: Path(c).name for f, c in zip(written["file"], written["cam"])} == {
+        "gray.png": "gray_cam.png", "rgb.jpg": "rgb_cam.png", "sixteen_bit.png": "sixteen_bit_cam.png"}
     with Image.open(tmp_path / "cam" / "rgb_cam.png") as overlay:
-        assert overlay.size == (2 * SIZE, SIZE)
+        assert overlay.size == (2 * SIZE, SIZE + CAPTION_HEIGHT)  # the image, its overlay, and the caption strip
+        caption = np.asarray(overlay.convert("L"))[SIZE:]
+    assert caption.max() > 200 and caption.mean() < 64  # light text on black
 
 
 def _radiograph(label: int, rng: np.random.Generator, width: int = 300, height: int = 240) -> np.ndarray:

@@ -1,6 +1,7 @@
 """`cxr report`: the README results section is generated from metrics.json files (fixtures written here)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,7 @@ def row(text: str, name: str, table: int) -> list[str]:
 
 
 def test_report_writes_tables_between_markers(project):
-    listed = write_report(project / "assets", project / "README.md")
+    listed = write_report(project / "assets", project / "README.md").written
     text = (project / "README.md").read_text()
 
     assert listed == ["resnet152_head", "resnet50_full"]  # configured order, not alphabetical
@@ -110,6 +111,7 @@ def test_report_run_details_links_and_provenance(project):
 
 
 def test_report_is_stable_and_links_relative_to_readme(project):
+    (project / ".git").mkdir()  # the repository's root: a README in docs/ may link to ../assets
     docs = project / "docs"
     docs.mkdir()
     (docs / "RESULTS.md").write_text(README)
@@ -198,3 +200,27 @@ def test_baseline_verdict_reads_both_intervals():
     assert baseline_verdict({"macro_f1": 0.90, "ci95": {"macro_f1": [0.86, 0.93]}}, baseline).startswith(
         "It beats the shortcut baseline (macro-F1 0.90 against 0.70")
     assert baseline_verdict({"macro_f1": 0.9}, None) is None
+
+
+def test_report_refuses_results_outside_the_repository(project, tmp_path_factory):
+    """Links from README to another folder would leave the repository: refused, README untouched."""
+    (project / ".git").mkdir()
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    for run in (project / "assets").iterdir():
+        (elsewhere / run.name).mkdir()
+        (elsewhere / run.name / "metrics.json").write_text((run / "metrics.json").read_text())
+    before = (project / "README.md").read_text()
+    with pytest.raises(ReportError, match="outside"):
+        write_report(elsewhere, project / "README.md")
+    assert (project / "README.md").read_text() == before
+
+
+def test_report_says_which_rows_it_replaced(project, capsys):
+    readme = str(project / "README.md")
+    assert main(["report", "--assets", str(project / "assets"), "--readme", readme]) == 0
+    assert "replaced" not in capsys.readouterr().out  # the first table named no run
+    shutil.rmtree(project / "assets" / "resnet152_head")
+    assert main(["report", "--assets", str(project / "assets"), "--readme", readme]) == 0
+    out = capsys.readouterr().out
+    assert "replaced the rows of resnet50_full" in out
+    assert "removed the rows of resnet152_head" in out

@@ -196,11 +196,20 @@ def _near_duplicate_groups(
     return sorted(groups.values(), key=lambda group: group["files"][0]["path"])
 
 
+def _named(file: dict[str, Any]) -> str:
+    """A file's path, and the split it belongs to when its folder says another (a validation split carved out
+    of train holds files under train/)."""
+    path = str(file["path"])
+    if file["split"] in Path(path).parts:
+        return path
+    return f"{path} (in {'validation' if file['split'] == 'val' else file['split']})"
+
+
 def _examples(groups: list[dict[str, Any]], splits: set[str], copies: int = 1, joiner: str = " = ") -> str:
     """A few duplicate groups, each shown as its files in ``splits``, where every split holds ``copies`` or more."""
     shown = []
     for group in groups:
-        files = [f["path"] for f in group["files"] if f["split"] in splits]
+        files = [_named(f) for f in group["files"] if f["split"] in splits]
         if all(sum(f["split"] == name for f in group["files"]) >= copies for name in splits):
             shown.append(joiner.join(files))
     return "; ".join(shown[:EXAMPLES_SHOWN])

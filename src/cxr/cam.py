@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -76,12 +76,22 @@ def overlay(display: np.ndarray, heat_map: np.ndarray) -> np.ndarray:
     return show_cam_on_image(display.astype(np.float32), heat_map, use_rgb=True, image_weight=0.5)
 
 
-def save_overlay(display: np.ndarray, heat_map: np.ndarray, path: Path) -> Path:
-    """Write the image and its overlay side by side as one PNG."""
+CAPTION_HEIGHT = 14  # PIL's built-in bitmap font is 11 px high
+
+
+def save_overlay(display: np.ndarray, heat_map: np.ndarray, path: Path, caption: str | None = None) -> Path:
+    """Write the image and its overlay side by side as one PNG, with ``caption`` (the predicted class and its
+    probability, say) in a strip beneath them, so an overlay still says what it shows once it is copied away."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pair = np.concatenate([(display * 255).round().astype(np.uint8), overlay(display, heat_map)], axis=1)
-    Image.fromarray(pair).save(path)
+    picture = Image.fromarray(pair)
+    if caption:
+        framed = Image.new("RGB", (picture.width, picture.height + CAPTION_HEIGHT), "black")
+        framed.paste(picture)
+        ImageDraw.Draw(framed).text((2, picture.height + 1), caption, fill="white", font=ImageFont.load_default())
+        picture = framed
+    picture.save(path)
     return path
 
 

@@ -3,40 +3,82 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import re
 import shlex
 import sys
+import typing
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
-from .config import EXPERIMENTS
+from .config import EXPERIMENTS, Experiment
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    return bounded_number(int, minimum=1)(text)
 
 
 def non_negative_int(text: str) -> int:
-    value = int(text) if text.lstrip("-").isdigit() else None
-    if value is None or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return value
+    return bounded_number(int, minimum=0)(text)
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-    return value
+    return bounded_number(float, above=0)(text)
+
+
+def bounded_number(kind: type, minimum: float | None = None, above: float | None = None) -> Callable[[str], Any]:
+    """An argparse type: a number of ``kind`` of at least ``minimum`` or greater than ``above``."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}") from None
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        if above is not None and not value > above:
+            raise argparse.ArgumentTypeError(f"must be greater than {above}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _experiment_default(name: str) -> str:
+    """``20`` when every experiment has the same value, else each experiment's: ``--help`` shows what a run uses."""
+    values = {e.name: _shown(getattr(e, name)) for e in EXPERIMENTS.values()}
+    if len(set(values.values())) == 1:
+        return str(next(iter(values.values())))
+    return ", ".join(f"{experiment} {value}" for experiment, value in values.items())
+
+
+def _shown(value: Any) -> str:
+    return {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
+
+
+def hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The experiment fields given on the command line (None: the experiment's own value)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(Experiment) if "help" in f.metadata}
+
+
+def _add_hyperparameters(group: argparse._ArgumentGroup) -> None:
+    """One flag per tunable field of :class:`~cxr.config.Experiment`, its help and default taken from there."""
+    hints = typing.get_type_hints(Experiment)
+    for field in dataclasses.fields(Experiment):
+        if "help" not in field.metadata:
+            continue
+        flag, kind = "--" + field.name.replace("_", "-"), hints[field.name]
+        help_text = f"{field.metadata['help']} (default: {_experiment_default(field.name)})"
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif typing.get_origin(kind) is typing.Literal:
+            group.add_argument(flag, choices=typing.get_args(kind), help=help_text)
+        else:
+            number = kind in (int, float)
+            parse = bounded_number(kind, field.metadata["minimum"], field.metadata["above"]) if number else kind
+            group.add_argument(flag, type=parse, metavar=field.name.upper(), help=help_text)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -46,58 +88,68 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _cache_options(parser: argparse.ArgumentParser) -> None:
+def _cache_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     parser.add_argument("--no-cache", dest="cache", action="store_false",
                         help="decode and transform every image on every pass (no decoded-image cache)")
     parser.add_argument("--cache-dir", help="decoded-image cache folder (default: $CXR_CACHE_DIR, else ~/.cache/cxr)")
 
 
-def _lung_masks(parser: argparse.ArgumentParser) -> None:
+def _lung_masks(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     parser.add_argument("--lung-masks", metavar="DIR",
                         help="per-image lung masks for the shortcut checks (DIR/<class>/<stem>.png or DIR/<stem>.png; "
                              "default: the geometric lung field)")
 
 
+def _train_parser(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser("train", help="train an experiment and evaluate it on the test split",
+                                description="Train an experiment, evaluate its best epoch on the test split and "
+                                            "write every result into OUT/<experiment>/.")
+    what = train.add_argument_group("what to train")
+    what.add_argument("experiment", choices=sorted(EXPERIMENTS), help="the named configuration (see `cxr list`)")
+    _add_hyperparameters(what)
+    what.add_argument("--seed", type=non_negative_int, default=42,
+                      help="seed of the initialisation, the carved validation split and the batches (default: 42)")
+    data = train.add_argument_group("data")
+    data.add_argument("--data-dir", help="dataset folder (default: $CXR_DATA_DIR, else download with kagglehub)")
+    data.add_argument("--val-source", choices=["carve", "given"], default="carve",
+                      help="carve a stratified 10%% validation split out of train (default) or use Kaggle's val")
+    _lung_masks(data)
+    runs = train.add_argument_group("how it runs")
+    runs.add_argument("--device", help="cuda, mps, cpu or cuda:N (default: best available)")
+    runs.add_argument("--workers", type=non_negative_int, help="DataLoader worker processes (default: chosen per device)")
+    runs.add_argument("--deterministic", action="store_true",
+                      help="deterministic algorithms only (bit-identical reruns on one machine; slower on a GPU)")
+    _cache_options(runs)
+    runs.add_argument("--feature-cache", choices=["auto", "off"], default="auto",
+                      help="auto (default): train a frozen backbone's head on cached features where nothing is augmented")
+    runs.add_argument("--compile", action="store_true", help="torch.compile the model")
+    runs.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
+                      help="run every training step eagerly (default on a GPU: a fully trained network's full "
+                           "batches replay CUDA graphs)")
+    runs.add_argument("--splits-in-host-memory", dest="splits_on_device", action="store_false",
+                      help="keep every cached split in host memory and copy each batch to the GPU through pinned "
+                           "memory (default: a split under a quarter of the GPU's free memory is held on it)")
+    results = train.add_argument_group("where results go")
+    results.add_argument("--out", default="assets",
+                         help="output folder; files go to OUT/<experiment>/ (default: assets)")
+    results.add_argument("--resume", action="store_true", help="continue from OUT/<experiment>/checkpoints/last.pt")
+    results.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
+                         help="write no TensorBoard event files (default: OUT/<experiment>/tensorboard/)")
+    results.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxr", description="Chest X-ray classification experiments.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     commands.add_parser("list", help="print the experiments and their configuration")
-
-    train = commands.add_parser("train", help="train an experiment and evaluate it on the test split")
-    train.add_argument("experiment", choices=sorted(EXPERIMENTS))
-    _common(train)
-    train.add_argument("--epochs", type=positive_int)
-    train.add_argument("--batch-size", type=positive_int)
-    train.add_argument("--image-size", type=positive_int)
-    train.add_argument("--lr", type=positive_float, help="head learning rate")
-    train.add_argument("--backbone-lr", type=positive_float, help="learning rate of a trained backbone (resnet50_full)")
-    train.add_argument("--warmup-epochs", type=non_negative_int, help="epochs of linear learning-rate warm-up")
-    train.add_argument("--patience", type=non_negative_int, help="early-stopping patience in epochs (0: off)")
-    train.add_argument("--weights", help="imagenet (default), none, or PATH to a local .pth state dict")
-    train.add_argument("--seed", type=non_negative_int, default=42)
-    train.add_argument("--val-source", choices=["carve", "given"], default="carve",
-                       help="carve a stratified 10%% validation split out of train (default) or use Kaggle's val")
-    train.add_argument("--workers", type=non_negative_int, help="DataLoader worker processes")
-    train.add_argument("--resume", action="store_true", help="continue from OUT/<experiment>/checkpoints/last.pt")
-    train.add_argument("--deterministic", action="store_true",
-                       help="deterministic algorithms only (bit-identical reruns on one machine; slower on a GPU)")
-    _cache_options(train)
-    _lung_masks(train)
-    train.add_argument("--no-augment", dest="augment", action="store_const", const=False,
-                       help="no training augmentation (a frozen backbone's features are then computed once)")
-    train.add_argument("--feature-cache", choices=["auto", "off"], default="auto",
-                       help="auto (default): train a frozen backbone's head on cached features where nothing is augmented")
-    train.add_argument("--compile", action="store_true", help="torch.compile the model")
-    train.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
-                       help="run every training step eagerly (default on a GPU: a fully trained network's full "
-                            "batches replay CUDA graphs)")
-    train.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
-                       help="write no TensorBoard event files (default: OUT/<experiment>/tensorboard/)")
+    _train_parser(commands)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on the test split")
-    evaluate.add_argument("experiment", choices=sorted(EXPERIMENTS))
-    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("experiment", nargs="?", choices=sorted(EXPERIMENTS),
+                          help="the checkpoint's experiment (default: the one the checkpoint records)")
+    evaluate.add_argument("--checkpoint", required=True, help="a checkpoint written by cxr train (best.pt)")
     _common(evaluate)
     evaluate.add_argument("--tta", action="store_true",
                           help="also report test-time augmentation (centre crop, whole square, small shifts; each mirrored)")
@@ -144,6 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--assets", default="assets", help="folder of <experiment>/metrics.json (default: assets)")
     report.add_argument("--readme", default="README.md", help="file holding the results markers (default: README.md)")
     return parser
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cxr")
+    except PackageNotFoundError:  # run from a source tree (PYTHONPATH=src) without an install
+        return "unknown (not installed)"
 
 
 def _print_experiments() -> None:
@@ -247,23 +308,74 @@ def _report(args: argparse.Namespace) -> int:
     from .report import ReportError, write_report
 
     try:
-        names = write_report(args.assets, args.readme)
+        change = write_report(args.assets, args.readme)
     except ReportError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"{args.readme}: results of {', '.join(names)} from {args.assets}/*/metrics.json")
+    print(change.describe(args.readme, args.assets))
     return 0
 
 
+NUMBER = re.compile(r"-\d*\.?\d+(e[-+]?\d+)?", re.IGNORECASE)
+
+
+def join_negative_numbers(argv: Sequence[str]) -> list[str]:
+    """``--lr -1e-3`` as ``--lr=-1e-3``: argparse takes ``-1e-3`` for an option and says "expected one argument",
+    where the flag's own check would say what is wrong with the value."""
+    joined: list[str] = []
+    for token in argv:
+        previous = joined[-1] if joined else ""
+        if NUMBER.fullmatch(token) and previous.startswith("--") and "=" not in previous:
+            joined[-1] = f"{previous}={token}"
+        else:
+            joined.append(token)
+    return joined
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
+    return f"warning: {message}\n"
+
+
+def _continue_hint(args: argparse.Namespace, argv: Sequence[str] | None) -> str:
+    """What to run after Ctrl-C: a training run with a saved epoch resumes, any other command starts again."""
+    if args.command == "train" and (Path(args.out) / args.experiment / "checkpoints" / "last.pt").exists():
+        return f"Resume with: {_resume_command(argv)}"
+    return "Run it again with: " + shlex.join(["cxr", *(sys.argv[1:] if argv is None else argv)])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """``cxr``: every warning is one ``warning:`` line while it runs."""
+    shown, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = shown
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_negative_numbers(sys.argv[1:] if argv is None else argv))
     if args.command == "list":
         _print_experiments()
         return 0
     if args.command == "report":
         return _report(args)
+    from .preflight import PreflightError, check_arguments
 
+    try:
+        check_arguments(args)
+    except PreflightError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    try:
+        return _run(args, argv)
+    except KeyboardInterrupt:
+        print(f"\nInterrupted. {_continue_hint(args, argv)}", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    """The commands that need torch: imported only once the arguments have been checked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -284,12 +396,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics = train_experiment(
                 args.experiment, data_dir=args.data_dir, out=args.out, device=args.device, seed=args.seed,
                 val_source=args.val_source, workers=args.workers, resume=args.resume, progress=not args.quiet,
-                epochs=args.epochs, batch_size=args.batch_size, image_size=args.image_size, lr=args.lr,
-                backbone_lr=args.backbone_lr, warmup_epochs=args.warmup_epochs,
-                patience=args.patience, weights=args.weights, deterministic=args.deterministic,
-                cache=args.cache, cache_dir=args.cache_dir, augment=args.augment,
-                feature_cache=args.feature_cache == "auto",
-                compile=args.compile, tensorboard=args.tensorboard, cuda_graphs=args.cuda_graphs,
+                deterministic=args.deterministic, cache=args.cache, cache_dir=args.cache_dir,
+                feature_cache=args.feature_cache == "auto", compile=args.compile, tensorboard=args.tensorboard,
+                cuda_graphs=args.cuda_graphs, splits_on_device=args.splits_on_device, **hyperparameters(args),
                 lung_masks=args.lung_masks,
             )
         elif args.command == "predict":
@@ -314,9 +423,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         resume = f"\nResume with: {command}" if error.saved_epochs else ""
         print(f"\n{error}{resume}", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
-        print("\nInterrupted.", file=sys.stderr)
-        return 130
     except torch.OutOfMemoryError:
         print("error: the GPU ran out of memory; try a smaller --batch-size (or --image-size).", file=sys.stderr)
         return 1
@@ -326,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         distributed.teardown()
     if distributed.is_main():
-        _print_metrics(metrics, args.out, args.experiment)
+        _print_metrics(metrics, args.out, metrics.get("experiment", args.experiment))
     return 0
 
 

@@ -12,6 +12,14 @@ from typing import Any, Literal
 Monitor = Literal["val_macro_f1", "val_loss"]
 
 
+def tunable(help: str, default: Any = dataclasses.MISSING, minimum: float | None = None,
+            above: float | None = None) -> Any:
+    """A field that ``cxr train`` offers as a flag, with its help text and the values it accepts (at least
+    ``minimum``, or greater than ``above``); the flag's default is the experiment's own value, so a
+    hyperparameter is written once, here."""
+    return dataclasses.field(default=default, metadata={"help": help, "minimum": minimum, "above": above})
+
+
 @dataclass(frozen=True)
 class Experiment:
     """Everything that defines one experiment. Plain data: it goes into checkpoints and metrics.json."""
@@ -20,18 +28,19 @@ class Experiment:
     arch: Literal["resnet152", "resnet50", "vit_b_16"]
     freeze_backbone: bool
     summary: str
-    epochs: int
-    batch_size: int
-    lr: float
-    backbone_lr: float
-    weight_decay: float = 0.05
-    warmup_epochs: int = 1
-    label_smoothing: float = 0.1
-    augment: bool = True
-    patience: int = 6
-    monitor: Monitor = "val_macro_f1"
-    image_size: int = 224
-    weights: str = "imagenet"
+    epochs: int = tunable("most epochs to train (early stopping may end sooner)", minimum=1)
+    batch_size: int = tunable("images per training step", minimum=1)
+    lr: float = tunable("learning rate of the head (peak of the schedule)", above=0)
+    backbone_lr: float = tunable("learning rate of a trained backbone (0 for a frozen one)", minimum=0)
+    weight_decay: float = tunable("AdamW weight decay", 0.05, minimum=0)
+    warmup_epochs: int = tunable("epochs of linear learning-rate warm-up", 1, minimum=0)
+    label_smoothing: float = tunable("label smoothing of the weighted cross-entropy", 0.1, minimum=0)
+    augment: bool = tunable("training augmentation (small shifts, crops, mirroring, exposure)", True)
+    patience: int = tunable("early-stopping patience in epochs of no better validation score (0: off)", 6,
+                            minimum=0)
+    monitor: Monitor = tunable("validation score that picks the best epoch and stops early", "val_macro_f1")
+    image_size: int = tunable("side in pixels of the square the model sees", 224, minimum=1)
+    weights: str = tunable("imagenet, none (random initialisation), or PATH to a local .pth state dict", "imagenet")
     optimizer: str = "adamw"
     schedule: str = "warmup+cosine"
 

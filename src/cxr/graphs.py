@@ -1,7 +1,7 @@
 """A fully trained network's forward and backward passes replayed from CUDA graphs.
 
 Fine-tuning all of ResNet50 at batch 64 launches about 840 kernels a step, and on an H200 the host takes
-longer to launch them than the device takes to run them (benchmarks/results-2946261.md, before graphs: an
+longer to launch them than the device takes to run them (benchmarks/history/results-2946261.md, before graphs: an
 epoch took 2.8 s, of which the device's kernels ran 1.6 s). A CUDA graph records a step's kernels once and
 replays them with one launch.
 

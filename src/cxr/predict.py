@@ -118,10 +118,12 @@ def predict_images(
                          **{name: float(value) for name, value in zip(classes, p)}})
         if cam_dir is not None:
             heat_maps = cam.grad_cam(model, inputs, predicted)
-            for (path, _), image, heat_map in zip(loaded, inputs, heat_maps):
-                display = cam.as_display(image, preprocessing)
-                cam_files.append(cam.save_overlay(display, heat_map, Path(cam_dir) / _cam_name(path, taken)))
-    columns = ["file", "prediction", "probability", *classes]
+            for row, image, heat_map in zip(rows[-len(loaded):], inputs, heat_maps):
+                display, caption = cam.as_display(image, preprocessing), f"{row['prediction']} {row['probability']:.2f}"
+                written = cam.save_overlay(display, heat_map, Path(cam_dir) / _cam_name(Path(row["file"]), taken), caption)
+                row["cam"] = str(written)
+                cam_files.append(written)
+    columns = ["file", "prediction", "probability", *classes, *(["cam"] if cam_dir is not None else [])]
     return Predictions(pd.DataFrame(rows, columns=columns), failures, cam_files)
 
 

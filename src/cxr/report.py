@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .config import EXPERIMENTS
-from .data import CLASSES
+from .layout import CLASSES
 
 START_MARKER = "<!-- results:start -->"
 END_MARKER = "<!-- results:end -->"
@@ -316,13 +317,68 @@ def replace_results(text: str, block: str) -> str:
     return text[:start] + block + text[end + len(END_MARKER):]
 
 
-def write_report(assets: str | os.PathLike = "assets", readme: str | os.PathLike = "README.md") -> list[str]:
+def _listed_runs(text: str) -> list[str]:
+    """The experiments named in the first table of README's current results block."""
+    start, end = text.find(START_MARKER), text.find(END_MARKER)
+    block = text[start:end] if 0 <= start < end else ""
+    names = []
+    for line in block.splitlines():
+        if not line.startswith("| `"):
+            if names:
+                break  # the scores table ended; the runs table repeats the names
+            continue
+        names.append(line.split("`")[1])
+    return names
+
+
+def repository_root(readme: Path) -> Path:
+    """The checkout holding ``readme`` (the nearest folder with ``.git``), else the README's own folder."""
+    folder = readme.resolve().parent
+    return next((f for f in (folder, *folder.parents) if (f / ".git").exists()), folder)
+
+
+def _check_inside(assets: Path, readme: Path) -> None:
+    """README links to the figures by relative paths: results outside its repository would be dead links
+    for every other reader, so they are refused rather than written."""
+    root = repository_root(readme)
+    try:
+        assets.resolve().relative_to(root)
+    except ValueError:
+        raise ReportError(
+            f"{str(assets)!r} is outside {str(root)!r}, the repository of {str(readme)!r}: its links would "
+            "lead out of it. Copy the runs into the repository (e.g. assets/) first."
+        ) from None
+
+
+def write_report(assets: str | os.PathLike = "assets", readme: str | os.PathLike = "README.md") -> ReportChange:
     """Rewrite README's results section (and its "What the models learn" section, where it has the
-    markers) from ``assets/*/metrics.json``; return the experiments listed."""
+    markers) from ``assets/*/metrics.json``; return which rows it wrote and which of the rows it found
+    there it replaced or removed."""
     readme = Path(readme)
     if not readme.is_file():
         raise ReportError(f"README {str(readme)!r} does not exist; pass --readme PATH.")
+    _check_inside(Path(assets), readme)
     runs = collect_metrics(assets)
-    text = replace_results(readme.read_text(), render_results(runs, readme.parent))
-    readme.write_text(replace_shortcuts(text, render_shortcuts(runs)))
-    return [_name(m) for m in runs]
+    text = readme.read_text()
+    before = _listed_runs(text)
+    results = replace_results(text, render_results(runs, readme.parent))
+    readme.write_text(replace_shortcuts(results, render_shortcuts(runs)))
+    written = [_name(m) for m in runs]
+    return ReportChange(written, [n for n in before if n in written], [n for n in before if n not in written])
+
+
+@dataclass(frozen=True)
+class ReportChange:
+    """What ``cxr report`` did to README's results table."""
+
+    written: list[str]
+    replaced: list[str]
+    removed: list[str]
+
+    def describe(self, readme: str, assets: str) -> str:
+        text = f"{readme}: results of {', '.join(self.written)} from {assets}/*/metrics.json"
+        if self.replaced:
+            text += f"; replaced the rows of {', '.join(self.replaced)}"
+        if self.removed:
+            text += f"; removed the rows of {', '.join(self.removed)} (no metrics.json for them in {assets}/)"
+        return text

@@ -101,9 +101,10 @@ class Runtime:
     @classmethod
     def create(cls, device: torch.device | str | None = None, *, workers: int | None = None, compile: bool = False,
                cache: bool = True, cache_dir: str | os.PathLike | None = None, progress: bool = True,
-               cuda_graphs: bool | None = None, feature_cache: bool = True) -> Runtime:
+               cuda_graphs: bool | None = None, feature_cache: bool = True, splits_on_device: bool = True) -> Runtime:
         """The choices for ``device`` (default: the best available): on CUDA mixed precision,
-        channels_last, fused AdamW, cuDNN autotuning, pinned non-blocking copies, data held on the GPU, a
+        channels_last, fused AdamW, cuDNN autotuning, pinned non-blocking copies, data held on the GPU (where
+        it fits; ``splits_on_device=False`` keeps every split in host memory, copied over per batch), a
         frozen backbone run on batches of 256, CUDA graphs for a fully trained network (unless compiled)
         and up to 8 DataLoader workers; elsewhere fp32 in the main process."""
         device = device if isinstance(device, torch.device) else select_device(device)
@@ -112,7 +113,7 @@ class Runtime:
             raise ValueError(f"CUDA graphs need a CUDA GPU; this run is on {device.type}: leave cuda_graphs unset.")
         return cls(
             device=device, amp_dtype=_cuda_amp_dtype() if cuda else None, channels_last=cuda, fused_optimizer=cuda,
-            cudnn_benchmark=cuda, pin_memory=cuda, non_blocking=cuda, hold_on_device=device.type != "cpu",
+            cudnn_benchmark=cuda, pin_memory=cuda, non_blocking=cuda, hold_on_device=device.type != "cpu" and splits_on_device,
             workers=(min(8, os.cpu_count() or 1) if cuda else 0) if workers is None else workers,
             compile=compile, cuda_graphs=cuda and not compile if cuda_graphs is None else cuda_graphs,
             frozen_forward_batch=FROZEN_FORWARD_BATCH if cuda else 0, cache=cache, feature_cache=feature_cache,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import os
 import platform
 import subprocess
@@ -159,6 +160,27 @@ def evaluate_model(
     return metrics
 
 
+def results_replaced(out_dir: Path, experiment: Experiment, device: str) -> str | None:
+    """What an earlier run left in ``out_dir`` and how it differs from this one, or None when there is nothing:
+    a run rewrites every file of its folder, and committed results (README shows them) are lost silently
+    otherwise."""
+    path = out_dir / ASSET_FILES["metrics"]
+    if not path.is_file():
+        return None
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return f"{out_dir}/ holds an unreadable metrics.json; this run replaces it."
+    planned = earlier.get("config", {}).get("epochs", "?")
+    made = (f"{earlier.get('device', 'unknown device')}, {earlier.get('epochs_run', '?')} of {planned} epochs, "
+            f"weights {earlier.get('weights', '?')}, {str(earlier.get('date', 'undated'))[:10]}")
+    same = earlier.get("config") == experiment.to_dict() and earlier.get("device") == device
+    return (f"{out_dir}/ holds the results of an earlier run ({made}"
+            f"{'; the same configuration and device' if same else '; another configuration or device'}); this run "
+            "replaces them. To keep them, stop now (Ctrl-C) and pass another output folder (--out DIR), or commit "
+            "them first.")
+
+
 def train_experiment(
     name: str,
     data_dir: str | os.PathLike | None = None,
@@ -180,13 +202,15 @@ def train_experiment(
     tensorboard: bool = True,
     cuda_graphs: bool | None = None,
     lung_masks: str | os.PathLike | None = None,
+    splits_on_device: bool = True,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Train the named experiment, evaluate its best checkpoint on the test split and write every
     asset into ``out/<name>/``. ``overrides`` replace configuration values (epochs, batch_size, ...);
     ``deterministic`` allows only deterministic kernels. ``runtime`` decides how the run executes; without
     it one is made for ``device`` from ``workers``, ``cache`` (the decoded-image cache), ``cache_dir``,
-    ``compile``, ``feature_cache``, ``progress`` and ``cuda_graphs`` (None: on CUDA) (:meth:`Runtime.create`).
+    ``compile``, ``feature_cache``, ``progress``, ``cuda_graphs`` (None: on CUDA) and ``splits_on_device``
+    (:meth:`Runtime.create`).
     ``tensorboard`` also writes TensorBoard event files into ``out/<name>/tensorboard/``. The data is audited
     first: duplicates and train/test leakage are warned about and summarised in metrics.json, beside the
     shortcut baseline. ``lung_masks``: per-image lung masks for the shortcut checks, checked before training.
@@ -199,11 +223,15 @@ def train_experiment(
     if deterministic:
         make_deterministic()
     runtime = runtime or Runtime.create(device, workers=workers, compile=compile, cache=cache, cache_dir=cache_dir,
-                                        feature_cache=feature_cache, progress=progress, cuda_graphs=cuda_graphs)
+                                        feature_cache=feature_cache, progress=progress, cuda_graphs=cuda_graphs,
+                                        splits_on_device=splits_on_device)
     runtime = runtime.replace(device=distributed.setup(runtime.device))
     main_rank = distributed.is_main()
-    splits = splits or prepare_data(data_dir, val_source=val_source, seed=seed)
     out_dir = Path(out) / experiment.name
+    replaced = None if resume or not main_rank else results_replaced(out_dir, experiment, device_name(runtime.device))
+    if replaced:
+        warnings.warn(replaced, stacklevel=2)
+    splits = splits or prepare_data(data_dir, val_source=val_source, seed=seed)
     if lung_masks is not None:
         find_lung_masks(splits.test.paths, lung_masks)  # a missing or misfit mask fails now, not after training
     if main_rank:  # the audit reads every file: one process is enough
@@ -281,5 +309,6 @@ def evaluate_checkpoint(
     splits = prepare_data(data_dir, seed=state.get("seed", 42))
     if lung_masks is not None:
         find_lung_masks(splits.test.paths, lung_masks)
-    return evaluate_model(model, config, splits, Path(out) / config.name, runtime, state["preprocessing"], tta,
-                          lung_masks)
+    metrics = evaluate_model(model, config, splits, Path(out) / config.name, runtime, state["preprocessing"], tta,
+                             lung_masks)
+    return {"experiment": config.name, **metrics}

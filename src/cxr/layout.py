@@ -1,0 +1,79 @@
+"""Where the dataset is and what it looks like: class names, the folder layout, finding (or downloading) the
+dataset. Nothing here imports torch, so commands can check their arguments before the heavy imports.
+
+Layout: ``<root>/{train,val,test}/<CLASS>/*.{jpg,jpeg,png,dcm}``; the Kaggle archive spells the
+tuberculosis folder ``TURBERCULOSIS`` and may nest the split folders one or two levels down.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CLASSES: tuple[str, ...] = ("COVID19", "NORMAL", "PNEUMONIA", "TUBERCULOSIS")
+FOLDER_ALIASES = {"TURBERCULOSIS": "TUBERCULOSIS"}
+SPLITS = ("train", "val", "test")
+KAGGLE_HANDLE = "jtiptj/chest-xray-pneumoniacovid19tuberculosis"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+EXPECTED_LAYOUT = (
+    "Expected layout: DATA_DIR/{train,val,test}/{COVID19,NORMAL,PNEUMONIA,TUBERCULOSIS}/*.jpg|jpeg|png|dcm "
+    "(the Kaggle spelling TURBERCULOSIS is accepted; the split folders may sit one or two levels down)."
+)
+
+
+class DatasetError(RuntimeError):
+    """The dataset cannot be found or used; the message says what to do."""
+
+
+def child_dirs(path: Path) -> dict[str, Path]:
+    return {p.name.lower(): p for p in path.iterdir() if p.is_dir()} if path.is_dir() else {}
+
+
+def find_split_root(path: Path, max_depth: int = 3) -> Path | None:
+    """Return the folder under ``path`` (searched breadth first) that holds ``train`` and ``test``."""
+    frontier = [Path(path)]
+    for _ in range(max_depth + 1):
+        next_frontier = []
+        for folder in sorted(frontier):
+            children = child_dirs(folder)
+            if "train" in children and "test" in children:
+                return folder
+            next_frontier.extend(children.values())
+        frontier = next_frontier
+    return None
+
+
+def download_dataset(handle: str = KAGGLE_HANDLE) -> Path:
+    """Download (or reuse kagglehub's cached copy of) the public Kaggle dataset.
+
+    No interactive login: the dataset is public, and kagglehub uses credentials only when they
+    are already configured (``~/.kaggle/kaggle.json`` or ``KAGGLE_USERNAME``/``KAGGLE_KEY``).
+    """
+    try:
+        import kagglehub
+
+        return Path(kagglehub.dataset_download(handle))
+    except Exception as error:  # kagglehub raises many types (network, auth, HTTP); all mean the same here
+        raise DatasetError(
+            f"Could not download the Kaggle dataset {handle!r} with kagglehub "
+            f"({type(error).__name__}: {error}). If this machine is offline or has no Kaggle access, "
+            "download the dataset elsewhere and pass its folder with --data-dir DATA_DIR (or set "
+            f"CXR_DATA_DIR). {EXPECTED_LAYOUT}"
+        ) from None
+
+
+def locate_dataset(data_dir: str | os.PathLike | None = None) -> Path:
+    """Find the split root: explicit ``data_dir`` first, then ``CXR_DATA_DIR``, then a kagglehub download."""
+    source = data_dir or os.environ.get("CXR_DATA_DIR")
+    if source:
+        base = Path(source).expanduser()
+        if not base.exists():
+            raise DatasetError(f"Data folder {str(base)!r} does not exist. {EXPECTED_LAYOUT}")
+    else:
+        base = download_dataset()
+    root = find_split_root(base)
+    if root is None:
+        raise DatasetError(f"No train/ and test/ folders found in {str(base)!r}. {EXPECTED_LAYOUT}")
+    return root
