@@ -152,6 +152,56 @@ def test_durations_read_naturally():
     assert format_duration(None) == "n/a"
 
 
+def _with_checks(project: Path, name: str, baseline_f1: float, views: dict, saliency: dict | None) -> None:
+    path = project / "assets" / name / "metrics.json"
+    metrics = json.loads(path.read_text())
+    ci95 = {"accuracy": [0.75, 0.85], "macro_f1": [baseline_f1 - 0.04, baseline_f1 + 0.04], "balanced_accuracy": [0.7, 0.8],
+            "recall": {c: [0.6, 0.9] for c in CLASSES}}
+    metrics["shortcut_baseline"] = {
+        "features": ["aspect_ratio", "border_mean"], "test_images": 160,
+        "test": {"accuracy": 0.8, "macro_f1": baseline_f1, "balanced_accuracy": 0.79, "ci95": ci95,
+                 "per_class": {c: {"recall": 0.75} for c in CLASSES}}}
+    metrics["shortcuts"] = {
+        "views": {view: {"macro_f1": f1, "ci95": {"macro_f1": [f1 - 0.05, f1 + 0.05]}} for view, f1 in views.items()},
+        "sentence": f"With the lungs hidden, macro-F1 falls from {views['as_is']:.2f} to {views['lungs_hidden']:.2f}.",
+        "saliency": saliency, "saliency_sentence": None}
+    path.write_text(json.dumps(metrics))
+
+
+def test_report_adds_the_baseline_row_and_what_the_models_learn(project):
+    from cxr.report import BASELINE_ROW, SHORTCUTS_END, SHORTCUTS_START
+
+    readme = project / "README.md"
+    readme.write_text(readme.read_text() + f"\n## What the models learn\n\n{SHORTCUTS_START}\nold\n{SHORTCUTS_END}\n")
+    _with_checks(project, "resnet50_full", 0.86, {"as_is": 0.841, "lungs_hidden": 0.612, "lungs_only": 0.70},
+                 {"lung_share": 0.41, "lung_area_share": 0.28, "randomisation": {"spearman_mean": 0.123}})
+    write_report(project / "assets", readme)
+    text = readme.read_text()
+
+    baseline = next(line for line in section(text).splitlines() if line.startswith(f"| {BASELINE_ROW}"))
+    assert "| 0.800 (0.750-0.850) | 0.860 (0.820-0.900) |" in baseline
+    learned = text[text.index(SHORTCUTS_START): text.index(SHORTCUTS_END)]
+    assert "old" not in learned and "reaches test macro-F1 0.860 (0.820-0.900)" in learned
+    assert ("| `resnet50_full` | 0.841 (0.791-0.891) | 0.612 (0.562-0.662) | 0.700 (0.650-0.750) | 41% (28%) | 0.12 |"
+            in learned)
+    assert ("- `resnet50_full`: It does no better than the shortcut baseline, which never sees the lungs "
+            "(macro-F1 0.84 against 0.86). With the lungs hidden, macro-F1 falls from 0.84 to 0.61.") in learned
+    assert ("- `resnet152_head`: It does no better than the shortcut baseline, which never sees the lungs (macro-F1 "
+            "0.47 against 0.86). Its metrics.json has no masked or saliency checks") in learned
+    assert "| `resnet152_head` | n/a | n/a | n/a | n/a (n/a) | n/a |" in learned
+
+
+def test_baseline_verdict_reads_both_intervals():
+    from cxr.report import baseline_verdict
+
+    baseline = {"test": {"macro_f1": 0.70, "ci95": {"macro_f1": [0.64, 0.76]}}}
+    assert baseline_verdict({"macro_f1": 0.69}, baseline).startswith("It does no better than the shortcut baseline")
+    assert "intervals overlap" in baseline_verdict({"macro_f1": 0.74, "ci95": {"macro_f1": [0.70, 0.79]}}, baseline)
+    assert baseline_verdict({"macro_f1": 0.90, "ci95": {"macro_f1": [0.86, 0.93]}}, baseline).startswith(
+        "It beats the shortcut baseline (macro-F1 0.90 against 0.70")
+    assert baseline_verdict({"macro_f1": 0.9}, None) is None
+
+
 def test_report_refuses_results_outside_the_repository(project, tmp_path_factory):
     """Links from README to another folder would leave the repository: refused, README untouched."""
     (project / ".git").mkdir()

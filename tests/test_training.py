@@ -143,6 +143,16 @@ def test_metrics_json_has_scores_in_range_and_provenance(run, scanned):
     assert estimated == (run.name == "resnet152_head")  # the only frozen backbone with BatchNorm
 
 
+def test_metrics_json_keeps_the_shortcut_checks(run):
+    metrics = json.loads((run.out_dir / "metrics.json").read_text())
+    assert metrics["shortcut_baseline"]["train_images"] == sum(metrics["dataset"]["counts"]["train"].values())
+    assert set(metrics["shortcut_baseline"]["test"]["ci95"]) >= {"accuracy", "macro_f1", "recall"}
+    views = metrics["shortcuts"]["views"]
+    assert set(views) == {"as_is", "lungs_hidden", "lungs_only"} and "shortcuts" not in metrics["test"]
+    assert views["as_is"]["macro_f1"] == metrics["test"]["macro_f1"]
+    assert metrics["shortcuts"]["sentence"] in run.stdout
+
+
 def test_history_and_report_files(run):
     with open(run.out_dir / "history.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))

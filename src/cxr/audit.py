@@ -3,7 +3,9 @@
 Per split and class counts, the files skipped and why, image sizes (read from the file headers), exact
 duplicates by content hash, and near duplicates by their pixels (:mod:`cxr.near_duplicates`, on the
 squares of the decoded-image cache that training reuses): within a split, across splits, and test or
-validation images that also sit in train, called out as leakage because they inflate the scores.
+validation images that also sit in train, called out as leakage because they inflate the scores. With a
+train and a test split, also the shortcut baseline (:mod:`cxr.shortcut_baseline`): how well the file and
+the image's border alone, never the lung field, predict the class.
 ``cxr audit`` prints the report and writes it as JSON; training runs the same audit on the splits it
 uses and keeps the summary in metrics.json.
 """
@@ -25,7 +27,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from tqdm.auto import tqdm
 
-from . import near_duplicates
+from . import near_duplicates, shortcut_baseline
 from .cache import cache_side, cache_split
 from .data import CLASSES, FOLDER_ALIASES, SPLITS, DataSplits, Split, locate_dataset, scan_split
 from .imageio import dicom_header, is_dicom
@@ -112,6 +114,9 @@ def audit_splits(
     near = _near_duplicate_groups(splits, root, by_hash, cache_dir, progress)
     report["near_duplicates"] = {**_duplicates(near, list(splits)), "method": _near_method()}
     report["near_duplicates"]["leakage"] = _near_leakage(report["near_duplicates"]["across_splits"])
+    if "train" in splits and "test" in splits:  # reads the squares just decoded into the cache
+        report["shortcut_baseline"] = shortcut_baseline.baseline_report(splits["train"], splits["test"], AUDIT_SIDE,
+                                                                         cache_dir, progress)
     report["warnings"] = _warnings(report)
     return report
 
@@ -335,6 +340,8 @@ def format_audit(report: dict[str, Any]) -> str:
               f"conflicting labels {near['conflicting_labels']}",
               f"Near-duplicate leakage: into val {near['leakage']['into_val']} image(s), "
               f"into test {near['leakage']['into_test']} image(s)"]
+    if "shortcut_baseline" in report:
+        lines += [""] + shortcut_baseline.format_baseline(report["shortcut_baseline"])
     if report["warnings"]:
         lines += ["", "Warnings:"] + [f"  - {message}" for message in report["warnings"]]
     return "\n".join(lines)

@@ -94,6 +94,12 @@ def _cache_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) ->
     parser.add_argument("--cache-dir", help="decoded-image cache folder (default: $CXR_CACHE_DIR, else ~/.cache/cxr)")
 
 
+def _lung_masks(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--lung-masks", metavar="DIR",
+                        help="per-image lung masks for the shortcut checks (DIR/<class>/<stem>.png or DIR/<stem>.png; "
+                             "default: the geometric lung field)")
+
+
 def _train_parser(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser("train", help="train an experiment and evaluate it on the test split",
                                 description="Train an experiment, evaluate its best epoch on the test split and "
@@ -107,6 +113,7 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
     data.add_argument("--data-dir", help="dataset folder (default: $CXR_DATA_DIR, else download with kagglehub)")
     data.add_argument("--val-source", choices=["carve", "given"], default="carve",
                       help="carve a stratified 10%% validation split out of train (default) or use Kaggle's val")
+    _lung_masks(data)
     runs = train.add_argument_group("how it runs")
     runs.add_argument("--device", help="cuda, mps, cpu or cuda:N (default: best available)")
     runs.add_argument("--workers", type=non_negative_int, help="DataLoader worker processes (default: chosen per device)")
@@ -151,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "split, after auditing it against the training images (--data-dir); results in "
                                "OUT/<experiment>/external/<folder name>/")
     _cache_options(evaluate)
+    _lung_masks(evaluate)
 
     predict = commands.add_parser("predict", help="classify image files or folders with a trained checkpoint")
     predict.add_argument("paths", nargs="+", metavar="PATH",
@@ -229,6 +237,10 @@ def _print_metrics(metrics: dict, out: str, name: str) -> None:
           + f"; files in {out}/{name}/")
     if test.get("who_tb_screening") is not None or "operating_points" in test:
         print(table.who_tb_sentence(test.get("who_tb_screening")))
+    checks = metrics.get("shortcuts") or test.get("shortcuts") or {}
+    for sentence in (checks.get("sentence"), checks.get("saliency_sentence")):
+        if sentence:
+            print(sentence)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -421,6 +433,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
                 deterministic=args.deterministic, cache=args.cache, cache_dir=args.cache_dir,
                 feature_cache=args.feature_cache == "auto", compile=args.compile, tensorboard=args.tensorboard,
                 cuda_graphs=args.cuda_graphs, splits_on_device=args.splits_on_device, **hyperparameters(args),
+                lung_masks=args.lung_masks,
             )
         elif args.command == "predict":
             return _predict(args)
@@ -437,7 +450,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         else:
             metrics = evaluate_checkpoint(args.checkpoint, args.experiment, data_dir=args.data_dir, out=args.out,
                                           device=args.device, progress=not args.quiet, tta=args.tta,
-                                          cache=args.cache, cache_dir=args.cache_dir)
+                                          cache=args.cache, cache_dir=args.cache_dir, lung_masks=args.lung_masks)
         distributed.barrier()  # the other ranks wait until rank 0 has written every file
     except TrainingInterrupted as error:
         command = _resume_command(argv)

@@ -29,7 +29,7 @@ from . import reporting
 from .config import Experiment, get_experiment
 from .data import CLASSES, DataSplits, load_image
 from .engine import class_weights
-from .report import format_score, recall_interval
+from .report import format_score, recall_interval, run_conclusion
 from .synthetic import write_synthetic_dataset
 from .workflow import ASSET_FILES
 
@@ -244,7 +244,8 @@ def files_table(run_dir: str | os.PathLike) -> pd.DataFrame:
 
 
 def conclusion_text(metrics: dict[str, Any]) -> str:
-    """A short Markdown summary of a run, every number taken from its metrics."""
+    """A short Markdown summary of a run, every number taken from its metrics, ending with its shortcut
+    checks (baseline, masked views, saliency; :func:`cxr.report.run_conclusion`)."""
     test = metrics["test"]
     ci95 = test.get("ci95") or {}
     recalls = {name: values["recall"] for name, values in test["per_class"].items()}
@@ -264,6 +265,7 @@ def conclusion_text(metrics: dict[str, Any]) -> str:
         f"- Best recalled class: {strongest} ({format_score(recalls[strongest], recall_interval(ci95, strongest))}); "
         f"weakest: {weakest} ({format_score(recalls[weakest], recall_interval(ci95, weakest))}).",
         f"- Validation macro-F1 of the chosen checkpoint: {format_score(metrics['best_val'].get('val_macro_f1'))}.",
+        f"- What it learned (shortcut checks): {run_conclusion(metrics, metrics.get('shortcut_baseline'))}",
     ]
     if "operating_points" in test:
         lines.append(f"- {table.who_tb_sentence(test.get('who_tb_screening'))}")

@@ -1,8 +1,10 @@
 """README results, generated from the runs' ``metrics.json`` files so no number is ever typed by hand.
 
 ``cxr report`` reads every ``assets/<experiment>/metrics.json`` and rewrites the part of README.md
-between the markers below: a table of test-split scores, a table of how each run was made (with links
-to its figures) and a provenance line naming the dataset, weights, device, date and commit.
+between the markers below: a table of test-split scores (with the shortcut baseline as a row), a table
+of how each run was made (with links to its figures) and a provenance line naming the dataset, weights,
+device, date and commit. Where README also holds the ``shortcuts`` markers, the section between them
+("What the models learn") is rewritten too: each run's masked scores, saliency share and conclusion.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from .layout import CLASSES
 
 START_MARKER = "<!-- results:start -->"
 END_MARKER = "<!-- results:end -->"
+SHORTCUTS_START = "<!-- shortcuts:start -->"
+SHORTCUTS_END = "<!-- shortcuts:end -->"
+BASELINE_ROW = "shortcut baseline (no anatomy)"
 FIGURE_ORDER = ("curves", "confusion_matrix", "predictions")
 
 
@@ -160,10 +165,14 @@ def score_cells(test: dict[str, Any], shown: Sequence[table.Metric]) -> list[str
 
 def scores_table(runs: Sequence[dict[str, Any]]) -> str:
     """Test-split scores per experiment, with 95% bootstrap intervals where metrics.json has them; a run's
-    external evaluations (``external/<folder>/metrics.json`` beside its metrics.json) follow it, marked."""
+    external evaluations (``external/<folder>/metrics.json`` beside its metrics.json) follow it, marked; the
+    shortcut baseline's (file and border statistics only) is the last row when a run recorded it."""
     labelled = [(f"`{_name(m)}`", m["test"]) for m in runs]
     labelled = [row for run, own in zip(runs, labelled) for row in
                 [own, *((f"`{_name(run)}` {label}", test) for label, test in external_rows(run))]]
+    baseline = shortcut_baseline(runs)
+    if baseline is not None:
+        labelled.append((BASELINE_ROW, baseline["test"]))
     shown = reported([test for _, test in labelled])
     header = ["experiment", *(m.label for m in shown if not m.per_class),
               *(f"{m.label} {c}" for m in shown if m.per_class for c in CLASSES)]
@@ -185,6 +194,11 @@ def external_rows(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         if result.get("test_without_overlaps") is not None:
             rows.append((f"**external** `{name}`, training overlaps removed", result["test_without_overlaps"]))
     return rows
+
+
+def shortcut_baseline(runs: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The shortcut baseline of the first run that has one (runs on one dataset share it)."""
+    return next((m["shortcut_baseline"] for m in runs if isinstance(m.get("shortcut_baseline"), dict)), None)
 
 
 def runs_table(runs: Sequence[dict[str, Any]], base: Path) -> str:
@@ -244,6 +258,85 @@ def render_results(runs: Sequence[dict[str, Any]], base: str | os.PathLike = "."
     ])
 
 
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+def shortcuts_table(runs: Sequence[dict[str, Any]]) -> str:
+    """Per run: test macro-F1 in the three views, Grad-CAM mass in the lung field, the randomisation check."""
+    header = ["experiment", "macro-F1 as is", "lung field hidden", "only the lung field",
+              "Grad-CAM mass in the lung field (its area)", "Spearman, re-initialised model"]
+    rows = []
+    for metrics in runs:
+        checks = metrics.get("shortcuts") or {}
+        views = checks.get("views", {})
+        scores = [format_score(views.get(v, {}).get("macro_f1"), interval(views.get(v, {}).get("ci95") or {}, "macro_f1"))
+                  for v in ("as_is", "lungs_hidden", "lungs_only")]
+        saliency = checks.get("saliency") or {}
+        randomisation = saliency.get("randomisation") or {}
+        rho = randomisation.get("spearman_mean")
+        rows.append([f"`{_name(metrics)}`", *scores,
+                     f"{_share(saliency.get('lung_share'))} ({_share(saliency.get('lung_area_share'))})",
+                     "n/a" if rho is None else f"{rho:.2f}"])
+    return _markdown_table(header, rows)
+
+
+def baseline_verdict(test: dict[str, Any], baseline: dict[str, Any] | None) -> str | None:
+    """Whether a model's test macro-F1 beats the shortcut baseline's, read with both bootstrap intervals."""
+    if baseline is None:
+        return None
+    score, reference = test.get("macro_f1"), baseline["test"]["macro_f1"]
+    if score is None:
+        return None
+    low = interval(test.get("ci95") or {}, "macro_f1")
+    high = interval(baseline["test"].get("ci95") or {}, "macro_f1")
+    if score <= reference:
+        return (f"It does no better than the shortcut baseline, which never sees the lungs "
+                f"(macro-F1 {score:.2f} against {reference:.2f}).")
+    if low is not None and high is not None and low[0] <= high[1]:
+        return (f"It scores above the shortcut baseline (macro-F1 {score:.2f} against {reference:.2f}), but "
+                "their 95% intervals overlap: not clearly better than image statistics alone.")
+    return f"It beats the shortcut baseline (macro-F1 {score:.2f} against {reference:.2f}; intervals apart)."
+
+
+def run_conclusion(metrics: dict[str, Any], baseline: dict[str, Any] | None) -> str:
+    """The plain conclusion of one run's checks, every word chosen by its numbers."""
+    checks = metrics.get("shortcuts")
+    parts = [baseline_verdict(metrics["test"], baseline)]
+    if checks:
+        parts += [checks.get("sentence"), checks.get("saliency_sentence")]
+    else:
+        parts.append("Its metrics.json has no masked or saliency checks (written before they existed); re-run it.")
+    return " ".join(p for p in parts if p)
+
+
+def render_shortcuts(runs: Sequence[dict[str, Any]]) -> str:
+    """The "What the models learn" block between the shortcuts markers (markers included)."""
+    baseline = shortcut_baseline(runs)
+    if baseline is None:
+        intro = "No run recorded the shortcut baseline (its metrics.json predates it)."
+    else:
+        intro = (f"The shortcut baseline ({len(baseline['features'])} file and border statistics, never the lung "
+                 f"field; `cxr.shortcut_baseline`) reaches test macro-F1 "
+                 f"{format_score(baseline['test']['macro_f1'], interval(baseline['test'].get('ci95') or {}, 'macro_f1'))}"
+                 f" and accuracy {format_score(baseline['test']['accuracy'], interval(baseline['test'].get('ci95') or {}, 'accuracy'))}"
+                 f" on {baseline['test_images']} test images.")
+    conclusions = [f"- `{_name(m)}`: {run_conclusion(m, baseline)}" for m in runs]
+    return "\n\n".join([SHORTCUTS_START, "<!-- generated by `cxr report`; edits here are overwritten -->", intro,
+                         shortcuts_table(runs), "\n".join(conclusions), SHORTCUTS_END])
+
+
+def _replace_between(text: str, start_marker: str, end_marker: str, block: str) -> str:
+    start, end = text.find(start_marker), text.find(end_marker)
+    return text[:start] + block + text[end + len(end_marker):]
+
+
+def replace_shortcuts(text: str, block: str) -> str:
+    """``text`` with its "What the models learn" block replaced; unchanged when it has no such markers."""
+    start, end = text.find(SHORTCUTS_START), text.find(SHORTCUTS_END)
+    return text if start < 0 or end < start else _replace_between(text, SHORTCUTS_START, SHORTCUTS_END, block)
+
+
 def replace_results(text: str, block: str) -> str:
     """``text`` with everything from the start marker to the end marker replaced by ``block``."""
     start, end = text.find(START_MARKER), text.find(END_MARKER)
@@ -289,8 +382,9 @@ def _check_inside(assets: Path, readme: Path) -> None:
 
 
 def write_report(assets: str | os.PathLike = "assets", readme: str | os.PathLike = "README.md") -> ReportChange:
-    """Rewrite README's results section from ``assets/*/metrics.json``; return which rows it wrote and which
-    of the rows it found there it replaced or removed."""
+    """Rewrite README's results section (and its "What the models learn" section, where it has the
+    markers) from ``assets/*/metrics.json``; return which rows it wrote and which of the rows it found
+    there it replaced or removed."""
     readme = Path(readme)
     if not readme.is_file():
         raise ReportError(f"README {str(readme)!r} does not exist; pass --readme PATH.")
@@ -298,7 +392,8 @@ def write_report(assets: str | os.PathLike = "assets", readme: str | os.PathLike
     runs = collect_metrics(assets)
     text = readme.read_text()
     before = _listed_runs(text)
-    readme.write_text(replace_results(text, render_results(runs, readme.parent)))
+    results = replace_results(text, render_results(runs, readme.parent))
+    readme.write_text(replace_shortcuts(results, render_shortcuts(runs)))
     written = [_name(m) for m in runs]
     return ReportChange(written, [n for n in before if n in written], [n for n in before if n not in written])
 

@@ -19,13 +19,14 @@ import numpy as np
 import torch
 from scipy.special import softmax
 
-from . import distributed, reporting, runlock, uncertainty
+from . import distributed, reporting, runlock, shortcuts, uncertainty
 from .audit import audit_summary, audit_training_splits
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import Experiment, experiment_from_dict, get_experiment
 from .data import CLASSES, DataSplits, load_splits, locate_dataset, warn_skipped
 from .engine import build_dataset, fit, make_deterministic, make_loader, predict
 from .inference import load_trained_model  # noqa: F401 (re-exported: workflow.load_trained_model)
+from .lung_field import find_lung_masks
 from .metrics import operating_points, who_tb_screening
 from .model_card import CARD_FILE, write_model_card
 from .models import Classifier
@@ -46,6 +47,7 @@ ASSET_FILES = {
     "roc": "roc.png",
     "model_card": CARD_FILE,
     "cam": "cam.png",
+    "shortcuts": shortcuts.FIGURE,
 }
 
 
@@ -101,9 +103,11 @@ def uncertainty_report(
 
 def evaluate_model(
     model: Classifier, experiment: Experiment, splits: DataSplits, out_dir: Path, runtime: Runtime,
-    preprocessing: dict[str, Any], tta: bool = False,
+    preprocessing: dict[str, Any], tta: bool = False, lung_masks: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Evaluate on the test split and write the report (text, JSON), confusion matrix and prediction grid.
+    """Evaluate on the test split and write the report (text, JSON), confusion matrix and prediction grid,
+    and run the shortcut checks (:mod:`cxr.shortcuts`; ``lung_masks``: a folder of per-image lung masks
+    instead of the geometric lung field), returned under ``"shortcuts"``.
     With ``runtime.cache`` the test images come from the decoded-image cache.
     In a torchrun job every rank predicts its share of the test split and gets all test predictions;
     rank 0 alone then runs the uncertainty report and writes the files, the others return the test
@@ -124,6 +128,9 @@ def evaluate_model(
         out_dir.mkdir(parents=True, exist_ok=True)
         metrics.update(uncertainty_report(model, experiment, splits, out_dir, runtime, preprocessing, logits, labels,
                                           tta))
+        metrics["shortcuts"] = shortcuts.shortcut_checks(
+            model, splits.test, logits, labels, preprocessing, runtime, CLASSES, out_dir, experiment.batch_size,
+            lung_masks, title=f"{experiment.name}: test split, three views")
     reporting.write_json(metrics, out_dir / ASSET_FILES["report_json"])
     (out_dir / ASSET_FILES["report_text"]).write_text(reporting.report_text(metrics, CLASSES))
     title = f"{experiment.name}: test split"
@@ -179,6 +186,7 @@ def train_experiment(
     runtime: Runtime | None = None,
     tensorboard: bool = True,
     cuda_graphs: bool | None = None,
+    lung_masks: str | os.PathLike | None = None,
     splits_on_device: bool = True,
     **overrides: Any,
 ) -> dict[str, Any]:
@@ -189,8 +197,9 @@ def train_experiment(
     ``compile``, ``feature_cache``, ``progress``, ``cuda_graphs`` (None: on CUDA) and ``splits_on_device``
     (:meth:`Runtime.create`).
     ``tensorboard`` also writes TensorBoard event files into ``out/<name>/tensorboard/``. The data is audited
-    first: duplicates and train/test leakage are warned about and summarised in metrics.json. Returns the
-    contents of ``metrics.json``.
+    first: duplicates and train/test leakage are warned about and summarised in metrics.json, beside the
+    shortcut baseline. ``lung_masks``: per-image lung masks for the shortcut checks, checked before training.
+    Returns the contents of ``metrics.json``.
 
     Under ``torchrun`` every process calls this (see :mod:`cxr.distributed`); rank 0 audits the data and
     writes every file, the other ranks return only the test metrics."""
@@ -205,25 +214,27 @@ def train_experiment(
     runtime = runtime.replace(device=distributed.setup(runtime.device))
     main_rank = distributed.is_main()
     out_dir = Path(out) / experiment.name
-    # The folder is held before the data is scanned: a second run into it, or an --out that cannot be
-    # written, is refused at once, not after the audit.
     replaced = None if resume or not main_rank else results_replaced(out_dir, experiment, device_name(runtime.device))
     if replaced:
         warnings.warn(replaced, stacklevel=2)
+    # The folder is held before the data is scanned: a second run into it, or an --out that cannot be
+    # written, is refused at once, not after the audit.
     with runlock.hold_folder(out_dir, "cxr train") if main_rank else contextlib.nullcontext():
         splits = splits or prepare_data(data_dir, val_source=val_source, seed=seed)
+        if lung_masks is not None:
+            find_lung_masks(splits.test.paths, lung_masks)  # a missing or misfit mask fails now, not after training
         if main_rank:  # the audit reads every file: one process is enough
             data_audit = audit_training_splits(splits, runtime.progress, runtime.cache_dir)
             for message in data_audit["warnings"]:
                 warnings.warn(message, stacklevel=2)
         return _train_and_report(experiment, splits, out_dir, runtime, data_audit if main_rank else None, seed,
-                                 resume, tensorboard, on_epoch_end, deterministic, started)
+                                 resume, tensorboard, on_epoch_end, deterministic, started, lung_masks)
 
 
 def _train_and_report(experiment: Experiment, splits: DataSplits, out_dir: Path, runtime: Runtime,
                       data_audit: dict[str, Any] | None, seed: int, resume: bool, tensorboard: bool,
                       on_epoch_end: Callable[[list[dict[str, float]]], None] | None, deterministic: bool,
-                      started: float) -> dict[str, Any]:
+                      started: float, lung_masks: str | os.PathLike | None) -> dict[str, Any]:
     """:func:`train_experiment` once the folder is held and the data audited: fit, evaluate, write metrics.json."""
     main_rank = distributed.is_main()
     board = RunLog(out_dir / "tensorboard", resume) if main_rank and tensorboard else None
@@ -232,7 +243,8 @@ def _train_and_report(experiment: Experiment, splits: DataSplits, out_dir: Path,
     if main_rank:
         plt.close(reporting.plot_history(result.history, out_dir / ASSET_FILES["curves"], experiment.name))
     state = load_checkpoint(result.best_checkpoint, experiment=experiment.name)
-    test = evaluate_model(result.model, experiment, splits, out_dir, result.runtime, state["preprocessing"])
+    test = evaluate_model(result.model, experiment, splits, out_dir, result.runtime, state["preprocessing"],
+                          lung_masks=lung_masks)
     if not main_rank:
         return {"experiment": experiment.name, "test": test}
     metrics = {
@@ -246,6 +258,7 @@ def _train_and_report(experiment: Experiment, splits: DataSplits, out_dir: Path,
         "deterministic": deterministic,
         "dataset": dataset_info(splits),
         "audit": audit_summary(data_audit),
+        "shortcut_baseline": data_audit.get("shortcut_baseline"),
         "device": device_name(result.runtime.device),
         "mixed_precision": result.runtime.precision(),
         "pipeline": result.extra.get("pipeline"),
@@ -257,6 +270,7 @@ def _train_and_report(experiment: Experiment, splits: DataSplits, out_dir: Path,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "best_val": {k: v for k, v in result.history[result.best_epoch - 1].items() if k.startswith("val_")},
         "test": test,
+        "shortcuts": test.pop("shortcuts", None),
         "files": {k: v for k, v in ASSET_FILES.items()},
     }
     reporting.write_json(metrics, out_dir / ASSET_FILES["metrics"])
@@ -271,9 +285,11 @@ def evaluate_checkpoint(
     checkpoint: str | os.PathLike, experiment: str | None = None, data_dir: str | os.PathLike | None = None,
     out: str | os.PathLike = "assets", device: str | None = None, progress: bool = True, tta: bool = False,
     cache: bool = True, cache_dir: str | os.PathLike | None = None, runtime: Runtime | None = None,
+    lung_masks: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Evaluate a saved checkpoint on the test split and write the report files and the model card into
-    ``out/<name>/`` (with ``tta``, also the test-time augmentation results). ``cache``: read the images through the
+    ``out/<name>/`` (with ``tta``, also the test-time augmentation results; the shortcut checks under
+    ``"shortcuts"``, with ``lung_masks`` from that folder). ``cache``: read the images through the
     decoded-image cache; ``runtime``, when given, replaces ``device``, ``progress``, ``cache``
     and ``cache_dir``."""
     model, state = load_trained_model(checkpoint, experiment)
@@ -283,7 +299,9 @@ def evaluate_checkpoint(
     out_dir = Path(out) / config.name
     with runlock.hold_folder(out_dir, "cxr evaluate") if distributed.is_main() else contextlib.nullcontext():
         splits = prepare_data(data_dir, seed=state.get("seed", 42))
-        test = evaluate_model(model, config, splits, out_dir, runtime, state["preprocessing"], tta)
+        if lung_masks is not None:
+            find_lung_masks(splits.test.paths, lung_masks)
+        test = evaluate_model(model, config, splits, out_dir, runtime, state["preprocessing"], tta, lung_masks)
         if distributed.is_main():
             write_model_card(out_dir, evaluated_metrics(out_dir, state, checkpoint, splits, test))
     return {"experiment": config.name, **test}
@@ -299,4 +317,4 @@ def evaluated_metrics(out_dir: Path, state: dict[str, Any], checkpoint: str | os
     return {**saved, "experiment": config["name"], "config": config, "weights": config.get("weights"),
             "seed": state.get("seed"), "dataset": dataset_info(splits), "evaluated_checkpoint": str(checkpoint),
             "git_commit": git_commit(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "test": test}
+            "test": test, "shortcuts": test.get("shortcuts", saved.get("shortcuts"))}

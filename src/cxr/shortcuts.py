@@ -1,0 +1,289 @@
+"""Is it the lungs? Every test evaluation scores the checkpoint three ways and looks where it looks.
+
+Views: the test images as they are, with the lung field hidden, and with everything but the lung field
+hidden (the lung field of :mod:`cxr.lung_field`, carried through the evaluation resize and crop like
+the pixels). Hidden pixels become 0 after normalisation, i.e. the normalisation mean of each channel:
+the first layer's zero input, where its weights contribute nothing. With ImageNet's statistics
+(0.485, 0.456, 0.406) it is not exactly grey, but within 0.2 standard deviations in every channel of
+the mid grey 0.45 (115 of 255) that every training X-ray holds. Black would not do: black borders and
+letterboxes are themselves a source cue in this dataset.
+
+Saliency: Grad-CAM (:mod:`cxr.cam`) of the predicted class for up to ``CAM_IMAGES`` test images
+(spread over the classes; the cap keeps a CPU evaluation cheap), and the share of each map's mass that
+falls inside the lung field, per true class, beside the share of the input the lung field covers (what
+a uniform map would give). Sanity check (Adebayo et al., 2018): the same maps from a copy of the model
+whose trained layers are re-initialised (seeded), and their Spearman rank correlation with the trained
+maps; maps that barely change say little about what was learned.
+
+Everything lands in metrics.json under ``shortcuts``, with ``shortcuts.png`` and plain sentences
+generated from the numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.stats import spearmanr
+from torch import nn
+
+from . import uncertainty
+from .cache import cache_split
+from .data import Split
+from .imageio import decode_image
+from .lung_field import ELLIPSES, lung_fields
+from .runtime import Runtime
+
+VIEWS = {"as_is": "as is", "lungs_hidden": "lung field hidden", "lungs_only": "only the lung field"}
+CAM_IMAGES = 32
+CAM_BATCH = 8
+FIGURE = "shortcuts.png"
+# How a macro-F1 change is worded: below SAME it "stays", within NEAR_CHANCE of chance it is "at chance".
+SAME, NEAR_CHANCE = 0.03, 0.05
+# Maps whose lung share sits this close to the lung field's area, trained and re-initialised alike, carry no
+# location: at 64 px ResNet's last stage is 2x2, and any upsampled 2x2 map gives a symmetric field its area.
+COARSE = 0.005
+
+
+def decoded_squares(split: Split, side: int, runtime: Runtime) -> np.ndarray:
+    """The test split's decoded squares, from the image cache when the run uses it."""
+    if runtime.cache:
+        return cache_split(split, side, runtime.cache_dir, progress=runtime.progress, description="decode test").images
+    return np.stack([decode_image(path, side) for path in split.paths])
+
+
+def input_masks(lung: np.ndarray, preprocessing: dict[str, Any]) -> torch.Tensor:
+    """``(N, S, S)`` lung fields on the decoded squares -> ``(N, 1, H, W)`` booleans on the model inputs:
+    the evaluation's resize and centre crop, applied to the mask as to the pixels."""
+    resize, size = preprocessing["resize"], preprocessing["image_size"]
+    masks = torch.from_numpy(np.ascontiguousarray(lung, dtype=np.float32))[:, None]
+    if masks.shape[-1] != resize:
+        masks = F.interpolate(masks, size=(resize, resize), mode="bilinear", align_corners=False)
+    top = int(round((resize - size) / 2.0))
+    return masks[..., top:top + size, top:top + size] >= 0.5
+
+
+def view_inputs(squares: np.ndarray, lung: torch.Tensor, view: str, preprocessing: dict[str, Any]) -> torch.Tensor:
+    """Normalised model inputs of ``squares`` in one view; hidden pixels are 0 (the normalisation mean)."""
+    inputs = uncertainty.eval_transform(preprocessing)(torch.from_numpy(np.ascontiguousarray(squares))[:, None])
+    if view == "lungs_hidden":
+        return inputs.masked_fill(lung, 0.0)
+    if view == "lungs_only":
+        return inputs.masked_fill(~lung, 0.0)
+    return inputs
+
+
+@torch.inference_mode()
+def view_logits(model: nn.Module, squares: np.ndarray, lung: np.ndarray, view: str, preprocessing: dict[str, Any],
+                runtime: Runtime, batch_size: int) -> np.ndarray:
+    """The model's logits for every square in one view."""
+    model.eval()
+    out = []
+    for start in range(0, len(squares), batch_size):
+        masks = input_masks(lung[start:start + batch_size], preprocessing)
+        inputs = view_inputs(squares[start:start + batch_size], masks, view, preprocessing)
+        with runtime.autocast():
+            out.append(model(runtime.to_device(inputs)).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def choose_cam_images(labels: np.ndarray, count: int = CAM_IMAGES, seed: int = 0) -> np.ndarray:
+    """Up to ``count`` indices, taken from the classes in turn (seeded), so every class is represented."""
+    rng = np.random.default_rng(seed)
+    queues = [list(rng.permutation(np.flatnonzero(labels == k))) for k in np.unique(labels)]
+    chosen: list[int] = []
+    while len(chosen) < min(count, len(labels)):
+        for queue in queues:
+            if queue and len(chosen) < count:
+                chosen.append(int(queue.pop()))
+    return np.asarray(sorted(chosen), dtype=np.int64)
+
+
+def randomised_copy(model: nn.Module, seed: int = 0) -> tuple[nn.Module, int]:
+    """A copy whose trained layers (modules whose own parameters all require grad) are re-initialised
+    with their default initialisation, seeded; and how many parameters that re-initialised."""
+    clone = copy.deepcopy(model)
+    reset = 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for module in clone.modules():
+            own = list(module.parameters(recurse=False))
+            if own and all(p.requires_grad for p in own) and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+                reset += sum(p.numel() for p in own)
+    return clone.eval(), reset
+
+
+def _cam_maps(model: nn.Module, inputs: torch.Tensor, targets: np.ndarray) -> np.ndarray:
+    from .cam import grad_cam
+
+    return np.concatenate([grad_cam(model, inputs[start:start + CAM_BATCH], targets[start:start + CAM_BATCH])
+                           for start in range(0, len(inputs), CAM_BATCH)])
+
+
+def lung_share(maps: np.ndarray, lung: np.ndarray) -> np.ndarray:
+    """Per map, the share of its mass inside the lung field (NaN for an all-zero map)."""
+    total = maps.reshape(len(maps), -1).sum(1)
+    inside = (maps * lung).reshape(len(maps), -1).sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, inside / total, np.nan)
+
+
+def _mean(values: np.ndarray) -> float | None:
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if len(values) else None
+
+
+def saliency_report(model: nn.Module, squares: np.ndarray, lung: np.ndarray, labels: np.ndarray,
+                    predictions: np.ndarray, preprocessing: dict[str, Any], classes: Sequence[str],
+                    count: int = CAM_IMAGES) -> dict[str, Any] | None:
+    """Grad-CAM mass inside the lung field (per true class) and the model-randomisation check."""
+    chosen = choose_cam_images(labels, count)
+    if not len(chosen):
+        return None
+    masks = input_masks(lung[chosen], preprocessing)
+    inputs = view_inputs(squares[chosen], masks, "as_is", preprocessing)
+    targets = predictions[chosen]
+    trained = _cam_maps(model, inputs, targets)
+    random_model, reset = randomised_copy(model)
+    randomised = _cam_maps(random_model, inputs, targets)
+    inside = masks[:, 0].numpy()
+    shares, random_shares = lung_share(trained, inside), lung_share(randomised, inside)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a constant map has no ranks: its correlation is NaN and left out
+        rho = np.array([spearmanr(a.ravel(), b.ravel()).statistic for a, b in zip(trained, randomised)], dtype=float)
+    chosen_labels = labels[chosen]
+    return {
+        "images": len(chosen),
+        "cap": count,
+        "target": "predicted class",
+        "lung_area_share": float(inside.mean()),
+        "lung_share": _mean(shares),
+        "lung_share_per_class": {c: _mean(shares[chosen_labels == k]) for k, c in enumerate(classes)
+                                 if (chosen_labels == k).any()},
+        "randomisation": {
+            "reinitialised_parameters": reset,
+            "lung_share": _mean(random_shares),
+            "spearman_mean": _mean(rho),
+            "spearman_median": None if np.isnan(rho).all() else float(np.nanmedian(rho)),
+            "images_with_constant_map": int(np.isnan(rho).sum()),
+        },
+    }
+
+
+def masked_sentence(scores: dict[str, dict[str, Any]], chance: float) -> str:
+    """One plain sentence from the three macro-F1 scores; the wording follows the numbers."""
+    plain, hidden, only = (scores[v]["macro_f1"] for v in VIEWS)
+    if plain <= chance + NEAR_CHANCE:
+        return (f"Macro-F1 is {plain:.2f} as is, no better than chance ({chance:.2f}), so hiding parts of the image "
+                f"({hidden:.2f} with the lungs hidden, {only:.2f} with only the lungs) says little.")
+    if hidden >= plain - SAME:
+        verdict = (f"with the lungs hidden, macro-F1 stays at {hidden:.2f} (from {plain:.2f}): the model does not "
+                   "need the lungs; what lies outside them is enough")
+    elif hidden <= chance + NEAR_CHANCE:
+        verdict = (f"with the lungs hidden, macro-F1 falls from {plain:.2f} to {hidden:.2f}, chance level: "
+                   "the model relies on the lungs")
+    else:
+        verdict = f"with the lungs hidden, macro-F1 falls from {plain:.2f} to {hidden:.2f}: the model relies partly on the lungs"
+    if only >= plain - SAME:
+        rest = f"; with only the lungs shown it keeps its score ({only:.2f})"
+    elif only <= chance + NEAR_CHANCE:
+        rest = f"; with only the lungs shown it is at chance ({only:.2f}), so it also needs what lies outside them"
+    else:
+        rest = f"; with only the lungs shown it reaches {only:.2f}"
+    return verdict[0].upper() + verdict[1:] + rest + "."
+
+
+def saliency_sentence(saliency: dict[str, Any] | None) -> str | None:
+    """One plain sentence on where the maps fall and whether they pass the randomisation check."""
+    if not saliency or saliency.get("lung_share") is None:
+        return None
+    share, area = saliency["lung_share"], saliency["lung_area_share"]
+    random_share = saliency["randomisation"]["lung_share"]
+    if abs(share - area) < COARSE and random_share is not None and abs(random_share - area) < COARSE:
+        return (f"Grad-CAM cannot tell here: its maps are too coarse at this input size (each puts the lung field's "
+                f"own area share, {area:.0%}, inside it, for the trained and the re-initialised model alike).")
+    where = "more than" if share > area + 0.05 else "less than" if share < area - 0.05 else "about as much as"
+    text = (f"Grad-CAM puts {share:.0%} of its mass inside the lung field, which covers {area:.0%} of the input: "
+            f"{where} a uniform map would ({saliency['images']} test images)")
+    rho = saliency["randomisation"]["spearman_mean"]
+    if rho is None:
+        return text + "."
+    if rho >= 0.5:
+        check = (f"the maps of the model with its trained layers re-initialised are much the same (Spearman {rho:.2f}), "
+                 "so they show the architecture more than what was learned")
+    else:
+        check = (f"re-initialising the trained layers changes them (Spearman {rho:.2f}), so they depend on what "
+                 "was learned")
+    return f"{text}; {check}."
+
+
+def plot_shortcuts(square: np.ndarray, lung: np.ndarray, scores: dict[str, dict[str, Any]],
+                   preprocessing: dict[str, Any], path: Path | None = None, title: str = "") -> plt.Figure:
+    """One test image in each view, and the three macro-F1 scores (95% bootstrap) side by side."""
+    from .cam import as_display
+
+    figure, axes = plt.subplots(1, 4, figsize=(15, 3.8), layout="constrained",
+                                gridspec_kw={"width_ratios": [1, 1, 1, 1.4]})
+    masks = input_masks(lung[None], preprocessing)
+    for axis, (view, name) in zip(axes, VIEWS.items()):
+        axis.imshow(as_display(view_inputs(square[None], masks, view, preprocessing)[0], preprocessing))
+        axis.set_title(name, fontsize=10)
+        axis.axis("off")
+    values = [scores[v]["macro_f1"] for v in VIEWS]
+    errors = np.array([[v - scores[k]["ci95"]["macro_f1"][0], scores[k]["ci95"]["macro_f1"][1] - v]
+                       for k, v in zip(VIEWS, values)]).T
+    bars = axes[3].bar(list(VIEWS.values()), values, yerr=errors, capsize=4, color=["#4c72b0", "#dd8452", "#55a868"])
+    axes[3].bar_label(bars, fmt="%.2f", padding=6)
+    axes[3].set(ylabel="test macro-F1", ylim=(0, 1.05), title="macro-F1 (95% bootstrap)")
+    axes[3].tick_params(axis="x", labelsize=8)
+    figure.suptitle(title)
+    if path is not None:
+        figure.savefig(path, dpi=110)
+    return figure
+
+
+def shortcut_checks(
+    model: nn.Module, split: Split, logits: np.ndarray, labels: np.ndarray, preprocessing: dict[str, Any],
+    runtime: Runtime, classes: Sequence[str], out_dir: Path, batch_size: int,
+    lung_masks: str | os.PathLike | None = None, title: str = "", cam_images: int = CAM_IMAGES,
+) -> dict[str, Any]:
+    """The ``shortcuts`` block of metrics.json (and ``shortcuts.png``) for one test evaluation;
+    ``logits`` are the plain evaluation's, so "as is" is exactly the reported score."""
+    side = uncertainty.square_side(preprocessing)
+    squares = decoded_squares(split, side, runtime)
+    lung = lung_fields(split.paths, side, lung_masks)
+    scores = {"as_is": uncertainty.summary_with_ci(logits, labels, classes)}
+    for view in ("lungs_hidden", "lungs_only"):
+        scores[view] = uncertainty.summary_with_ci(
+            view_logits(model, squares, lung, view, preprocessing, runtime, batch_size), labels, classes)
+    chance = 1 / len(classes)
+    report: dict[str, Any] = {
+        "lung_field": f"masks from {lung_masks}" if lung_masks else
+                      "geometric: ellipses (centre x, centre y, half-width, half-height) " + str(ELLIPSES),
+        "fill": "0 after normalisation (the normalisation mean of each channel)",
+        "views": {view: {**scores[view], "description": VIEWS[view]} for view in VIEWS},
+        "chance_macro_f1": chance,
+        "sentence": masked_sentence(scores, chance),
+    }
+    try:
+        report["saliency"] = saliency_report(model, squares, lung, labels, logits.argmax(1), preprocessing, classes,
+                                             cam_images)
+    except ImportError as error:  # the grad-cam package is missing on some bare GPU machines
+        warnings.warn(f"Grad-CAM saliency check skipped ({error}); `pip install grad-cam` adds it.", stacklevel=2)
+        report["saliency"] = None
+    report["saliency_sentence"] = saliency_sentence(report["saliency"])
+    example = int(np.flatnonzero(logits.argmax(1) == labels)[0]) if (logits.argmax(1) == labels).any() else 0
+    try:
+        plt.close(plot_shortcuts(squares[example], lung[example], scores, preprocessing, out_dir / FIGURE, title))
+        report["figure"] = FIGURE
+    except ImportError:
+        report["figure"] = None
+    return report
