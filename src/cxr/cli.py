@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=positive_int)
     train.add_argument("--batch-size", type=positive_int)
     train.add_argument("--image-size", type=positive_int)
+    train.add_argument("--limit", type=positive_int, help="at most N images per class in each split (a quick run)")
     train.add_argument("--lr", type=positive_float, help="head learning rate")
     train.add_argument("--backbone-lr", type=positive_float, help="learning rate of a trained backbone (resnet50_full)")
     train.add_argument("--warmup-epochs", type=non_negative_int, help="epochs of linear learning-rate warm-up")
@@ -277,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 patience=args.patience, weights=args.weights, deterministic=args.deterministic,
                 cache=args.cache, cache_dir=args.cache_dir, augment=args.augment,
                 feature_cache=args.feature_cache == "auto",
-                compile=args.compile, tensorboard=args.tensorboard, cuda_graphs=args.cuda_graphs,
+                compile=args.compile, tensorboard=args.tensorboard, cuda_graphs=args.cuda_graphs, limit=args.limit,
             )
         elif args.command == "predict":
             return _predict(args)

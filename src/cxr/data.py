@@ -67,6 +67,7 @@ class DataSplits:
     val: Split
     test: Split
     val_source: str
+    limit: int | None = None  # images per class and split kept by a quick run (None: all)
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {"train": self.train.counts(), "val": self.val.counts(), "test": self.test.counts()}
@@ -92,6 +93,45 @@ def find_split_root(path: Path, max_depth: int = 3) -> Path | None:
             next_frontier.extend(children.values())
         frontier = next_frontier
     return None
+
+
+def is_dataset_root(folder: Path) -> bool:
+    """Whether ``folder`` holds ``train/`` and ``test/``, each with at least one class folder."""
+    children = _child_dirs(folder)
+    names = set(CLASSES) | set(FOLDER_ALIASES)
+    return all(split in children and any(name.upper() in names for name in _child_dirs(children[split]))
+               for split in ("train", "test"))
+
+
+def find_dataset_roots(base: Path, max_depth: int = 5) -> list[Path]:
+    """Every folder under ``base`` laid out as the dataset (see :func:`is_dataset_root`), whatever it is
+    called: an attached copy or fork of the Kaggle dataset has its own folder name. A found root is not
+    searched further."""
+    found, frontier = [], [Path(base)]
+    for _ in range(max_depth + 1):
+        next_frontier = []
+        for folder in sorted(frontier):
+            if is_dataset_root(folder):
+                found.append(folder)
+            else:
+                next_frontier.extend(_child_dirs(folder).values())
+        frontier = next_frontier
+    return sorted(found)
+
+
+def find_attached_dataset(input_root: Path) -> Path:
+    """The one dataset under a Kaggle input root (found by its layout, whatever its folder is called);
+    no dataset, or more than one, is an error that says what the input root holds."""
+    roots = find_dataset_roots(input_root)
+    if len(roots) == 1:
+        return roots[0]
+    if roots:
+        raise DatasetError(f"{len(roots)} copies of the dataset under {str(input_root)!r}: "
+                           f"{', '.join(map(str, roots))}. Attach one, or choose with CXR_DATA_DIR.")
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in Path(input_root).iterdir())
+    found = ", ".join(entries[:10]) + (f" and {len(entries) - 10} more" if len(entries) > 10 else "") or "nothing"
+    raise DatasetError(f"No dataset under {str(input_root)!r} (it holds {found}). Attach the Kaggle dataset "
+                       f"{KAGGLE_HANDLE} (Add Input) or a copy of it. {EXPECTED_LAYOUT}")
 
 
 def download_dataset(handle: str = KAGGLE_HANDLE) -> Path:
@@ -225,12 +265,35 @@ def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[np.
     return np.sort(kept), np.sort(held_out)
 
 
+def check_limit(limit: int | None) -> None:
+    """Refuse a per-class image limit below 1 before any file is scanned."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"The image limit per class must be at least 1, got {limit}.")
+
+
+def limit_per_class(split: Split, limit: int, seed: int) -> Split:
+    """At most ``limit`` images of each class, drawn with ``seed`` (the same images every run) and kept in
+    their original order: a smaller, still stratified split for a quick run."""
+    check_limit(limit)
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(split.labels)
+    kept = []
+    for label in range(len(CLASSES)):
+        members = np.flatnonzero(labels == label)
+        kept.extend(rng.choice(members, size=limit, replace=False) if len(members) > limit else members)
+    chosen = split.subset(sorted(kept))
+    return Split(chosen.paths, chosen.labels, split.skipped)
+
+
 def load_splits(
-    root: Path, val_source: str = "carve", val_fraction: float = 0.1, seed: int = 42, check: bool = True
+    root: Path, val_source: str = "carve", val_fraction: float = 0.1, seed: int = 42, check: bool = True,
+    limit: int | None = None,
 ) -> DataSplits:
     """Scan all splits. By default the validation split is carved out of train (stratified, seeded),
     because Kaggle's ``val`` holds only 38 images; ``val_source="given"`` uses Kaggle's ``val`` instead.
-    The test split is only ever used for the final report."""
+    The test split is only ever used for the final report. ``limit`` keeps at most that many images per
+    class in each split (after the validation split is carved), for a quick run."""
+    check_limit(limit)
     train, test = scan_split(root, "train", check), scan_split(root, "test", check)
     if val_source == "given":
         val = scan_split(root, "val", check)
@@ -240,7 +303,9 @@ def load_splits(
         train = Split(train.subset(kept).paths, train.subset(kept).labels, train.skipped)
     else:
         raise ValueError(f"val_source must be 'carve' or 'given', not {val_source!r}")
-    splits = DataSplits(root, train, val, test, val_source)
+    if limit is not None:
+        train, val, test = (limit_per_class(split, limit, seed) for split in (train, val, test))
+    splits = DataSplits(root, train, val, test, val_source, limit)
     warn_skipped(splits.skipped)
     return splits
 

@@ -22,8 +22,8 @@ from . import distributed, reporting, uncertainty
 from .audit import audit_summary, audit_training_splits
 from .checkpoint import load_checkpoint
 from .config import Experiment, experiment_from_dict, get_experiment
-from .data import CLASSES, KAGGLE_HANDLE, DataSplits, load_splits, locate_dataset, warn_skipped
-from .engine import build_dataset, fit, make_deterministic, make_loader, predict
+from .data import CLASSES, KAGGLE_HANDLE, DataSplits, check_limit, load_splits, locate_dataset, warn_skipped
+from .engine import build_dataset, fit, make_deterministic, make_loader, predict, seed_everything
 from .models import Classifier, build_model
 from .runtime import Runtime, device_name
 from .tensorboard_log import RunLog
@@ -42,10 +42,14 @@ ASSET_FILES = {
 
 
 def prepare_data(
-    data_dir: str | os.PathLike | None = None, val_source: str = "carve", val_fraction: float = 0.1, seed: int = 42
+    data_dir: str | os.PathLike | None = None, val_source: str = "carve", val_fraction: float = 0.1, seed: int = 42,
+    limit: int | None = None,
 ) -> DataSplits:
-    """Locate (or download) the dataset and scan its splits."""
-    return load_splits(locate_dataset(data_dir), val_source=val_source, val_fraction=val_fraction, seed=seed)
+    """Locate (or download) the dataset and scan its splits; ``limit`` keeps at most that many images per
+    class in each split (a quick run)."""
+    check_limit(limit)  # before a download or a scan
+    return load_splits(locate_dataset(data_dir), val_source=val_source, val_fraction=val_fraction, seed=seed,
+                       limit=limit)
 
 
 def git_commit(where: str | os.PathLike | None = None) -> str | None:
@@ -74,6 +78,7 @@ def dataset_info(splits: DataSplits) -> dict[str, Any]:
         "root": str(splits.root),
         "val_source": splits.val_source,
         "counts": splits.counts(),
+        "limit_per_class": splits.limit,
         "skipped_files": len(splits.skipped),
     }
 
@@ -172,6 +177,8 @@ def train_experiment(
     runtime: Runtime | None = None,
     tensorboard: bool = True,
     cuda_graphs: bool | None = None,
+    limit: int | None = None,
+    model: Classifier | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Train the named experiment, evaluate its best checkpoint on the test split and write every
@@ -179,7 +186,9 @@ def train_experiment(
     ``deterministic`` allows only deterministic kernels. ``runtime`` decides how the run executes; without
     it one is made for ``device`` from ``workers``, ``cache`` (the decoded-image cache), ``cache_dir``,
     ``compile``, ``feature_cache``, ``progress`` and ``cuda_graphs`` (None: on CUDA) (:meth:`Runtime.create`).
-    ``tensorboard`` also writes TensorBoard event files into ``out/<name>/tensorboard/``. The data is audited
+    ``tensorboard`` also writes TensorBoard event files into ``out/<name>/tensorboard/``. ``limit`` keeps at
+    most that many images per class in each split (ignored when ``splits`` is given). ``model``, when given
+    (see :func:`build_experiment_model`), is the one that trains, instead of a new one. The data is audited
     first: duplicates and train/test leakage are warned about and summarised in metrics.json. Returns the
     contents of ``metrics.json``.
 
@@ -193,7 +202,7 @@ def train_experiment(
                                         feature_cache=feature_cache, progress=progress, cuda_graphs=cuda_graphs)
     runtime = runtime.replace(device=distributed.setup(runtime.device))
     main_rank = distributed.is_main()
-    splits = splits or prepare_data(data_dir, val_source=val_source, seed=seed)
+    splits = splits or prepare_data(data_dir, val_source=val_source, seed=seed, limit=limit)
     out_dir = Path(out) / experiment.name
     if main_rank:  # the audit reads every file: one process is enough
         data_audit = audit_training_splits(splits, runtime.progress, runtime.cache_dir)
@@ -202,7 +211,7 @@ def train_experiment(
         out_dir.mkdir(parents=True, exist_ok=True)
     board = RunLog(out_dir / "tensorboard", resume) if main_rank and tensorboard else None
     result = fit(experiment, splits, out_dir, runtime, seed=seed, resume=resume,
-                 on_epoch_end=board.on_epoch_end(on_epoch_end) if board else on_epoch_end)
+                 on_epoch_end=board.on_epoch_end(on_epoch_end) if board else on_epoch_end, model=model)
     if main_rank:
         plt.close(reporting.plot_history(result.history, out_dir / ASSET_FILES["curves"], experiment.name))
     state = load_checkpoint(result.best_checkpoint, experiment=experiment.name)
@@ -238,6 +247,16 @@ def train_experiment(
         test_logits = np.load(out_dir / "test_logits.npz")
         board.finish(metrics, test_logits["labels"], test_logits["logits"].argmax(1))
     return metrics
+
+
+def build_experiment_model(name: str, seed: int = 42, **overrides: Any) -> Classifier:
+    """The experiment's model as :func:`train_experiment` would build it (same seed, so the same new head),
+    for a notebook that shows the model and then passes it to ``train_experiment(model=...)`` to train it:
+    the weights are built and loaded once."""
+    experiment = get_experiment(name, **overrides)
+    seed_everything(seed)
+    return build_model(experiment.arch, len(CLASSES), experiment.weights, experiment.freeze_backbone,
+                       experiment.image_size)
 
 
 def load_trained_model(checkpoint: str | os.PathLike, experiment: str | None = None) -> tuple[Classifier, dict[str, Any]]:
