@@ -148,7 +148,7 @@ def settings(experiment: str, data_dir: str | os.PathLike | None = None, out: st
         scratch = tempfile.TemporaryDirectory(prefix="cxr-smoke-")
         root = write_synthetic_dataset(Path(scratch.name) / "synthetic-chest-xray", SMOKE_COUNTS, bad_files=False)
         return Settings(experiment, True, root, Path(scratch.name) / "assets", "cpu", dict(SMOKE_OVERRIDES),
-                        Path(scratch.name) / "cache", scratch)
+                        Path(scratch.name) / "cache", _scratch=scratch)
     overrides, limit = env_overrides(), _env_count("CXR_LIMIT")
     source = data_dir or os.environ.get("CXR_DATA_DIR") or kaggle_dataset()
     out = out or os.environ.get("CXR_OUT", "").strip() or "assets"
