@@ -29,9 +29,9 @@ from . import reporting
 from .config import Experiment, get_experiment
 from .data import CLASSES, DataSplits, DatasetError, find_attached_dataset, load_image
 from .engine import class_weights
+from .models import Classifier
 from .report import format_score, interval, recall_interval
 from .synthetic import write_synthetic_dataset
-from .models import Classifier
 from .workflow import ASSET_FILES, build_experiment_model
 
 SMOKE_ENV = "CXR_SMOKE"
