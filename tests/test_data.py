@@ -244,3 +244,34 @@ def test_given_validation_uses_val_folder_and_test_is_untouched(synthetic_root):
         assert not set(splits.test.paths) & (set(splits.train.paths) | set(splits.val.paths))
     with pytest.raises(ValueError, match="val_source"):
         load_splits(synthetic_root, val_source="test")
+
+
+def test_limit_keeps_a_seeded_stratified_subset_of_each_split(tmp_path):
+    root = write_synthetic_dataset(tmp_path / "data", {"train": 12, "val": 2, "test": 5}, size=16, bad_files=False)
+    full = load_splits(root, seed=3)
+    limited, again, other = (load_splits(root, seed=s, limit=4) for s in (3, 3, 4))
+    assert limited.limit == 4 and full.limit is None
+    for split in ("train", "val", "test"):
+        kept, whole = getattr(limited, split), getattr(full, split)
+        assert kept.counts() == {c: min(4, n) for c, n in whole.counts().items()}  # every class, at most 4
+        assert set(kept.paths) <= set(whole.paths) and kept.paths == sorted(kept.paths, key=whole.paths.index)
+        assert kept.paths == getattr(again, split).paths
+    assert limited.val.paths == full.val.paths  # the carved split (1-2 per class) is below the limit
+    assert limited.train.paths != other.train.paths and limited.test.paths != other.test.paths
+
+
+def test_limit_below_one_is_refused_before_scanning(tmp_path):
+    for limit in (0, -3):
+        with pytest.raises(ValueError, match=f"limit per class must be at least 1, got {limit}"):
+            load_splits(tmp_path / "not-even-there", limit=limit)
+
+
+def test_dataset_is_found_by_layout_and_nowhere_else(tmp_path):
+    from cxr.data import find_dataset_roots
+
+    first = write_synthetic_dataset(tmp_path / "a" / "renamed", {"train": 1, "val": 1, "test": 1}, 16, False)
+    second = write_synthetic_dataset(tmp_path / "b" / "x" / "y", {"train": 1, "val": 1, "test": 1}, 16, False)
+    (tmp_path / "c" / "train" / "cats").mkdir(parents=True)  # train/ and test/ without class folders
+    (tmp_path / "c" / "test" / "dogs").mkdir(parents=True)
+    assert find_dataset_roots(tmp_path) == [first, second]
+    assert find_dataset_roots(tmp_path / "c") == []

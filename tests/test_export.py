@@ -3,6 +3,7 @@ predict from an exported folder, and clear refusals that leave nothing half-writ
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import onnx
@@ -243,3 +244,10 @@ def test_refuses_an_onnx_file_that_does_not_match_pytorch(tmp_path, monkeypatch,
     assert err.startswith("error: The ONNX model's probabilities differ from PyTorch's by ")
     assert err.endswith("(more than 0.001); not exported.\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_export_without_the_extra_names_it(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if `pip install cxr` without [export]
+    with pytest.raises(export.ExportError, match=r"needs the export extra .*pip install 'cxr\[export\]'"):
+        export.write_onnx(nn.Identity(), tmp_path / "model.onnx", {"image_size": 32}, list(CLASSES))
+    assert not (tmp_path / "model.onnx").exists()

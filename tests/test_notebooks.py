@@ -98,12 +98,48 @@ def test_settings_real_mode_reads_environment(monkeypatch, tmp_path):
     ("CXR_EPOCHS", "zero", "CXR_EPOCHS must be a whole number"),
     ("CXR_EPOCHS", "0", "CXR_EPOCHS must be a whole number"),
     ("CXR_WEIGHTS", "/no/such/file.pth", "CXR_WEIGHTS must be imagenet, none or the path"),
+    ("CXR_LIMIT", "0", "CXR_LIMIT must be a whole number >= 1, got '0'"),
+    ("CXR_LIMIT", "-5", "CXR_LIMIT must be a whole number >= 1, got '-5'"),
+    ("CXR_IMAGE_SIZE", "small", "CXR_IMAGE_SIZE must be a whole number >= 1"),
 ])
 def test_settings_reject_bad_environment(monkeypatch, variable, value, message):
     monkeypatch.delenv("CXR_SMOKE", raising=False)
     monkeypatch.setenv(variable, value)
     with pytest.raises(ValueError, match=message):
         notebook.settings("resnet152_head")
+
+
+def test_settings_quick_run_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("CXR_SMOKE", raising=False)
+    monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path))
+    for name, value in (("CXR_IMAGE_SIZE", "64"), ("CXR_LIMIT", "40"), ("CXR_OUT", str(tmp_path / "quick"))):
+        monkeypatch.setenv(name, value)
+    settings = notebook.settings("vit_b16_head")
+    assert settings.config.image_size == 64 and settings.run_options["image_size"] == 64
+    assert settings.data_options == {"data_dir": tmp_path, "limit": 40}
+    assert settings.run_dir == tmp_path / "quick" / "vit_b16_head"
+    assert settings.summary().loc["images per class and split", "value"] == "40"
+    assert notebook.settings("vit_b16_head", out=tmp_path / "given").out == tmp_path / "given"  # the argument wins
+
+
+def test_notebooks_train_the_model_they_show_and_display_every_figure():
+    for name in NOTEBOOKS:
+        source = "\n".join(cell.source for cell in code_cells(name))
+        assert "model = settings.build_model()" in source and "model=model" in source
+        assert "models.build_model" not in source  # the model is built once
+        assert "workflow.prepare_data(**settings.data_options)" in source  # CXR_LIMIT reaches the data
+        for figure in ("confusion_matrix", "predictions", "cam", "reliability"):
+            assert f'notebook.saved_figure(settings.run_dir, "{figure}")' in source, (name, figure)
+
+
+def test_saved_figure_notes_a_figure_the_run_did_not_write(tmp_path):
+    from IPython.display import Image, Markdown
+
+    plt.figure().savefig(tmp_path / "cam.png")
+    plt.close("all")
+    assert isinstance(notebook.saved_figure(tmp_path, "cam"), Image)
+    missing = notebook.saved_figure(tmp_path, "reliability")
+    assert isinstance(missing, Markdown) and "reliability.png" in missing.data
 
 
 def test_settings_reject_unknown_experiment():
@@ -134,6 +170,15 @@ def test_parameter_table_shows_frozen_backbone_in_eval_mode():
     assert frozen.loc["total", "trainable"] == frozen.loc["head", "parameters"] == 2048 * len(CLASSES) + len(CLASSES)
     assert full.loc["total", "trainable"] == full.loc["total", "parameters"]
     assert full.loc["backbone", "mode during training"] == "train"
+
+
+def test_trainable_share_shows_a_tiny_head_as_more_than_zero():
+    table = notebook.parameter_table(build_model("vit_b16_head", weights="none", image_size=32))
+    head, total = table.loc["head", "parameters"], table.loc["total", "parameters"]
+    share = table.loc["total", "trainable share"]
+    assert head == 768 * len(CLASSES) + len(CLASSES) and share.endswith("%")
+    assert float(share[:-1]) == pytest.approx(100 * head / total, rel=5e-3) and share != "0.00%"
+    assert table.loc["head", "trainable share"] == "100%" and table.loc["backbone", "trainable share"] == "0%"
 
 
 def test_live_curves_update_one_display(monkeypatch):

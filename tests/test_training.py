@@ -278,3 +278,46 @@ def test_git_commit_is_dirty_for_code_changes_not_for_rewritten_results(tmp_path
     (tmp_path / "train.py").write_text("print('v2')\n")
     assert workflow.git_commit(tmp_path) == clean + "-dirty"
     assert workflow.git_commit(tmp_path.parent / "no-such-folder") is None
+
+
+def test_the_model_given_is_the_one_that_trains(synthetic_root, tmp_path, monkeypatch):
+    """The notebooks build the model to show it, then train that object: no second build, no second load."""
+    from cxr import engine
+
+    model = workflow.build_experiment_model("vit_b16_head", **TINY)
+    again = workflow.build_experiment_model("vit_b16_head", **TINY)
+    assert torch.equal(model.head.weight, again.head.weight)  # seeded as train_experiment seeds
+    before = model.head.weight.detach().clone()
+
+    def no_second_build(*args, **kwargs):
+        raise AssertionError("train_experiment built another model")
+
+    monkeypatch.setattr(engine, "build_model", no_second_build)
+    with pytest.warns(UserWarning, match="Skipped"):
+        splits = load_splits(synthetic_root, seed=SEED)
+        workflow.train_experiment("vit_b16_head", splits=splits, out=tmp_path, device="cpu", progress=False,
+                                  tensorboard=False, model=model, seed=SEED, **TINY)
+    assert not torch.equal(model.head.weight.detach(), before)  # this very model learned
+    best = load_checkpoint(tmp_path / "vit_b16_head" / "checkpoints" / "best.pt")["model"]
+    assert torch.equal(best["head.weight"], model.head.weight.detach())
+
+
+def test_a_model_of_another_configuration_is_refused(synthetic_root, tmp_path):
+    from cxr.engine import TrainingError
+
+    model = workflow.build_experiment_model("vit_b16_head", **{**TINY, "image_size": 64})
+    with pytest.warns(UserWarning, match="Skipped"):
+        splits = load_splits(synthetic_root, seed=SEED)
+    with pytest.raises(TrainingError, match=r"does not fit vit_b16_head: image_size=64 \(the experiment has 32\)"):
+        workflow.train_experiment("vit_b16_head", splits=splits, out=tmp_path, device="cpu", progress=False,
+                                  tensorboard=False, model=model, **TINY)
+
+
+def test_cli_limit_keeps_that_many_images_per_class(synthetic_root, tmp_path):
+    with pytest.warns(UserWarning, match="Skipped"), contextlib.redirect_stdout(io.StringIO()):
+        assert main(["train", "vit_b16_head", f"--data-dir={synthetic_root}", f"--out={tmp_path}", "--limit=2",
+                     "--no-tensorboard", *TINY_FLAGS]) == 0
+    dataset = json.loads((tmp_path / "vit_b16_head" / "metrics.json").read_text())["dataset"]
+    assert dataset["limit_per_class"] == 2
+    assert all(n == 2 for split in ("train", "test") for n in dataset["counts"][split].values())
+    assert all(1 <= n <= 2 for n in dataset["counts"]["val"].values())  # carved: 1-2 of each class here

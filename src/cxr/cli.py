@@ -113,6 +113,8 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
     data.add_argument("--data-dir", help="dataset folder (default: $CXR_DATA_DIR, else download with kagglehub)")
     data.add_argument("--val-source", choices=["carve", "given"], default="carve",
                       help="carve a stratified 10%% validation split out of train (default) or use Kaggle's val")
+    data.add_argument("--limit", type=positive_int, metavar="N",
+                      help="at most N images per class in each split, drawn with the seed (a quick run)")
     _lung_masks(data)
     runs = train.add_argument_group("how it runs")
     runs.add_argument("--device", help="cuda, mps, cpu or cuda:N (default: best available)")
@@ -433,7 +435,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
                 deterministic=args.deterministic, cache=args.cache, cache_dir=args.cache_dir,
                 feature_cache=args.feature_cache == "auto", compile=args.compile, tensorboard=args.tensorboard,
                 cuda_graphs=args.cuda_graphs, splits_on_device=args.splits_on_device, **hyperparameters(args),
-                lung_masks=args.lung_masks,
+                lung_masks=args.lung_masks, limit=args.limit,
             )
         elif args.command == "predict":
             return _predict(args)

@@ -21,7 +21,8 @@ from .config import AUGMENTATION
 from .imageio import IMAGE_EXTENSIONS, check_dicom, check_shape, decode_image, is_dicom, open_8bit
 from .layout import (  # noqa: F401  (re-exported)
     CLASSES, EXPECTED_LAYOUT, FOLDER_ALIASES, IMAGENET_MEAN, IMAGENET_STD, KAGGLE_HANDLE, SPLITS, DatasetError,
-    child_dirs, download_dataset, find_split_root, locate_dataset,
+    child_dirs, download_dataset, find_attached_dataset, find_dataset_roots, find_split_root, is_dataset_root,
+    locate_dataset,
 )
 
 
@@ -52,6 +53,7 @@ class DataSplits:
     val: Split
     test: Split
     val_source: str
+    limit: int | None = None  # images per class and split kept by a quick run (None: all)
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {"train": self.train.counts(), "val": self.val.counts(), "test": self.test.counts()}
@@ -185,12 +187,35 @@ def stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[np.
     return np.sort(kept), np.sort(held_out)
 
 
+def check_limit(limit: int | None) -> None:
+    """Refuse a per-class image limit below 1 before any file is scanned."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"The image limit per class must be at least 1, got {limit}.")
+
+
+def limit_per_class(split: Split, limit: int, seed: int) -> Split:
+    """At most ``limit`` images of each class, drawn with ``seed`` (the same images every run) and kept in
+    their original order: a smaller, still stratified split for a quick run."""
+    check_limit(limit)
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(split.labels)
+    kept = []
+    for label in range(len(CLASSES)):
+        members = np.flatnonzero(labels == label)
+        kept.extend(rng.choice(members, size=limit, replace=False) if len(members) > limit else members)
+    chosen = split.subset(sorted(kept))
+    return Split(chosen.paths, chosen.labels, split.skipped)
+
+
 def load_splits(
-    root: Path, val_source: str = "carve", val_fraction: float = 0.1, seed: int = 42, check: bool = True
+    root: Path, val_source: str = "carve", val_fraction: float = 0.1, seed: int = 42, check: bool = True,
+    limit: int | None = None,
 ) -> DataSplits:
     """Scan all splits. By default the validation split is carved out of train (stratified, seeded),
     because Kaggle's ``val`` holds only 38 images; ``val_source="given"`` uses Kaggle's ``val`` instead.
-    The test split is only ever used for the final report."""
+    The test split is only ever used for the final report. ``limit`` keeps at most that many images per
+    class in each split (after the validation split is carved), for a quick run."""
+    check_limit(limit)
     train, test = scan_split(root, "train", check), scan_split(root, "test", check)
     if val_source == "given":
         val = scan_split(root, "val", check)
@@ -200,7 +225,9 @@ def load_splits(
         train = Split(train.subset(kept).paths, train.subset(kept).labels, train.skipped)
     else:
         raise ValueError(f"val_source must be 'carve' or 'given', not {val_source!r}")
-    splits = DataSplits(root, train, val, test, val_source)
+    if limit is not None:
+        train, val, test = (limit_per_class(split, limit, seed) for split in (train, val, test))
+    splits = DataSplits(root, train, val, test, val_source, limit)
     warn_skipped(splits.skipped)
     return splits
 

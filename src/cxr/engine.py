@@ -562,14 +562,32 @@ def run_epochs(
     return False
 
 
+def check_model_fits(model: Classifier, experiment: Experiment) -> None:
+    """Refuse a given model that is not the experiment's (architecture, trained blocks, classes, ViT
+    image size): it would train, and be saved as the experiment, with another configuration."""
+    wanted = {"arch": experiment.arch, "trainable_blocks": experiment.trainable_blocks, "classes": len(CLASSES)}
+    found = {"arch": model.arch, "trainable_blocks": model.trainable_blocks, "classes": model.head.out_features}
+    if hasattr(model.backbone, "image_size"):  # a ViT's position embeddings fix its image size
+        wanted["image_size"], found["image_size"] = experiment.image_size, model.backbone.image_size
+    differences = [f"{key}={found[key]!r} (the experiment has {wanted[key]!r})" for key in wanted
+                   if found[key] != wanted[key]]
+    if differences:
+        raise TrainingError(f"The model given does not fit {experiment.name}: {'; '.join(differences)}.")
+
+
 def prepare_training(experiment: Experiment, splits: DataSplits, runtime: Runtime, seed: int,
-                     resume_from: Path | None) -> tuple[Classifier, dict[str, Any], DataPipeline, TrainingState]:
-    """Everything the epochs need, built in the order it depends on: the model on the device, its
-    preprocessing, the data pipeline, the module a training step runs (compiled, graphed or wrapped for
-    torchrun, as ``runtime`` says) and the optimisation state, restored from ``resume_from`` if given."""
-    with runtime.device:  # random initialisation runs where the model lives (seconds on a CPU for ResNet152)
-        model = build_model(experiment.arch, len(CLASSES), experiment.weights, experiment.trainable_blocks,
-                            experiment.image_size)
+                     resume_from: Path | None, model: Classifier | None = None,
+                     ) -> tuple[Classifier, dict[str, Any], DataPipeline, TrainingState]:
+    """Everything the epochs need, built in the order it depends on: the model on the device (``model``
+    when given, else a new one), its preprocessing, the data pipeline, the module a training step runs
+    (compiled, graphed or wrapped for torchrun, as ``runtime`` says) and the optimisation state, restored
+    from ``resume_from`` if given."""
+    if model is None:
+        with runtime.device:  # random initialisation runs where the model lives (seconds on a CPU for ResNet152)
+            model = build_model(experiment.arch, len(CLASSES), experiment.weights, experiment.trainable_blocks,
+                                experiment.image_size)
+    else:
+        check_model_fits(model, experiment)
     model = runtime.prepare_model(model)
     prep = preprocessing(experiment.arch, experiment.image_size)
     pipeline = build_pipeline(experiment, splits, model, prep, runtime, seed)
@@ -597,9 +615,11 @@ def fit(
     seed: int = 42,
     resume: bool = False,
     on_epoch_end: Callable[[list[dict[str, float]]], None] | None = None,
+    model: Classifier | None = None,
 ) -> FitResult:
     """Train ``experiment`` on ``splits``, selecting the best epoch and stopping early on the
     validation metric; write ``checkpoints/{last,best}.pt`` and ``history.csv`` under ``out_dir``.
+    ``model``, when given, is trained (moved to the device) instead of a newly built one.
     ``runtime`` says how (default: :meth:`Runtime.create` on the best device); what the run used is in
     ``FitResult.extra["pipeline"]``.
 
@@ -617,7 +637,7 @@ def fit(
     runtime.apply_backend_settings()
     seed_everything(seed)
     model, prep, pipeline, state = prepare_training(experiment, splits, runtime, seed,
-                                                    last_path if resume else None)
+                                                    last_path if resume else None, model)
 
     writer = CheckpointWriter()
     saved_epochs, best_weights = state.epochs_done, None

@@ -123,8 +123,12 @@ def write_onnx(model: Classifier, path: Path, prep: dict[str, Any], classes: lis
     random inputs and return the largest probability difference. torch's TorchScript exporter is used:
     it needs no extra package (the dynamo exporter needs onnxscript) and, with the same results, exported
     ResNet50 and ViT-B/16 at 32 px 3-4.5x faster on this project's 2-core CPU."""
-    import onnx
-    import onnxruntime
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as error:
+        raise ExportError(f"ONNX export needs the export extra ({error}): pip install 'cxr[export]' "
+                          "(with uv: uv sync --extra export).") from None
 
     size = prep["image_size"]
     wrapped = _WithProbabilities(model).eval()  # the exporter restores this mode afterwards

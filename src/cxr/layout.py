@@ -45,6 +45,45 @@ def find_split_root(path: Path, max_depth: int = 3) -> Path | None:
     return None
 
 
+def is_dataset_root(folder: Path) -> bool:
+    """Whether ``folder`` holds ``train/`` and ``test/``, each with at least one class folder."""
+    children = child_dirs(folder)
+    names = set(CLASSES) | set(FOLDER_ALIASES)
+    return all(split in children and any(name.upper() in names for name in child_dirs(children[split]))
+               for split in ("train", "test"))
+
+
+def find_dataset_roots(base: Path, max_depth: int = 5) -> list[Path]:
+    """Every folder under ``base`` laid out as the dataset (see :func:`is_dataset_root`), whatever it is
+    called: an attached copy or fork of the Kaggle dataset has its own folder name. A found root is not
+    searched further."""
+    found, frontier = [], [Path(base)]
+    for _ in range(max_depth + 1):
+        next_frontier = []
+        for folder in sorted(frontier):
+            if is_dataset_root(folder):
+                found.append(folder)
+            else:
+                next_frontier.extend(child_dirs(folder).values())
+        frontier = next_frontier
+    return sorted(found)
+
+
+def find_attached_dataset(input_root: Path) -> Path:
+    """The one dataset under a Kaggle input root (found by its layout, whatever its folder is called);
+    no dataset, or more than one, is an error that says what the input root holds."""
+    roots = find_dataset_roots(input_root)
+    if len(roots) == 1:
+        return roots[0]
+    if roots:
+        raise DatasetError(f"{len(roots)} copies of the dataset under {str(input_root)!r}: "
+                           f"{', '.join(map(str, roots))}. Attach one, or choose with CXR_DATA_DIR.")
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in Path(input_root).iterdir())
+    found = ", ".join(entries[:10]) + (f" and {len(entries) - 10} more" if len(entries) > 10 else "") or "nothing"
+    raise DatasetError(f"No dataset under {str(input_root)!r} (it holds {found}). Attach the Kaggle dataset "
+                       f"{KAGGLE_HANDLE} (Add Input) or a copy of it. {EXPECTED_LAYOUT}")
+
+
 def download_dataset(handle: str = KAGGLE_HANDLE) -> Path:
     """Download (or reuse kagglehub's cached copy of) the public Kaggle dataset.
 

@@ -3,9 +3,10 @@
 ``settings(experiment)`` decides where data comes from and where results go. With ``CXR_SMOKE=1`` (set
 by the test suite) it writes a tiny synthetic dataset into a temporary folder and trains one short CPU
 epoch on 32 px images with random weights, so CI proves the notebooks run, quickly. Otherwise it
-uses the real dataset (explicit folder, ``CXR_DATA_DIR``, the Kaggle input folder, or a kagglehub
-download), the experiment's configuration and ``assets/``; ``CXR_EPOCHS`` and ``CXR_WEIGHTS`` override
-the epoch budget and the weights for a quick run.
+uses the real dataset (explicit folder, ``CXR_DATA_DIR``, the one dataset attached under the Kaggle
+input root ``/kaggle/input`` or ``CXR_KAGGLE_INPUT``, or a kagglehub download), the experiment's
+configuration and ``assets/`` (or ``CXR_OUT``); ``CXR_EPOCHS``, ``CXR_WEIGHTS``, ``CXR_IMAGE_SIZE`` and
+``CXR_LIMIT`` (images per class and split) make a quick run.
 """
 
 from __future__ import annotations
@@ -27,14 +28,16 @@ from torch import nn
 from . import metrics as table
 from . import reporting
 from .config import Experiment, get_experiment
-from .data import CLASSES, DataSplits, load_image
+from .data import CLASSES, DataSplits, DatasetError, find_attached_dataset, load_image
 from .engine import class_weights
+from .models import Classifier
 from .report import format_score, recall_interval, run_conclusion
 from .synthetic import write_synthetic_dataset
-from .workflow import ASSET_FILES
+from .workflow import ASSET_FILES, build_experiment_model
 
 SMOKE_ENV = "CXR_SMOKE"
-KAGGLE_INPUT = Path("/kaggle/input/chest-xray-pneumoniacovid19tuberculosis")
+KAGGLE_INPUT = Path("/kaggle/input")
+KAGGLE_INPUT_ENV = "CXR_KAGGLE_INPUT"
 SMOKE_OVERRIDES: dict[str, Any] = {"epochs": 1, "batch_size": 8, "image_size": 32, "weights": "none"}
 SMOKE_COUNTS = {"train": 8, "val": 2, "test": 2}
 
@@ -50,6 +53,7 @@ class Settings:
     device: str | None
     overrides: dict[str, Any]
     cache_dir: Path | None = None
+    limit: int | None = None
     _scratch: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
     @property
@@ -63,6 +67,15 @@ class Settings:
         return {"out": self.out, "device": self.device, "cache_dir": self.cache_dir, **self.overrides}
 
     @property
+    def data_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``workflow.prepare_data``: the data folder and the per-class image limit."""
+        return {"data_dir": self.data_dir, "limit": self.limit}
+
+    def build_model(self) -> Classifier:
+        """The model ``train_experiment(model=...)`` then trains: built once, as the run would build it."""
+        return build_experiment_model(self.experiment, **self.overrides)
+
+    @property
     def run_dir(self) -> Path:
         """The folder the run writes its figures, reports and metrics.json into."""
         return self.out / self.experiment
@@ -73,6 +86,7 @@ class Settings:
         data = str(self.data_dir) if self.data_dir else "download with kagglehub (cached after the first time)"
         rows = {"mode": mode, "data": data, "output": str(self.run_dir), "device": self.device or "best available",
                 "image cache": str(self.cache_dir) if self.cache_dir else "default (CXR_CACHE_DIR or ~/.cache/cxr)",
+                "images per class and split": str(self.limit) if self.limit else "all",
                 **{key: value for key, value in self.config.to_dict().items() if key != "summary"}}
         return pd.DataFrame({"value": [str(v) for v in rows.values()]}, index=pd.Index(rows, name="setting"))
 
@@ -81,15 +95,21 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _env_count(name: str) -> int | None:
+    """A whole number >= 1 from the environment (None when unset)."""
+    text = os.environ.get(name, "").strip()
+    if text and (not text.isdigit() or int(text) < 1):
+        raise ValueError(f"{name} must be a whole number >= 1, got {text!r}.")
+    return int(text) if text else None
+
+
 def env_overrides() -> dict[str, Any]:
-    """Configuration overrides from ``CXR_EPOCHS`` (a whole number >= 1) and ``CXR_WEIGHTS``
-    (``imagenet``, ``none`` or a path to a local ``.pth`` file)."""
+    """Configuration overrides from ``CXR_EPOCHS`` and ``CXR_IMAGE_SIZE`` (whole numbers >= 1) and
+    ``CXR_WEIGHTS`` (``imagenet``, ``none`` or a path to a local ``.pth`` file)."""
     overrides: dict[str, Any] = {}
-    epochs = os.environ.get("CXR_EPOCHS", "").strip()
-    if epochs:
-        if not epochs.isdigit() or int(epochs) < 1:
-            raise ValueError(f"CXR_EPOCHS must be a whole number >= 1, got {epochs!r}.")
-        overrides["epochs"] = int(epochs)
+    for name, key in (("CXR_EPOCHS", "epochs"), ("CXR_IMAGE_SIZE", "image_size")):
+        if (value := _env_count(name)) is not None:
+            overrides[key] = value
     weights = os.environ.get("CXR_WEIGHTS", "").strip()
     if weights:
         if weights.lower() in ("imagenet", "none"):
@@ -100,12 +120,26 @@ def env_overrides() -> dict[str, Any]:
     return overrides
 
 
-def settings(experiment: str, data_dir: str | os.PathLike | None = None, out: str | os.PathLike = "assets") -> Settings:
+def kaggle_dataset() -> Path | None:
+    """The dataset attached under the Kaggle input root (``CXR_KAGGLE_INPUT``, else ``/kaggle/input``), found
+    by its layout; None when there is no input root (not on Kaggle)."""
+    chosen = os.environ.get(KAGGLE_INPUT_ENV, "").strip()
+    root = Path(chosen).expanduser() if chosen else KAGGLE_INPUT
+    if not root.is_dir():
+        if chosen:
+            raise DatasetError(f"{KAGGLE_INPUT_ENV}={chosen!r} is not a folder.")
+        return None
+    return find_attached_dataset(root)
+
+
+def settings(experiment: str, data_dir: str | os.PathLike | None = None, out: str | os.PathLike | None = None) -> Settings:
     """Run settings for one notebook: smoke mode when ``CXR_SMOKE=1`` (which also limits torch to one
     thread), else a real run.
 
-    Real runs take the data from ``data_dir``, else ``CXR_DATA_DIR``, else the Kaggle input folder when
-    the dataset is attached to a Kaggle notebook, else a kagglehub download; they write into ``out``.
+    Real runs take the data from ``data_dir``, else ``CXR_DATA_DIR``, else the one dataset attached under
+    the Kaggle input root (:func:`kaggle_dataset`), else a kagglehub download; they write into ``out``, else
+    ``CXR_OUT``, else ``assets`` (on Kaggle: in the working folder). ``CXR_LIMIT`` keeps at most that many
+    images per class in each split.
     """
     get_experiment(experiment)  # an unknown name fails here, before any work
     if _env_flag(SMOKE_ENV):
@@ -115,9 +149,11 @@ def settings(experiment: str, data_dir: str | os.PathLike | None = None, out: st
         scratch = tempfile.TemporaryDirectory(prefix="cxr-smoke-")
         root = write_synthetic_dataset(Path(scratch.name) / "synthetic-chest-xray", SMOKE_COUNTS, bad_files=False)
         return Settings(experiment, True, root, Path(scratch.name) / "assets", "cpu", dict(SMOKE_OVERRIDES),
-                        Path(scratch.name) / "cache", scratch)
-    source = data_dir or os.environ.get("CXR_DATA_DIR") or (KAGGLE_INPUT if KAGGLE_INPUT.is_dir() else None)
-    return Settings(experiment, False, Path(source) if source else None, Path(out), None, env_overrides())
+                        Path(scratch.name) / "cache", _scratch=scratch)
+    overrides, limit = env_overrides(), _env_count("CXR_LIMIT")
+    source = data_dir or os.environ.get("CXR_DATA_DIR") or kaggle_dataset()
+    out = out or os.environ.get("CXR_OUT", "").strip() or "assets"
+    return Settings(experiment, False, Path(source) if source else None, Path(out), None, overrides, limit=limit)
 
 
 def _finish(figure: plt.Figure) -> plt.Figure:
@@ -192,7 +228,8 @@ def parameter_table(model: nn.Module) -> pd.DataFrame:
     }
     model.train(was_training)
     table = pd.DataFrame(rows).T
-    table["trainable share"] = [f"{t / p:.2%}" if p else "-" for p, t in zip(table["parameters"], table["trainable"])]
+    # three significant digits: a frozen ViT's head is 0.00359% of the model, which two decimals show as 0.00%
+    table["trainable share"] = [f"{100 * t / p:.3g}%" if p else "-" for p, t in zip(table["parameters"], table["trainable"])]
     table.loc["total", "mode during training"] = ""
     return table
 
@@ -229,10 +266,12 @@ def classification_table(metrics: dict[str, Any]) -> pd.DataFrame:
 
 
 def saved_figure(run_dir: str | os.PathLike, name: str):
-    """A figure the run saved (``curves``, ``confusion_matrix``, ``predictions``), for display in the notebook."""
-    from IPython.display import Image
+    """A figure the run saved (``curves``, ``confusion_matrix``, ``predictions``, ``cam``, ``reliability``),
+    for display in the notebook; a note instead when the run did not write it (the warning says why)."""
+    from IPython.display import Image, Markdown
 
-    return Image(filename=str(Path(run_dir) / ASSET_FILES[name]))
+    path = Path(run_dir) / ASSET_FILES[name]
+    return Image(filename=str(path)) if path.is_file() else Markdown(f"*The run wrote no `{path.name}`.*")
 
 
 def files_table(run_dir: str | os.PathLike) -> pd.DataFrame:
@@ -277,3 +316,22 @@ def conclusion(metrics_path: str | os.PathLike):
     from IPython.display import Markdown
 
     return Markdown(conclusion_text(json.loads(Path(metrics_path).read_text())))
+
+
+BOOTSTRAP_SOURCE = Path(__file__).with_name("kaggle_bootstrap.py")
+
+
+def bootstrap_cell_source() -> str:
+    """What each notebook's first code cell holds: :mod:`cxr.kaggle_bootstrap` and the call that installs
+    cxr when it is missing (the cell runs before cxr can be imported, so it carries the code itself)."""
+    return BOOTSTRAP_SOURCE.read_text() + "\nensure_cxr()"
+
+
+def write_bootstrap_cells(notebooks: list[str | os.PathLike]) -> None:
+    """Make the first code cell of each notebook the current :func:`bootstrap_cell_source` (run after
+    editing ``kaggle_bootstrap.py``; the test suite fails until the copies match)."""
+    for path in map(Path, notebooks):
+        content = json.loads(path.read_text())
+        first = next(cell for cell in content["cells"] if cell["cell_type"] == "code")
+        first["source"] = bootstrap_cell_source().splitlines(keepends=True)
+        path.write_text(json.dumps(content, sort_keys=True, indent=1, ensure_ascii=False) + "\n")

@@ -39,5 +39,6 @@ def dataset_info(splits: DataSplits) -> dict[str, Any]:
         "root": str(splits.root),
         "val_source": splits.val_source,
         "counts": splits.counts(),
+        "limit_per_class": splits.limit,
         "skipped_files": len(splits.skipped),
     }

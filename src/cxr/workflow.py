@@ -23,13 +23,13 @@ from . import distributed, reporting, runlock, shortcuts, uncertainty
 from .audit import audit_summary, audit_training_splits
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import Experiment, experiment_from_dict, get_experiment
-from .data import CLASSES, DataSplits, load_splits, locate_dataset, warn_skipped
-from .engine import build_dataset, fit, make_deterministic, make_loader, predict
+from .data import CLASSES, DataSplits, check_limit, load_splits, locate_dataset, warn_skipped
+from .engine import build_dataset, fit, make_deterministic, make_loader, predict, seed_everything
 from .inference import load_trained_model  # noqa: F401 (re-exported: workflow.load_trained_model)
 from .lung_field import find_lung_masks
 from .metrics import operating_points, who_tb_screening
 from .model_card import CARD_FILE, write_model_card
-from .models import Classifier
+from .models import Classifier, build_model
 from .preflight import check_image_size
 from .provenance import dataset_info, git_commit  # noqa: F401 (re-exported)
 from .runtime import Runtime, device_name
@@ -52,10 +52,14 @@ ASSET_FILES = {
 
 
 def prepare_data(
-    data_dir: str | os.PathLike | None = None, val_source: str = "carve", val_fraction: float = 0.1, seed: int = 42
+    data_dir: str | os.PathLike | None = None, val_source: str = "carve", val_fraction: float = 0.1, seed: int = 42,
+    limit: int | None = None,
 ) -> DataSplits:
-    """Locate (or download) the dataset and scan its splits."""
-    return load_splits(locate_dataset(data_dir), val_source=val_source, val_fraction=val_fraction, seed=seed)
+    """Locate (or download) the dataset and scan its splits; ``limit`` keeps at most that many images per
+    class in each split (a quick run)."""
+    check_limit(limit)  # before a download or a scan
+    return load_splits(locate_dataset(data_dir), val_source=val_source, val_fraction=val_fraction, seed=seed,
+                       limit=limit)
 
 
 def uncertainty_report(
@@ -188,6 +192,8 @@ def train_experiment(
     cuda_graphs: bool | None = None,
     lung_masks: str | os.PathLike | None = None,
     splits_on_device: bool = True,
+    limit: int | None = None,
+    model: Classifier | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Train the named experiment, evaluate its best checkpoint on the test split and write every
@@ -196,7 +202,9 @@ def train_experiment(
     it one is made for ``device`` from ``workers``, ``cache`` (the decoded-image cache), ``cache_dir``,
     ``compile``, ``feature_cache``, ``progress``, ``cuda_graphs`` (None: on CUDA) and ``splits_on_device``
     (:meth:`Runtime.create`).
-    ``tensorboard`` also writes TensorBoard event files into ``out/<name>/tensorboard/``. The data is audited
+    ``tensorboard`` also writes TensorBoard event files into ``out/<name>/tensorboard/``. ``limit`` keeps at
+    most that many images per class in each split (ignored when ``splits`` is given). ``model``, when given
+    (see :func:`build_experiment_model`), is the one that trains, instead of a new one. The data is audited
     first: duplicates and train/test leakage are warned about and summarised in metrics.json, beside the
     shortcut baseline. ``lung_masks``: per-image lung masks for the shortcut checks, checked before training.
     Returns the contents of ``metrics.json``.
@@ -220,7 +228,7 @@ def train_experiment(
     # The folder is held before the data is scanned: a second run into it, or an --out that cannot be
     # written, is refused at once, not after the audit.
     with runlock.hold_folder(out_dir, "cxr train") if main_rank else contextlib.nullcontext():
-        splits = splits or prepare_data(data_dir, val_source=val_source, seed=seed)
+        splits = splits or prepare_data(data_dir, val_source=val_source, seed=seed, limit=limit)
         if lung_masks is not None:
             find_lung_masks(splits.test.paths, lung_masks)  # a missing or misfit mask fails now, not after training
         if main_rank:  # the audit reads every file: one process is enough
@@ -228,18 +236,19 @@ def train_experiment(
             for message in data_audit["warnings"]:
                 warnings.warn(message, stacklevel=2)
         return _train_and_report(experiment, splits, out_dir, runtime, data_audit if main_rank else None, seed,
-                                 resume, tensorboard, on_epoch_end, deterministic, started, lung_masks)
+                                 resume, tensorboard, on_epoch_end, deterministic, started, lung_masks, model)
 
 
 def _train_and_report(experiment: Experiment, splits: DataSplits, out_dir: Path, runtime: Runtime,
                       data_audit: dict[str, Any] | None, seed: int, resume: bool, tensorboard: bool,
                       on_epoch_end: Callable[[list[dict[str, float]]], None] | None, deterministic: bool,
-                      started: float, lung_masks: str | os.PathLike | None) -> dict[str, Any]:
+                      started: float, lung_masks: str | os.PathLike | None, model: Classifier | None,
+                      ) -> dict[str, Any]:
     """:func:`train_experiment` once the folder is held and the data audited: fit, evaluate, write metrics.json."""
     main_rank = distributed.is_main()
     board = RunLog(out_dir / "tensorboard", resume) if main_rank and tensorboard else None
     result = fit(experiment, splits, out_dir, runtime, seed=seed, resume=resume,
-                 on_epoch_end=board.on_epoch_end(on_epoch_end) if board else on_epoch_end)
+                 on_epoch_end=board.on_epoch_end(on_epoch_end) if board else on_epoch_end, model=model)
     if main_rank:
         plt.close(reporting.plot_history(result.history, out_dir / ASSET_FILES["curves"], experiment.name))
     state = load_checkpoint(result.best_checkpoint, experiment=experiment.name)
@@ -279,6 +288,17 @@ def _train_and_report(experiment: Experiment, splits: DataSplits, out_dir: Path,
         test_logits = np.load(out_dir / "test_logits.npz")
         board.finish(metrics, test_logits["labels"], test_logits["logits"].argmax(1))
     return metrics
+
+
+def build_experiment_model(name: str, seed: int = 42, **overrides: Any) -> Classifier:
+    """The experiment's model as :func:`train_experiment` would build it (same seed, so the same new head),
+    for a notebook that shows the model and then passes it to ``train_experiment(model=...)`` to train it:
+    the weights are built and loaded once."""
+    experiment = get_experiment(name, **overrides)
+    seed_everything(seed)
+    return build_model(experiment.arch, len(CLASSES), experiment.weights, experiment.trainable_blocks,
+                       experiment.image_size)
+
 
 
 def evaluate_checkpoint(
