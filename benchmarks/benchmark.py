@@ -57,6 +57,8 @@ from tqdm.auto import tqdm
 from cxr import engine
 from cxr.cache import default_workers
 from cxr.config import EXPERIMENTS, Experiment, get_experiment
+
+ORIGINAL = ("resnet152_head", "resnet50_full", "vit_b16_head")  # the experiments the speed targets were set for
 from cxr.data import CLASSES, IMAGENET_MEAN, IMAGENET_STD, SPLITS, build_transforms, find_split_root, load_image
 from cxr.data import DataSplits, load_splits, scan_split
 from cxr.models import ARCHITECTURES, build_model, preprocessing
@@ -661,7 +663,7 @@ def targets(results: dict[str, Any]) -> dict[str, str]:
     command = command_verdict(results)
     if command:
         found["the benchmark command in under 7 minutes (seconds by phase)"] = command
-    if totals.get("ours") and totals.get("experiments") == len(EXPERIMENTS):
+    if totals.get("ours") and set(rows) == set(ORIGINAL) and totals.get("experiments") == len(ORIGINAL):
         found["all three under 2 minutes, cold cache included"] = (
             f"{'met' if totals['ours'] <= 120 else 'missed'}: {totals['ours']:.1f} s")
         if totals.get("seed_style"):
@@ -781,7 +783,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=sum(KAGGLE_TRAIN.values()),
                         help="training images, in the Kaggle class proportions (default: 6326)")
     parser.add_argument("--size", type=int, default=1600, help="mean shorter side of the JPEGs in px (default: 1600)")
-    parser.add_argument("--experiments", nargs="+", choices=sorted(EXPERIMENTS), default=list(EXPERIMENTS))
+    parser.add_argument("--experiments", nargs="+", choices=sorted(EXPERIMENTS), default=list(ORIGINAL),
+                        help="default: the three original experiments, which the speed targets are for")
     parser.add_argument("--epochs", type=int, help="epoch budget for every experiment (default: each one's own)")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, help="default: each experiment's own (64)")
