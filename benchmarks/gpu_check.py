@@ -1,5 +1,9 @@
-"""One script for whoever has a GPU for a few minutes: every experiment at its full budget, then
-``cxr evaluate --tta`` and ``cxr predict --csv --cam`` with each, every result in the ``assets/`` layout.
+"""One script for whoever has a GPU for a few minutes: every configured experiment at its full budget
+(its test evaluation runs the shortcut checks, AUROC and operating points), then with each checkpoint
+``cxr evaluate --tta``, ``cxr predict --csv --cam`` and ``cxr evaluate --external`` on a folder built from
+the data's test split with some training images planted in it; last, one short training run with
+``--splits-in-host-memory`` (the per-batch host copy that a split too large for the GPU takes). Every result
+is in the ``assets/`` layout.
 
 On a GPU machine with torch, torchvision, numpy, pandas, matplotlib, seaborn, scikit-learn and tqdm (no
 install of this project needed; grad-cam is optional, its figures are skipped without it)::
@@ -41,6 +45,9 @@ EXPERIMENTS = tuple(CONFIGURED)
 SMOKE_COUNTS = {"train": 8, "val": 2, "test": 2}  # images per class: a test image of every class to predict
 SMOKE_FLAGS = ["--epochs", "1", "--batch-size", "8", "--image-size", "32", "--device", "cpu"]
 PREDICT_IMAGES_PER_CLASS = 1
+PLANTED_PER_CLASS = 2  # training images planted in the external folder: its audit must find them
+EXTERNAL_SPELLING = {"COVID19": "COVID-19", "NORMAL": "Normal", "PNEUMONIA": "Pneumonia", "TUBERCULOSIS": "Tuberculosis"}
+HOST_MEMORY_EXPERIMENT, HOST_MEMORY_EPOCHS = "resnet50_full", "2"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,7 +99,27 @@ def predict_inputs(data_dir: Path, per_class: int = PREDICT_IMAGES_PER_CLASS) ->
     return [path for label in sorted(chosen) for path in chosen[label]]
 
 
-def plan(args: argparse.Namespace, data_dir: Path, out: Path, grad_cam: bool) -> list[dict[str, Any]]:
+def external_folder(data_dir: Path, folder: Path, planted: int = PLANTED_PER_CLASS) -> Path:
+    """A folder "from elsewhere" for ``cxr evaluate --external``: the test split's images under the common
+    spellings of the class names (``COVID-19``, ``Tuberculosis``, ...), plus the first ``planted`` training
+    images of each class, which its near-duplicate audit must report as overlaps."""
+    import shutil
+
+    from cxr.data import find_split_root, scan_split
+
+    root = find_split_root(data_dir)
+    test, train = scan_split(root, "test", check=False), scan_split(root, "train", check=False)
+    for label, name in enumerate(EXTERNAL_SPELLING.values()):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for path in (p for p, k in zip(test.paths, test.labels) if k == label):
+            shutil.copy2(path, folder / name / path.name)
+        for path in [p for p, k in zip(train.paths, train.labels) if k == label][:planted]:
+            shutil.copy2(path, folder / name / f"planted-{path.name}")
+    return folder
+
+
+def plan(args: argparse.Namespace, data_dir: Path, out: Path, grad_cam: bool,
+         external: Path | None = None) -> list[dict[str, Any]]:
     """Every step: a name, the ``cxr`` arguments, and the step it needs (its checkpoint)."""
     assets, cache = out / "assets", out / "cache"
     common = ["--data-dir", str(data_dir), "--device", args.device, "--quiet", "--cache-dir", str(cache)]
@@ -110,6 +137,15 @@ def plan(args: argparse.Namespace, data_dir: Path, out: Path, grad_cam: bool) ->
                       "note": None if grad_cam else "Grad-CAM skipped: the grad-cam package is not installed",
                       "args": ["predict", *images, "--checkpoint", checkpoint, "--csv",
                                str(out / "predict" / f"{name}.csv"), "--device", args.device, "--quiet", *cam]})
+        if external is not None:
+            steps.append({"name": f"evaluate --external {name}", "needs": f"train {name}",
+                          "args": ["evaluate", "--checkpoint", checkpoint, "--external", str(external),
+                                   "--out", str(assets), *common]})
+    if HOST_MEMORY_EXPERIMENT in args.experiments:
+        flags = [*train_flags, "--epochs", HOST_MEMORY_EPOCHS] if not args.smoke else train_flags
+        steps.append({"name": f"train --splits-in-host-memory {HOST_MEMORY_EXPERIMENT}",
+                      "args": ["train", HOST_MEMORY_EXPERIMENT, "--splits-in-host-memory", "--no-tensorboard",
+                               "--out", str(out / "host-memory"), *common, *flags]})
     return steps
 
 
@@ -216,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        for step in plan(args, Path(data_dir), out, info["grad_cam"]):
+        external = external_folder(Path(data_dir), Path(tempfile.mkdtemp(prefix="gpu-check-")) / "sample-external")
+        for step in plan(args, Path(data_dir), out, info["grad_cam"], external):
             print(f"[{time.strftime('%H:%M:%S')}] {step['name']}", flush=True)
             run_step(step, summary, out / "logs", failed, in_process=args.smoke)
         summary.data["status"] = "failed" if failed else "ok"

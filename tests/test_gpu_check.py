@@ -45,8 +45,10 @@ def test_smoke_runs_every_step(smoke):
     assert summary["status"] == "ok" and summary["smoke"] is True and summary["torch"]
     names = [step["name"] for step in summary["steps"]]
     for experiment in EXPERIMENTS:
-        assert [f"train {experiment}", f"evaluate --tta {experiment}", f"predict {experiment}"] == [
-            n for n in names if n.endswith(experiment)]
+        assert [f"train {experiment}", f"evaluate --tta {experiment}", f"predict {experiment}",
+                f"evaluate --external {experiment}"] == [n for n in names if n.endswith(f" {experiment}")
+                                                         and "host-memory" not in n]
+    assert names[-1] == "train --splits-in-host-memory resnet50_full"
     assert all(step["exit_status"] == 0 and step["seconds"] > 0 for step in summary["steps"])
 
 
@@ -60,6 +62,12 @@ def test_smoke_writes_the_assets_layout(smoke):
         assert "tta" in evaluated
         table = (out / "predict" / f"{experiment}.csv").read_text().splitlines()
         assert table[0].startswith("file,prediction,probability") and len(table) == 1 + 4  # one image a class
+        external = json.loads((out / "assets" / experiment / "external" / "sample-external" / "metrics.json").read_text())
+        planted = 4 * _load().PLANTED_PER_CLASS  # training images copied into the external folder
+        assert external["overlaps"]["count"] == planted and external["test_without_overlaps"] is not None
+        assert external["external"]["ignored_folders"] == [] and external["external"]["absent_classes"] == []
+    host = json.loads((out / "host-memory" / "resnet50_full" / "metrics.json").read_text())
+    assert host["epochs_run"] == 1 and host["pipeline"]["splits_on_device"] is False
 
 
 def test_a_failed_step_is_reported_and_the_others_kept(tmp_path, monkeypatch):

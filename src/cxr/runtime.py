@@ -209,6 +209,7 @@ class Runtime:
             "fused_optimizer": self.fused_optimizer,
             "cudnn_benchmark": self.cudnn_benchmark,
             "pin_memory": self.pin_memory,
+            "splits_on_device": self.hold_on_device,  # may a cached split live on the device (if it fits)
             "workers": self.workers,
             "compile": self.compile,
             "cuda_graphs": self.cuda_graphs,
