@@ -81,7 +81,8 @@ def test_a_failed_step_is_reported_and_the_others_kept(tmp_path, monkeypatch):
     assert code == 1 and summary["status"] == "failed"
     statuses = {step["name"]: step["status"] for step in summary["steps"]}
     assert statuses == {"train resnet50_full": "failed", "evaluate --tta resnet50_full": "skipped",
-                        "predict resnet50_full": "skipped"}
+                        "predict resnet50_full": "skipped", "evaluate --external resnet50_full": "skipped",
+                        "train --splits-in-host-memory resnet50_full": "failed"}
     assert "patience" in summary["steps"][0]["error"]
 
 
