@@ -247,3 +247,24 @@ def test_auroc_columns_and_external_rows_marked_as_such(project):
     external_rows = [line for line in section(text).splitlines() if "**external** `elsewhere`" in line]
     assert len(external_rows) == 2 and "training overlaps removed" in external_rows[1]
     assert "| n/a |" in external_rows[0] and "| 0.500 (0.812-0.890) |" in external_rows[1]
+
+
+def test_runs_older_than_the_baseline_take_it_from_the_audit_of_their_dataset(project):
+    """An audit.json beside the runs (``cxr audit --out assets``) of the same dataset gives the baseline row,
+    marked as the audit's; one of another dataset, or of other test counts, gives none."""
+    from cxr.report import BASELINE_ROW
+
+    baseline = {"features": ["aspect_ratio"], "test_images": 160,
+                "test": {"accuracy": 0.84, "macro_f1": 0.83, "per_class": {c: {"recall": 0.8} for c in CLASSES}}}
+    audit = {"root": "/data/cxr-sample", "splits": {"test": {"counts": {c: 40 for c in CLASSES}}},
+             "shortcut_baseline": baseline}
+    readme, audit_path = project / "README.md", project / "assets" / "audit.json"
+    audit_path.write_text(json.dumps(audit))
+    write_report(project / "assets", readme)
+    rows = [line for line in section(readme.read_text()).splitlines() if line.startswith(f"| {BASELINE_ROW}")]
+    assert len(rows) == 1 and "from `cxr audit`" in rows[0] and "| 0.840 | 0.830 |" in rows[0]
+    for other in ({**audit, "root": "/data/elsewhere"},
+                  {**audit, "splits": {"test": {"counts": {c: 41 for c in CLASSES}}}}):
+        audit_path.write_text(json.dumps(other))
+        write_report(project / "assets", readme)
+        assert BASELINE_ROW not in section(readme.read_text())
