@@ -61,9 +61,11 @@ from cxr.config import EXPERIMENTS, Experiment, get_experiment
 ORIGINAL = ("resnet152_head", "resnet50_full", "vit_b16_head")  # the experiments the speed targets were set for
 from cxr.data import CLASSES, IMAGENET_MEAN, IMAGENET_STD, SPLITS, build_transforms, find_split_root, load_image
 from cxr.data import DataSplits, load_splits, scan_split
+from cxr.features import FrozenBackboneBatches
 from cxr.models import ARCHITECTURES, build_model, preprocessing
 from cxr.provenance import git_commit
 from cxr.runtime import Runtime, device_name, select_device
+from cxr.timing import PhaseTimes
 
 # Kaggle jtiptj/chest-xray-pneumoniacovid19tuberculosis: train 6,326 and test 771 images (val: 38).
 KAGGLE_TRAIN = {"COVID19": 460, "NORMAL": 1341, "PNEUMONIA": 3875, "TUBERCULOSIS": 650}
@@ -219,7 +221,7 @@ def measure_ceiling(experiment: Experiment, runtime: Runtime, steps: int, warmup
     def steps_of(count: int):
         loader = SyntheticLoader(images, labels, math.ceil(count / per_forward))
         if model.freeze_backbone:
-            return model.head, engine.FrozenBackboneBatches(model.backbone, loader, runtime, batch)
+            return model.head, FrozenBackboneBatches(model.backbone, loader, runtime, batch)
         return trained, loader
 
     trained = engine.training_module(model, batch, runtime)
@@ -348,43 +350,6 @@ def measure_seed_style(experiment: Experiment, splits, device: torch.device, wor
 # --------------------------------------------------------------------------------------------- ours
 
 
-@contextlib.contextmanager
-def timed_calls(*targets: tuple[Any, str]) -> Iterator[dict[str, list[float]]]:
-    """Wall seconds of every call of each ``(owner, attribute)`` function made while this is held, by
-    attribute name. A call made inside another timed call is left out (it is part of that one's time):
-    ``CheckpointWriter.save`` waits for the previous write with ``wait``, and that wait is the save's."""
-    spent: dict[str, list[float]] = {name: [] for _, name in targets}
-    originals = [(owner, name, getattr(owner, name)) for owner, name in targets]
-    active: list[str] = []
-
-    def timed(name, method):
-        def call(*args, **kwargs):
-            if active:
-                return method(*args, **kwargs)
-            active.append(name)
-            started = time.perf_counter()
-            try:
-                return method(*args, **kwargs)
-            finally:
-                spent[name].append(time.perf_counter() - started)
-                active.pop()
-        return call
-
-    for owner, name, method in originals:
-        setattr(owner, name, timed(name, method))
-    try:
-        yield spent
-    finally:
-        for owner, name, method in originals:
-            setattr(owner, name, method)
-
-
-# What fit spends its time on, besides the epochs' training and validation (see run_ours).
-FIT_STEPS = ((engine, "train_one_epoch"), (engine, "evaluate"), (engine.CheckpointWriter, "save"),
-             (engine.CheckpointWriter, "wait"), (engine, "build_model"), (engine, "_estimate_batchnorm"),
-             (engine, "load_checkpoint"))
-
-
 def run_ours(experiment: Experiment, data_root: Path, cache_dir: Path, out_dir: Path, device: torch.device,
              profile_to: Path | None = None) -> dict[str, Any]:
     """Scan, fit (train + validation every epoch, checkpoints) and predict the test split, timed as a whole
@@ -406,9 +371,10 @@ def run_ours(experiment: Experiment, data_root: Path, cache_dir: Path, out_dir: 
     splits = load_splits(data_root)
     scan_seconds = time.perf_counter() - started
     runtime = Runtime.create(device, cache_dir=cache_dir, progress=False)
-    with timed_calls(*FIT_STEPS) as spent:
-        result = engine.fit(experiment, splits, out_dir, runtime, seed=42,
-                            on_epoch_end=profile_after_first_epoch if profiler else None)
+    phases = PhaseTimes()  # what fit spends its time on, besides the epochs' training and validation
+    result = engine.fit(experiment, splits, out_dir, runtime, seed=42,
+                        on_epoch_end=profile_after_first_epoch if profiler else None, phase_timer=phases)
+    spent = phases.spent
     test_started = time.perf_counter()
     prep = preprocessing(experiment.arch, experiment.image_size)
     test_set, test_split, test_info = engine.build_dataset(splits.test, experiment, prep, runtime, False)
@@ -418,7 +384,7 @@ def run_ours(experiment: Experiment, data_root: Path, cache_dir: Path, out_dir: 
     synchronize(device)
     finished = time.perf_counter()
     seconds, test_seconds = finished - started, finished - test_started - test_info.get("cache_seconds", 0.0)
-    rows, saves = [row["seconds"] for row in result.history], spent["save"]
+    rows, saves = [row["seconds"] for row in result.history], spent["checkpoint save"]
     epochs = [row + save for row, save in zip(rows, saves)]  # an epoch: training, validation, its checkpoint
 
     def steady(values: list[float]) -> float:  # the median epoch after the first (which autotunes cuDNN)
@@ -431,19 +397,19 @@ def run_ours(experiment: Experiment, data_root: Path, cache_dir: Path, out_dir: 
     steps = {
         "scan": scan_seconds,
         "image cache (decode or read)": cache_seconds,
-        "model build": sum(spent["build_model"]),
-        "BatchNorm statistics": sum(spent["_estimate_batchnorm"]),
+        "model build": sum(spent["model build"]),
+        "BatchNorm statistics": sum(spent["BatchNorm statistics"]),
         "frozen-backbone features (validation)": pipeline["feature_seconds"],
-        "last checkpoint write (wait)": sum(spent["wait"]),
-        "best.pt reload": sum(spent["load_checkpoint"]),
+        "last checkpoint write (wait)": sum(spent["checkpoint wait"]),
+        "best.pt reload": sum(spent["best.pt reload"]),
         "test split (predictions)": test_seconds,
     }
     steps["other"] = outside - sum(steps.values())
     row = {
         "images_per_second": round(len(splits.train) / epoch_seconds, 1),
         "epoch_seconds": round(epoch_seconds, 3),
-        "epoch_parts": {"training loop": round(steady(spent["train_one_epoch"]), 3),
-                        "validation": round(steady(spent["evaluate"]), 3),
+        "epoch_parts": {"training loop": round(steady(spent["train"]), 3),
+                        "validation": round(steady(spent["validate"]), 3),
                         "checkpoint (host copy, wait for the previous write)": round(steady(saves), 3)},
         "first_epoch_seconds": round(epochs[0], 3),
         "experiment_seconds": round(seconds, 1),

@@ -321,3 +321,20 @@ def test_cli_limit_keeps_that_many_images_per_class(synthetic_root, tmp_path):
     assert dataset["limit_per_class"] == 2
     assert all(n == 2 for split in ("train", "test") for n in dataset["counts"][split].values())
     assert all(1 <= n <= 2 for n in dataset["counts"]["val"].values())  # carved: 1-2 of each class here
+
+
+def test_fit_reports_its_phases_to_the_timer_it_is_given(synthetic_root, tmp_path):
+    from cxr.engine import fit
+    from cxr.timing import PhaseTimes
+
+    with pytest.warns(UserWarning, match="Skipped"):
+        splits = load_splits(synthetic_root)
+    times = PhaseTimes()
+    result = fit(get_experiment("resnet152_head", **{**TINY, "epochs": 2, "augment": False}), splits, tmp_path,
+                 Runtime.create("cpu", progress=False), seed=SEED, phase_timer=times)
+    counts = {name: len(seconds) for name, seconds in times.spent.items()}
+    assert counts == {"model build": 1, "BatchNorm statistics": 1, "train": 2, "validate": 2, "checkpoint save": 2,
+                      "checkpoint wait": 1}  # best.pt was kept in memory: no reload
+    assert all(s > 0 for seconds in times.spent.values() for s in seconds)
+    assert [round(row["seconds"], 6) >= round(t + v, 6) for row, t, v in
+            zip(result.history, times.spent["train"], times.spent["validate"])] == [True, True]

@@ -161,7 +161,7 @@ class DeviceDataset:
 class DeviceLoader:
     """Batches of a :class:`DeviceDataset` in a seeded order: an index into tensors already in memory,
     no workers and no collation. Iterating twice yields the same batches. The order comes from a
-    ``DistributedSampler``, as in ``engine.make_loader``'s DataLoader: with ``world_size`` > 1 this
+    ``DistributedSampler``, as in ``pipeline.make_loader``'s DataLoader: with ``world_size`` > 1 this
     loader yields rank ``rank``'s shard of the same permutation (see :mod:`cxr.distributed`)."""
 
     def __init__(self, dataset: DeviceDataset, batch_size: int, shuffle: bool, runtime: Runtime, seed: int = 0,

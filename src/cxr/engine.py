@@ -1,10 +1,13 @@
-"""Training and evaluation: ``train_one_epoch``, ``evaluate`` and ``fit``, shared by all experiments."""
+"""Training: :func:`fit` runs the epochs of one experiment (train, validate, record, checkpoint, stop early),
+shared by all experiments. Read top to bottom: ``fit``, what it builds first (:func:`start_run`,
+:func:`prepare_training`), what each epoch calls (:class:`EpochRunner`, :class:`RunFiles`,
+:class:`TrainingState`), then the training step, evaluation and the checks. The data it trains on is
+built by :mod:`cxr.pipeline`; how long each phase takes is told to a :mod:`cxr.timing` hook."""
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import itertools
 import math
 import os
 import random
@@ -18,21 +21,24 @@ import numpy as np
 import torch
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import distributed, metrics
+from .augment import DeviceLoader
 from .checkpoint import CheckpointError, CheckpointWriter, load_checkpoint, remove_stale_temporaries
 from .config import Experiment
-from .augment import BatchTransform, DeviceDataset, DeviceLoader, EvalTransform, TrainAugment
-from .cache import cache_side, cache_split
-from .data import CLASSES, EXPECTED_LAYOUT, DatasetError, DataSplits, Split, XRayDataset, warn_skipped
-from .features import FrozenBackboneBatches, feature_dataset
+from .data import CLASSES, EXPECTED_LAYOUT, DatasetError, DataSplits, Split
 from .graphs import GraphedTraining
 from .losses import build_loss
-from .models import Classifier, build_model, estimate_batchnorm_statistics, needs_batchnorm_statistics, preprocessing
+from .models import Classifier, build_model, preprocessing
 from .optim import build_optimizer, build_schedule, warmup_cosine  # noqa: F401 (re-exported)
+from .pipeline import (  # noqa: F401 (re-exported: engine.build_dataset, engine.make_loader, ... are public)
+    BATCHNORM_IMAGES, DataPipeline, build_dataset, build_pipeline, frozen_forward_batch, gather_shards, make_loader,
+    training_batches, training_module,
+)
 from .runtime import Runtime, device_name, select_device  # noqa: F401 (re-exported: engine.select_device is public)
+from .timing import PhaseTimer, no_timing
 
 
 class TrainingError(RuntimeError):
@@ -47,103 +53,319 @@ class TrainingInterrupted(RuntimeError):
         self.saved_epochs = saved_epochs
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+@dataclass
+class FitResult:
+    """What ``fit`` leaves behind: the trained model (best weights loaded) and where things were written."""
+
+    model: Classifier
+    history: list[dict[str, float]]
+    best_checkpoint: Path
+    last_checkpoint: Path
+    best_epoch: int
+    stopped_early: bool
+    train_seconds: float
+    runtime: Runtime
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def make_deterministic() -> None:
-    """Bit-identical repeated runs on one machine, at some speed cost: deterministic kernels only (an op
-    without one raises), no cuDNN autotuning, and the fixed cuBLAS workspace CUDA needs for it (read when
-    cuBLAS starts, so call this before the first GPU matmul). Process-wide, like the settings it changes."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
+def fit(
+    experiment: Experiment,
+    splits: DataSplits,
+    out_dir: Path,
+    runtime: Runtime | None = None,
+    seed: int = 42,
+    resume: bool = False,
+    on_epoch_end: Callable[[list[dict[str, float]]], None] | None = None,
+    model: Classifier | None = None,
+    phase_timer: PhaseTimer = no_timing,
+) -> FitResult:
+    """Train ``experiment`` on ``splits``, selecting the best epoch and stopping early on the
+    validation metric; write ``checkpoints/{last,best}.pt`` and ``history.csv`` under ``out_dir``.
+    ``model``, when given, is trained (moved to the device) instead of a newly built one.
+    ``runtime`` says how (default: :meth:`Runtime.create` on the best device); what the run used is in
+    ``FitResult.extra["pipeline"]``. ``phase_timer`` is told when each phase runs (:mod:`cxr.timing`).
+
+    In a torchrun job (:mod:`cxr.distributed`) every rank calls ``fit``: ``experiment.batch_size`` is
+    the global batch, each rank trains on its share of every batch, validation predictions are
+    gathered, and only rank 0 writes files and shows progress."""
+    resume_from = RunFiles.last_of(out_dir) if resume else None
+    runtime = start_run(splits, runtime, seed, resume_from)
+    model, prep, pipeline, state = prepare_training(experiment, splits, runtime, seed, resume_from, model, phase_timer)
+    files = RunFiles.open(Path(out_dir), experiment, prep, seed, splits, state, resumed=resume)
+    run, stopped_early = EpochRunner(experiment, pipeline, runtime, seed), False
+    try:  # Ctrl-C anywhere in the loop (a batch, a save, the callback) ends in the same resumable state
+        with tqdm(range(state.epochs_done, experiment.epochs), desc=experiment.name, initial=state.epochs_done,
+                  total=experiment.epochs, disable=not runtime.progress) as epochs:
+            for epoch in epochs:
+                if experiment.patience and state.bad_epochs >= experiment.patience:
+                    stopped_early = True
+                    break
+                started = time.perf_counter()
+                with phase_timer("train"):
+                    train = run.train(epoch, state)
+                with phase_timer("validate"):
+                    val = run.validate()
+                row = history_row(epoch, train, val, state.lr, time.perf_counter() - started)
+                is_best = state.record(row, experiment.monitor)
+                with phase_timer("checkpoint save"):
+                    files.save(state, is_best)
+                epochs.set_postfix(val_f1=f"{row['val_macro_f1']:.3f}", val_loss=f"{row['val_loss']:.3f}")
+                if on_epoch_end is not None and distributed.is_main():
+                    on_epoch_end(state.history)
+        best_weights = files.best_weights_once_written(phase_timer)
+    except KeyboardInterrupt:
+        files.writer.wait()  # the epoch handed to the writer is on disk before we say it is
+        raise _interrupted(experiment, files.saved_epochs, files.last) from None
+    except TrainingError as error:
+        files.writer.wait()
+        raise _failed(error, files.saved_epochs, files.last) from None
+    model.load_state_dict(best_weights)
+    return FitResult(model, state.history, files.best, files.last, state.best_epoch, stopped_early,
+                     state.train_seconds, runtime, {"pipeline": pipeline.info})
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """RNG seed for one epoch: data order and augmentation depend only on (seed, epoch), so a resumed
-    run draws exactly what an uninterrupted run would have drawn."""
-    return seed * 1000 + epoch
+def start_run(splits: DataSplits, runtime: Runtime | None, seed: int, resume_from: Path | None) -> Runtime:
+    """Check what can be checked before anything is built (every class present, a checkpoint to resume
+    from), join the torchrun job if any (this rank's GPU; progress on rank 0 only), apply the runtime's
+    backend settings and seed. Returns the runtime the run uses."""
+    require_every_class(splits)
+    if resume_from is not None and not resume_from.exists():
+        raise CheckpointError(f"--resume was given but {str(resume_from)!r} does not exist.")
+    runtime = runtime or Runtime.create()
+    runtime = runtime.replace(device=distributed.setup(runtime.device),  # under torchrun: this rank's GPU
+                              progress=runtime.progress and distributed.is_main())
+    runtime.apply_backend_settings()
+    seed_everything(seed)
+    return runtime
 
 
-# Training images a frozen random backbone's BatchNorm statistics are estimated from (models.needs_batchnorm_statistics).
-BATCHNORM_IMAGES = 512
+def prepare_training(experiment: Experiment, splits: DataSplits, runtime: Runtime, seed: int,
+                     resume_from: Path | None, model: Classifier | None = None,
+                     phase_timer: PhaseTimer = no_timing,
+                     ) -> tuple[Classifier, dict[str, Any], DataPipeline, TrainingState]:
+    """Everything the epochs need, built in the order it depends on: the model on the device (``model``
+    when given, else a new one), its preprocessing, the data pipeline, the module a training step runs
+    (compiled, graphed or wrapped for torchrun, as ``runtime`` says) and the optimisation state, restored
+    from ``resume_from`` if given."""
+    if model is None:
+        with phase_timer("model build"), runtime.device:  # initialised where it lives (seconds on a CPU for ResNet152)
+            model = build_model(experiment.arch, len(CLASSES), experiment.weights, experiment.trainable_blocks,
+                                experiment.image_size)
+    else:
+        check_model_fits(model, experiment)
+    model = runtime.prepare_model(model)
+    prep = preprocessing(experiment.arch, experiment.image_size)
+    pipeline = build_pipeline(experiment, splits, model, prep, runtime, seed, phase_timer)
+    if runtime.compile:  # the backbone alone: a frozen one is called without the Classifier while training
+        model.backbone.compile()
+    step_batch = distributed.per_rank_batch(experiment.batch_size)
+    if pipeline.train_module is model:
+        pipeline.train_module = training_module(model, step_batch, runtime)
+    pipeline.info["cuda_graphs"] = isinstance(pipeline.train_module, GraphedTraining)  # used, not just allowed
+    pipeline.train_module = distributed.wrap(pipeline.train_module, runtime.device, model.trainable_blocks)
+    steps_per_epoch = len(training_batches(pipeline, step_batch, runtime, seed))
+    state = build_training_state(model, experiment, runtime, steps_per_epoch)
+    if resume_from is not None:
+        saved = load_checkpoint(resume_from, experiment=experiment.name, arch=experiment.arch, classes=CLASSES)
+        check_resumable(saved, resume_from, experiment, seed, splits)
+        state.restore(saved)
+    return model, prep, pipeline, state
 
 
-def make_loader(
-    dataset: Dataset | DeviceDataset, batch_size: int, shuffle: bool, runtime: Runtime, seed: int = 0,
-    shard: bool = False,
-) -> DataLoader | DeviceLoader:
-    """A loader that keeps every sample (no ``drop_last``) and whose order (and, for a
-    :class:`DeviceDataset`, augmentation) follows ``seed``. A DeviceDataset is sliced where it lives:
-    no workers, no collation, no copies. The order is a ``DistributedSampler``'s permutation in
-    every case; with ``shard`` in a torchrun job the loader yields only this rank's part of it
-    (``perm[rank::world]``, padded to equal parts), and :func:`predict` gathers the parts again."""
-    rank, world = (distributed.rank(), distributed.world_size()) if shard else (0, 1)
-    if isinstance(dataset, DeviceDataset):
-        return DeviceLoader(dataset, batch_size, shuffle, runtime, seed, rank, world)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed),
-        num_workers=runtime.workers,
-        pin_memory=runtime.pin_memory,
-        persistent_workers=False,
-        generator=torch.Generator().manual_seed(distributed.rank_seed(seed, rank)),  # seeds the workers' augmentation
-    )
+def check_model_fits(model: Classifier, experiment: Experiment) -> None:
+    """Refuse a given model that is not the experiment's (architecture, trained blocks, classes, ViT
+    image size): it would train, and be saved as the experiment, with another configuration."""
+    wanted = {"arch": experiment.arch, "trainable_blocks": experiment.trainable_blocks, "classes": len(CLASSES)}
+    found = {"arch": model.arch, "trainable_blocks": model.trainable_blocks, "classes": model.head.out_features}
+    if hasattr(model.backbone, "image_size"):  # a ViT's position embeddings fix its image size
+        wanted["image_size"], found["image_size"] = experiment.image_size, model.backbone.image_size
+    differences = [f"{key}={found[key]!r} (the experiment has {wanted[key]!r})" for key in wanted
+                   if found[key] != wanted[key]]
+    if differences:
+        raise TrainingError(f"The model given does not fit {experiment.name}: {'; '.join(differences)}.")
 
 
-def build_dataset(
-    split: Split, experiment: Experiment, prep: dict[str, Any], runtime: Runtime, train: bool,
-    description: str = "decode", transform: BatchTransform | None = None,
-) -> tuple[Dataset | DeviceDataset, Split, dict[str, Any]]:
-    """One split as ``fit`` and ``workflow.evaluate_model`` read it.
+@dataclass
+class EpochRunner:
+    """The two halves of an epoch, training and validation, with what every epoch shares (the losses,
+    the validation loader)."""
 
-    With ``runtime.cache`` every image is decoded once into the on-disk cache (:mod:`cxr.cache`), the
-    whole uint8 split is held where ``runtime`` keeps data and transformed on the device per batch
-    (:mod:`cxr.augment`); without it every image is decoded and transformed on every access, in
-    DataLoader workers. Returns the dataset, the split it holds (the cache leaves out files that fail to
-    decode, listed in ``skipped``) and what it cost, for metrics.json. Both read the same decoded squares
-    and apply the same tensor ``transform`` (default: training augmentation or the evaluation crop).
-    """
-    augment = train and experiment.augment
-    mean, std = tuple(prep["mean"]), tuple(prep["std"])
-    resize = prep.get("resize") or round(experiment.image_size * 256 / 224)  # checkpoints may predate "resize"
-    channels_last = runtime.channels_last and runtime.cache  # DataLoader workers collate contiguous batches
-    transform = transform or (TrainAugment(experiment.image_size, mean, std, channels_last=channels_last) if augment
-                              else EvalTransform(experiment.image_size, resize, mean, std, channels_last=channels_last))
-    side = cache_side(experiment.image_size, resize)
-    if not runtime.cache:
-        return XRayDataset(split, transform, side), split, {"held_on": "disk (decoded every epoch)"}
-    cached = cache_split(split, side, runtime.cache_dir, progress=runtime.progress, description=description)
-    if cached.write_error:
-        warnings.warn(cached.write_error, stacklevel=2)
-    dataset = DeviceDataset.from_images(cached.images, cached.split.labels, runtime, transform)
-    return dataset, cached.split, {"held_on": dataset.held_on, "cache_side": cached.side,
-                                   "decoded": cached.decoded, "cache_seconds": cached.seconds}
+    experiment: Experiment
+    pipeline: DataPipeline
+    runtime: Runtime
+    seed: int
 
+    def __post_init__(self) -> None:
+        self.criterion = training_loss(self.pipeline.train_labels, self.experiment, self.runtime.device)
+        self.val_criterion = validation_loss(self.pipeline.train_labels, self.experiment)
+        self.val_loader = make_loader(self.pipeline.val_set, self.experiment.batch_size, False, self.runtime, shard=True)
 
-def class_weights(labels: list[int], num_classes: int = len(CLASSES)) -> torch.Tensor:
-    """Inverse-frequency weights from the training split (sklearn's 'balanced'), never hard-coded."""
-    present = np.unique(labels)
-    weights = np.ones(num_classes, dtype=np.float32)
-    weights[present] = compute_class_weight("balanced", classes=present, y=np.asarray(labels))
-    return torch.tensor(weights, dtype=torch.float32)
+    def train(self, epoch: int, state: TrainingState) -> dict[str, float]:
+        """Train epoch ``epoch`` (0-based) in its seeded order; a non-finite loss stops the run."""
+        seed = epoch_seed(self.seed, epoch)
+        seed_everything(distributed.rank_seed(seed))
+        batches = training_batches(self.pipeline, distributed.per_rank_batch(self.experiment.batch_size),
+                                   self.runtime, seed)
+        train = train_one_epoch(self.pipeline.train_module, batches, self.criterion, state.optimizer,
+                                state.scheduler, self.runtime, state.scaler, f"epoch {epoch + 1}")
+        if not math.isfinite(train["loss"]):
+            raise TrainingError(f"Training loss became {train['loss']} in epoch {epoch + 1}")
+        return train
+
+    def validate(self) -> dict[str, float]:
+        """Loss and summary metrics on the validation split."""
+        return evaluate(self.pipeline.val_module, self.val_loader, self.val_criterion, self.runtime, "val")
 
 
-def training_loss(train_labels: list[int], experiment: Experiment, device: torch.device) -> nn.Module:
-    """The experiment's loss (:func:`cxr.losses.build_loss`), weighted by the training split's class
-    frequencies, with its label smoothing."""
-    return build_loss(experiment.loss, class_weights(train_labels), experiment.label_smoothing,
-                      experiment.focal_gamma).to(device)
+def history_row(epoch: int, train: dict[str, float], val: dict[str, float], lr: float,
+                seconds: float) -> dict[str, float]:
+    """Epoch ``epoch``'s (0-based) row of history.csv: the validation columns are the metrics table's."""
+    return {"epoch": epoch + 1, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
+            "val_loss": val["loss"], **{f"val_{m.name}": val[m.name] for m in metrics.METRICS if m.history},
+            "lr": lr, "seconds": seconds}
 
 
-def validation_loss(train_labels: list[int], experiment: Experiment) -> nn.Module:
-    """The same loss without label smoothing, on the CPU where validation scores are computed."""
-    return build_loss(experiment.loss, class_weights(train_labels), 0.0, experiment.focal_gamma)
+@dataclass
+class RunFiles:
+    """What ``fit`` writes under ``out_dir``: ``checkpoints/last.pt`` every epoch, ``checkpoints/best.pt``
+    for the best one (both in the background, :class:`~cxr.checkpoint.CheckpointWriter`) and ``history.csv``.
+    Only rank 0 writes: every rank holds the same weights, history and early-stopping state."""
+
+    out_dir: Path
+    experiment: Experiment
+    prep: dict[str, Any]
+    seed: int
+    splits: DataSplits
+    saved_epochs: int = 0
+    best_weights: dict[str, torch.Tensor] | None = None  # what best.pt holds, kept in memory
+    writer: CheckpointWriter = field(default_factory=CheckpointWriter)
+
+    @classmethod
+    def open(cls, out_dir: Path, experiment: Experiment, prep: dict[str, Any], seed: int, splits: DataSplits,
+             state: TrainingState, resumed: bool) -> RunFiles:
+        """The run's files, with what a killed run left behind cleaned up: its temporary files removed and,
+        on resume, history.csv rewritten as last.pt holds it (a run killed between writing the two left it
+        an epoch behind, or, before history followed the checkpoint, ahead)."""
+        files = cls(out_dir, experiment, prep, seed, splits, saved_epochs=state.epochs_done)
+        if distributed.is_main():
+            folder = files.last.parent
+            folder.mkdir(parents=True, exist_ok=True)
+            removed = remove_stale_temporaries(folder)
+            if removed:
+                warnings.warn(f"Removed {len(removed)} temporary file(s) that a killed run left in "
+                              f"{str(folder)!r} ({', '.join(p.name for p in removed)}).", stacklevel=3)
+            if resumed:
+                _write_history(state.history, files.history_csv)
+        return files
+
+    @staticmethod
+    def last_of(out_dir: Path) -> Path:
+        return Path(out_dir) / "checkpoints" / "last.pt"
+
+    @property
+    def last(self) -> Path:
+        return self.last_of(self.out_dir)
+
+    @property
+    def best(self) -> Path:
+        return self.out_dir / "checkpoints" / "best.pt"
+
+    @property
+    def history_csv(self) -> Path:
+        return self.out_dir / "history.csv"
+
+    def save(self, state: TrainingState, is_best: bool) -> None:
+        """Hand the epoch's checkpoint to the writer (also as best.pt when ``is_best``); history.csv is
+        rewritten once the checkpoint is on disk, so it never lists an epoch the checkpoint lacks."""
+        if distributed.is_main():
+            history = list(state.history)
+            written = self.writer.save(state.checkpoint(self.experiment, self.prep, self.seed, self.splits),
+                                       *([self.best] if is_best else []), self.last,
+                                       then=lambda: _write_history(history, self.history_csv))
+            self.best_weights = written["model"] if is_best else self.best_weights
+        self.saved_epochs = state.epochs_done
+
+    def best_weights_once_written(self, phase_timer: PhaseTimer = no_timing) -> dict[str, torch.Tensor]:
+        """The best epoch's weights, once every checkpoint is on disk (read back from best.pt by the ranks
+        that did not write it)."""
+        with phase_timer("checkpoint wait"):
+            self.writer.wait()
+        distributed.barrier()  # rank 0 has written best.pt; the ranks without its copy in memory read it
+        if self.best_weights is None:
+            with phase_timer("best.pt reload"):
+                self.best_weights = load_checkpoint(self.best, experiment=self.experiment.name)["model"]
+        return self.best_weights
+
+
+
+@dataclass
+class TrainingState:
+    """Everything that changes while training and goes into a checkpoint: weights, optimiser, schedule,
+    loss scaler, history and the early-stopping bookkeeping."""
+
+    model: Classifier
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_value: float | None = None
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    train_seconds: float = 0.0
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.history)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def record(self, row: dict[str, float], monitor: str) -> bool:
+        """Add an epoch's row; True when it is the best so far on ``monitor``."""
+        self.history.append(row)
+        self.train_seconds += row["seconds"]
+        if _better(monitor, row[monitor], self.best_value):
+            self.best_value, self.best_epoch, self.bad_epochs = row[monitor], row["epoch"], 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    def checkpoint(self, experiment: Experiment, prep: dict[str, Any], seed: int, splits: DataSplits) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "epoch": self.epochs_done,
+            "experiment": experiment.to_dict(),
+            "classes": list(CLASSES),
+            "preprocessing": prep,
+            "history": self.history,
+            "best_value": self.best_value,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "seed": seed,
+            "data": data_signature(splits),
+            "train_seconds": self.train_seconds,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint written by :meth:`checkpoint`."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.history = state["history"]
+        self.best_value, self.best_epoch, self.bad_epochs = state["best_value"], state["best_epoch"], state["bad_epochs"]
+        self.train_seconds = state["train_seconds"]
+
+
+def build_training_state(model: Classifier, experiment: Experiment, runtime: Runtime, steps_per_epoch: int) -> TrainingState:
+    optimizer = build_optimizer(model, experiment, runtime)
+    scheduler = build_schedule(optimizer, experiment, steps_per_epoch)
+    return TrainingState(model, optimizer, scheduler, runtime.grad_scaler())
 
 
 def train_one_epoch(
@@ -208,15 +430,6 @@ def predict(
     return logits.cpu().numpy(), labels.cpu().numpy()
 
 
-def gather_shards(loader: DataLoader | DeviceLoader, *tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Per-sample results of a loader sharded over the ranks, gathered in dataset order on every rank
-    (returned unchanged for a loader over the whole split)."""
-    sampler = getattr(loader, "sampler", None)
-    if not isinstance(sampler, DistributedSampler) or sampler.num_replicas == 1:
-        return list(tensors)
-    return [distributed.gather_in_order(tensor, len(sampler.dataset)) for tensor in tensors]
-
-
 def summarize(logits: np.ndarray, labels: np.ndarray, criterion: nn.Module | None = None) -> dict[str, float]:
     """Loss and the summary metrics of the table (:mod:`cxr.metrics`) that hard predictions give."""
     predictions = logits.argmax(1)
@@ -232,6 +445,48 @@ def evaluate(
 ) -> dict[str, float]:
     logits, labels = predict(model, loader, runtime, description)
     return summarize(logits, labels, criterion.cpu())
+
+
+def class_weights(labels: list[int], num_classes: int = len(CLASSES)) -> torch.Tensor:
+    """Inverse-frequency weights from the training split (sklearn's 'balanced'), never hard-coded."""
+    present = np.unique(labels)
+    weights = np.ones(num_classes, dtype=np.float32)
+    weights[present] = compute_class_weight("balanced", classes=present, y=np.asarray(labels))
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def training_loss(train_labels: list[int], experiment: Experiment, device: torch.device) -> nn.Module:
+    """The experiment's loss (:func:`cxr.losses.build_loss`), weighted by the training split's class
+    frequencies, with its label smoothing."""
+    return build_loss(experiment.loss, class_weights(train_labels), experiment.label_smoothing,
+                      experiment.focal_gamma).to(device)
+
+
+def validation_loss(train_labels: list[int], experiment: Experiment) -> nn.Module:
+    """The same loss without label smoothing, on the CPU where validation scores are computed."""
+    return build_loss(experiment.loss, class_weights(train_labels), 0.0, experiment.focal_gamma)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_deterministic() -> None:
+    """Bit-identical repeated runs on one machine, at some speed cost: deterministic kernels only (an op
+    without one raises), no cuDNN autotuning, and the fixed cuBLAS workspace CUDA needs for it (read when
+    cuBLAS starts, so call this before the first GPU matmul). Process-wide, like the settings it changes."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """RNG seed for one epoch: data order and augmentation depend only on (seed, epoch), so a resumed
+    run draws exactly what an uninterrupted run would have drawn."""
+    return seed * 1000 + epoch
 
 
 def _better(monitor: str, value: float, best: float | None) -> bool:
@@ -321,188 +576,6 @@ def check_resumable(state: dict[str, Any], path: Path, experiment: Experiment, s
         )
 
 
-def frozen_forward_batch(step_batch: int, runtime: Runtime) -> int:
-    """How many images a frozen backbone turns into features at once while the head steps on ``step_batch``:
-    the largest multiple of ``step_batch`` up to ``runtime.frozen_forward_batch`` (at least ``step_batch``)."""
-    return step_batch * max(1, runtime.frozen_forward_batch // step_batch)
-
-
-def training_module(model: Classifier, step_batch: int, runtime: Runtime) -> nn.Module:
-    """What the training steps call: the model itself, or for a fully trained network with
-    ``runtime.cuda_graphs`` in one process, the model behind CUDA graphs (:mod:`cxr.graphs`)."""
-    if runtime.cuda_graphs and not runtime.compile and not model.freeze_backbone and not distributed.is_distributed():
-        return GraphedTraining(model, step_batch)
-    return model
-
-
-def training_batches(pipeline: DataPipeline, step_batch: int, runtime: Runtime, seed: int, shard: bool = True,
-                     ) -> DataLoader | DeviceLoader | FrozenBackboneBatches:
-    """One epoch's training batches in the seeded order: images, or a frozen backbone's features of them."""
-    if pipeline.frozen_backbone is None:
-        return make_loader(pipeline.train_set, step_batch, True, runtime, seed, shard=shard)
-    loader = make_loader(pipeline.train_set, frozen_forward_batch(step_batch, runtime), True, runtime, seed, shard=shard)
-    return FrozenBackboneBatches(pipeline.frozen_backbone, loader, runtime, step_batch)
-
-
-@dataclass
-class DataPipeline:
-    """What the model reads while it trains: the training and validation sets (images, or a frozen
-    backbone's cached features) and the module each is fed to (the whole model, or the head alone).
-    ``frozen_backbone``: the backbone that turns training images into the head's inputs every epoch
-    (a frozen backbone whose training images are augmented), else None."""
-
-    train_set: Dataset | DeviceDataset
-    val_set: Dataset | DeviceDataset
-    train_labels: list[int]
-    train_module: nn.Module
-    val_module: nn.Module
-    info: dict[str, Any]
-    frozen_backbone: nn.Module | None = None
-
-
-def _features_of(model: Classifier, dataset: Dataset | DeviceDataset, batch_size: int, runtime: Runtime,
-                 description: str) -> DeviceDataset:
-    """The backbone's features of a whole split; in a torchrun job each rank computes its shard."""
-    loader = make_loader(dataset, batch_size, False, runtime, shard=True)
-    with runtime.one_off():
-        shard = feature_dataset(model.backbone, loader, runtime, description)
-    return DeviceDataset(*gather_shards(loader, shard.inputs, shard.labels))
-
-
-def _estimate_batchnorm(model: Classifier, experiment: Experiment, train_set: Dataset | DeviceDataset,
-                        train_size: int, runtime: Runtime, seed: int) -> int:
-    """BatchNorm statistics of a frozen random backbone from the first training batches; returns how many
-    images they came from. The same seeded batches on every rank, so every rank gets the same statistics."""
-    loader = make_loader(train_set, experiment.batch_size, True, runtime, seed=seed)
-    steps = min(len(loader), math.ceil(BATCHNORM_IMAGES / experiment.batch_size))
-    batches = tqdm(itertools.islice(loader, steps), "BatchNorm statistics", total=steps, leave=False,
-                   disable=not runtime.progress)
-    batches = (batch for batch in batches if len(batch[1]) > 1)  # BatchNorm cannot average a single 1x1 map
-    with runtime.one_off(), runtime.autocast():
-        estimate_batchnorm_statistics(model.backbone, batches, runtime.device)
-    return min(train_size, steps * experiment.batch_size)
-
-
-def build_pipeline(experiment: Experiment, splits: DataSplits, model: Classifier, prep: dict[str, Any],
-                   runtime: Runtime, seed: int) -> DataPipeline:
-    """Decode (or read from the cache) the training and validation splits, estimate a frozen random
-    backbone's BatchNorm statistics, and replace un-augmented splits of a frozen backbone by its
-    features (:mod:`cxr.features`). ``info`` says what was done, for metrics.json."""
-    with distributed.main_first():  # one process per node decodes into the image cache, the others read it
-        train_set, train_split, train_info = build_dataset(splits.train, experiment, prep, runtime, True, "decode train")
-        val_set, val_split, val_info = build_dataset(splits.val, experiment, prep, runtime, False, "decode val")
-    warn_skipped(train_split.skipped + val_split.skipped)
-    batchnorm_images = 0
-    if needs_batchnorm_statistics(model, experiment.weights):
-        batchnorm_images = _estimate_batchnorm(model, experiment, train_set, len(train_split), runtime, seed)
-    train_module = val_module = model
-    frozen_backbone = None
-    feature_cache, started = "off", time.perf_counter()
-    if model.freeze_backbone and runtime.feature_cache:
-        val_set, val_module, feature_cache = _features_of(model, val_set, experiment.batch_size, runtime,
-                                                          "val features"), model.head, "val"
-        if not experiment.augment:
-            train_set, train_module, feature_cache = _features_of(model, train_set, experiment.batch_size, runtime,
-                                                                  "train features"), model.head, "train+val"
-    if model.freeze_backbone and train_module is model:
-        train_module, frozen_backbone = model.head, model.backbone
-    info = {
-        **runtime.describe(),
-        "cache_side": train_info.get("cache_side"),
-        "images_decoded": train_info.get("decoded", 0) + val_info.get("decoded", 0) if runtime.cache else "every epoch",
-        "cache_seconds": round(train_info.get("cache_seconds", 0.0) + val_info.get("cache_seconds", 0.0), 3),
-        "data_on": train_info["held_on"],
-        "augment_on": (runtime.device.type if runtime.cache else "cpu (DataLoader workers)") if experiment.augment else None,
-        "feature_cache": feature_cache,
-        "feature_seconds": round(time.perf_counter() - started, 3),
-        "processes": distributed.world_size(),
-        "batchnorm_statistics": f"estimated from {batchnorm_images} training images" if batchnorm_images else "as built",
-        "frozen_forward_batch": frozen_forward_batch(experiment.batch_size, runtime) if frozen_backbone else None,
-    }
-    return DataPipeline(train_set, val_set, train_split.labels, train_module, val_module, info, frozen_backbone)
-
-
-@dataclass
-class TrainingState:
-    """Everything that changes while training and goes into a checkpoint: weights, optimiser, schedule,
-    loss scaler, history and the early-stopping bookkeeping."""
-
-    model: Classifier
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler | None
-    history: list[dict[str, float]] = field(default_factory=list)
-    best_value: float | None = None
-    best_epoch: int = 0
-    bad_epochs: int = 0
-    train_seconds: float = 0.0
-
-    @property
-    def epochs_done(self) -> int:
-        return len(self.history)
-
-    def record(self, row: dict[str, float], monitor: str) -> bool:
-        """Add an epoch's row; True when it is the best so far on ``monitor``."""
-        self.history.append(row)
-        self.train_seconds += row["seconds"]
-        if _better(monitor, row[monitor], self.best_value):
-            self.best_value, self.best_epoch, self.bad_epochs = row[monitor], row["epoch"], 0
-            return True
-        self.bad_epochs += 1
-        return False
-
-    def checkpoint(self, experiment: Experiment, prep: dict[str, Any], seed: int, splits: DataSplits) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "epoch": self.epochs_done,
-            "experiment": experiment.to_dict(),
-            "classes": list(CLASSES),
-            "preprocessing": prep,
-            "history": self.history,
-            "best_value": self.best_value,
-            "best_epoch": self.best_epoch,
-            "bad_epochs": self.bad_epochs,
-            "seed": seed,
-            "data": data_signature(splits),
-            "train_seconds": self.train_seconds,
-        }
-
-    def restore(self, state: dict[str, Any]) -> None:
-        """Continue from a checkpoint written by :meth:`checkpoint`."""
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.history = state["history"]
-        self.best_value, self.best_epoch, self.bad_epochs = state["best_value"], state["best_epoch"], state["bad_epochs"]
-        self.train_seconds = state["train_seconds"]
-
-
-def build_training_state(model: Classifier, experiment: Experiment, runtime: Runtime, steps_per_epoch: int) -> TrainingState:
-    optimizer = build_optimizer(model, experiment, runtime)
-    scheduler = build_schedule(optimizer, experiment, steps_per_epoch)
-    return TrainingState(model, optimizer, scheduler, runtime.grad_scaler())
-
-
-@dataclass
-class FitResult:
-    """What ``fit`` leaves behind: the trained model (best weights loaded) and where things were written."""
-
-    model: Classifier
-    history: list[dict[str, float]]
-    best_checkpoint: Path
-    last_checkpoint: Path
-    best_epoch: int
-    stopped_early: bool
-    train_seconds: float
-    runtime: Runtime
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 def _interrupted(experiment: Experiment, saved_epochs: int, last_path: Path) -> TrainingInterrupted:
     done = "epoch 1" if saved_epochs == 1 else f"epochs 1-{saved_epochs}"
     saved = (f"{done} of {experiment.epochs} saved in {str(last_path)!r}; to continue, run the same "
@@ -511,170 +584,7 @@ def _interrupted(experiment: Experiment, saved_epochs: int, last_path: Path) -> 
     return TrainingInterrupted(f"Training interrupted: {saved}.", saved_epochs)
 
 
-@dataclass
-class EpochRunner:
-    """One epoch of training and validation, with what every epoch shares (losses, loaders' settings)."""
-
-    experiment: Experiment
-    pipeline: DataPipeline
-    runtime: Runtime
-    seed: int
-
-    def __post_init__(self) -> None:
-        self.criterion = training_loss(self.pipeline.train_labels, self.experiment, self.runtime.device)
-        self.val_criterion = validation_loss(self.pipeline.train_labels, self.experiment)
-        self.val_loader = make_loader(self.pipeline.val_set, self.experiment.batch_size, False, self.runtime, shard=True)
-
-    def __call__(self, epoch: int, state: TrainingState) -> dict[str, float]:
-        """Train and validate epoch ``epoch`` (0-based); return its history row."""
-        started = time.perf_counter()
-        seed = epoch_seed(self.seed, epoch)
-        seed_everything(distributed.rank_seed(seed))
-        batch_per_rank = distributed.per_rank_batch(self.experiment.batch_size)
-        train_loader = training_batches(self.pipeline, batch_per_rank, self.runtime, seed)
-        train = train_one_epoch(self.pipeline.train_module, train_loader, self.criterion, state.optimizer,
-                                state.scheduler, self.runtime, state.scaler, f"epoch {epoch + 1}")
-        if not math.isfinite(train["loss"]):
-            raise TrainingError(f"Training loss became {train['loss']} in epoch {epoch + 1}")
-        val = evaluate(self.pipeline.val_module, self.val_loader, self.val_criterion, self.runtime, "val")
-        return {"epoch": epoch + 1, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
-                "val_loss": val["loss"], **{f"val_{m.name}": val[m.name] for m in metrics.METRICS if m.history},
-                "lr": state.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started}
-
-
-def run_epochs(
-    experiment: Experiment, pipeline: DataPipeline, state: TrainingState, runtime: Runtime, seed: int,
-    save: Callable[[bool], None], on_epoch_end: Callable[[list[dict[str, float]]], None] | None = None,
-) -> bool:
-    """The epoch loop: train and validate, record, save (``save(is_best)``), stop early on the validation
-    metric. Returns whether it stopped early."""
-    run_epoch = EpochRunner(experiment, pipeline, runtime, seed)
-    with tqdm(range(state.epochs_done, experiment.epochs), desc=experiment.name, initial=state.epochs_done,
-              total=experiment.epochs, disable=not runtime.progress) as epochs:
-        for epoch in epochs:
-            if experiment.patience and state.bad_epochs >= experiment.patience:
-                return True
-            row = run_epoch(epoch, state)
-            save(state.record(row, experiment.monitor))
-            epochs.set_postfix(val_f1=f"{row['val_macro_f1']:.3f}", val_loss=f"{row['val_loss']:.3f}")
-            if on_epoch_end is not None and distributed.is_main():
-                on_epoch_end(state.history)
-    return False
-
-
-def check_model_fits(model: Classifier, experiment: Experiment) -> None:
-    """Refuse a given model that is not the experiment's (architecture, trained blocks, classes, ViT
-    image size): it would train, and be saved as the experiment, with another configuration."""
-    wanted = {"arch": experiment.arch, "trainable_blocks": experiment.trainable_blocks, "classes": len(CLASSES)}
-    found = {"arch": model.arch, "trainable_blocks": model.trainable_blocks, "classes": model.head.out_features}
-    if hasattr(model.backbone, "image_size"):  # a ViT's position embeddings fix its image size
-        wanted["image_size"], found["image_size"] = experiment.image_size, model.backbone.image_size
-    differences = [f"{key}={found[key]!r} (the experiment has {wanted[key]!r})" for key in wanted
-                   if found[key] != wanted[key]]
-    if differences:
-        raise TrainingError(f"The model given does not fit {experiment.name}: {'; '.join(differences)}.")
-
-
-def prepare_training(experiment: Experiment, splits: DataSplits, runtime: Runtime, seed: int,
-                     resume_from: Path | None, model: Classifier | None = None,
-                     ) -> tuple[Classifier, dict[str, Any], DataPipeline, TrainingState]:
-    """Everything the epochs need, built in the order it depends on: the model on the device (``model``
-    when given, else a new one), its preprocessing, the data pipeline, the module a training step runs
-    (compiled, graphed or wrapped for torchrun, as ``runtime`` says) and the optimisation state, restored
-    from ``resume_from`` if given."""
-    if model is None:
-        with runtime.device:  # random initialisation runs where the model lives (seconds on a CPU for ResNet152)
-            model = build_model(experiment.arch, len(CLASSES), experiment.weights, experiment.trainable_blocks,
-                                experiment.image_size)
-    else:
-        check_model_fits(model, experiment)
-    model = runtime.prepare_model(model)
-    prep = preprocessing(experiment.arch, experiment.image_size)
-    pipeline = build_pipeline(experiment, splits, model, prep, runtime, seed)
-    if runtime.compile:  # the backbone alone: a frozen one is called without the Classifier while training
-        model.backbone.compile()
-    step_batch = distributed.per_rank_batch(experiment.batch_size)
-    if pipeline.train_module is model:
-        pipeline.train_module = training_module(model, step_batch, runtime)
-    pipeline.info["cuda_graphs"] = isinstance(pipeline.train_module, GraphedTraining)  # used, not just allowed
-    pipeline.train_module = distributed.wrap(pipeline.train_module, runtime.device, model.trainable_blocks)
-    steps_per_epoch = len(training_batches(pipeline, step_batch, runtime, seed))
-    state = build_training_state(model, experiment, runtime, steps_per_epoch)
-    if resume_from is not None:
-        saved = load_checkpoint(resume_from, experiment=experiment.name, arch=experiment.arch, classes=CLASSES)
-        check_resumable(saved, resume_from, experiment, seed, splits)
-        state.restore(saved)
-    return model, prep, pipeline, state
-
-
-def fit(
-    experiment: Experiment,
-    splits: DataSplits,
-    out_dir: Path,
-    runtime: Runtime | None = None,
-    seed: int = 42,
-    resume: bool = False,
-    on_epoch_end: Callable[[list[dict[str, float]]], None] | None = None,
-    model: Classifier | None = None,
-) -> FitResult:
-    """Train ``experiment`` on ``splits``, selecting the best epoch and stopping early on the
-    validation metric; write ``checkpoints/{last,best}.pt`` and ``history.csv`` under ``out_dir``.
-    ``model``, when given, is trained (moved to the device) instead of a newly built one.
-    ``runtime`` says how (default: :meth:`Runtime.create` on the best device); what the run used is in
-    ``FitResult.extra["pipeline"]``.
-
-    In a torchrun job (:mod:`cxr.distributed`) every rank calls ``fit``: ``experiment.batch_size`` is
-    the global batch, each rank trains on its share of every batch, validation predictions are
-    gathered, and only rank 0 writes files and shows progress."""
-    out_dir = Path(out_dir)
-    last_path, best_path = out_dir / "checkpoints" / "last.pt", out_dir / "checkpoints" / "best.pt"
-    require_every_class(splits)
-    if resume and not last_path.exists():
-        raise CheckpointError(f"--resume was given but {str(last_path)!r} does not exist.")
-    runtime = runtime or Runtime.create()
-    runtime = runtime.replace(device=distributed.setup(runtime.device),  # under torchrun: this rank's GPU
-                              progress=runtime.progress and distributed.is_main())
-    runtime.apply_backend_settings()
-    seed_everything(seed)
-    model, prep, pipeline, state = prepare_training(experiment, splits, runtime, seed,
-                                                    last_path if resume else None, model)
-
-    writer = CheckpointWriter()
-    saved_epochs, best_weights = state.epochs_done, None
-    history_path = out_dir / "history.csv"
-    if distributed.is_main():
-        last_path.parent.mkdir(parents=True, exist_ok=True)
-        removed = remove_stale_temporaries(last_path.parent)
-        if removed:
-            warnings.warn(f"Removed {len(removed)} temporary file(s) that a killed run left in "
-                          f"{str(last_path.parent)!r} ({', '.join(p.name for p in removed)}).", stacklevel=2)
-        if resume:  # as last.pt holds it: a run killed between writing the two left it an epoch behind (or, before, ahead)
-            _write_history(state.history, history_path)
-
-    def save(is_best: bool) -> None:
-        nonlocal saved_epochs, best_weights
-        if distributed.is_main():  # every rank holds the same weights, history and early-stopping state
-            history = list(state.history)
-            written = writer.save(state.checkpoint(experiment, prep, seed, splits),
-                                  *([best_path] if is_best else []), last_path,
-                                  then=lambda: _write_history(history, history_path))
-            best_weights = written["model"] if is_best else best_weights  # what best.pt holds, kept in memory
-        saved_epochs = state.epochs_done
-
-    try:  # Ctrl-C anywhere in the loop (a batch, a save, the callback) ends in the same resumable state
-        stopped_early = run_epochs(experiment, pipeline, state, runtime, seed, save, on_epoch_end)
-        writer.wait()
-        distributed.barrier()  # rank 0 has written best.pt; the ranks without its copy in memory read it
-        if best_weights is None:
-            best_weights = load_checkpoint(best_path, experiment=experiment.name)["model"]
-    except KeyboardInterrupt:
-        writer.wait()  # the epoch handed to the writer is on disk before we say it is
-        raise _interrupted(experiment, saved_epochs, last_path) from None
-    except TrainingError as error:
-        writer.wait()
-        kept = (f"the last good checkpoint (epoch {saved_epochs}) is {str(last_path)!r}" if saved_epochs
-                else "no checkpoint was written")
-        raise TrainingError(f"{error}; {kept}. Try a lower --lr.") from None
-    model.load_state_dict(best_weights)
-    return FitResult(model, state.history, best_path, last_path, state.best_epoch, stopped_early,
-                     state.train_seconds, runtime, {"pipeline": pipeline.info})
+def _failed(error: TrainingError, saved_epochs: int, last_path: Path) -> TrainingError:
+    kept = (f"the last good checkpoint (epoch {saved_epochs}) is {str(last_path)!r}" if saved_epochs
+            else "no checkpoint was written")
+    return TrainingError(f"{error}; {kept}. Try a lower --lr.")

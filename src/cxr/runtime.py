@@ -81,7 +81,7 @@ class Runtime:
     image in ``workers`` DataLoader processes. ``feature_cache``: a frozen backbone's features are computed
     once for each split no augmentation changes (validation; training too without augmentation) and the head
     trains on them. ``frozen_forward_batch``: how many images a frozen backbone turns
-    into features at once while its head trains (``engine.frozen_forward_batch``); 0 means the step batch.
+    into features at once while its head trains (``pipeline.frozen_forward_batch``); 0 means the step batch.
     ``cuda_graphs``: a fully trained network's forward and backward passes replay CUDA graphs (:mod:`cxr.graphs`)."""
 
     device: torch.device
