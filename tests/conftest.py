@@ -66,3 +66,11 @@ def _one_torch_thread() -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def cuda_like(tmp_path_factory):
+    """A Runtime that makes every choice a CUDA run makes, on the CPU (tests/test_cuda_paths.py, test_cuda_steps.py)."""
+    from cxr.runtime import Runtime
+
+    return Runtime.cuda_like("cpu", progress=False, cache_dir=tmp_path_factory.getbasetemp() / "cxr-cache")
