@@ -14,26 +14,32 @@ from cxr.data import CLASSES, load_splits
 from cxr.runtime import Runtime
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark.py"
+STEPS = ("kaggle_sized", "measure", "seed_style", "report")  # the modules beside it, which it imports
 
 
 @pytest.fixture(scope="module")
-def benchmark():
+def bench():
+    """The script and its step modules, loaded as ``python benchmarks/benchmark.py`` would load them."""
+    path = list(sys.path)
     spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # where dataclasses look a class's module up
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    spec.loader.exec_module(module)  # puts benchmarks/ on sys.path and imports the steps from there
+    yield SimpleNamespace(benchmark=module, **{name: sys.modules[name] for name in STEPS})
+    for name in (spec.name, *STEPS):
+        del sys.modules[name]
+    sys.path[:] = path
 
 
-def test_kaggle_proportions_add_up(benchmark):
-    assert sum(benchmark.KAGGLE_TRAIN.values()) == 6326 and sum(benchmark.KAGGLE_TEST.values()) == 771
-    assert benchmark.scaled_counts(benchmark.KAGGLE_TRAIN, 6326, 10) == benchmark.KAGGLE_TRAIN
-    assert list(benchmark.KAGGLE_TRAIN) == list(CLASSES)
+def test_kaggle_proportions_add_up(bench):
+    data = bench.kaggle_sized
+    assert sum(data.KAGGLE_TRAIN.values()) == 6326 and sum(data.KAGGLE_TEST.values()) == 771
+    assert data.scaled_counts(data.KAGGLE_TRAIN, 6326, 10) == data.KAGGLE_TRAIN
+    assert list(data.KAGGLE_TRAIN) == list(CLASSES)
 
 
-def test_builds_an_upscaled_kaggle_layout_once(benchmark, synthetic_root, tmp_path, monkeypatch):
-    info = benchmark.build_kaggle_sized(synthetic_root, tmp_path, images=60, size=64, workers=2)
+def test_builds_an_upscaled_kaggle_layout_once(bench, synthetic_root, tmp_path, monkeypatch):
+    info = bench.kaggle_sized.build_kaggle_sized(synthetic_root, tmp_path, images=60, size=64, workers=2)
     root = Path(info["root"])
     assert not info["reused"] and (root / "train" / "TURBERCULOSIS").is_dir()
     splits = load_splits(root)
@@ -45,16 +51,16 @@ def test_builds_an_upscaled_kaggle_layout_once(benchmark, synthetic_root, tmp_pa
         with Image.open(path) as image:
             assert image.format == "JPEG" and 48 <= min(image.size) <= info["shorter_side_px"][1]
     assert len({hashlib.sha1(p.read_bytes()).hexdigest() for p in files}) == len(files)  # no identical copies
-    monkeypatch.setattr(benchmark, "_write_upscaled", lambda job: pytest.fail("rebuilt a complete data set"))
-    assert benchmark.build_kaggle_sized(synthetic_root, tmp_path, images=60, size=64, workers=2)["reused"]
+    monkeypatch.setattr(bench.kaggle_sized, "_write_upscaled", lambda job: pytest.fail("rebuilt a complete data set"))
+    assert bench.kaggle_sized.build_kaggle_sized(synthetic_root, tmp_path, images=60, size=64, workers=2)["reused"]
 
 
-def test_missing_source_is_a_clear_error(benchmark, tmp_path):
+def test_missing_source_is_a_clear_error(bench, tmp_path):
     with pytest.raises(SystemExit, match="--source"):
-        benchmark.build_kaggle_sized(tmp_path / "nowhere", tmp_path, images=60, size=64, workers=1)
+        bench.kaggle_sized.build_kaggle_sized(tmp_path / "nowhere", tmp_path, images=60, size=64, workers=1)
 
 
-def test_targets_are_judged_on_the_measurements(benchmark):
+def test_targets_are_judged_on_the_measurements(bench):
     def row(ceiling, ours, checkpoint_seconds=0.01, outside=3.0, cache=0.0):
         parts = {"training loop": 1.8, "validation": 0.1, "checkpoint (host copy, wait for the previous write)":
                  checkpoint_seconds}
@@ -68,7 +74,7 @@ def test_targets_are_judged_on_the_measurements(benchmark):
                "totals": {"experiments": 3, "ours": 130.0, "seed_style": 3000.0},
                "data": {"train_images_per_epoch": 6000}}
     results["experiments"]["vit_b16_head"]["ceiling_compiled"] = {"images_per_second": 7500, "warmup_seconds": 41.0}
-    verdicts = benchmark.targets(results)
+    verdicts = bench.report.targets(results)
     assert verdicts["all three under 2 minutes, cold cache included"].startswith("missed: 130.0")
     assert verdicts["at least 25x faster than seed-style"].startswith("missed: 23.1x")
     assert verdicts["resnet152_head epochs >= 90% of its ceiling"] == "missed: 75%"
@@ -85,22 +91,23 @@ def test_targets_are_judged_on_the_measurements(benchmark):
     assert not any(name.startswith("the benchmark command") for name in verdicts)  # an unfinished run
 
 
-def test_the_command_time_is_judged_only_for_the_default_work(benchmark):
-    settings = vars(benchmark.parse_args(["--seed-steps", "20"])) | {"compile_ceiling": True}
+def test_the_command_time_is_judged_only_for_the_default_work(bench):
+    settings = vars(bench.benchmark.parse_args(["--seed-steps", "20"])) | {"compile_ceiling": True}
     results = {"experiments": {}, "data": {}, "finished": True, "settings": settings, "benchmark_seconds": 440.2,
                 "benchmark_phases": {"data set": 14.0, "ours": 148.5, "seed-style": 60.0, "compiled ceilings": 200.0}}
     name = "the benchmark command in under 7 minutes (seconds by phase)"
-    assert benchmark.targets(results)[name] == (
+    assert bench.report.targets(results)[name] == (
         "missed: 440 s (data set 14, ours 148, seed-style 60, compiled ceilings 200, other 18)")
     results["benchmark_seconds"] = 419.0
-    assert benchmark.targets(results)[name].startswith("met: 419 s")
+    assert bench.report.targets(results)[name].startswith("met: 419 s")
     results["settings"] = settings | {"profile": "none", "epochs": 2}
-    assert benchmark.targets(results)[name].startswith("not judged: this run left out part of the default work; 419 s")
-    assert benchmark.reductions(results["settings"]) == ["smaller epoch budgets", "--profile none"]
-    assert benchmark.reductions(settings | {"profile": "all"}) == []
+    assert bench.report.targets(results)[name].startswith(
+        "not judged: this run left out part of the default work; 419 s")
+    assert bench.report.reductions(results["settings"]) == ["smaller epoch budgets", "--profile none"]
+    assert bench.report.reductions(settings | {"profile": "all"}) == []
 
 
-def test_profiles_explain_the_targets_missed(benchmark, monkeypatch):
+def test_profiles_explain_the_targets_missed(bench, monkeypatch):
     """``--profile missed`` (the default) profiles the experiments that miss one of their own targets, or all
     of them when a total misses; the command's time is judged after the profiles, so it never decides."""
     results = {"experiments": {"resnet152_head": {}, "resnet50_full": {}, "vit_b16_head": {}}}
@@ -108,16 +115,16 @@ def test_profiles_explain_the_targets_missed(benchmark, monkeypatch):
                 "resnet152_head epochs >= 90% of its ceiling": "met: 91%",
                 "resnet50_full checkpoints under 3% of an epoch": "met: 1.2%",
                 "vit_b16_head torch.compile pays for its compile time": "no: saves 5.4 s"}
-    monkeypatch.setattr(benchmark, "targets", lambda _: verdicts)
-    assert benchmark.to_profile(results, "missed") == []
-    assert benchmark.to_profile(results, "all") == list(results["experiments"])
+    monkeypatch.setattr(bench.benchmark, "targets", lambda _: verdicts)
+    assert bench.benchmark.to_profile(results, "missed") == []
+    assert bench.benchmark.to_profile(results, "all") == list(results["experiments"])
     verdicts["resnet50_full checkpoints under 3% of an epoch"] = "missed: 4.8%"
-    assert benchmark.to_profile(results, "missed") == ["resnet50_full"]
+    assert bench.benchmark.to_profile(results, "missed") == ["resnet50_full"]
     verdicts["all three under 2 minutes, cold cache included"] = "missed: 148.5 s"
-    assert benchmark.to_profile(results, "missed") == list(results["experiments"])
+    assert bench.benchmark.to_profile(results, "missed") == list(results["experiments"])
 
 
-def test_a_tiny_run_measures_everything_with_the_cuda_choices(benchmark, synthetic_root, tmp_path, monkeypatch):
+def test_a_tiny_run_measures_everything_with_the_cuda_choices(bench, synthetic_root, tmp_path, monkeypatch):
     """The whole script on the CPU with what Runtime.create picks on a GPU (bf16, channels_last, the frozen
     backbone run on several step batches at once), so the GPU run cannot be the first to execute any of it.
     The compiled ceiling's step runs uncompiled: compiling ResNet152 takes minutes on two cores."""
@@ -127,13 +134,15 @@ def test_a_tiny_run_measures_everything_with_the_cuda_choices(benchmark, synthet
         compile_requests.append(compile)
         return Runtime.cuda_like("cpu", cache_dir=cache_dir, progress=False, frozen_forward_batch=16)
 
-    monkeypatch.setattr(benchmark, "Runtime", SimpleNamespace(create=cuda_choices))
+    for module in (bench.benchmark, bench.measure):  # every Runtime.create of the run
+        monkeypatch.setattr(module, "Runtime", SimpleNamespace(create=cuda_choices))
     out = tmp_path / "out"
-    results = benchmark.main(["--source", str(synthetic_root), "--data", str(tmp_path / "data"), "--out", str(out),
-                              "--images", "40", "--size", "48", "--epochs", "2", "--image-size", "32",
-                              "--batch-size", "8", "--device", "cpu", "--seed-workers", "0", "--seed-steps", "2",
-                              "--ceiling-steps", "2", "--experiments", "resnet152_head", "--compile-ceiling",
-                              "--profile", "all"])
+    results = bench.benchmark.main([
+        "--source", str(synthetic_root), "--data", str(tmp_path / "data"), "--out", str(out),
+        "--images", "40", "--size", "48", "--epochs", "2", "--image-size", "32",
+        "--batch-size", "8", "--device", "cpu", "--seed-workers", "0", "--seed-steps", "2",
+        "--ceiling-steps", "2", "--experiments", "resnet152_head", "--compile-ceiling",
+        "--profile", "all"])
     row = results["experiments"]["resnet152_head"]
     assert row["cache"] == "cold" and row["ours"]["epochs"] == 2 and row["ours"]["images_decoded"] > 0
     assert row["ours"]["pipeline"]["frozen_forward_batch"] == 16 and row["ours"]["pipeline"]["mixed_precision"] == "bfloat16"
