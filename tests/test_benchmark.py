@@ -154,7 +154,8 @@ def test_a_tiny_run_measures_everything_with_the_cuda_choices(bench, synthetic_r
     assert outside["total"] == pytest.approx(sum(v for k, v in outside.items() if k != "total"), abs=0.05)
     assert outside["model build"] > 0 and outside["BatchNorm statistics"] > 0
     assert outside["best.pt reload"] == 0  # the best epoch was kept in memory
-    assert all(seconds > 0 for seconds in parts.values()) and sum(parts.values()) <= row["ours"]["epoch_seconds"]
+    assert all(seconds > 0 for seconds in parts.values())
+    assert sum(parts.values()) <= row["ours"]["epoch_seconds"] + 0.002  # four values rounded to the millisecond
     assert results["totals"]["ours"] == row["ours"]["experiment_seconds"] and results["totals"]["seed_style"] > 0
     assert row["ceiling_compiled"]["images_per_second"] > 0 and compile_requests[-1] and not any(compile_requests[:-1])
     phases = results["benchmark_phases"]

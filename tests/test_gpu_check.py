@@ -32,10 +32,27 @@ def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           cwd=REPOSITORY, timeout=1200)
 
 
+# The smoke run takes every kind of step with one fully trained and one frozen-backbone experiment (each
+# experiment's own paths are trained in test_training.py and test_cuda_paths.py); that every configured
+# experiment is planned is checked on the plan itself.
+SMOKE_EXPERIMENTS = ("resnet50_full", "vit_b16_head")
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path_factory.mktemp("gpu-check")
-    return _run("--smoke", "--out", str(out)), out
+    return _run("--smoke", "--out", str(out), "--experiments", *SMOKE_EXPERIMENTS), out
+
+
+def test_the_plan_runs_every_step_for_every_configured_experiment(tmp_path):
+    gpu_check = _load()
+    args = gpu_check.parse_args(["--smoke"])
+    names = [step["name"] for step in gpu_check.plan(args, tmp_path, tmp_path, True, tmp_path / "external")]
+    for experiment in EXPERIMENTS:
+        assert [f"train {experiment}", f"evaluate --tta {experiment}", f"predict {experiment}",
+                f"evaluate --external {experiment}"] == [n for n in names if n.endswith(f" {experiment}")
+                                                         and "host-memory" not in n]
+    assert names[-1] == "train --splits-in-host-memory resnet50_full" and len(names) == 4 * len(EXPERIMENTS) + 1
 
 
 def test_smoke_runs_every_step(smoke):
@@ -44,7 +61,7 @@ def test_smoke_runs_every_step(smoke):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["smoke"] is True and summary["torch"]
     names = [step["name"] for step in summary["steps"]]
-    for experiment in EXPERIMENTS:
+    for experiment in SMOKE_EXPERIMENTS:
         assert [f"train {experiment}", f"evaluate --tta {experiment}", f"predict {experiment}",
                 f"evaluate --external {experiment}"] == [n for n in names if n.endswith(f" {experiment}")
                                                          and "host-memory" not in n]
@@ -54,7 +71,7 @@ def test_smoke_runs_every_step(smoke):
 
 def test_smoke_writes_the_assets_layout(smoke):
     _, out = smoke
-    for experiment in EXPERIMENTS:
+    for experiment in SMOKE_EXPERIMENTS:
         metrics = json.loads((out / "assets" / experiment / "metrics.json").read_text())
         assert metrics["epochs_run"] == 1 and metrics["pipeline"]["device"].startswith("cpu")
         assert (out / "assets" / experiment / "curves.png").stat().st_size > 0
