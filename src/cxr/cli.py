@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import dataclasses
 import re
 import shlex
@@ -384,6 +385,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return _main(argv)
+    except BrokenPipeError:  # the output went to a pager or `head` that closed early: nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     finally:
         warnings.formatwarning = shown
 

@@ -79,6 +79,20 @@ class Experiment:
         return dataclasses.asdict(self)
 
 
+RESNET50_FULL = Experiment(
+    name="resnet50_full",
+    arch="resnet50",
+    trainable_blocks="all",
+    summary="ResNet50, every parameter trained, new linear head; backbone at a 10x lower learning rate",
+    epochs=30,
+    batch_size=64,
+    lr=1e-3,
+    backbone_lr=1e-4,
+    weight_decay=0.05,
+    warmup_epochs=2,
+    patience=8,
+)
+
 EXPERIMENTS: dict[str, Experiment] = {
     e.name: e
     for e in (
@@ -93,19 +107,7 @@ EXPERIMENTS: dict[str, Experiment] = {
             backbone_lr=0.0,
             weight_decay=1e-4,
         ),
-        Experiment(
-            name="resnet50_full",
-            arch="resnet50",
-            trainable_blocks="all",
-            summary="ResNet50, every parameter trained, new linear head; backbone at a 10x lower learning rate",
-            epochs=30,
-            batch_size=64,
-            lr=1e-3,
-            backbone_lr=1e-4,
-            weight_decay=0.05,
-            warmup_epochs=2,
-            patience=8,
-        ),
+        RESNET50_FULL,
         Experiment(
             name="vit_b16_head",
             arch="vit_b_16",
@@ -117,20 +119,9 @@ EXPERIMENTS: dict[str, Experiment] = {
             backbone_lr=0.0,
             weight_decay=1e-4,
         ),
-        Experiment(
-            name="resnet50_focal",
-            arch="resnet50",
-            trainable_blocks="all",
+        dataclasses.replace(  # resnet50_full's recipe, another loss
+            RESNET50_FULL, name="resnet50_focal", loss="focal", focal_gamma=2.0,
             summary="resnet50_full with focal loss (gamma 2, the class weights as alpha) for the rarer classes' recall",
-            epochs=30,
-            batch_size=64,
-            lr=1e-3,
-            backbone_lr=1e-4,
-            weight_decay=0.05,
-            warmup_epochs=2,
-            patience=8,
-            loss="focal",
-            focal_gamma=2.0,
         ),
         Experiment(
             name="vit_b16_partial",

@@ -114,6 +114,31 @@ def _images_below(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
+def add_class_files(split: Split, folders: list[Path], label: int, check: bool = True) -> None:
+    """Add the image files directly in ``folders`` to ``split`` under ``label``, and every file that cannot
+    be used (including images in subfolders, which are not scanned) to ``split.skipped`` with the reason."""
+    for path in sorted(p for folder in folders for p in folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_dir():  # only files directly in a class folder are used: say so for the ones below
+            split.skipped.extend((nested, f"in the subfolder {path.name}/ of {path.parent.name}/, which is "
+                                          "not scanned") for nested in _images_below(path))
+            continue
+        if path.is_symlink() and not path.exists():
+            split.skipped.append((path, "broken symbolic link"))
+            continue
+        if not path.is_file():
+            continue
+        reason = "not an image file" if path.suffix.lower() not in IMAGE_EXTENSIONS else None
+        if reason is None and check:
+            reason = check_image(path)
+        if reason is None:
+            split.paths.append(path)
+            split.labels.append(label)
+        else:
+            split.skipped.append((path, reason))
+
+
 def scan_split(root: Path, split: str, check: bool = True) -> Split:
     """List the images of one split with their labels; unusable files go to ``Split.skipped``."""
     split_dir = child_dirs(root).get(split)
@@ -127,26 +152,7 @@ def scan_split(root: Path, split: str, check: bool = True) -> Split:
         )
     result = Split([], [])
     for label, name in enumerate(CLASSES):
-        for path in sorted(p for folder in class_dirs[name] for p in folder.iterdir()):
-            if path.name.startswith("."):
-                continue
-            if path.is_dir():  # only files directly in a class folder are used: say so for the ones below
-                result.skipped.extend((nested, f"in the subfolder {path.name}/ of {path.parent.name}/, which is "
-                                               "not scanned") for nested in _images_below(path))
-                continue
-            if path.is_symlink() and not path.exists():
-                result.skipped.append((path, "broken symbolic link"))
-                continue
-            if not path.is_file():
-                continue
-            reason = "not an image file" if path.suffix.lower() not in IMAGE_EXTENSIONS else None
-            if reason is None and check:
-                reason = check_image(path)
-            if reason is None:
-                result.paths.append(path)
-                result.labels.append(label)
-            else:
-                result.skipped.append((path, reason))
+        add_class_files(result, class_dirs[name], label, check)
     if not result.paths:
         raise DatasetError(f"Split {split!r} in {str(root)!r} contains no usable images. {EXPECTED_LAYOUT}")
     return result

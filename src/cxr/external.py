@@ -24,9 +24,8 @@ from . import reporting, uncertainty
 from .audit import _relative as audit_path
 from .audit import audit_splits
 from .config import experiment_from_dict
-from .data import CLASSES, FOLDER_ALIASES, Split, check_image, warn_skipped
+from .data import CLASSES, FOLDER_ALIASES, Split, add_class_files, warn_skipped
 from .engine import build_dataset, make_loader, predict
-from .imageio import IMAGE_EXTENSIONS
 from .metrics import operating_points, who_tb_screening
 from .model_card import write_model_card
 from .runtime import Runtime
@@ -71,16 +70,7 @@ def scan_external(folder: str | os.PathLike) -> tuple[Split, list[str], Path]:
         raise ExternalDataError(f"no class folder in {str(base)!r} (found: {found}); {EXPECTED}")
     split = Split([], [])
     for label, name in enumerate(CLASSES):
-        for class_dir in matched.get(name, []):
-            for path in sorted(class_dir.iterdir()):
-                if not path.is_file() or path.name.startswith("."):
-                    continue
-                reason = "not an image file" if path.suffix.lower() not in IMAGE_EXTENSIONS else check_image(path)
-                if reason is None:
-                    split.paths.append(path)
-                    split.labels.append(label)
-                else:
-                    split.skipped.append((path, reason))
+        add_class_files(split, matched.get(name, []), label)
     if not split.paths:
         raise ExternalDataError(f"the class folders in {str(base)!r} hold no usable image; {EXPECTED}")
     return split, ignored, base
