@@ -11,9 +11,6 @@ their first validation pass (channels_last asked of rank-2 feature vectors) whil
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 

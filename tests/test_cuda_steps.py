@@ -5,11 +5,8 @@ test_cuda_paths.py, which trains every experiment with those choices, so the two
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
+import importlib.util
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +17,6 @@ from cxr import workflow
 from cxr.cli import main
 from cxr.config import EXPERIMENTS
 from cxr.data import CLASSES, load_splits
-from cxr.predict import predict_images
 from cxr.runtime import Runtime
 
 # The synthetic set holds unusable files on purpose; the ``trained`` fixture asserts that training warns about them.
@@ -254,13 +250,18 @@ def test_cuda_graphs_only_for_a_fully_trained_network_in_one_process():
     assert Runtime.create("cpu").cuda_graphs is False
 
 
-def test_cuda_graphs_asked_for_without_a_gpu_is_a_clear_error(tmp_path):
+def test_cuda_graphs_asked_for_without_a_gpu_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA GPU; this run is on cpu"):
         Runtime.create("cpu", cuda_graphs=True)
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "cuda_graphs_check.py"
-    done = subprocess.run([sys.executable, str(script), "--data-dir", str(tmp_path)], capture_output=True, text=True,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(script.parents[1] / "src")})
-    assert done.returncode == 1 and done.stderr.strip() == "error: CUDA graphs need a CUDA GPU, and none is available here."
+    spec = importlib.util.spec_from_file_location("cuda_graphs_check", script)  # in this process: no second torch import
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    monkeypatch.setattr(sys, "argv", [str(script), "--data-dir", str(tmp_path)])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as done:
+        check.main()
+    assert str(done.value) == "error: CUDA graphs need a CUDA GPU, and none is available here."
 
 
 def test_how_to_run_flags_reach_the_runtime(synthetic_root, tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ from scipy.special import softmax
 
 from . import distributed, reporting, runlock, shortcuts, uncertainty
 from .audit import audit_summary, audit_training_splits
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import load_checkpoint
 from .config import Experiment, experiment_from_dict, get_experiment
 from .data import CLASSES, DataSplits, check_limit, load_splits, locate_dataset, warn_skipped
 from .engine import build_dataset, fit, make_deterministic, make_loader, predict, seed_everything
