@@ -141,14 +141,7 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
     results.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cxr", description="Chest X-ray classification experiments.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    commands.add_parser("list", help="print the experiments and their configuration")
-    _train_parser(commands)
-
+def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint on the test split")
     evaluate.add_argument("experiment", nargs="?", choices=sorted(EXPERIMENTS),
                           help="the checkpoint's experiment (default: the one the checkpoint records)")
@@ -163,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     _cache_options(evaluate)
     _lung_masks(evaluate)
 
+
+def _predict_parser(commands: argparse._SubParsersAction) -> None:
     predict = commands.add_parser("predict", help="classify image files or folders with a trained checkpoint")
     predict.add_argument("paths", nargs="+", metavar="PATH",
                          help="image files (JPEG, PNG, DICOM), or folders searched recursively")
@@ -175,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
                          help="average over eight views (centre crop, whole square, small shifts; each mirrored)")
     predict.add_argument("--batch-size", type=positive_int, default=16)
     predict.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxr", description="Chest X-ray classification experiments.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("list", help="print the experiments and their configuration")
+    _train_parser(commands)
+
+    _evaluate_parser(commands)
+    _predict_parser(commands)
 
     serve = commands.add_parser("serve", help="a local demo page: upload an image, see its prediction and Grad-CAM")
     serve.add_argument("--checkpoint", required=True,
@@ -414,6 +421,19 @@ def _main(argv: Sequence[str] | None) -> int:
         return 130
 
 
+def _train(args: argparse.Namespace) -> dict:
+    from .workflow import train_experiment
+
+    return train_experiment(
+        args.experiment, data_dir=args.data_dir, out=args.out, device=args.device, seed=args.seed,
+        val_source=args.val_source, workers=args.workers, resume=args.resume, progress=not args.quiet,
+        deterministic=args.deterministic, cache=args.cache, cache_dir=args.cache_dir,
+        feature_cache=args.feature_cache == "auto", compile=args.compile, tensorboard=args.tensorboard,
+        cuda_graphs=args.cuda_graphs, splits_on_device=args.splits_on_device, **hyperparameters(args),
+        lung_masks=args.lung_masks, limit=args.limit,
+    )
+
+
 def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     """The commands that need torch: imported only once the arguments have been checked."""
     import matplotlib
@@ -427,20 +447,13 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     from .engine import TrainingError, TrainingInterrupted
     from .export import ExportError
     from .models import WeightsError
-    from .workflow import evaluate_checkpoint, train_experiment
+    from .workflow import evaluate_checkpoint
 
     # Under torchrun every process runs this: warnings and results are shown once, by rank 0.
     warnings.simplefilter("always" if distributed.is_main() else "ignore", UserWarning)
     try:
         if args.command == "train":
-            metrics = train_experiment(
-                args.experiment, data_dir=args.data_dir, out=args.out, device=args.device, seed=args.seed,
-                val_source=args.val_source, workers=args.workers, resume=args.resume, progress=not args.quiet,
-                deterministic=args.deterministic, cache=args.cache, cache_dir=args.cache_dir,
-                feature_cache=args.feature_cache == "auto", compile=args.compile, tensorboard=args.tensorboard,
-                cuda_graphs=args.cuda_graphs, splits_on_device=args.splits_on_device, **hyperparameters(args),
-                lung_masks=args.lung_masks, limit=args.limit,
-            )
+            metrics = _train(args)
         elif args.command == "predict":
             return _predict(args)
         elif args.command == "serve":
