@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from . import uncertainty
 from .data import IMAGE_EXTENSIONS, check_image
 from .export import load_for_inference
+from .inference import check_finite_rows
 from .preflight import writable_file, writable_folder
 from .imageio import ImageReadError, decode_image
 from .runtime import Runtime
@@ -113,6 +114,7 @@ def predict_images(
                 with runtime.autocast():
                     probabilities = model(runtime.to_device(inputs)).float().softmax(1)
         probabilities = probabilities.cpu().numpy()
+        check_finite_rows(probabilities, [path for path, _ in loaded])
         predicted = probabilities.argmax(1)
         for (path, _), p, k in zip(loaded, probabilities, predicted):
             rows.append({"file": str(path), "prediction": classes[k], "probability": float(p[k]),

@@ -25,7 +25,7 @@ from .checkpoint import load_checkpoint
 from .config import Experiment, experiment_from_dict, get_experiment
 from .data import CLASSES, DataSplits, check_limit, load_splits, locate_dataset, warn_skipped
 from .engine import build_dataset, fit, make_deterministic, make_loader, predict, seed_everything
-from .inference import load_trained_model  # noqa: F401 (re-exported: workflow.load_trained_model)
+from .inference import check_finite_rows, load_trained_model  # noqa: F401 (re-exported: workflow.load_trained_model)
 from .lung_field import find_lung_masks
 from .metrics import operating_points, who_tb_screening
 from .model_card import CARD_FILE, write_model_card
@@ -126,6 +126,7 @@ def evaluate_model(
     runtime.prepare_model(model)
     with runtime.one_off():
         logits, labels = predict(model, loader, runtime, "test")
+        check_finite_rows(logits, splits.test.paths)
         metrics = reporting.classification_metrics(logits, labels, CLASSES)
         if not distributed.is_main():
             return metrics
