@@ -101,3 +101,134 @@ def test_a_non_finite_output_at_evaluate_time_is_an_error_naming_the_image(check
     line = error_line(capsys)
     assert line.startswith(f"error: {small_root / 'test'}") and "the model's output is not finite" in line
     assert not list((tmp_path / "out").rglob("*.json"))
+
+
+# Items 3 and 4: an export's three files tied by one identity -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def exports(checkpoint, tmp_path_factory):
+    """Two exports of the same architecture and classes with other weights: A and B."""
+    from cxr.export import export_model
+
+    root = tmp_path_factory.mktemp("exports")
+    state = load_checkpoint(checkpoint)
+    state["model"]["head.bias"] += torch.tensor([3.0, 0.0, 0.0, 0.0])
+    other = save_checkpoint(state, root / "other.pt")
+    export_model(checkpoint, root / "a")
+    export_model(other, root / "b")
+    return root / "a", root / "b"
+
+
+def mixed_export(folder: Path, parts: dict[str, Path]) -> Path:
+    """A copy of the export A with the files named in ``parts`` taken from elsewhere."""
+    import shutil
+
+    folder.mkdir()
+    for name in ("model.onnx", "model.safetensors", "model.json"):
+        shutil.copy(parts.get(name, parts["base"] / name), folder / name)
+    return folder
+
+
+def test_an_export_with_another_exports_weights_or_onnx_is_refused(exports, tmp_path, capsys):
+    from cxr.export import ExportError, load_export
+
+    a, b = exports
+    load_export(mixed_export(tmp_path / "intact", {"base": a}))  # a plain copy still loads
+    weights = mixed_export(tmp_path / "weights", {"base": a, "model.safetensors": b / "model.safetensors"})
+    with pytest.raises(ExportError, match=r"mixes files of different exports: model.safetensors holds other "
+                                          r"weights than this export was made with"):
+        load_export(weights)
+    image = write_image(tmp_path / "image.png")
+    assert main(["predict", str(image), "--checkpoint", str(weights), "--device", "cpu", "--quiet"]) == 1
+    assert error_line(capsys).startswith(f"error: {str(weights)!r} mixes files of different exports")
+    onnx_file = mixed_export(tmp_path / "onnx", {"base": a, "model.onnx": b / "model.onnx"})
+    with pytest.raises(ExportError, match=r"model.onnx belongs to another export \(the identity in its metadata"):
+        load_export(onnx_file)
+
+
+def _rewrite_onnx_metadata(path: Path, change) -> None:
+    import onnx
+
+    graph = onnx.load(str(path))
+    metadata = {prop.key: prop.value for prop in graph.metadata_props}
+    change(metadata)
+    del graph.metadata_props[:]
+    onnx.helper.set_model_props(graph, metadata)
+    onnx.save(graph, str(path))
+
+
+def test_classes_reordered_in_model_json_and_onnx_alike_are_refused(exports, tmp_path):
+    """The earlier check compared model.json's classes with the ONNX metadata: edited alike, they agreed."""
+    from cxr.export import ExportError, load_export
+
+    folder = mixed_export(tmp_path / "reordered", {"base": exports[0]})
+    description = json.loads((folder / "model.json").read_text())
+    swapped = ["NORMAL", "COVID19", "PNEUMONIA", "TUBERCULOSIS"]
+    description["classes"] = swapped
+    (folder / "model.json").write_text(json.dumps(description))
+    _rewrite_onnx_metadata(folder / "model.onnx", lambda metadata: metadata.update(classes=json.dumps(swapped)))
+    with pytest.raises(ExportError, match=r"the class list \['NORMAL', 'COVID19', 'PNEUMONIA', 'TUBERCULOSIS'\] is "
+                                          r"not the one this export was made with"):
+        load_export(folder)
+
+
+def test_an_onnx_file_relabelled_with_this_exports_identity_is_refused_by_its_weights(exports, tmp_path):
+    from cxr.export import ExportError, load_export
+
+    a, b = exports
+    folder = mixed_export(tmp_path / "relabelled", {"base": a, "model.onnx": b / "model.onnx"})
+    identity = json.loads((a / "model.json").read_text())["identity"]["sha256"]
+    _rewrite_onnx_metadata(folder / "model.onnx", lambda metadata: metadata.update(identity=identity))
+    with pytest.raises(ExportError, match=r"model.onnx holds other weights than this export wrote"):
+        load_export(folder)
+
+
+def test_an_export_without_an_identity_is_refused(exports, tmp_path):
+    from cxr.export import ExportError, load_export
+
+    folder = mixed_export(tmp_path / "old", {"base": exports[0]})
+    description = json.loads((folder / "model.json").read_text())
+    del description["identity"]
+    (folder / "model.json").write_text(json.dumps(description))
+    with pytest.raises(ExportError, match=r"has no valid 'identity' .*; re-export the checkpoint with cxr export"):
+        load_export(folder)
+
+
+# Item 8: export --force replaces only what an export wrote ---------------------------------------------------
+
+@pytest.mark.parametrize("foreign, named", [
+    ({"notes.txt": "my notes"}, "notes.txt"),
+    ({"data/a.csv": "a,b\n1,2\n"}, "data/"),
+    ({"notes.txt": "my notes", "data/a.csv": "a,b\n"}, "data/, notes.txt"),
+])
+def test_export_force_keeps_files_it_did_not_write(exports, checkpoint, tmp_path, capsys, foreign, named):
+    import shutil
+
+    out = tmp_path / "export"
+    shutil.copytree(exports[0], out)
+    for name, text in foreign.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(["export", "--checkpoint", checkpoint, "--out", str(out), "--force"]) == 1
+    assert error_line(capsys) == (f"error: {str(out)!r} holds files cxr export did not write ({named}); not "
+                                  "replacing it, even with --force: move them elsewhere or choose another --out.")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_export_force_refuses_a_foreign_model_json_and_replaces_its_own_export(exports, checkpoint, tmp_path,
+                                                                               capsys):
+    import shutil
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "model.json").write_text('{"name": "my own model"}')
+    assert main(["export", "--checkpoint", checkpoint, "--out", str(out), "--force"]) == 1
+    assert "is not an export folder (no model.json written by cxr export)" in error_line(capsys)
+    assert (out / "model.json").read_text() == '{"name": "my own model"}'
+    again = tmp_path / "again"
+    shutil.copytree(exports[1], again)
+    assert main(["export", "--checkpoint", checkpoint, "--out", str(again), "--force"]) == 0
+    written = json.loads((again / "model.json").read_text())
+    assert written["identity"] == json.loads((exports[0] / "model.json").read_text())["identity"]
+    assert sorted(p.name for p in again.iterdir()) == written["written"]
