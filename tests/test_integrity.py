@@ -232,3 +232,88 @@ def test_export_force_refuses_a_foreign_model_json_and_replaces_its_own_export(e
     written = json.loads((again / "model.json").read_text())
     assert written["identity"] == json.loads((exports[0] / "model.json").read_text())["identity"]
     assert sorted(p.name for p in again.iterdir()) == written["written"]
+
+
+# Items 6 and 7: predict --cam and --csv never overwrite inputs, skip their own overlays, survive long names ----
+
+def predict_argv(checkpoint: str, *paths: Path, **flags: Path) -> list[str]:
+    extra = [item for flag, value in flags.items() for item in (f"--{flag}", str(value))]
+    return ["predict", *map(str, paths), "--checkpoint", checkpoint, "--device", "cpu", "--quiet", *extra]
+
+
+def test_cam_into_the_input_folder_keeps_inputs_and_skips_its_overlays_next_time(checkpoint, tmp_path, capsys):
+    folder = tmp_path / "patients"
+    chest = write_image(folder / "chest.png", 90)
+    named_like_overlay = write_image(folder / "chest_cam.png", 160)  # a patient's file, not an overlay
+    original = named_like_overlay.read_bytes()
+    assert main(predict_argv(checkpoint, folder, cam=folder)) == 0
+    out = capsys.readouterr().out
+    assert named_like_overlay.read_bytes() == original
+    written = sorted(p.name for p in folder.iterdir() if p not in (chest, named_like_overlay))
+    assert written == ["chest_2_cam.png", "chest_cam_cam.png"]
+    assert "2 image(s) classified;" in out
+    csv = tmp_path / "second.csv"
+    assert main(predict_argv(checkpoint, folder, cam=folder, csv=csv)) == 0  # the second run: the same two patients
+    captured = capsys.readouterr()
+    assert "2 image(s) classified, 1 skipped;" in captured.out
+    assert list(__import__("pandas").read_csv(csv)["file"]) == [str(chest), str(named_like_overlay)]
+    assert captured.err.strip() == (f"skipped {folder}: 2 Grad-CAM overlay(s) written by cxr predict --cam left out "
+                                    "(not radiographs)")
+    assert sorted(p.name for p in folder.iterdir()) == ["chest.png", "chest_2_cam.png", "chest_cam.png",
+                                                       "chest_cam_cam.png"]  # rewritten in place, no new ones
+    assert named_like_overlay.read_bytes() == original
+
+
+def test_an_overlay_never_replaces_a_foreign_file_in_the_cam_folder(checkpoint, tmp_path, capsys):
+    chest = write_image(tmp_path / "in" / "chest.png")
+    foreign = write_image(tmp_path / "cams" / "chest_cam.png", 200)  # someone else's file, no marker
+    original = foreign.read_bytes()
+    assert main(predict_argv(checkpoint, chest, cam=tmp_path / "cams")) == 0
+    assert foreign.read_bytes() == original and (tmp_path / "cams" / "chest_2_cam.png").is_file()
+    capsys.readouterr()
+
+
+def test_csv_naming_an_input_is_refused(checkpoint, tmp_path, capsys):
+    from cxr.predict import run_predict
+    from cxr.preflight import InputError
+
+    chest = write_image(tmp_path / "chest.png")
+    original = chest.read_bytes()
+    assert main(predict_argv(checkpoint, chest, csv=chest)) == 1
+    assert error_line(capsys) == (f"error: --csv {str(chest)!r} is one of the input files; writing there would "
+                                  "overwrite it. Give another file name.")
+    with pytest.raises(InputError, match="is one of the input files"):  # also through a folder, from Python
+        run_predict(checkpoint, [tmp_path], csv_path=chest, device="cpu", progress=False)
+    assert chest.read_bytes() == original
+
+
+def test_a_250_character_file_name_costs_no_row_with_cam(checkpoint, tmp_path, capsys, monkeypatch):
+    long_a = write_image(tmp_path / "in" / ("a" * 250 + ".png"), 80)  # 254 characters, legal; its overlay not
+    long_b = write_image(tmp_path / "in" / ("a" * 249 + "b.png"), 120)  # same beginning: another overlay
+    short = write_image(tmp_path / "in" / "short.png", 140)
+    csv = tmp_path / "out.csv"
+    assert main(predict_argv(checkpoint, tmp_path / "in", cam=tmp_path / "cams", csv=csv)) == 0
+    out = capsys.readouterr().out
+    assert "3 image(s) classified;" in out
+    table = __import__("pandas").read_csv(csv)
+    assert sorted(table["file"]) == sorted(map(str, (long_a, long_b, short)))
+    cams = sorted((tmp_path / "cams").iterdir())
+    assert len(cams) == 3 and all(len(p.name.encode()) <= 255 for p in cams)
+    assert all(Path(c).is_file() for c in table["cam"])
+
+    from cxr import cam
+
+    real_save = cam.save_overlay
+
+    def no_space_for_one(display, heat_map, path, *args):  # any write error costs that overlay only
+        if path.name.startswith("short"):
+            raise OSError(28, "No space left on device")
+        return real_save(display, heat_map, path, *args)
+
+    monkeypatch.setattr(cam, "save_overlay", no_space_for_one)
+    assert main(predict_argv(checkpoint, tmp_path / "in", cam=tmp_path / "cams2", csv=csv)) == 0
+    captured = capsys.readouterr()
+    assert "3 image(s) classified, 1 skipped;" in captured.out
+    assert captured.err.strip() == (f"skipped {short}: classified, but its Grad-CAM overlay 'short_cam.png' could "
+                                    "not be written (No space left on device)")
+    assert len(__import__("pandas").read_csv(csv)) == 3

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -79,9 +80,11 @@ def overlay(display: np.ndarray, heat_map: np.ndarray) -> np.ndarray:
 CAPTION_HEIGHT = 14  # PIL's built-in bitmap font is 11 px high
 
 
-def save_overlay(display: np.ndarray, heat_map: np.ndarray, path: Path, caption: str | None = None) -> Path:
+def save_overlay(display: np.ndarray, heat_map: np.ndarray, path: Path, caption: str | None = None,
+                 text: dict[str, str] | None = None) -> Path:
     """Write the image and its overlay side by side as one PNG, with ``caption`` (the predicted class and its
-    probability, say) in a strip beneath them, so an overlay still says what it shows once it is copied away."""
+    probability, say) in a strip beneath them, so an overlay still says what it shows once it is copied away;
+    ``text`` goes into the PNG's text chunks (``cxr predict`` marks its overlays there, to know them later)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pair = np.concatenate([(display * 255).round().astype(np.uint8), overlay(display, heat_map)], axis=1)
@@ -91,7 +94,10 @@ def save_overlay(display: np.ndarray, heat_map: np.ndarray, path: Path, caption:
         framed.paste(picture)
         ImageDraw.Draw(framed).text((2, picture.height + 1), caption, fill="white", font=ImageFont.load_default())
         picture = framed
-    picture.save(path)
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
+    picture.save(path, format="PNG", pnginfo=info)
     return path
 
 
