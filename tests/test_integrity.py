@@ -317,3 +317,38 @@ def test_a_250_character_file_name_costs_no_row_with_cam(checkpoint, tmp_path, c
     assert captured.err.strip() == (f"skipped {short}: classified, but its Grad-CAM overlay 'short_cam.png' could "
                                     "not be written (No space left on device)")
     assert len(__import__("pandas").read_csv(csv)) == 3
+
+
+# Item 9: a full disk while saving figures keeps the scores ---------------------------------------------------
+
+TRAIN_FLAGS = ["--epochs", "1", "--batch-size", "8", "--image-size", "32", "--weights", "none", "--device", "cpu",
+               "--quiet", "--no-tensorboard"]
+
+
+def test_a_full_disk_at_the_figures_keeps_the_scores(small_root, tmp_path, monkeypatch, capsys):
+    """The checkpoint fits, then every PNG figure meets ENOSPC (the stand-in writes a few bytes first, as a
+    full disk does): one warning line per figure, metrics.json with the test scores, no partial PNG."""
+    import errno
+
+    from matplotlib.figure import Figure
+
+    def disk_full(self, path, *args, **kwargs):
+        Path(path).write_bytes(b"\x89PNG partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    from cxr.figures import FigureNotWritten
+
+    monkeypatch.setattr(Figure, "savefig", disk_full)
+    out = tmp_path / "out"
+    with pytest.warns(FigureNotWritten) as caught:  # the CLI prints each as one "warning: ..." line
+        assert main(["train", "resnet50_full", "--data-dir", str(small_root), "--out", str(out), *TRAIN_FLAGS]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    run = out / "resnet50_full"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["test"]) >= {"accuracy", "macro_f1"} and (run / "checkpoints" / "best.pt").is_file()
+    assert "curves.png" in metrics["figures_not_written"] and "confusion_matrix.png" in metrics["figures_not_written"]
+    lines = [str(warning.message) for warning in caught if warning.category is FigureNotWritten]
+    assert len(lines) == len(metrics["figures_not_written"]) >= 5
+    assert lines[0] == (f"figure {str(run / 'curves.png')!r} could not be written (No space left on device); the "
+                        "scores it shows are kept in the run's JSON files.")
+    assert not list(run.glob("*.png"))

@@ -22,6 +22,7 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
+from .figures import save_figure
 from . import uncertainty
 from .imageio import decode_image
 
@@ -139,5 +140,5 @@ def plot_cam_grid(
         cam_axis.set_title("Grad-CAM, predicted class", fontsize=8)
     figure.suptitle(title)
     if path is not None:
-        figure.savefig(path, dpi=110)
+        save_figure(figure, path, dpi=110)
     return figure
