@@ -352,3 +352,35 @@ def test_a_full_disk_at_the_figures_keeps_the_scores(small_root, tmp_path, monke
     assert lines[0] == (f"figure {str(run / 'curves.png')!r} could not be written (No space left on device); the "
                         "scores it shows are kept in the run's JSON files.")
     assert not list(run.glob("*.png"))
+
+
+# Item 10: SIGTERM during training behaves like Ctrl-C --------------------------------------------------------
+
+def test_sigterm_during_training_keeps_the_epoch_and_removes_the_lock(small_root, tmp_path, monkeypatch, capsys):
+    """A real SIGTERM delivered to this process once epoch 1 of 3 is saved (Python's default would end the
+    process at once, leaving run.lock)."""
+    import signal
+
+    from cxr import engine
+
+    if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        pytest.skip("this test process has its own SIGTERM handler")
+    real_save = engine.RunFiles.save
+
+    def save_then_terminated(self, state, is_best):
+        real_save(self, state, is_best)
+        if len(state.history) == 1:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(engine.RunFiles, "save", save_then_terminated)
+    out = tmp_path / "out"
+    flags = [flag if flag != "1" else "3" for flag in TRAIN_FLAGS[:2]] + TRAIN_FLAGS[2:]
+    assert main(["train", "resnet50_full", "--data-dir", str(small_root), "--out", str(out), *flags]) == 143
+    err = capsys.readouterr().err
+    run = out / "resnet50_full"
+    assert "Traceback" not in err and "SIGTERM received: stopping as for Ctrl-C." in err
+    assert f"Training interrupted: epoch 1 of 3 saved in {str(run / 'checkpoints' / 'last.pt')!r}" in err
+    assert "Resume with: cxr train resnet50_full" in err and "--resume" in err
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1
+    assert not (run / "run.lock").exists()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is only there while cxr runs
