@@ -384,3 +384,36 @@ def test_sigterm_during_training_keeps_the_epoch_and_removes_the_lock(small_root
     assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1
     assert not (run / "run.lock").exists()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is only there while cxr runs
+
+
+# Item 18: demo uploads are deleted after use and at server stop ----------------------------------------------
+
+def test_demo_uploads_are_deleted_after_use_and_at_stop(checkpoint, tmp_path, monkeypatch):
+    import os
+    import socket
+
+    from gradio_client import Client, handle_file
+
+    from cxr.serve import serve
+
+    gradio_dir = tmp_path / "gradio"
+    gradio_dir.mkdir()
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(gradio_dir))
+    image = write_image(tmp_path / "patient_upload.png", 90, size=48)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    demo = serve(checkpoint, port=port, device="cpu", block=False)
+    try:
+        (private,) = gradio_dir.glob("cxr-serve-uploads-*")  # this server's own folder inside $GRADIO_TEMP_DIR
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        first = client.predict(handle_file(str(image)), api_name="/classify")
+        assert first[0]["label"] in ("COVID19", "NORMAL", "PNEUMONIA", "TUBERCULOSIS")
+        client.predict(handle_file(str(image)), api_name="/classify")
+        assert not list(private.rglob("patient_upload*"))  # each upload went once it was classified
+        assert os.environ["GRADIO_TEMP_DIR"] == str(private)
+    finally:
+        demo.close()
+    assert not private.exists()  # the overlays Gradio kept to show went with the server
+    assert not [p for p in gradio_dir.rglob("*") if p.is_file()]
+    assert os.environ["GRADIO_TEMP_DIR"] == str(gradio_dir)
