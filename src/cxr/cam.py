@@ -16,11 +16,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
+from .figures import save_figure
 from . import uncertainty
 from .imageio import decode_image
 
@@ -79,9 +81,11 @@ def overlay(display: np.ndarray, heat_map: np.ndarray) -> np.ndarray:
 CAPTION_HEIGHT = 14  # PIL's built-in bitmap font is 11 px high
 
 
-def save_overlay(display: np.ndarray, heat_map: np.ndarray, path: Path, caption: str | None = None) -> Path:
+def save_overlay(display: np.ndarray, heat_map: np.ndarray, path: Path, caption: str | None = None,
+                 text: dict[str, str] | None = None) -> Path:
     """Write the image and its overlay side by side as one PNG, with ``caption`` (the predicted class and its
-    probability, say) in a strip beneath them, so an overlay still says what it shows once it is copied away."""
+    probability, say) in a strip beneath them, so an overlay still says what it shows once it is copied away;
+    ``text`` goes into the PNG's text chunks (``cxr predict`` marks its overlays there, to know them later)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pair = np.concatenate([(display * 255).round().astype(np.uint8), overlay(display, heat_map)], axis=1)
@@ -91,7 +95,10 @@ def save_overlay(display: np.ndarray, heat_map: np.ndarray, path: Path, caption:
         framed.paste(picture)
         ImageDraw.Draw(framed).text((2, picture.height + 1), caption, fill="white", font=ImageFont.load_default())
         picture = framed
-    picture.save(path)
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
+    picture.save(path, format="PNG", pnginfo=info)
     return path
 
 
@@ -133,5 +140,5 @@ def plot_cam_grid(
         cam_axis.set_title("Grad-CAM, predicted class", fontsize=8)
     figure.suptitle(title)
     if path is not None:
-        figure.savefig(path, dpi=110)
+        save_figure(figure, path, dpi=110)
     return figure

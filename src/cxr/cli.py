@@ -7,6 +7,7 @@ import os
 import dataclasses
 import re
 import shlex
+import signal
 import sys
 import typing
 import warnings
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .config import EXPERIMENTS, Experiment
+from .termination import sigterm_as_interrupt
 
 
 def positive_int(text: str) -> int:
@@ -388,10 +390,12 @@ def _continue_hint(args: argparse.Namespace, argv: Sequence[str] | None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``cxr``: every warning is one ``warning:`` line while it runs."""
+    """``cxr``: every warning is one ``warning:`` line while it runs; SIGTERM ends it like Ctrl-C, exit 143."""
     shown, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
-        return _main(argv)
+        with sigterm_as_interrupt() as received:
+            code = _main(argv)
+        return 128 + signal.SIGTERM if received.sigterm and code == 130 else code  # 143, as the shell reports a kill
     except BrokenPipeError:  # the output went to a pager or `head` that closed early: nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

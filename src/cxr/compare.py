@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
+from .figures import save_figure
 from . import metrics as table
 
 def figure_label(metric: table.Metric) -> str:
@@ -73,5 +74,5 @@ def plot_comparison(paths: Sequence[str | os.PathLike], out_png: str | os.PathLi
     figure.legend(loc="outside lower center", ncols=len(runs))
     if out_png is not None:
         Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(out_png, dpi=120)
+        save_figure(figure, out_png, dpi=120)
     return figure

@@ -28,6 +28,7 @@ from .models import ARCHITECTURES, Classifier, build_model
 from .models import preprocessing as default_preprocessing
 from .checkpoint import non_finite_tensor
 from .inference import check_finite_outputs, load_trained_model, state_dict_mismatch
+from . import export_identity
 from .provenance import git_commit
 
 FORMAT = "cxr-export/1"
@@ -118,11 +119,13 @@ def _stdout_to_devnull() -> Iterator[None]:
         os.close(saved)
 
 
-def write_onnx(model: Classifier, path: Path, prep: dict[str, Any], classes: list[str]) -> float:
+def write_onnx(model: Classifier, path: Path, prep: dict[str, Any], classes: list[str], identity: str | None = None,
+               ) -> float:
     """Trace ``model`` into ONNX with a dynamic batch, check it with onnxruntime against PyTorch on two
     random inputs and return the largest probability difference. torch's TorchScript exporter is used:
     it needs no extra package (the dynamo exporter needs onnxscript) and, with the same results, exported
-    ResNet50 and ViT-B/16 at 32 px 3-4.5x faster on this project's 2-core CPU."""
+    ResNet50 and ViT-B/16 at 32 px 3-4.5x faster on this project's 2-core CPU. ``identity`` (see
+    :mod:`cxr.export_identity`) goes into the metadata beside the classes."""
     try:
         import onnx
         import onnxruntime
@@ -151,7 +154,8 @@ def write_onnx(model: Classifier, path: Path, prep: dict[str, Any], classes: lis
         torch.backends.mha.set_fastpath_enabled(fast_path)
     graph = onnx.load_model_from_string(traced.getvalue())
     graph.graph.input[0].doc_string = input_description(prep)
-    onnx.helper.set_model_props(graph, {"classes": json.dumps(classes), "preprocessing": json.dumps(prep)})
+    onnx.helper.set_model_props(graph, {"classes": json.dumps(classes), "preprocessing": json.dumps(prep),
+                                        **({export_identity.METADATA_KEY: identity} if identity else {})})
     onnx.save(graph, str(path))
     onnx.checker.check_model(str(path))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -173,14 +177,29 @@ def write_weights(model: nn.Module, path: Path, arch: str) -> None:
 
 
 def _check_destination(out: Path, force: bool) -> None:
+    """``out`` may be replaced only when it is new, empty, or holds nothing but what an earlier export wrote
+    (the files model.json lists under ``written``): a user's notes or data beside an export are never deleted."""
     if not out.exists():
         return
     if not force:
         raise ExportError(f"{str(out)!r} already exists; pass --force to replace it.")
-    is_export = out.is_dir() and (not any(out.iterdir()) or (out / FILES["description"]).is_file())
-    if not is_export:
-        raise ExportError(f"{str(out)!r} exists and is not an export folder (no {FILES['description']}); "
-                          "not replacing it, even with --force.")
+    if out.is_dir() and not any(out.iterdir()):
+        return
+    try:
+        description = json.loads((out / FILES["description"]).read_text())
+    except (OSError, ValueError):
+        description = None
+    if not (out.is_dir() and isinstance(description, dict) and description.get("format") == FORMAT):
+        raise ExportError(f"{str(out)!r} exists and is not an export folder (no {FILES['description']} written by "
+                          "cxr export); not replacing it, even with --force.")
+    written = description.get("written")  # exports before issue 31 did not list their files: what they wrote
+    written = set(written) if isinstance(written, list) else {*FILES.values(), CARD_FILE}
+    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()
+                     if p.name not in written or p.is_dir() or p.is_symlink())
+    if foreign:
+        raise ExportError(f"{str(out)!r} holds files cxr export did not write ({', '.join(foreign[:5])}"
+                          f"{f' and {len(foreign) - 5} more' if len(foreign) > 5 else ''}); not replacing it, even "
+                          "with --force: move them elsewhere or choose another --out.")
 
 
 def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> dict[str, Any]:
@@ -196,13 +215,18 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, force: b
     old = out.with_name(f".{out.name}.{os.getpid()}.old")
     try:
         temporary.mkdir()
-        check = write_onnx(model, temporary / FILES["onnx"], prep, list(state["classes"]))
+        weights_sha256 = export_identity.weights_digest(model.state_dict())
+        identity = export_identity.export_identity(weights_sha256, list(state["classes"]))
+        check = write_onnx(model, temporary / FILES["onnx"], prep, list(state["classes"]), identity)
         write_weights(model, temporary / FILES["weights"], config["arch"])
         description = _describe(state, prep, checkpoint, check)
+        description[export_identity.FIELD] = {"sha256": identity, "weights_sha256": weights_sha256,
+                                              "onnx_weights_sha256": _onnx_weights_sha256(temporary / FILES["onnx"])}
         card = checkpoint.resolve().parent.parent / CARD_FILE  # written beside the run's metrics.json
         description["model_card"] = CARD_FILE if card.is_file() else None
         if card.is_file():
             shutil.copy2(card, temporary / CARD_FILE)
+        description["written"] = sorted([*FILES.values(), *([CARD_FILE] if card.is_file() else [])])
         (temporary / FILES["description"]).write_text(json.dumps(description, indent=2, default=str) + "\n")
         if out.exists():
             out.rename(old)
@@ -215,6 +239,12 @@ def export_model(checkpoint: str | os.PathLike, out: str | os.PathLike, force: b
         shutil.rmtree(temporary, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     return description
+
+
+def _onnx_weights_sha256(path: Path) -> str:
+    import onnx
+
+    return export_identity.onnx_weights_digest(onnx.load(str(path)))
 
 
 def read_description(folder: Path) -> dict[str, Any]:
@@ -231,6 +261,9 @@ def read_description(folder: Path) -> dict[str, Any]:
     if description.get("arch") not in ARCHITECTURES:
         raise ExportError(f"{str(path)!r} names an unknown architecture {description.get('arch')!r}.")
     _check_fields(description, path)
+    problem = export_identity.recorded_identity(description)
+    if problem is not None:
+        raise ExportError(f"{str(path)!r} {problem}; re-export the checkpoint with cxr export.")
     _check_against_onnx(description, folder / FILES["onnx"], path)
     return description
 
@@ -294,6 +327,10 @@ def _check_against_onnx(description: dict[str, Any], onnx_path: Path, path: Path
     for field, found, truth in expected:
         if found != truth:
             raise _refuse_field(path, field, f"is {found!r}, but {FILES['onnx']} says {truth!r}")
+    problem = export_identity.onnx_mismatch(description, graph)
+    if problem is not None:
+        raise ExportError(f"{str(onnx_path.parent)!r} mixes files of different exports: {problem}; re-export the "
+                          "checkpoint with cxr export.")
 
 
 def load_export(folder: str | os.PathLike) -> tuple[Classifier, dict[str, Any]]:
@@ -320,6 +357,10 @@ def load_export(folder: str | os.PathLike) -> tuple[Classifier, dict[str, Any]]:
     if bad is not None:
         raise ExportError(f"{str(weights)!r} holds non-finite weights (NaN or infinity in {bad!r}); "
                           "it cannot predict anything.")
+    problem = export_identity.weights_mismatch(description, tensors)
+    if problem is not None:
+        raise ExportError(f"{str(folder)!r} mixes files of different exports: {problem}; re-export the "
+                          "checkpoint with cxr export.")
     check_finite_outputs(model, description["image_size"], folder)
     return model.eval(), description
 

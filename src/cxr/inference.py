@@ -48,13 +48,71 @@ def state_dict_mismatch(error: RuntimeError) -> str:
     return "; ".join(line[:300] for line in lines[:2]) or str(error)
 
 
+# Beyond this an activation is not a trained network's (theirs stay below about 1e4): an image a little
+# brighter or darker than the probes would overflow float32 (3.4e38) there.
+ACTIVATION_LIMIT = 1e20
+
+
+class NonFiniteOutputError(ValueError):
+    """The model's output for a given image is NaN or infinite: no class can be read from it."""
+
+
+def probe_images(image_size: int) -> tuple[list[str], torch.Tensor]:
+    """Normalised inputs of both signs: a random image and its negative (every pixel's sign flipped), and a
+    uniformly dark and a uniformly bright image (a normalised pixel lies within about -2.1..2.6). A probe of
+    one sign hides a channel that overflows only for the other (``torch.rand`` is never negative)."""
+    noise = torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    names = ["a random image", "the negated random image", "a dark uniform image", "a bright uniform image"]
+    return names, torch.cat([noise, -noise, torch.full_like(noise, -2.5), torch.full_like(noise, 2.5)])
+
+
+def _overflowing_module(model: Classifier, probes: torch.Tensor) -> tuple[str, int] | None:
+    """The first module (and probe) whose output is not finite or beyond :data:`ACTIVATION_LIMIT`, or None."""
+    found: list[tuple[str, int]] = []
+
+    def watch(name: str):
+        def hook(module, inputs, output) -> None:
+            for tensor in output if isinstance(output, (tuple, list)) else (output,):
+                if found or not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
+                    continue
+                bad = ~torch.isfinite(tensor) | (tensor.abs() > ACTIVATION_LIMIT)
+                if bool(bad.any()) and tensor.shape[:1] == probes.shape[:1]:
+                    found.append((name, int(bad.flatten(1).any(1).nonzero()[0])))
+        return hook
+
+    handles = [module.register_forward_hook(watch(name)) for name, module in model.named_modules() if name]
+    try:
+        logits = model(probes)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not found and not bool(torch.isfinite(logits).all()):
+        found.append(("output", int((~torch.isfinite(logits)).any(1).nonzero()[0])))
+    return found[0] if found else None
+
+
 @torch.inference_mode()
 def check_finite_outputs(model: Classifier, image_size: int, source: str | os.PathLike) -> None:
-    """Refuse a model whose output for a fixed random image is not finite (weights so large they overflow,
-    even where each is finite): it would print NaN probabilities and exit 0. Not a blank image: a network
-    maps one to zero features, which hide any weight."""
-    probe = torch.rand(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    logits = model.eval()(probe)
-    if not bool(torch.isfinite(logits).all()):
-        raise CheckpointError(f"{str(source)!r} gives non-finite outputs (NaN or infinity) for a test image; "
-                              "it cannot predict anything. Use an earlier checkpoint.")
+    """Refuse a model whose outputs or inner activations for the probe images (:func:`probe_images`) are not
+    finite or beyond :data:`ACTIVATION_LIMIT` (weights so large they overflow, even where each is finite):
+    it would print NaN probabilities and exit 0."""
+    names, probes = probe_images(image_size)
+    found = _overflowing_module(model.eval(), probes)
+    if found is not None:
+        module, probe = found
+        raise CheckpointError(f"{str(source)!r} gives non-finite outputs (NaN or infinity, or activations beyond "
+                              f"{ACTIVATION_LIMIT:.0e} in {module!r}) for {names[probe]}; it cannot predict "
+                              "anything. Use an earlier checkpoint.")
+
+
+def check_finite_rows(values: Any, names: Any) -> None:
+    """Refuse model outputs (one row per image) with NaN or infinity, naming the first such image: its argmax
+    would be the first class, printed as a prediction with empty probabilities."""
+    import numpy as np
+
+    bad = np.flatnonzero(~np.isfinite(np.asarray(values, dtype=np.float64)).all(axis=1))
+    if bad.size:
+        raise NonFiniteOutputError(
+            f"{names[bad[0]]}: the model's output is not finite (NaN or infinity) for this image"
+            f"{f' and {bad.size - 1} other(s)' if bad.size > 1 else ''}; its weights overflow on it, so none of "
+            "its predictions can be trusted. Use an earlier checkpoint.")

@@ -54,6 +54,13 @@ def writable_file(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
+def not_an_input(path: str | os.PathLike, inputs: "list[Path] | tuple[str, ...]", flag: str) -> None:
+    """Refuse an output file that is one of the inputs (``cxr predict a.png --csv a.png``): it would be overwritten."""
+    target = Path(path).expanduser().resolve()
+    require(target not in {Path(p).expanduser().resolve() for p in inputs},
+            f"{flag} {str(path)!r} is one of the input files; writing there would overwrite it. Give another file name.")
+
+
 def check_device(device: str | None) -> None:
     if device is not None and not DEVICE.fullmatch(device):
         raise InputError(f"--device {device!r} is not a device; use cuda, cuda:N, mps or cpu.")
@@ -128,5 +135,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         check_checkpoint(args.checkpoint, export_folder_allowed=command in ("predict", "serve"))
     if command == "predict":
         check_output_file(args.csv, "--csv")
+        if args.csv is not None:
+            not_an_input(args.csv, args.paths, "--csv")
         if args.cam is not None:
             check_output_folder(args.cam, "--cam")

@@ -14,6 +14,7 @@ from matplotlib.ticker import MaxNLocator
 from scipy.special import softmax
 from sklearn.metrics import classification_report, confusion_matrix, roc_curve
 
+from .figures import save_figure
 from . import metrics
 from .data import load_image
 
@@ -42,7 +43,7 @@ def plot_history(history: Sequence[dict[str, float]], path: Path | None = None, 
     figure.suptitle(title)
     figure.tight_layout()
     if path is not None:
-        figure.savefig(path, dpi=120)
+        save_figure(figure, path, dpi=120)
     return figure
 
 
@@ -61,7 +62,7 @@ def plot_confusion(labels: np.ndarray, predictions: np.ndarray, classes: Sequenc
     figure.suptitle(title)
     figure.tight_layout()
     if path is not None:
-        figure.savefig(path, dpi=120)
+        save_figure(figure, path, dpi=120)
     return figure
 
 
@@ -99,7 +100,7 @@ def plot_predictions(paths: Sequence[Path], labels: np.ndarray, probabilities: n
     figure.suptitle(title)
     figure.tight_layout()
     if path is not None:
-        figure.savefig(path, dpi=110)
+        save_figure(figure, path, dpi=110)
     return figure
 
 
@@ -157,7 +158,7 @@ def plot_roc(labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[st
     axis.grid(alpha=0.3)
     figure.tight_layout()
     if path is not None:
-        figure.savefig(path, dpi=120)
+        save_figure(figure, path, dpi=120)
     return figure
 
 

@@ -10,6 +10,7 @@ off, no share link is made, and by default the page listens on 127.0.0.1 only.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ INSTALL_HINT = "uv sync --extra demo"
 # Uploads larger than this are refused by Gradio before they are stored (HTTP 413): an uncompressed 16-bit
 # 3000 x 3000 DICOM radiograph is 18 MB, so 64 MB leaves room without letting anyone fill the disk or memory.
 MAX_UPLOAD_BYTES = 64 * 2**20
+# Gradio also keeps what it shows (the overlay, a patient's pixels): every minute, files older than 5 go.
+DELETE_CACHE = (60, 300)
 
 
 class ServeError(RuntimeError):
@@ -82,8 +85,23 @@ def probability_table(probabilities: dict[str, float]) -> str:
     return f"| class | probability |\n|---|---|\n{rows}"
 
 
-def build_demo(predictor: Predictor) -> Any:
-    """The page: a file picker (drop or choose), the class probabilities as bars, the Grad-CAM overlay."""
+def discard_upload(path: str | os.PathLike, uploads: Path | None) -> None:
+    """Delete an upload once it is classified (Gradio keeps every one, in a folder of its own, until its
+    cache is cleared): only a file inside this server's ``uploads`` folder, and its folder once empty."""
+    path = Path(path)
+    if uploads is None or not path.resolve().is_relative_to(uploads.resolve()):
+        return
+    path.unlink(missing_ok=True)
+    if path.parent.resolve() != uploads.resolve():
+        try:
+            path.parent.rmdir()
+        except OSError:  # not empty: another file is still in use
+            pass
+
+
+def build_demo(predictor: Predictor, uploads: Path | None = None) -> Any:
+    """The page: a file picker (drop or choose), the class probabilities as bars, the Grad-CAM overlay.
+    Uploads inside ``uploads`` (this server's Gradio folder) are deleted once classified."""
     gr = import_gradio()
 
     def cleared() -> tuple[None, None, str]:
@@ -96,10 +114,12 @@ def build_demo(predictor: Predictor) -> Any:
             probabilities, overlay = predictor.classify(path)
         except ValueError as error:  # shown on the page; no traceback in the server's console
             raise gr.Error(str(error), print_exception=False) from None
+        finally:
+            discard_upload(path, uploads)
         return probabilities, overlay, probability_table(probabilities)
 
     kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
-    with gr.Blocks(title="cxr demo", analytics_enabled=False) as demo:
+    with gr.Blocks(title="cxr demo", analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(f"## Chest X-ray classification\nCheckpoint `{predictor.name}`, classes "
                     f"{', '.join(predictor.classes)}, on {predictor.runtime.device}. A research demo, not a diagnosis.")
         with gr.Row():
@@ -124,11 +144,13 @@ def serve(checkpoint: str | os.PathLike, host: str = "127.0.0.1", port: int | No
     ``.close()`` on the returned demo). Uploads over ``max_upload_bytes`` are refused. Raises ServeError or
     CheckpointError."""
     import_gradio()
-    demo = build_demo(Predictor.load(checkpoint, device))
+    predictor = Predictor.load(checkpoint, device)
+    demo, remove_uploads = _with_private_uploads(predictor)
     try:
         demo.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=True, quiet=True,
                     show_error=True, footer_links=["api", "settings"], css=CSS, max_file_size=max_upload_bytes)
     except OSError as error:
+        remove_uploads()
         where = f"{host}:{port}" if port else f"{host} (ports 7860-7959)"
         raise ServeError(f"cannot listen on {where}: the port is taken or the address is not this machine's "
                          f"({error}); choose another --port or --host") from None
@@ -136,5 +158,35 @@ def serve(checkpoint: str | os.PathLike, host: str = "127.0.0.1", port: int | No
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"Listening on {host}: anyone who can reach port {demo.server_port} of this machine can use the page.")
     if block:
-        demo.block_thread()
+        try:
+            demo.block_thread()
+        finally:
+            demo.close()
     return demo
+
+
+def _with_private_uploads(predictor: Predictor) -> tuple[Any, Any]:
+    """The page, with Gradio's uploads and cache in a folder of this server's own (inside $GRADIO_TEMP_DIR
+    when set), removed with everything in it when the page closes; and that removal, for a failed start."""
+    previous = os.environ.get("GRADIO_TEMP_DIR")
+    uploads = Path(tempfile.mkdtemp(prefix="cxr-serve-uploads-", dir=previous))
+    os.environ["GRADIO_TEMP_DIR"] = str(uploads)  # Gradio reads it at each upload
+    demo = build_demo(predictor, uploads)
+    close = demo.close
+
+    def remove_uploads() -> None:
+        shutil.rmtree(uploads, ignore_errors=True)
+        if os.environ.get("GRADIO_TEMP_DIR") == str(uploads):
+            if previous is None:
+                os.environ.pop("GRADIO_TEMP_DIR", None)
+            else:
+                os.environ["GRADIO_TEMP_DIR"] = previous
+
+    def close_and_remove_uploads(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return close(*args, **kwargs)
+        finally:
+            remove_uploads()
+
+    demo.close = close_and_remove_uploads
+    return demo, remove_uploads

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 from torch import nn
 
+from .figures import save_figure
 from . import uncertainty
 from .cache import cache_split
 from .data import Split
@@ -246,7 +247,7 @@ def plot_shortcuts(square: np.ndarray, lung: np.ndarray, scores: dict[str, dict[
     axes[3].tick_params(axis="x", labelsize=8)
     figure.suptitle(title)
     if path is not None:
-        figure.savefig(path, dpi=110)
+        save_figure(figure, path, dpi=110)
     return figure
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .figures import save_figure
 from . import metrics
 from .augment import EvalTransform
 from .config import AUGMENTATION
@@ -90,7 +91,7 @@ def plot_reliability(probabilities: np.ndarray, labels: np.ndarray, path: Path |
     histogram.set(xlabel="confidence (top-class probability)", ylabel="images")
     figure.tight_layout()
     if path is not None:
-        figure.savefig(path, dpi=120)
+        save_figure(figure, path, dpi=120)
     return figure
 
 

@@ -24,8 +24,9 @@ from .audit import audit_summary, audit_training_splits
 from .checkpoint import load_checkpoint
 from .config import Experiment, experiment_from_dict, get_experiment
 from .data import CLASSES, DataSplits, check_limit, load_splits, locate_dataset, warn_skipped
+from .figures import unwritten_figures
 from .engine import build_dataset, fit, make_deterministic, make_loader, predict, seed_everything
-from .inference import load_trained_model  # noqa: F401 (re-exported: workflow.load_trained_model)
+from .inference import check_finite_rows, load_trained_model  # noqa: F401 (re-exported: workflow.load_trained_model)
 from .lung_field import find_lung_masks
 from .metrics import operating_points, who_tb_screening
 from .model_card import CARD_FILE, write_model_card
@@ -126,6 +127,7 @@ def evaluate_model(
     runtime.prepare_model(model)
     with runtime.one_off():
         logits, labels = predict(model, loader, runtime, "test")
+        check_finite_rows(logits, splits.test.paths)
         metrics = reporting.classification_metrics(logits, labels, CLASSES)
         if not distributed.is_main():
             return metrics
@@ -249,11 +251,12 @@ def _train_and_report(experiment: Experiment, splits: DataSplits, out_dir: Path,
     board = RunLog(out_dir / "tensorboard", resume) if main_rank and tensorboard else None
     result = fit(experiment, splits, out_dir, runtime, seed=seed, resume=resume,
                  on_epoch_end=board.on_epoch_end(on_epoch_end) if board else on_epoch_end, model=model)
-    if main_rank:
-        plt.close(reporting.plot_history(result.history, out_dir / ASSET_FILES["curves"], experiment.name))
-    state = load_checkpoint(result.best_checkpoint, experiment=experiment.name)
-    test = evaluate_model(result.model, experiment, splits, out_dir, result.runtime, state["preprocessing"],
-                          lung_masks=lung_masks)
+    with unwritten_figures() as unwritten:  # a full disk costs figures (one warning each), never the scores
+        if main_rank:
+            plt.close(reporting.plot_history(result.history, out_dir / ASSET_FILES["curves"], experiment.name))
+        state = load_checkpoint(result.best_checkpoint, experiment=experiment.name)
+        test = evaluate_model(result.model, experiment, splits, out_dir, result.runtime, state["preprocessing"],
+                              lung_masks=lung_masks)
     if not main_rank:
         return {"experiment": experiment.name, "test": test}
     metrics = {
@@ -281,6 +284,7 @@ def _train_and_report(experiment: Experiment, splits: DataSplits, out_dir: Path,
         "test": test,
         "shortcuts": test.pop("shortcuts", None),
         "files": {k: v for k, v in ASSET_FILES.items()},
+        "figures_not_written": unwritten,
     }
     reporting.write_json(metrics, out_dir / ASSET_FILES["metrics"])
     write_model_card(out_dir, metrics)
