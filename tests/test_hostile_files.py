@@ -125,3 +125,101 @@ def test_a_16_bit_image_is_mapped_to_8_bits_in_bands(tmp_path):
     assert image.size == (2048, 2048) and image.mode == "L"
     assert peak < 2048 * 2048 + 12 * imageio.BAND_PIXELS * 8  # 4 MB out + bands; was 3 float64 copies (100 MB)
     assert np.abs(np.asarray(image)[::8, ::8].astype(int) - small).max() <= 1
+
+
+# 13 and 15: .pt files: a zip bomb, a truncated file, absurd image sizes, a pickle of other objects -----
+
+class CreatesFile:
+    """Unpickling this runs ``open(target, "w")``: what a malicious weights file would do."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return open, (str(self.target), "w")
+
+
+def _refused_without_loading(monkeypatch):
+    import torch
+
+    def never(*args, **kwargs):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", never)
+
+
+def _zip_bomb(path: Path, inflated: int = 8 * 2**20) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data.pkl", b"\0" * inflated)
+    return path
+
+
+def test_a_zip_bomb_pt_is_refused_from_its_zip_directory(tmp_path, monkeypatch):
+    from cxr.checkpoint import CheckpointError, load_checkpoint
+    from cxr.models import WeightsError, build_model
+
+    bomb = _zip_bomb(tmp_path / "bomb.pt")
+    assert bomb.stat().st_size < 100_000
+    _refused_without_loading(monkeypatch)
+    with pytest.raises(CheckpointError, match=r"bomb.pt' holds records that would inflate to 8 MB from a 0.0 MB file"):
+        load_checkpoint(bomb)
+    with pytest.raises(WeightsError, match="would inflate to 8 MB"):
+        build_model("resnet50", 4, bomb)
+
+
+def test_a_truncated_pt_says_truncated(checkpoint, tmp_path):
+    import torch
+
+    from cxr.checkpoint import CheckpointError, load_checkpoint
+    from cxr.models import WeightsError, build_model
+
+    data = Path(checkpoint).read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cut.pt' is truncated"):
+        load_checkpoint(tmp_path / "cut.pt")
+    with pytest.raises(WeightsError, match=r"cut.pt': it is truncated"):
+        build_model("resnet50", 4, tmp_path / "cut.pt")
+    torch.save({"w": torch.zeros(1000)}, tmp_path / "whole.pt")
+    (tmp_path / "tail_cut.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:-30])  # the end record cut
+    with pytest.raises(WeightsError, match=r"tail_cut.pt': it is truncated"):
+        build_model("resnet50", 4, tmp_path / "tail_cut.pt")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("experiment.image_size", 100_000, "has experiment.image_size 100000, outside 32-1024 px"),
+    ("preprocessing.image_size", 4096, "has preprocessing.image_size 4096, outside 32-1024 px"),
+    ("preprocessing.resize", 200_000, "has preprocessing.resize 200000: it must be a whole number of pixels"),
+])
+def test_absurd_image_sizes_in_a_checkpoint_are_refused_at_load(checkpoint, tmp_path, capsys, field, value, message):
+    import torch
+
+    from cxr.cli import main
+
+    state = torch.load(checkpoint, weights_only=True)
+    part, key = field.split(".")
+    state[part][key] = value
+    torch.save(state, tmp_path / "edited.pt")
+    Image.fromarray(_gradient(top=255).astype(np.uint8)).save(tmp_path / "x.png")
+    assert main(["predict", str(tmp_path / "x.png"), "--checkpoint", str(tmp_path / "edited.pt"), "--device", "cpu",
+                 "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert "edited.pt' " + message in err
+
+
+def test_a_weights_file_holding_other_objects_is_refused_in_plain_words(tmp_path):
+    import torch
+
+    from cxr.models import WeightsError, build_model
+
+    torch.save({"conv1.weight": CreatesFile(tmp_path / "pwned")}, tmp_path / "evil.pth")
+    with pytest.raises(WeightsError) as caught:
+        build_model("resnet50", 4, tmp_path / "evil.pth")
+    message = str(caught.value)
+    assert message.startswith(f"Could not read weights file {str(tmp_path / 'evil.pth')!r}: it is not a plain state "
+                              "dict: it holds "
+                              "objects other than tensors and plain data")
+    assert "refused for safety" in message and "weights_only" not in message and "\n" not in message
+    assert not (tmp_path / "pwned").exists()
