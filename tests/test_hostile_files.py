@@ -223,3 +223,67 @@ def test_a_weights_file_holding_other_objects_is_refused_in_plain_words(tmp_path
                               "objects other than tensors and plain data")
     assert "refused for safety" in message and "weights_only" not in message and "\n" not in message
     assert not (tmp_path / "pwned").exists()
+
+
+# 15 (a file name that is not UTF-8) and 17 (an image replaced in place) ---------------------------------
+
+def _replace_in_place(path: Path, pixels: np.ndarray) -> None:
+    """New pixels, the same file size (uncompressed PNG) and the same modification time as before."""
+    import os
+
+    before = path.stat()
+    Image.fromarray(pixels).save(path, compress_level=0)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def test_the_cache_serves_new_pixels_for_an_image_replaced_in_place(tmp_path):
+    from cxr.cache import cache_split
+    from cxr.data import Split
+
+    path = tmp_path / "scan.png"
+    Image.fromarray(_gradient(top=255).astype(np.uint8)).save(path, compress_level=0)
+    first = cache_split(Split([path], [0]), SIDE, tmp_path / "cache", workers=0, progress=False)
+    _replace_in_place(path, 255 - _gradient(top=255).astype(np.uint8))
+    second = cache_split(Split([path], [0]), SIDE, tmp_path / "cache", workers=0, progress=False)
+    assert second.decoded == 1 and np.array_equal(second.images[0], 255 - first.images[0])
+
+
+def test_resume_refuses_an_image_replaced_in_place_with_the_same_size_and_time(tmp_path):
+    from cxr.checkpoint import CheckpointError
+    from cxr.config import get_experiment
+    from cxr.data import load_splits
+    from cxr.engine import fit
+    from cxr.runtime import Runtime
+    from cxr.synthetic import write_synthetic_dataset
+
+    root = write_synthetic_dataset(tmp_path / "data", {"train": 5, "val": 2, "test": 1}, size=32, bad_files=False)
+    target = sorted((root / "train" / "NORMAL").glob("*.png"))[0]
+    Image.open(target).convert("L").save(target, compress_level=0)
+    experiment = get_experiment("resnet50_full", epochs=1, batch_size=8, image_size=32, weights="none")
+    cpu = Runtime.create("cpu", progress=False)
+    fit(experiment, load_splits(root, val_source="given"), tmp_path / "run", cpu, seed=3)
+    _replace_in_place(target, 255 - np.asarray(Image.open(target)))
+    with pytest.raises(CheckpointError, match=r"the train image files differ \(names, sizes or contents"):
+        fit(experiment, load_splits(root, val_source="given"), tmp_path / "run", cpu, seed=3, resume=True)
+
+
+def test_a_file_name_that_is_not_utf8_is_read_like_any_other(tmp_path):
+    import os
+
+    from cxr.cache import cache_split
+    from cxr.data import load_splits
+    from cxr.engine import data_signature
+    from cxr.synthetic import write_synthetic_dataset
+
+    root = write_synthetic_dataset(tmp_path / "data", {"train": 2, "test": 1}, size=32, bad_files=False)
+    folder = os.fsencode(root / "test" / "NORMAL")
+    Image.fromarray(_gradient(top=255).astype(np.uint8)).save(os.path.join(folder, b"scan-\xff\xfe.png").decode(
+        "utf-8", "surrogateescape"))
+    splits = load_splits(root, val_source="carve")
+    odd = [p for p in splits.test.paths if "\udcff" in str(p)]
+    assert len(odd) == 1
+    assert data_signature(splits)["files"]["test"]  # was UnicodeEncodeError for the whole dataset
+    cached = cache_split(splits.test, SIDE, tmp_path / "cache", workers=0, progress=False)
+    assert odd[0] in cached.split.paths and not cached.split.skipped
