@@ -287,3 +287,23 @@ def test_a_file_name_that_is_not_utf8_is_read_like_any_other(tmp_path):
     assert data_signature(splits)["files"]["test"]  # was UnicodeEncodeError for the whole dataset
     cached = cache_split(splits.test, SIDE, tmp_path / "cache", workers=0, progress=False)
     assert odd[0] in cached.split.paths and not cached.split.skipped
+
+
+# 16: folder names that only look like a class ----------------------------------------------------------
+
+def test_ignored_folders_are_shown_with_their_invisible_characters(tmp_path):
+    from cxr.audit import audit_dataset
+    from cxr.layout import visible_name
+    from cxr.synthetic import write_synthetic_dataset
+
+    root = write_synthetic_dataset(tmp_path / "data", {"train": 2, "test": 1}, size=32, bad_files=False)
+    for name in ("Normal ", "N\u041eRMAL", "LUNG_OPACITY"):  # a trailing space; a Cyrillic O
+        (root / "train" / name).mkdir()
+        Image.fromarray(_gradient(top=255).astype(np.uint8)).save(root / "train" / name / "x.png")
+    assert visible_name("LUNG_OPACITY") == "LUNG_OPACITY"
+    assert visible_name("Normal ") == "'Normal ' (looks like NORMAL, but is another name)"
+    assert visible_name("N\u041eRMAL") == "'N\\u041eRMAL' (looks like NORMAL, but is another name)"
+    report = audit_dataset(root, progress=False, cache_dir=tmp_path / "cache")
+    message = next(m for m in report["warnings"] if m.startswith("Folders that are not classes"))
+    assert "'train/Normal ' (looks like NORMAL, but" in message and message.isascii()
+    assert "'train/N\\u041eRMAL' (looks like NORMAL, but" in message and "train/LUNG_OPACITY," in message
