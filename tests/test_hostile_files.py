@@ -307,3 +307,47 @@ def test_ignored_folders_are_shown_with_their_invisible_characters(tmp_path):
     message = next(m for m in report["warnings"] if m.startswith("Folders that are not classes"))
     assert "'train/Normal ' (looks like NORMAL, but" in message and message.isascii()
     assert "'train/N\\u041eRMAL' (looks like NORMAL, but" in message and "train/LUNG_OPACITY," in message
+
+
+# 12, the demo page: one slow upload does not hold the others -------------------------------------------
+
+def test_a_slow_upload_does_not_block_the_next_one_on_the_demo_page(checkpoint, tmp_path, monkeypatch):
+    import socket
+    import threading
+    import time
+
+    from gradio_client import Client, handle_file
+
+    from cxr import serve as serve_module
+
+    decode = imageio.open_8bit
+
+    def slow_decode(path, draft_side=None):  # stands for a file that takes long to decode
+        if Path(path).name.startswith("slow"):
+            time.sleep(3)
+        return decode(path, draft_side)
+
+    monkeypatch.setattr(imageio, "open_8bit", slow_decode)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    for name in ("slow.png", "normal.png"):
+        Image.fromarray(_gradient(top=255).astype(np.uint8)).save(tmp_path / name)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    demo = serve_module.serve(checkpoint, port=port, device="cpu", block=False)
+    finished = {}
+
+    def classify(name: str) -> None:
+        client.predict(handle_file(str(tmp_path / name)), api_name="/classify")
+        finished[name] = time.monotonic()
+
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        slow = threading.Thread(target=classify, args=("slow.png",))
+        slow.start()
+        time.sleep(1)
+        classify("normal.png")
+        slow.join()
+    finally:
+        demo.close()
+    assert finished["normal.png"] < finished["slow.png"]  # with one upload at a time it waited for the slow one
