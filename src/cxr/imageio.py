@@ -47,6 +47,7 @@ BAND_PIXELS = 2**18
 # A deflated DICOM is inflated whole by pydicom before its header can be read; its inflated size is counted
 # first (streaming, nothing kept) and refused beyond what the largest allowed frame could need.
 INFLATE_STEP = 2**20
+EXIF_ORIENTATION = 0x0112
 
 
 class ImageReadError(ValueError):
@@ -251,8 +252,14 @@ def read_dicom(path: str | os.PathLike) -> Image.Image:
         for band in _bands(*pixels.shape[:2]):
             rgb = Image.fromarray(scale_to_uint8(pixels[band], 0, top), mode="RGB")
             out[band] = np.asarray(rgb.convert("L"))
-        return Image.fromarray(out, mode="L")
-    return Image.fromarray(_dicom_to_uint8(pixels, ds), mode="L")
+        return _image_of(out)
+    return _image_of(_dicom_to_uint8(pixels, ds))
+
+
+def _image_of(pixels: np.ndarray) -> Image.Image:
+    """An ``L`` image over the uint8 array's own memory (``Image.fromarray`` would copy it)."""
+    height, width = pixels.shape
+    return Image.frombuffer("L", (width, height), np.ascontiguousarray(pixels), "raw", "L", 0, 1)
 
 
 def _value_range(bands: Any) -> tuple[float, float]:
@@ -277,7 +284,7 @@ def _high_depth_to_uint8(image: Image.Image) -> Image.Image:
     out = np.empty((height, width), dtype=np.uint8)
     for band in bands:
         out[band] = scale_to_uint8(values(band), low, high)
-    return Image.fromarray(out, mode="L")
+    return _image_of(out)
 
 
 def jpeg_scans(path: str | os.PathLike) -> int:
@@ -314,7 +321,9 @@ def open_8bit(path: str | os.PathLike, draft_side: int | None = None) -> Image.I
                 raise ImageReadError(slow)
             if draft_side:
                 image.draft("L", (draft_side, draft_side))
-        image = ImageOps.exif_transpose(image)
+        if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even an upright image
+            image = ImageOps.exif_transpose(image)
+        image.load()  # decoded here, while the file is open
         if image.mode in HIGH_DEPTH_MODES:
             return _high_depth_to_uint8(image)
         if image.mode == "L":
