@@ -268,3 +268,29 @@ def test_runs_older_than_the_baseline_take_it_from_the_audit_of_their_dataset(pr
         audit_path.write_text(json.dumps(other))
         write_report(project / "assets", readme)
         assert BASELINE_ROW not in section(readme.read_text())
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["test"].update(ci95="0.80-0.89"), "has a 'ci95' that is not a table of [low, high] intervals"),
+    (lambda m: m["test"].update(accuracy=float("nan")), "holds NaN or infinity where a score is shown"),
+    (lambda m: m["test"].update(macro_f1="0.9"), "has a field of the wrong type (ValueError"),
+    (lambda m: m.update(experiment="x " + END_MARKER), "names its experiment 'x <!-- results:end -->', which is not"),
+    (lambda m: m.update(weights=START_MARKER), "holds text with an HTML comment marker ('<!-- results:start -->')"),
+    (None, "not UTF-8 text"),
+])
+def test_a_damaged_metrics_json_is_named_and_readme_untouched(project, capsys, change, message):
+    """A string ci95, NaN, random bytes or a results marker in a name used to give a traceback or a README
+    whose markers no longer pair up; each is now one line naming the file, README unchanged."""
+    path = project / "assets" / "resnet50_full" / "metrics.json"
+    if change is None:
+        path.write_bytes(bytes(range(256)) * 4)
+    else:
+        metrics = json.loads(path.read_text())
+        change(metrics)
+        path.write_text(json.dumps(metrics))
+    before = (project / "README.md").read_text()
+    assert main(["report", "--assets", str(project / "assets"), "--readme", str(project / "README.md")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("error: ") and str(path) in err and message in err and "README is unchanged" in err
+    assert (project / "README.md").read_text() == before

@@ -31,6 +31,7 @@ from . import near_duplicates, shortcut_baseline
 from .cache import cache_side, cache_split
 from .data import CLASSES, FOLDER_ALIASES, SPLITS, DataSplits, Split, locate_dataset, scan_split
 from .imageio import dicom_header, is_dicom
+from .layout import visible_name
 from .reporting import write_json
 
 AUDIT_FILE = "audit.json"
@@ -240,7 +241,8 @@ def _warnings(report: dict[str, Any]) -> list[str]:
         if empty:
             messages.append(f"The {name} split has no images of {', '.join(empty)}.")
     if report.get("ignored_folders"):
-        messages.append(f"Folders that are not classes were ignored: {', '.join(report['ignored_folders'])}.")
+        shown = ", ".join(visible_name(name) for name in report["ignored_folders"])
+        messages.append(f"Folders that are not classes were ignored: {shown}.")
     return messages
 
 

@@ -3,8 +3,8 @@
 Each image is decoded by :func:`cxr.imageio.decode_image` (JPEG in draft mode, which lets libjpeg skip
 most of the work for a small target; DICOM through its LUTs), as 8-bit grayscale with its shorter side
 resized to ``side`` and center-cropped to a ``side`` x ``side`` square, then stored as raw bytes in its
-own file. The file name is a hash of the image's absolute path, size, modification time and ``side``, so
-a changed image simply misses the cache and is decoded again while the others are reused; two runs may
+own file. The file name is a hash of the image's content (:func:`cxr.fileid.content_digest`) and ``side``,
+so a changed image simply misses the cache and is decoded again while the others are reused; two runs may
 build the same cache at once (every entry is written to a temporary file and renamed). Chest X-rays are
 grayscale: one channel is stored and expanded to three on the device, a third of the memory of RGB.
 Decoding runs on a thread pool: Pillow releases the GIL while it decodes and resizes.
@@ -25,6 +25,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .data import Split
+from .fileid import content_digest
 from .imageio import cache_side, decode_image  # noqa: F401  (cache_side: part of this module's interface)
 
 # 2: more than 8 bits rounded (imageio.scale_to_uint8); 3: only the region under the crop resampled (within a level of 2)
@@ -41,9 +42,9 @@ def default_cache_dir() -> Path:
 
 
 def entry_path(cache_dir: Path, path: Path, side: int) -> Path:
-    """Where the decoded copy of ``path`` lives; it changes whenever the file's size or mtime does."""
-    stat = path.stat()
-    key = f"{FORMAT_VERSION}\0{side}\0{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    """Where the decoded copy of ``path`` lives: named by the file's content, so an image replaced in place
+    (even with the same size and modification time) misses the cache, and copies of one file share it."""
+    key = f"{FORMAT_VERSION}\0{side}\0{content_digest(path)}"
     digest = hashlib.sha1(key.encode()).hexdigest()
     return cache_dir / f"v{FORMAT_VERSION}-{side}px" / digest[:2] / f"{digest}.u8"
 
@@ -120,14 +121,16 @@ def cache_split(
     cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     workers = default_workers() if workers is None else workers
     images = np.empty((len(split), side, side), dtype=np.uint8)
-    entries: list[Path | None] = []
     failures: dict[int, str] = {}
-    for index, path in enumerate(split.paths):
+
+    def locate(index: int) -> Path | None:  # reads the file for its digest: on the pool, like decoding
         try:
-            entries.append(entry_path(cache_dir, Path(path), side))
+            return entry_path(cache_dir, Path(split.paths[index]), side)
         except OSError as error:  # the file vanished or became unreadable after scanning
-            entries.append(None)
             failures[index] = f"unreadable ({error})"
+            return None
+
+    entries: list[Path | None] = _run(locate, list(range(len(split))), workers, None)
 
     def read(index: int) -> bool:
         return entries[index] is not None and _read_entry(entries[index], images[index])

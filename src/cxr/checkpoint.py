@@ -10,7 +10,9 @@ from typing import Any, Callable
 
 import torch
 
+from .preflight import LARGEST_IMAGE, SMALLEST_IMAGE
 from .runlock import pid_running
+from .torchfile import archive_problem, load_problem
 
 FORMAT = "cxr-checkpoint/1"
 REQUIRED_KEYS = ("format", "model", "experiment", "classes", "epoch")
@@ -168,6 +170,22 @@ def check_weights(state: dict[str, Any], path: Path) -> None:
                               "it cannot predict anything. Use an earlier checkpoint.")
 
 
+def check_preprocessing(state: dict[str, Any], path: Path) -> None:
+    """Refuse image sizes no model of ours is trained at, before anything is allocated for them: an edited
+    ``image_size`` of 100000 asked for a 120 GB probe image, 4096 took 80 s and 4.8 GB to load."""
+    prep = state.get("preprocessing") if isinstance(state.get("preprocessing"), dict) else {}
+    sizes = {"experiment.image_size": state["experiment"].get("image_size", SMALLEST_IMAGE),
+             "preprocessing.image_size": prep.get("image_size", SMALLEST_IMAGE)}
+    for field, value in sizes.items():
+        if not (isinstance(value, int) and SMALLEST_IMAGE <= value <= LARGEST_IMAGE):
+            raise CheckpointError(f"{str(path)!r} has {field} {value!r}, outside {SMALLEST_IMAGE}-{LARGEST_IMAGE} px; "
+                                  "no cxr model is trained at that size (an edited or damaged checkpoint).")
+    resize = prep.get("resize")
+    if resize is not None and not (isinstance(resize, int) and prep.get("image_size", 0) <= resize <= 2 * LARGEST_IMAGE):
+        raise CheckpointError(f"{str(path)!r} has preprocessing.resize {resize!r}: it must be a whole number of pixels "
+                              f"from the image size to {2 * LARGEST_IMAGE} (an edited or damaged checkpoint).")
+
+
 def load_checkpoint(
     path: str | os.PathLike, experiment: str | None = None, arch: str | None = None, classes=None
 ) -> dict[str, Any]:
@@ -184,9 +202,14 @@ def load_checkpoint(
         magic = handle.read(2)
     if magic and magic not in TORCH_MAGIC:  # random bytes: torch would blame its weights_only default
         raise CheckpointError(f"{str(path)!r} is not a cxr checkpoint (not a file written by torch.save).")
+    problem = archive_problem(path) if magic else None
+    if problem is not None:
+        raise CheckpointError(f"{str(path)!r} {problem}.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
+        if magic and load_problem(error).startswith("is truncated"):
+            raise CheckpointError(f"{str(path)!r} {load_problem(error)}.") from None
         detail = str(error).strip().splitlines()[0] if str(error).strip() else "no data"
         first_line = f"{type(error).__name__}: {detail}"
         raise CheckpointError(
@@ -197,6 +220,7 @@ def load_checkpoint(
             or not isinstance(state["experiment"], dict)):
         raise CheckpointError(f"{str(path)!r} is not a cxr checkpoint (format {FORMAT!r} expected).")
     check_weights(state, path)
+    check_preprocessing(state, path)
     found = state["experiment"]
     if experiment is not None and found.get("name") != experiment:
         raise CheckpointError(

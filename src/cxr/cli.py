@@ -307,6 +307,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 def _external(args: argparse.Namespace) -> int:
     from .external import evaluate_external
+    from .layout import visible_name
 
     if args.tta:
         print("error: --tta is not available with --external; evaluate the external folder without it.",
@@ -317,7 +318,7 @@ def _external(args: argparse.Namespace) -> int:
                                cache_dir=args.cache_dir)
     where = f"{result['experiment']}/external/{result['external']['folder']}"
     for name in result["external"]["ignored_folders"]:
-        print(f"ignored folder (not a class): {name}")
+        print(f"ignored folder (not a class): {visible_name(name)}")
     for path, matches in result["overlaps"]["files"].items():
         print(f"overlaps training: {path} = {'; '.join(matches)}")
     _print_metrics(result, args.out, where)

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from .config import AUGMENTATION
-from .imageio import IMAGE_EXTENSIONS, check_dicom, check_shape, decode_image, is_dicom, open_8bit
+from .imageio import IMAGE_EXTENSIONS, check_dicom, check_jpeg_scans, check_shape, decode_image, is_dicom, open_8bit
 from .layout import (  # noqa: F401  (re-exported)
     CLASSES, EXPECTED_LAYOUT, FOLDER_ALIASES, IMAGENET_MEAN, IMAGENET_STD, KAGGLE_HANDLE, SPLITS, DatasetError,
     child_dirs, download_dataset, find_attached_dataset, find_dataset_roots, find_split_root, is_dataset_root,
@@ -91,6 +91,7 @@ def check_image(path: Path) -> str | None:
             tail = handle.read()
         if tail.rfind(b"\xff\xd9") < max(0, tail.rfind(b"\xff\xda")):
             return "truncated JPEG"
+        return check_jpeg_scans(path)
     return None
 
 

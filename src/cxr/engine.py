@@ -29,6 +29,7 @@ from .augment import DeviceLoader
 from .checkpoint import CheckpointError, CheckpointWriter, load_checkpoint, remove_stale_temporaries
 from .config import Experiment
 from .data import CLASSES, EXPECTED_LAYOUT, DatasetError, DataSplits, Split
+from .fileid import content_digest, text_bytes
 from .graphs import GraphedTraining
 from .losses import build_loss
 from .models import Classifier, build_model, preprocessing
@@ -526,22 +527,29 @@ def require_every_class(splits: DataSplits) -> None:
             )
 
 
-def files_signature(split: Split, root: Path) -> str:
-    """SHA-256 of every file's path (below ``root``), label, size and modification time: swapping one image
-    for another changes it even where the per-class counts stay the same. Reads no pixels (a stat per file)."""
+def files_signature(split: Split, root: Path, by_content: bool = True) -> str:
+    """SHA-256 of every file's path (below ``root``), label and content digest (``by_content``), else size
+    and modification time (what checkpoints before content digests stored): swapping one image for another,
+    or replacing one in place with the same size and timestamp, changes it even where the per-class counts
+    stay the same. Each file is read once per run (:func:`cxr.fileid.content_digest` remembers it)."""
     digest = hashlib.sha256()
     prefix = os.path.join(str(root), "")
     for path, label in zip(split.paths, split.labels):
-        stat = os.stat(path)
         name = str(path)[len(prefix):] if str(path).startswith(prefix) else str(path)
-        digest.update(f"{name}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        if by_content:
+            identity = content_digest(path)
+        else:
+            stat = os.stat(path)
+            identity = f"{stat.st_size}\0{stat.st_mtime_ns}"
+        digest.update(text_bytes(f"{name}\0{label}\0{identity}\n"))
     return digest.hexdigest()
 
 
-def data_signature(splits: DataSplits) -> dict[str, Any]:
+def data_signature(splits: DataSplits, by_content: bool = True) -> dict[str, Any]:
     """What a resumed run must see again: the same validation source, per-class counts and files."""
-    return {"val_source": splits.val_source, "counts": splits.counts(),
-            "files": {name: files_signature(getattr(splits, name), splits.root) for name in ("train", "val", "test")}}
+    return {"val_source": splits.val_source, "counts": splits.counts(), "files_by": "content" if by_content else "stat",
+            "files": {name: files_signature(getattr(splits, name), splits.root, by_content)
+                      for name in ("train", "val", "test")}}
 
 
 def data_differences(saved: dict[str, Any], wanted: dict[str, Any], path: Path) -> list[str]:
@@ -554,8 +562,9 @@ def data_differences(saved: dict[str, Any], wanted: dict[str, Any], path: Path) 
                       "with this run's data.", stacklevel=3)
         return differences
     changed = [name for name, digest in wanted["files"].items() if saved["files"].get(name) != digest]
+    compared = "contents" if wanted["files_by"] == "content" else "modification times"
     if changed and not differences:
-        differences.append(f"the {', '.join(changed)} image files differ (names, sizes or modification times; "
+        differences.append(f"the {', '.join(changed)} image files differ (names, sizes or {compared}; "
                            "the per-class counts are the same)")
     return differences
 
@@ -568,7 +577,8 @@ def check_resumable(state: dict[str, Any], path: Path, experiment: Experiment, s
     differences = [f"{key}={saved[key]!r} (now {wanted[key]!r})" for key in wanted
                    if key in saved and saved[key] != wanted[key]]
     if isinstance(state.get("data"), dict):
-        differences += data_differences(state["data"], data_signature(splits), path)
+        by_content = state["data"].get("files_by") == "content"  # else written before content digests
+        differences += data_differences(state["data"], data_signature(splits, by_content), path)
     if differences:
         raise CheckpointError(
             f"{str(path)!r} was written with other settings: {'; '.join(differences)}. "

@@ -26,6 +26,7 @@ from .audit import audit_splits
 from .config import experiment_from_dict
 from .data import CLASSES, FOLDER_ALIASES, Split, add_class_files, warn_skipped
 from .engine import build_dataset, make_loader, predict
+from .layout import visible_name
 from .metrics import operating_points, who_tb_screening
 from .model_card import write_model_card
 from .runtime import Runtime
@@ -126,7 +127,7 @@ def evaluate_external(
     external, ignored, base = scan_external(folder)
     warn_skipped(external.skipped)
     for name in ignored:
-        warnings.warn(f"external folder {name!r} is not a class; its images are ignored.", stacklevel=2)
+        warnings.warn(f"external folder {visible_name(name)} is not a class; its images are ignored.", stacklevel=2)
     model, state = load_trained_model(checkpoint, experiment)
     config = experiment_from_dict(state["experiment"])
     runtime = runtime or Runtime.create(device, cache=cache, cache_dir=cache_dir, progress=progress)

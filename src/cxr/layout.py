@@ -27,6 +27,18 @@ class DatasetError(RuntimeError):
     """The dataset cannot be found or used; the message says what to do."""
 
 
+def visible_name(name: str) -> str:
+    """A folder name as a warning should show it: plain when it is printable ASCII without spaces at its
+    ends; else quoted with escapes (``'Normal '``, ``'N\\u041eRMAL'`` for a Cyrillic O), and the class it
+    mimics named, so a folder that looks like a class but is not one can be seen and renamed."""
+    if name.isascii() and name.isprintable() and name == name.strip():
+        return name
+    key = name.rsplit("/", 1)[-1].strip().upper()  # a folder's own name, also below a split ("train/...")
+    mimics = next((c for c in CLASSES if len(c) == len(key)
+                   and all(a == b or not a.isascii() for a, b in zip(key, c))), None)
+    return ascii(name) + (f" (looks like {mimics}, but is another name)" if mimics else "")
+
+
 def child_dirs(path: Path) -> dict[str, Path]:
     return {p.name.lower(): p for p in path.iterdir() if p.is_dir()} if path.is_dir() else {}
 

@@ -133,10 +133,18 @@ def _backbone(arch: str, pretrained: bool, image_size: int) -> nn.Module:
 
 
 def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """A plain state dict (or one of our checkpoints), read without running any pickled code."""
+    from .torchfile import archive_problem, load_problem
+
+    problem = archive_problem(path)
+    if problem is not None:
+        raise WeightsError(f"Could not read weights file {str(path)!r}: it {problem}.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise WeightsError(f"Could not read weights file {str(path)!r}: {error}") from None
+        problem = load_problem(error)
+        plain = "is not a plain state dict: it " if problem.startswith("holds objects") else ""
+        raise WeightsError(f"Could not read weights file {str(path)!r}: it {plain}{problem}.") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -25,23 +26,70 @@ SHORTCUTS_START = "<!-- shortcuts:start -->"
 SHORTCUTS_END = "<!-- shortcuts:end -->"
 BASELINE_ROW = "shortcut baseline (no anatomy)"
 FIGURE_ORDER = ("curves", "confusion_matrix", "predictions")
+PLAIN_NAME = re.compile(r"[\w.+-]+")
+NOT_A_NUMBER = re.compile(r"(?<![\w.])-?(nan|inf)(?![\w])", re.IGNORECASE)
 
 
 class ReportError(RuntimeError):
     """The results cannot be gathered or written; the message says what to do."""
 
 
-def read_metrics(path: str | os.PathLike) -> dict[str, Any]:
-    """One run's metrics, with the path it came from under ``"_path"``."""
-    path = Path(path)
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file the report reads; random bytes or damaged JSON are a ReportError naming the file."""
     try:
-        metrics = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ReportError(f"Could not read {str(path)!r} ({error}); re-run the experiment to rewrite it.") from None
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        reason = "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else str(error)
+        raise ReportError(f"Could not read {str(path)!r} ({reason}); re-run the experiment to rewrite it. "
+                          "README is unchanged.") from None
+
+
+def read_metrics(path: str | os.PathLike) -> dict[str, Any]:
+    """One run's metrics, with the path it came from under ``"_path"``, checked as the report reads it."""
+    path = Path(path)
+    metrics = read_json(path)
     if not isinstance(metrics, dict) or not isinstance(metrics.get("test"), dict):
         raise ReportError(f"{str(path)!r} has no 'test' scores; is it a metrics.json written by cxr train?")
     metrics["_path"] = path
+    check_run(metrics, path)
     return metrics
+
+
+def _strings(value: Any) -> Iterable[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(key)
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def check_run(metrics: dict[str, Any], path: Path) -> None:
+    """Refuse, naming the file, what would put a wrong README on the page: an experiment name that is not a
+    plain name, text holding an HTML comment (a results marker would cut the block short), a ``ci95`` that
+    is not a table of intervals, a field of the wrong type, or NaN or infinity where a score is shown."""
+    def refuse(why: str) -> ReportError:
+        return ReportError(f"{str(path)!r} {why}; fix or re-run that experiment. README is unchanged.")
+
+    name = _name(metrics)
+    if not PLAIN_NAME.fullmatch(name):
+        raise refuse(f"names its experiment {name!r}, which is not a plain name (letters, digits, '.', '_', '+', '-')")
+    marked = next((text for text in _strings({k: v for k, v in metrics.items() if k != "_path"})
+                   if "<!--" in text or "-->" in text), None)
+    if marked is not None:
+        raise refuse(f"holds text with an HTML comment marker ({marked[:80]!r}), which would break README's markers")
+    tests = [metrics["test"], *(test for _, test in external_rows(metrics))]
+    if any(not isinstance(test, dict) or not isinstance(test.get("ci95") or {}, dict) for test in tests):
+        raise refuse("has a 'ci95' that is not a table of [low, high] intervals")
+    try:
+        rendered = render_results([metrics], path.parent) + render_shortcuts([metrics])
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as error:
+        raise refuse(f"has a field of the wrong type ({type(error).__name__}: {error})") from None
+    if NOT_A_NUMBER.search(rendered):
+        raise refuse("holds NaN or infinity where a score is shown")
 
 
 def collect_metrics(assets: str | os.PathLike = "assets") -> list[dict[str, Any]]:
@@ -182,7 +230,7 @@ def scores_table(runs: Sequence[dict[str, Any]], baseline: dict[str, Any] | None
 def external_results(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     """The run's external evaluations: ``external/<folder>/metrics.json`` beside its metrics.json, by folder."""
     folder = Path(metrics["_path"]).parent / "external"
-    return [json.loads(path.read_text()) for path in sorted(folder.glob("*/metrics.json"))]
+    return [read_json(path) for path in sorted(folder.glob("*/metrics.json"))]
 
 
 def external_rows(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -207,7 +255,7 @@ def audit_baseline(assets: Path, runs: Sequence[dict[str, Any]]) -> dict[str, An
     path = assets / "audit.json"
     if not runs or not path.is_file():
         return None
-    audit = json.loads(path.read_text())
+    audit = read_json(path)
     baseline, dataset = audit.get("shortcut_baseline"), runs[0].get("dataset", {})
     test_counts = audit.get("splits", {}).get("test", {}).get("counts")
     if not isinstance(baseline, dict) or Path(audit.get("root", "")).name != dataset.get("name"):

@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,9 @@ from PIL import Image
 
 from .data import IMAGE_EXTENSIONS
 from .export import load_for_inference
-from .predict import predict_images
+from .predict import predict_images, read_image
 from .runtime import Runtime
+from .uncertainty import square_side
 
 # The model's input is small (224 px, 32 in tests): show it as large as its box, pixels as squares.
 CSS = "#cam img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}"
@@ -33,6 +35,9 @@ INSTALL_HINT = "uv sync --extra demo"
 MAX_UPLOAD_BYTES = 64 * 2**20
 # Gradio also keeps what it shows (the overlay, a patient's pixels): every minute, files older than 5 go.
 DELETE_CACHE = (60, 300)
+# Uploads decoded at once: a slow file (a JPEG of many scans decodes up to the scan limit) then holds one of
+# these, not the page; the model itself runs one upload at a time (Grad-CAM hooks the shared model).
+CONCURRENT_UPLOADS = 4
 
 
 class ServeError(RuntimeError):
@@ -58,6 +63,7 @@ class Predictor:
     preprocessing: dict[str, Any]
     runtime: Runtime
     name: str
+    model_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def load(cls, checkpoint: str | os.PathLike, device: str | None = None) -> "Predictor":
@@ -68,9 +74,15 @@ class Predictor:
     def classify(self, path: str | os.PathLike) -> tuple[dict[str, float], np.ndarray]:
         """Every class's probability and the image beside its Grad-CAM (uint8 RGB); ValueError with the
         reason when the file cannot be read as an image."""
+        square, reason = read_image(Path(path), square_side(self.preprocessing))  # decoded outside the lock
+        if square is None:
+            raise ValueError(f"{Path(path).name}: {reason}")
         with tempfile.TemporaryDirectory(prefix="cxr-serve-") as cam_dir:
-            result = predict_images(self.model, self.classes, self.preprocessing, [Path(path)], self.runtime,
-                                    cam_dir=Path(cam_dir))
+            decoded = Path(cam_dir) / "decoded.png"  # the square itself: decoding it again gives it unchanged
+            Image.fromarray(square).save(decoded)
+            with self.model_lock:
+                result = predict_images(self.model, self.classes, self.preprocessing, [decoded], self.runtime,
+                                        cam_dir=Path(cam_dir))
             if result.failures:
                 raise ValueError(f"{Path(path).name}: {result.failures[0][1]}")
             with Image.open(result.cam_files[0]) as pair:
@@ -133,7 +145,7 @@ def build_demo(predictor: Predictor, uploads: Path | None = None) -> Any:
         outputs = [label, cam, table]
         # A new upload first clears the last result, so a failed one never leaves another image's result showing.
         upload.upload(cleared, outputs=outputs, api_visibility="private", queue=False).then(
-            classify, inputs=upload, outputs=outputs, api_name="classify")
+            classify, inputs=upload, outputs=outputs, api_name="classify", concurrency_limit=CONCURRENT_UPLOADS)
         upload.clear(cleared, outputs=outputs, api_visibility="private", queue=False)
     return demo
 
