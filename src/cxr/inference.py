@@ -75,12 +75,14 @@ def _overflowing_module(model: Classifier, probes: torch.Tensor) -> tuple[str, i
             for tensor in output if isinstance(output, (tuple, list)) else (output,):
                 if found or not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
                     continue
-                bad = ~torch.isfinite(tensor) | (tensor.abs() > ACTIVATION_LIMIT)
-                if bool(bad.any()) and tensor.shape[:1] == probes.shape[:1]:
-                    found.append((name, int(bad.flatten(1).any(1).nonzero()[0])))
+                if not bool(tensor.abs().amax() <= ACTIVATION_LIMIT) and tensor.shape[:1] == probes.shape[:1]:
+                    peaks = tensor.abs().flatten(1).amax(1)  # NaN fails every comparison: it counts as too large
+                    found.append((name, int((~(peaks <= ACTIVATION_LIMIT)).nonzero()[0])))
         return hook
 
-    handles = [module.register_forward_hook(watch(name)) for name, module in model.named_modules() if name]
+    # The layers themselves (containers only pass their last layer's output on): one reduction per output.
+    handles = [module.register_forward_hook(watch(name)) for name, module in model.named_modules()
+               if name and not any(module.children())]
     try:
         logits = model(probes)
     finally:

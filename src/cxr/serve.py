@@ -157,7 +157,11 @@ def serve(checkpoint: str | os.PathLike, host: str = "127.0.0.1", port: int | No
     CheckpointError."""
     import_gradio()
     predictor = Predictor.load(checkpoint, device)
-    demo, remove_uploads = _with_private_uploads(predictor)
+    try:
+        demo, remove_uploads = _with_private_uploads(predictor)
+    except OSError as error:
+        raise ServeError(f"cannot create a folder for the uploads ({error}); set GRADIO_TEMP_DIR to a folder "
+                         "you can write to") from None
     try:
         demo.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=True, quiet=True,
                     show_error=True, footer_links=["api", "settings"], css=CSS, max_file_size=max_upload_bytes)
@@ -181,7 +185,9 @@ def _with_private_uploads(predictor: Predictor) -> tuple[Any, Any]:
     """The page, with Gradio's uploads and cache in a folder of this server's own (inside $GRADIO_TEMP_DIR
     when set), removed with everything in it when the page closes; and that removal, for a failed start."""
     previous = os.environ.get("GRADIO_TEMP_DIR")
-    uploads = Path(tempfile.mkdtemp(prefix="cxr-serve-uploads-", dir=previous))
+    if previous:  # Gradio creates it on the first upload; the private folder goes inside it now
+        Path(previous).mkdir(parents=True, exist_ok=True)
+    uploads = Path(tempfile.mkdtemp(prefix="cxr-serve-uploads-", dir=previous or None))
     os.environ["GRADIO_TEMP_DIR"] = str(uploads)  # Gradio reads it at each upload
     demo = build_demo(predictor, uploads)
     close = demo.close
