@@ -395,7 +395,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         with sigterm_as_interrupt() as received:
-            code = _main(argv)
+            try:
+                code = _main(argv)
+            except KeyboardInterrupt:  # outside the command itself (the argument checks): nothing to keep
+                print("\nInterrupted.", file=sys.stderr)
+                code = 130
         return 128 + signal.SIGTERM if received.sigterm and code == 130 else code  # 143, as the shell reports a kill
     except BrokenPipeError:  # the output went to a pager or `head` that closed early: nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
