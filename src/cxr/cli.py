@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import dataclasses
 import re
@@ -391,6 +392,9 @@ def _continue_hint(args: argparse.Namespace, argv: Sequence[str] | None) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """``cxr``: every warning is one ``warning:`` line while it runs."""
     shown, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 is printed as its bytes, not a crash
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="surrogateescape")
     try:
         return _main(argv)
     except BrokenPipeError:  # the output went to a pager or `head` that closed early: nothing is wrong
