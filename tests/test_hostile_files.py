@@ -269,7 +269,7 @@ def test_resume_refuses_an_image_replaced_in_place_with_the_same_size_and_time(t
         fit(experiment, load_splits(root, val_source="given"), tmp_path / "run", cpu, seed=3, resume=True)
 
 
-def test_a_file_name_that_is_not_utf8_is_read_like_any_other(tmp_path):
+def test_a_file_name_that_is_not_utf8_is_read_like_any_other(checkpoint, tmp_path):
     import os
 
     from cxr.cache import cache_split
@@ -287,6 +287,15 @@ def test_a_file_name_that_is_not_utf8_is_read_like_any_other(tmp_path):
     assert data_signature(splits)["files"]["test"]  # was UnicodeEncodeError for the whole dataset
     cached = cache_split(splits.test, SIDE, tmp_path / "cache", workers=0, progress=False)
     assert odd[0] in cached.split.paths and not cached.split.skipped
+    import subprocess
+    import sys
+
+    csv = tmp_path / "predictions.csv"  # stdout strict, as under an en_US.UTF-8 locale: the name used to crash it
+    done = subprocess.run([sys.executable, "-m", "cxr", "predict", os.fsencode(odd[0]), "--checkpoint", checkpoint,
+                           "--device", "cpu", "--quiet", "--csv", csv], capture_output=True,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8:strict", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert b"scan-\xff\xfe.png" in done.stdout and b"scan-\xff\xfe.png" in csv.read_bytes()
 
 
 # 16: folder names that only look like a class ----------------------------------------------------------

@@ -103,6 +103,19 @@ def _run(task: Callable[[int], object], indices: list[int], workers: int, bar: t
     return results
 
 
+def _entries(split: Split, cache_dir: Path, side: int, workers: int, failures: dict[int, str]) -> list[Path | None]:
+    """Each image's cache entry, found on the pool (it reads the file for its digest, like decoding); a file
+    that vanished or became unreadable after scanning gets None and its reason in ``failures``."""
+    def locate(index: int) -> Path | None:
+        try:
+            return entry_path(cache_dir, Path(split.paths[index]), side)
+        except OSError as error:
+            failures[index] = f"unreadable ({error})"
+            return None
+
+    return _run(locate, list(range(len(split))), workers, None)
+
+
 def cache_split(
     split: Split,
     side: int,
@@ -122,15 +135,7 @@ def cache_split(
     workers = default_workers() if workers is None else workers
     images = np.empty((len(split), side, side), dtype=np.uint8)
     failures: dict[int, str] = {}
-
-    def locate(index: int) -> Path | None:  # reads the file for its digest: on the pool, like decoding
-        try:
-            return entry_path(cache_dir, Path(split.paths[index]), side)
-        except OSError as error:  # the file vanished or became unreadable after scanning
-            failures[index] = f"unreadable ({error})"
-            return None
-
-    entries: list[Path | None] = _run(locate, list(range(len(split))), workers, None)
+    entries = _entries(split, cache_dir, side, workers, failures)
 
     def read(index: int) -> bool:
         return entries[index] is not None and _read_entry(entries[index], images[index])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import dataclasses
 import re
@@ -393,6 +394,9 @@ def _continue_hint(args: argparse.Namespace, argv: Sequence[str] | None) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """``cxr``: every warning is one ``warning:`` line while it runs; SIGTERM ends it like Ctrl-C, exit 143."""
     shown, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 is printed as its bytes, not a crash
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="surrogateescape")
     try:
         with sigterm_as_interrupt() as received:
             try:

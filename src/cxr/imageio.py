@@ -10,7 +10,12 @@ VOI LUT or window (the first one) is that VOI's output range, so the window sets
 other file's is its own minimum to maximum (for DICOM after the modality LUT or rescale); 8-bit data
 without a VOI is used as stored, like an 8-bit PNG.
 ``MONOCHROME1`` (white is zero) maps its range the other way round, high to 0 and low to 255, so every
-image reaches the model with bone bright.
+image reaches the model with bone bright. A NaN or infinite value has no grey level: the file is refused.
+
+What a file costs is bounded before it is decoded: every format shares PIL's pixel limit (DICOM per frame,
+from its header; a deflated DICOM's inflated size is counted first), only a DICOM's first frame is read,
+a JPEG of more than ``MAX_JPEG_SCANS`` scans is refused from its bytes, and more than 8 bits are mapped to 8
+a band of rows at a time. The peak is the decoded source plus one 8-bit copy (docs/robustness.md).
 """
 
 from __future__ import annotations

@@ -209,7 +209,7 @@ def run_predict(
     result.failures[:0] = failures
     if csv_path is not None:
         Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
-        result.table.to_csv(csv_path, index=False, float_format="%.6f")
+        result.table.to_csv(csv_path, index=False, float_format="%.6f", errors="surrogateescape")  # names as on disk
     return result
 
 
