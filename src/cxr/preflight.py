@@ -12,13 +12,13 @@ import re
 import tempfile
 from pathlib import Path
 
+from .backbones import get_backbone
 from .config import EXPERIMENTS
 from .layout import DatasetError, locate_dataset
 
 DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
 SMALLEST_IMAGE = 32  # a ResNet's stride: below it the last stage sees less than one pixel
 LARGEST_IMAGE = 1024  # the decoded-image cache holds squares of 8/7 of this side: 1.3 MB per image
-PATCH = {"vit_b_16": 16}
 
 
 class InputError(ValueError):
@@ -65,7 +65,7 @@ def check_image_size(size: int, arch: str) -> None:
             f"--image-size {size} is outside {SMALLEST_IMAGE}-{LARGEST_IMAGE} px: below {SMALLEST_IMAGE} a {arch} "
             f"sees a single feature pixel and learns nothing, above {LARGEST_IMAGE} the decoded images do not fit "
             "in memory.")
-    patch = PATCH.get(arch)
+    patch = get_backbone(arch).patch
     require(not patch or size % patch == 0,
             f"--image-size {size} does not suit {arch}: it cuts the image into {patch} px patches, so the size "
             f"must be a multiple of {patch} (e.g. {max(2, round(size / (patch or 1))) * (patch or 1)}).")
