@@ -62,7 +62,8 @@ class Experiment:
                             minimum=0)
     monitor: Monitor = tunable("validation score that picks the best epoch and stops early", "val_macro_f1")
     image_size: int = tunable("side in pixels of the square the model sees", 224, minimum=1)
-    weights: str = tunable("imagenet, none (random initialisation), or PATH to a local .pth state dict", "imagenet")
+    weights: str = tunable("imagenet, none (random initialisation), or PATH to a local state dict (torchvision's "
+                           "layout; MobileNetV2 also the reference one); $CXR_WEIGHTS when not given", "imagenet")
     optimizer: str = "adamw"  # a name in cxr.optim.OPTIMIZERS
     schedule: str = "warmup+cosine"  # a name in cxr.optim.SCHEDULES
     loss: Literal["weighted_ce", "focal"] = tunable(

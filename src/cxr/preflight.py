@@ -71,6 +71,29 @@ def check_image_size(size: int, arch: str) -> None:
             f"must be a multiple of {patch} (e.g. {max(2, round(size / (patch or 1))) * (patch or 1)}).")
 
 
+WEIGHTS_ENV = "CXR_WEIGHTS"
+
+
+def weights_setting(given: str | None) -> str | None:
+    """The weights a run starts from: ``--weights`` when given, else ``$CXR_WEIGHTS``, else None (the
+    experiment's own, ``imagenet``). ``imagenet`` and ``none`` are accepted in any case."""
+    chosen = given if given is not None else os.environ.get(WEIGHTS_ENV, "").strip() or None
+    return chosen.lower() if chosen and chosen.lower() in ("imagenet", "none") else chosen
+
+
+def check_weights_file(given: str | None) -> None:
+    """A local weights file named by ``--weights`` or ``$CXR_WEIGHTS`` exists (whether it fits the
+    architecture is checked once torch is loaded, still before anything is written)."""
+    chosen = weights_setting(given)
+    if chosen is None or chosen in ("imagenet", "none"):
+        return
+    flag = "--weights" if given is not None else WEIGHTS_ENV
+    path = Path(chosen).expanduser()
+    require(not path.is_dir(), f"{flag} {chosen!r} is a folder; give imagenet, none or a .pt/.pth state dict file.")
+    require(path.is_file(), f"{flag} {chosen!r} is neither imagenet, none nor an existing file; give a .pt/.pth "
+                            "state dict (docs/mobilenet-cpu.md says how to get MobileNetV2's ImageNet weights).")
+
+
 def check_output_folder(out: str | os.PathLike, flag: str = "--out") -> None:
     """``out`` is (or can become) a folder this process may write into."""
     path = Path(out).expanduser()
@@ -120,6 +143,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     if command == "train":
         arch = EXPERIMENTS[args.experiment].arch
         check_image_size(args.image_size or EXPERIMENTS[args.experiment].image_size, arch)
+        check_weights_file(args.weights)
     if command in ("train", "evaluate", "audit", "compare"):
         check_output_folder(args.out)
     if command in ("train", "evaluate", "audit"):
