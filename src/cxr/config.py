@@ -155,7 +155,7 @@ EXPERIMENTS: dict[str, Experiment] = {
             trainable_blocks="all",
             summary="MobileNetV2, every parameter trained, new linear head; backbone at a 10x lower learning rate; "
                     "trains on a CPU",
-            epochs=8,
+            epochs=6,
             batch_size=32,
             lr=1e-3,
             backbone_lr=1e-4,
