@@ -22,6 +22,11 @@ from .local_weights import WeightsError, backbone_state, is_classifier_state, ma
 __all__ = ["BACKBONES", "Classifier", "WeightsError", "build_model", "check_weights", "trainable_parts"]
 
 
+# Input sizes a run may ask for. Below 32 px a ResNet's 32x downsampling leaves a single feature pixel and
+# training stays at chance (--image-size 1 did, without a word); above 1024 px the decoded-image cache of a
+# Kaggle-sized set (7,000 squares of 1170 px) needs 9.6 GB and 100,000 px asked numpy for 438 GiB.
+
+
 def trainable_parts(backbone: nn.Module, arch: str, blocks: TrainableBlocks) -> list[nn.Module]:
     """The backbone modules that learn for ``blocks``: none (0), the last ``blocks`` of the registry's blocks
     (ResNet: residual blocks; ViT: encoder layers; MobileNetV2: inverted residuals) with the modules that train
@@ -123,6 +128,8 @@ def _backbone(spec: Backbone, pretrained: bool, image_size: int) -> nn.Module:
 
 def _resolve(arch_or_experiment: str, trainable_blocks: TrainableBlocks | bool | None,
              ) -> tuple[Backbone, TrainableBlocks | bool | None]:
+    """The registry entry for an architecture or experiment name, and the experiment's trainable blocks
+    unless ``trainable_blocks`` is given."""
     from .config import EXPERIMENTS
 
     if arch_or_experiment in EXPERIMENTS:
