@@ -39,9 +39,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "Weights only load failed" not in str(error):  # not torch's refusal of a class: bytes it cannot read
+        if "Unsupported global" not in str(error):  # not a refused class: bytes the unpickler cannot read
             raise WeightsError(f"could not read weights file {str(path)!r}, truncated or not a torch file "
-                               f"({_first_line(error)}).") from None
+                               "(neither a zip archive nor a pickle torch.load can read).") from None
         raise WeightsError(f"{str(path)!r} holds a pickled Python object (a whole model?), not a state dict; "
                            "save model.state_dict() instead (loading a pickled model would run code from the file)."
                            ) from None
