@@ -12,22 +12,23 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torchvision import models as tvm
 
+from cxr.backbones import get_backbone
 from cxr.config import Experiment
 from cxr.data import CLASSES, IMAGENET_MEAN, IMAGENET_STD, build_transforms, load_image
-from cxr.models import ARCHITECTURES
 from measure import peak_memory_gib, reset_peak_memory
 
 
 def seed_style_model(experiment: Experiment) -> nn.Module:
     """The notebooks' model: a torchvision network in fp32 whose head is replaced; a "frozen" backbone
     only has ``requires_grad`` off and runs in train mode with the rest (BatchNorm statistics move)."""
-    builder, _, head_name, feature_dim = ARCHITECTURES[experiment.arch]
-    kwargs = {"image_size": experiment.image_size} if experiment.arch.startswith("vit") else {}
-    model = builder(weights=None, **kwargs)
+    spec = get_backbone(experiment.arch)
+    kwargs = {"image_size": experiment.image_size} if spec.sized_at_build else {}
+    model = getattr(tvm, spec.builder)(weights=None, **kwargs)
     if experiment.freeze_backbone:
         model.requires_grad_(False)
-    setattr(model, head_name, nn.Linear(feature_dim, len(CLASSES)))
+    setattr(model, spec.head, nn.Linear(spec.feature_dim, len(CLASSES)))
     return model
 
 

@@ -1,4 +1,4 @@
-"""The three classifiers: what trains, frozen backbones in eval mode, and pretrained weights offline."""
+"""The classifiers: what trains, frozen backbones in eval mode, and pretrained weights offline."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
+from cxr.backbones import get_backbone
 from cxr.config import EXPERIMENTS, get_experiment
 from cxr.engine import build_optimizer
 from cxr.models import (Classifier, WeightsError, build_model, count_parameters, default_weights, estimate_batchnorm_statistics,
@@ -18,7 +19,6 @@ from cxr.models import (Classifier, WeightsError, build_model, count_parameters,
 from cxr.runtime import Runtime
 
 CPU = torch.device("cpu")
-HEAD_ONLY = {"resnet152_head": 2048 * 4 + 4, "vit_b16_head": 768 * 4 + 4}
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +31,11 @@ def test_trainable_parameter_counts(models, name):
     model = models[name]
     total, trainable = count_parameters(model)
     blocks = EXPERIMENTS[name].trainable_blocks
-    if name in HEAD_ONLY:
-        assert blocks == 0 and trainable == HEAD_ONLY[name]
+    spec = get_backbone(EXPERIMENTS[name].arch)
+    if blocks == 0:
+        assert trainable == spec.feature_dim * 4 + 4
         assert {n for n, p in model.named_parameters() if p.requires_grad} == {"head.weight", "head.bias"}
-    elif blocks != "all":  # ViT-B/16's last encoder blocks, its final LayerNorm and the head
+    elif blocks != "all" and spec.name == "vit_b_16":  # its last encoder blocks, its final LayerNorm and the head
         layers = [f"encoder.layers.encoder_layer_{i}." for i in range(12 - blocks, 12)]
         expected = {n for n, _ in model.named_parameters()
                     if n.startswith("head.") or n.startswith("backbone.encoder.ln.")
@@ -42,9 +43,10 @@ def test_trainable_parameter_counts(models, name):
         assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
         assert trainable == sum(p.numel() for n, p in model.named_parameters() if n in expected) < total
     else:
-        assert trainable == total
-        torchvision_total = sum(p.numel() for p in tvm.resnet50().parameters())
-        assert total == torchvision_total - (2048 * 1000 + 1000) + (2048 * 4 + 4)  # 1000-class fc -> 4-class head
+        assert blocks == "all" and trainable == total
+        torchvision_total = sum(p.numel() for p in getattr(tvm, spec.builder)().parameters())
+        imagenet_head = spec.feature_dim * 1000 + 1000
+        assert total == torchvision_total - imagenet_head + (spec.feature_dim * 4 + 4)  # 1000 classes -> 4
 
 
 @pytest.mark.parametrize("name", sorted(EXPERIMENTS))
@@ -204,11 +206,11 @@ def test_local_pth_file_is_loaded(resnet50_state):
 
 def test_weights_for_another_architecture_are_refused(resnet50_state, tmp_path):
     _, path = resnet50_state
-    with pytest.raises(WeightsError, match="not a torchvision resnet152 state dict"):
+    with pytest.raises(WeightsError, match="is not a ResNet152 backbone: its tensor 145 is .layer3.0.conv1.weight."):
         build_model("resnet152_head", weights=path, image_size=32)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a state dict")
-    with pytest.raises(WeightsError, match="Could not read weights file"):
+    with pytest.raises(WeightsError, match="could not read weights file .* truncated or not a torch file"):
         build_model("resnet50_full", weights=garbage)
 
 

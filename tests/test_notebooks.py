@@ -19,6 +19,7 @@ NOTEBOOKS = {
     "ch01_resnet152_finetune.ipynb": "resnet152_head",
     "ch02_resnet50_train.ipynb": "resnet50_full",
     "ch03_vit_finetune.ipynb": "vit_b16_head",
+    "ch04_mobilenet_v2_cpu.ipynb": "mobilenet_v2_head",
 }
 
 ALL_NOTEBOOKS = sorted(p.name for p in ROOT.glob("*.ipynb"))
@@ -28,7 +29,7 @@ def code_cells(name: str) -> list:
     return [c for c in nbformat.read(ROOT / name, as_version=4).cells if c.cell_type == "code"]
 
 
-def test_the_three_chapters_exist():
+def test_the_chapters_exist():
     assert set(NOTEBOOKS) <= set(ALL_NOTEBOOKS)
 
 

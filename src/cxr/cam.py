@@ -1,9 +1,10 @@
 """Where the model looked: Grad-CAM heat maps (the maintained ``grad-cam`` package) and their overlays.
 
-ResNets: Grad-CAM on the last convolutional stage (``layer4``, 7x7 at 224 px). ViT-B/16: Grad-CAM on
-the input of the last encoder block's attention (``ln_1``), with the class token dropped and the
-patch tokens reshaped to their 14x14 grid. The *output* of the last block cannot be used: only the
-class token reaches the head from there, so every patch token's gradient is zero.
+The layer each architecture's Grad-CAM reads is in its registry entry (:mod:`cxr.backbones`). ResNets: the
+last convolutional stage (``layer4``, 7x7 at 224 px). MobileNetV2: its last 1x1 convolution (7x7). ViT-B/16:
+the input of the last encoder block's attention (``ln_1``), with the class token dropped and the patch tokens
+reshaped to their 14x14 grid. The *output* of the last block cannot be used: only the class token reaches
+the head from there, so every patch token's gradient is zero.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 
 from .figures import save_figure
 from . import uncertainty
+from .backbones import BACKBONES
 from .imageio import decode_image
 
 
@@ -39,11 +41,10 @@ def vit_tokens_to_grid(tokens: torch.Tensor) -> torch.Tensor:
 def target_layer(model: nn.Module) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor] | None]:
     """The layer Grad-CAM reads for this classifier, and how to turn its output into a (B, C, h, w) map."""
     arch = getattr(model, "arch", "")
-    if arch.startswith("resnet"):
-        return model.backbone.layer4, None
-    if arch.startswith("vit"):
-        return model.backbone.encoder.layers[-1].ln_1, vit_tokens_to_grid
-    raise ValueError(f"no Grad-CAM target layer known for architecture {arch!r}")
+    if arch not in BACKBONES:
+        raise ValueError(f"no Grad-CAM target layer known for architecture {arch!r}")
+    spec = BACKBONES[arch]
+    return spec.cam_layer(model.backbone), vit_tokens_to_grid if spec.cam_tokens else None
 
 
 def grad_cam(model: nn.Module, images: torch.Tensor, targets: Sequence[int] | None = None) -> np.ndarray:

@@ -435,6 +435,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def _train(args: argparse.Namespace) -> dict:
+    from .preflight import weights_setting
     from .workflow import train_experiment
 
     return train_experiment(
@@ -442,7 +443,8 @@ def _train(args: argparse.Namespace) -> dict:
         val_source=args.val_source, workers=args.workers, resume=args.resume, progress=not args.quiet,
         deterministic=args.deterministic, cache=args.cache, cache_dir=args.cache_dir,
         feature_cache=args.feature_cache == "auto", compile=args.compile, tensorboard=args.tensorboard,
-        cuda_graphs=args.cuda_graphs, splits_on_device=args.splits_on_device, **hyperparameters(args),
+        cuda_graphs=args.cuda_graphs, splits_on_device=args.splits_on_device,
+        **{**hyperparameters(args), "weights": weights_setting(args.weights)},
         lung_masks=args.lung_masks, limit=args.limit,
     )
 

@@ -47,7 +47,7 @@ class Experiment:
     """Everything that defines one experiment. Plain data: it goes into checkpoints and metrics.json."""
 
     name: str
-    arch: Literal["resnet152", "resnet50", "vit_b_16"]
+    arch: str  # a name in cxr.backbones.BACKBONES
     trainable_blocks: TrainableBlocks  # 0: frozen backbone (head only); N: its last N blocks, final norm, head
     summary: str
     epochs: int = tunable("most epochs to train (early stopping may end sooner)", minimum=1)
@@ -62,7 +62,8 @@ class Experiment:
                             minimum=0)
     monitor: Monitor = tunable("validation score that picks the best epoch and stops early", "val_macro_f1")
     image_size: int = tunable("side in pixels of the square the model sees", 224, minimum=1)
-    weights: str = tunable("imagenet, none (random initialisation), or PATH to a local .pth state dict", "imagenet")
+    weights: str = tunable("imagenet, none (random initialisation), or PATH to a local state dict (torchvision's "
+                           "layout; MobileNetV2 also the reference one); $CXR_WEIGHTS when not given", "imagenet")
     optimizer: str = "adamw"  # a name in cxr.optim.OPTIMIZERS
     schedule: str = "warmup+cosine"  # a name in cxr.optim.SCHEDULES
     loss: Literal["weighted_ce", "focal"] = tunable(
@@ -134,6 +135,33 @@ EXPERIMENTS: dict[str, Experiment] = {
             backbone_lr=1e-4,
             weight_decay=0.05,
             warmup_epochs=2,
+        ),
+        Experiment(
+            name="mobilenet_v2_head",
+            arch="mobilenet_v2",
+            trainable_blocks=0,
+            summary="MobileNetV2, ImageNet backbone frozen (eval mode), new linear head on the 1280-d pooled "
+                    "features, no augmentation: the features are computed once, so it trains in minutes on a CPU",
+            epochs=30,
+            batch_size=64,
+            lr=1e-3,
+            backbone_lr=0.0,
+            weight_decay=1e-4,
+            augment=False,
+        ),
+        Experiment(
+            name="mobilenet_v2_full",
+            arch="mobilenet_v2",
+            trainable_blocks="all",
+            summary="MobileNetV2, every parameter trained, new linear head; backbone at a 10x lower learning rate; "
+                    "trains on a CPU",
+            epochs=6,
+            batch_size=32,
+            lr=1e-3,
+            backbone_lr=1e-4,
+            weight_decay=0.05,
+            warmup_epochs=1,
+            patience=4,
         ),
     )
 }

@@ -24,7 +24,8 @@ from torch import nn
 
 from .config import experiment_from_dict, upgrade_experiment_dict
 from .model_card import CARD_FILE
-from .models import ARCHITECTURES, Classifier, build_model
+from .backbones import BACKBONES
+from .models import Classifier, build_model
 from .models import preprocessing as default_preprocessing
 from .checkpoint import non_finite_tensor
 from .inference import check_finite_outputs, load_trained_model, state_dict_mismatch
@@ -258,7 +259,7 @@ def read_description(folder: Path) -> dict[str, Any]:
         raise ExportError(f"Could not read {str(path)!r} ({error}).") from None
     if not isinstance(description, dict) or description.get("format") != FORMAT:
         raise ExportError(f"{str(path)!r} is not a cxr export description (format {FORMAT!r} expected).")
-    if description.get("arch") not in ARCHITECTURES:
+    if description.get("arch") not in BACKBONES:
         raise ExportError(f"{str(path)!r} names an unknown architecture {description.get('arch')!r}.")
     _check_fields(description, path)
     problem = export_identity.recorded_identity(description)

@@ -11,7 +11,8 @@ import torch
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import Experiment, experiment_from_dict
 from .data import CLASSES
-from .models import ARCHITECTURES, Classifier, build_model
+from .backbones import BACKBONES
+from .models import Classifier, build_model
 
 
 def load_trained_model(checkpoint: str | os.PathLike, experiment: str | None = None) -> tuple[Classifier, dict[str, Any]]:
@@ -36,7 +37,7 @@ def checkpoint_experiment(state: dict[str, Any], checkpoint: str | os.PathLike) 
         config = experiment_from_dict(state["experiment"])
     except TypeError as error:  # a required field (name, arch) is missing
         raise CheckpointError(f"{str(checkpoint)!r} has incomplete experiment settings ({error}).") from None
-    if config.arch not in ARCHITECTURES:
+    if config.arch not in BACKBONES:
         raise CheckpointError(f"{str(checkpoint)!r} names an unknown architecture {config.arch!r}.")
     return config
 

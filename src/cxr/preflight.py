@@ -12,13 +12,13 @@ import re
 import tempfile
 from pathlib import Path
 
+from .backbones import get_backbone
 from .config import EXPERIMENTS
 from .layout import DatasetError, locate_dataset
 
 DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
 SMALLEST_IMAGE = 32  # a ResNet's stride: below it the last stage sees less than one pixel
 LARGEST_IMAGE = 1024  # the decoded-image cache holds squares of 8/7 of this side: 1.3 MB per image
-PATCH = {"vit_b_16": 16}
 
 
 class InputError(ValueError):
@@ -72,10 +72,33 @@ def check_image_size(size: int, arch: str) -> None:
             f"--image-size {size} is outside {SMALLEST_IMAGE}-{LARGEST_IMAGE} px: below {SMALLEST_IMAGE} a {arch} "
             f"sees a single feature pixel and learns nothing, above {LARGEST_IMAGE} the decoded images do not fit "
             "in memory.")
-    patch = PATCH.get(arch)
+    patch = get_backbone(arch).patch
     require(not patch or size % patch == 0,
             f"--image-size {size} does not suit {arch}: it cuts the image into {patch} px patches, so the size "
             f"must be a multiple of {patch} (e.g. {max(2, round(size / (patch or 1))) * (patch or 1)}).")
+
+
+WEIGHTS_ENV = "CXR_WEIGHTS"
+
+
+def weights_setting(given: str | None) -> str | None:
+    """The weights a run starts from: ``--weights`` when given, else ``$CXR_WEIGHTS``, else None (the
+    experiment's own, ``imagenet``). ``imagenet`` and ``none`` are accepted in any case."""
+    chosen = given if given is not None else os.environ.get(WEIGHTS_ENV, "").strip() or None
+    return chosen.lower() if chosen and chosen.lower() in ("imagenet", "none") else chosen
+
+
+def check_weights_file(given: str | None) -> None:
+    """A local weights file named by ``--weights`` or ``$CXR_WEIGHTS`` exists (whether it fits the
+    architecture is checked once torch is loaded, still before anything is written)."""
+    chosen = weights_setting(given)
+    if chosen is None or chosen in ("imagenet", "none"):
+        return
+    flag = "--weights" if given is not None else WEIGHTS_ENV
+    path = Path(chosen).expanduser()
+    require(not path.is_dir(), f"{flag} {chosen!r} is a folder; give imagenet, none or a .pt/.pth state dict file.")
+    require(path.is_file(), f"{flag} {chosen!r} is neither imagenet, none nor an existing file; give a .pt/.pth "
+                            "state dict (docs/mobilenet-cpu.md says how to get MobileNetV2's ImageNet weights).")
 
 
 def check_output_folder(out: str | os.PathLike, flag: str = "--out") -> None:
@@ -127,6 +150,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     if command == "train":
         arch = EXPERIMENTS[args.experiment].arch
         check_image_size(args.image_size or EXPERIMENTS[args.experiment].image_size, arch)
+        check_weights_file(args.weights)
     if command in ("train", "evaluate", "audit", "compare"):
         check_output_folder(args.out)
     if command in ("train", "evaluate", "audit"):

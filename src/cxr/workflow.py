@@ -30,7 +30,8 @@ from .inference import check_finite_rows, load_trained_model  # noqa: F401 (re-e
 from .lung_field import find_lung_masks
 from .metrics import operating_points, who_tb_screening
 from .model_card import CARD_FILE, write_model_card
-from .models import Classifier, build_model
+from .local_weights import weights_provenance
+from .models import Classifier, build_model, check_weights
 from .preflight import check_image_size
 from .provenance import dataset_info, git_commit  # noqa: F401 (re-exported)
 from .runtime import Runtime, device_name
@@ -216,6 +217,8 @@ def train_experiment(
     started = time.perf_counter()
     experiment = get_experiment(name, **overrides)
     check_image_size(experiment.image_size, experiment.arch)
+    if model is None:  # a local weights file that does not fit is refused before anything is written
+        check_weights(experiment.arch, experiment.weights, len(CLASSES), experiment.image_size)
     if deterministic:
         make_deterministic()
     runtime = runtime or Runtime.create(device, workers=workers, compile=compile, cache=cache, cache_dir=cache_dir,
@@ -263,6 +266,7 @@ def _train_and_report(experiment: Experiment, splits: DataSplits, out_dir: Path,
         "experiment": experiment.name,
         "config": experiment.to_dict(),
         "weights": experiment.weights,
+        "weights_file": weights_provenance(experiment.weights),
         "epochs_run": len(result.history),
         "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early,
