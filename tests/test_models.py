@@ -210,7 +210,7 @@ def test_weights_for_another_architecture_are_refused(resnet50_state, tmp_path):
         build_model("resnet152_head", weights=path, image_size=32)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a state dict")
-    with pytest.raises(WeightsError, match="could not read weights file .* truncated or not a torch file"):
+    with pytest.raises(WeightsError, match="Could not read weights file .*: it is not a file written by torch.save"):
         build_model("resnet50_full", weights=garbage)
 
 
