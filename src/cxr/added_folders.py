@@ -42,6 +42,10 @@ class AddedFolders:
     drop_duplicates: bool = False
     holdout_only: bool = False
 
+    def __post_init__(self) -> None:  # paths given as strings, lists given for tuples
+        object.__setattr__(self, "folders", tuple(Path(folder) for folder in self.folders))
+        object.__setattr__(self, "groups", tuple(Path(csv) for csv in self.groups))
+
     @classmethod
     def of(cls, value: AddedFolders | Sequence[str | os.PathLike] | None) -> AddedFolders | None:
         """The options from a list of folders (the notebooks' ``CXR_ADD_TRAIN``), as given, or None."""

@@ -261,10 +261,11 @@ def score_other_folders(added: AddedTraining, checkpoint: Path, name: str, out: 
     from .external import evaluate_external  # it imports this module
 
     for results_name, folder, images in added.holdouts:
-        evaluate_external(checkpoint, folder, name, out=out, runtime=runtime, images=images,
-                          results_name=results_name, splits=added.splits)
+        evaluate_external(checkpoint, folder, name, out=out, progress=runtime.progress, runtime=runtime,
+                          images=images, results_name=results_name, splits=added.splits)
     for folder in added.externals:
-        evaluate_external(checkpoint, folder, name, out=out, runtime=runtime, splits=added.splits)
+        evaluate_external(checkpoint, folder, name, out=out, progress=runtime.progress, runtime=runtime,
+                          splits=added.splits)
 
 
 def _train_and_report(experiment: Experiment, splits: DataSplits, out_dir: Path, runtime: Runtime,
