@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scipy.ndimage import gaussian_filter
 
 from cxr.added_folders import AddedFolders, added_sentence, check_added, folders_from_env, holdout_mask
 from cxr.cli import main
@@ -179,3 +180,85 @@ def test_added_images_join_train_only_with_their_holdout_apart(dataset, tmp_path
     sentence = added_sentence(result.splits.added)
     assert sentence.startswith(f"{len(new)} images from other folders added") and "`adults-holdout`" in sentence
     assert added_sentence(control.splits.added).startswith("Control run, nothing added")
+
+
+LESIONS = {"COVID19": [(0.7, 0.3), (0.7, 0.7)], "NORMAL": [], "PNEUMONIA": [(0.7, 0.3)],
+           "TUBERCULOSIS": [(0.3, 0.3), (0.3, 0.7)]}
+ADULTS = ("COVID19", "TUBERCULOSIS")
+
+
+def cue_image(name: str, bright_border: bool, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """The class as bright 'lesions' (none for NORMAL) over smooth structure of each image's own; the source
+    as a bright frame, the planted cue: in the main set only the adults' classes have it."""
+    y, x = (np.mgrid[0:size, 0:size] + 0.5) / size
+    lesions = sum((np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / 0.02) for cy, cx in LESIONS[name]), np.zeros_like(x))
+    structure = gaussian_filter(rng.normal(0, 1, (size, size)), size / 8, mode="wrap")
+    frame = np.minimum.reduce([x, y, 1 - x, 1 - y]) < 0.12
+    pixels = 0.3 + 0.5 * lesions + 0.12 * structure / structure.std() + 0.4 * bright_border * frame
+    return (np.clip(pixels + rng.normal(0, 0.03, (size, size)), 0, 1) * 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def cue_sets(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A main set whose frame names the source (adults: COVID19, TUBERCULOSIS), and two added sources of
+    healthy and pneumonia adults: one framed like the main set's adults (the cue now misleads), one not."""
+    root, rng = tmp_path_factory.mktemp("cue"), np.random.default_rng(0)
+    for split, per_class in {"train": 20, "val": 4, "test": 8}.items():
+        for name in CLASSES:
+            (root / "main" / split / name).mkdir(parents=True)
+            for k in range(per_class):
+                Image.fromarray(cue_image(name, name in ADULTS, rng)).save(root / "main" / split / name / f"{k}.png")
+    for source, framed in (("framed", True), ("plain", False)):
+        rows = [("file", "group")]
+        for name in ("NORMAL", "PNEUMONIA"):
+            (root / source / name).mkdir(parents=True)
+            for k in range(24):
+                Image.fromarray(cue_image(name, framed, rng)).save(root / source / name / f"{k}.png")
+                rows.append((f"{name}/{k}.png", f"patient{k // 2}"))
+        with (root / source / "manifest.csv").open("w", newline="") as handle:
+            csv.writer(handle).writerows(rows)
+    return root / "main", root / "framed", root / "plain"
+
+
+def linear_model(train) -> object:
+    """A small model trained on a split: logistic regression on 16 px thumbnails."""
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(max_iter=3000).fit(thumbnails(train.paths), train.labels)
+
+
+def thumbnails(paths) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(p).convert("L").resize((16, 16)), np.float32).ravel() / 255 for p in paths])
+
+
+def sent_to_adult_classes(model, held) -> float:
+    """The share of the held-out healthy images the model calls COVID19 or TUBERCULOSIS."""
+    normal = [p for p, y in zip(held.paths, held.labels) if CLASSES[y] == "NORMAL"]
+    predicted = model.predict(thumbnails(normal))
+    return float(np.isin(predicted, [CLASSES.index(c) for c in ADULTS]).mean())
+
+
+@pytest.mark.parametrize("source", ["framed", "plain"])
+def test_adding_a_source_that_breaks_the_planted_cue_changes_what_the_model_does_with_it(cue_sets, source):
+    """Trained on the main set, a model reads the frame: the held-out healthy adults of a framed source are
+    called COVID19 or TUBERCULOSIS. With that source's other patients added to training, the frame no longer
+    names the class and they are called NORMAL. A source without the frame is read right either way."""
+    from cxr.added_training import add_to_training
+
+    main_set, added = cue_sets[0], cue_sets[1 if source == "framed" else 2]
+    splits = load_splits(main_set)
+    options = dict(holdout=0.5, groups=(added / "manifest.csv",))
+    control = add_to_training(splits, AddedFolders((added,), holdout_only=True, **options), progress=False)
+    extended = add_to_training(splits, AddedFolders((added,), **options), progress=False)
+    held = control.holdouts[0][2]
+    assert held.paths == extended.holdouts[0][2].paths and len(held) == 24  # 6 of 12 patients, 4 films each
+    before, after = (linear_model(run.splits.train) for run in (control, extended))
+    for model in (before, after):  # the main test split is read right with or without the added images
+        assert (model.predict(thumbnails(splits.test.paths)) == splits.test.labels).mean() >= 0.85
+    held_accuracy = [(model.predict(thumbnails(held.paths)) == held.labels).mean() for model in (before, after)]
+    if source == "framed":  # measured: all 12 healthy adults called COVID19 or TUBERCULOSIS, then 3
+        assert sent_to_adult_classes(before, held) >= 0.9 and sent_to_adult_classes(after, held) <= 0.4
+        assert held_accuracy[0] <= 0.2 and held_accuracy[1] >= 0.6
+    else:  # measured: none, and none
+        assert sent_to_adult_classes(before, held) <= 0.1 and sent_to_adult_classes(after, held) <= 0.1
+        assert min(held_accuracy) >= 0.8
