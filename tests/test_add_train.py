@@ -262,3 +262,62 @@ def test_adding_a_source_that_breaks_the_planted_cue_changes_what_the_model_does
     else:  # measured: none, and none
         assert sent_to_adult_classes(before, held) <= 0.1 and sent_to_adult_classes(after, held) <= 0.1
         assert min(held_accuracy) >= 0.8
+
+
+@pytest.fixture(scope="module")
+def added_run(cue_sets, tmp_path_factory) -> tuple[Path, dict, str, list]:
+    """One tiny ``cxr train`` (frozen random backbone, head on cached features, one epoch) with the framed
+    source added, half of its patients held out, and the plain source as an --external folder."""
+    import contextlib
+    import io
+    import json
+
+    from cxr import engine
+
+    main_set, framed, plain = cue_sets
+    out, weighted, stdout = tmp_path_factory.mktemp("added-run"), [], io.StringIO()
+    real = engine.class_weights
+
+    def recording(labels, *args, **kwargs):
+        weighted.append(list(labels))
+        return real(labels, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
+        patch.setenv("CXR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cxr-cache"))
+        patch.setattr(engine, "class_weights", recording)
+        code = main(["train", "resnet152_head", f"--data-dir={main_set}", f"--out={out}", "--weights=none",
+                     "--no-augment", "--epochs=1", "--image-size=32", "--batch-size=8", "--device=cpu", "--quiet",
+                     "--no-tensorboard", "--add-train", str(framed), "--add-train-holdout=0.5",
+                     "--groups", str(framed / "manifest.csv"), "--external", str(plain)])
+    assert code == 0, stdout.getvalue()
+    run_dir = out / "resnet152_head"
+    return run_dir, json.loads((run_dir / "metrics.json").read_text()), stdout.getvalue(), weighted
+
+
+def test_a_run_trains_on_the_added_images_and_scores_the_held_out_part(added_run, cue_sets):
+    import json
+
+    run_dir, metrics, stdout, weighted = added_run
+    record = metrics["added_training"]
+    folder = record["folders"][0]
+    assert folder["folder"] == "framed" and folder["added"]["NORMAL"] + folder["added"]["PNEUMONIA"] == 24
+    assert record["external_folders"] == ["framed-holdout", "plain"]
+    counts = metrics["dataset"]["counts"]
+    assert counts["train"]["NORMAL"] == 18 + folder["added"]["NORMAL"] and counts["train"]["COVID19"] == 18
+    assert counts["val"] == {c: 2 for c in CLASSES} and counts["test"] == {c: 8 for c in CLASSES}
+    final = [CLASSES.index(c) for c in CLASSES for _ in range(counts["train"][c])]
+    assert weighted and all(sorted(labels) == final for labels in weighted)  # the weights of the final split
+    held = json.loads((run_dir / "external" / "framed-holdout" / "metrics.json").read_text())
+    assert held["test"]["images"] == 24 and held["overlaps"]["count"] == 0
+    assert (run_dir / "external" / "plain" / "metrics.json").is_file()
+    assert "framed-holdout" in stdout and "24 images from other folders added to the training split" in stdout
+    assert added_sentence(record) in (run_dir / "model_card.md").read_text()
+
+
+def test_readme_report_names_the_added_folders(added_run):
+    from cxr.report import collect_metrics, render_results
+
+    run_dir, metrics, _, _ = added_run
+    block = render_results(collect_metrics(run_dir.parent), run_dir.parent)
+    assert "| `resnet152_head + framed` |" in block and "`resnet152_head + framed` **external** `framed-holdout`" in block
+    assert added_sentence(metrics["added_training"]) in block
