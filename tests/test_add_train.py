@@ -321,3 +321,22 @@ def test_readme_report_names_the_added_folders(added_run):
     block = render_results(collect_metrics(run_dir.parent), run_dir.parent)
     assert "| `resnet152_head + framed` |" in block and "`resnet152_head + framed` **external** `framed-holdout`" in block
     assert added_sentence(metrics["added_training"]) in block
+
+
+def test_notebooks_read_cxr_add_train(monkeypatch, tmp_path):
+    import os
+
+    from cxr import notebook
+
+    first, second = added_folder(tmp_path / "a"), added_folder(tmp_path / "b", seed=9)
+    monkeypatch.delenv("CXR_SMOKE", raising=False)
+    monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("CXR_ADD_TRAIN", f"{first}{os.pathsep}{second}")
+    settings = notebook.settings("resnet50_full")
+    assert settings.run_options["add_train"] == [first, second]
+    assert settings.summary().loc["added to training", "value"] == f"{first}, {second}"
+    monkeypatch.setenv("CXR_ADD_TRAIN", str(tmp_path / "missing"))
+    with pytest.raises(InputError, match="does not exist"):
+        notebook.settings("resnet50_full")
+    monkeypatch.delenv("CXR_ADD_TRAIN")
+    assert "add_train" not in notebook.settings("resnet50_full").run_options
