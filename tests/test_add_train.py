@@ -117,7 +117,8 @@ def test_without_a_csv_each_image_is_its_own_group(tmp_path):
 def test_env_lists_folders_by_path_separator(tmp_path):
     import os
 
-    assert folders_from_env(f"{tmp_path / 'a'}{os.pathsep}{tmp_path / 'b'}{os.pathsep}") == [tmp_path / "a", tmp_path / "b"]
+    listed = f"{tmp_path / 'a'}{os.pathsep}{tmp_path / 'b'}{os.pathsep}"
+    assert folders_from_env(listed) == [tmp_path / "a", tmp_path / "b"]
     assert folders_from_env(None) == [] and AddedFolders.of([]) is None
 
 
@@ -319,7 +320,8 @@ def test_readme_report_names_the_added_folders(added_run):
 
     run_dir, metrics, _, _ = added_run
     block = render_results(collect_metrics(run_dir.parent), run_dir.parent)
-    assert "| `resnet152_head + framed` |" in block and "`resnet152_head + framed` **external** `framed-holdout`" in block
+    assert "| `resnet152_head + framed` |" in block
+    assert "`resnet152_head + framed` **external** `framed-holdout`" in block
     assert added_sentence(metrics["added_training"]) in block
 
 

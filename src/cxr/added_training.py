@@ -63,7 +63,8 @@ def _split_folder(folder: Path, added: AddedFolders, index: int, seed: int) -> t
     held = holdout_mask(group, added.holdout, seed, folder)
     groups = {"csv": str(added.groups_csv(index)) if added.groups else None,
               "column": added.group_column if added.groups else None,
-              "training": len({g for g, h in zip(group, held) if not h}), "held_out": len({g for g, h in zip(group, held) if h})}
+              "training": len({g for g, h in zip(group, held) if not h}),
+              "held_out": len({g for g, h in zip(group, held) if h})}
     return (images.subset(np.flatnonzero(~held)), images.subset(np.flatnonzero(held)),
             {"groups": groups, "skipped_files": skipped})
 
