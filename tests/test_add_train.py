@@ -342,3 +342,14 @@ def test_notebooks_read_cxr_add_train(monkeypatch, tmp_path):
         notebook.settings("resnet50_full")
     monkeypatch.delenv("CXR_ADD_TRAIN")
     assert "add_train" not in notebook.settings("resnet50_full").run_options
+
+
+def test_cli_refuses_a_copy_of_a_test_image_by_name_before_training(dataset, tmp_path, capsys):
+    added = added_folder(tmp_path / "adults")
+    test_image = sorted((dataset / "test" / "PNEUMONIA").iterdir())[1]
+    planted = copy_of(test_image, added / "Pneumonia" / "planted.png", brighter=True)
+    out = tmp_path / "out"
+    message = refused(["train", "resnet50_full", f"--data-dir={dataset}", f"--out={out}", "--weights=none",
+                       "--quiet", "--add-train", str(added)], capsys)
+    assert str(planted) in message and f"test/PNEUMONIA/{test_image.name}" in message
+    assert not out.exists()
