@@ -49,7 +49,7 @@ def tiny() -> dict:
 @pytest.fixture(autouse=True)
 def _no_dataset_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests must not pick up a developer's CXR_DATA_DIR (nor the other notebook settings)."""
-    for name in ("CXR_DATA_DIR", "CXR_KAGGLE_INPUT", "CXR_LIMIT", "CXR_IMAGE_SIZE", "CXR_OUT"):
+    for name in ("CXR_DATA_DIR", "CXR_KAGGLE_INPUT", "CXR_LIMIT", "CXR_IMAGE_SIZE", "CXR_OUT", "CXR_ADD_TRAIN"):
         monkeypatch.delenv(name, raising=False)
 
 

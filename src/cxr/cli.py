@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import dataclasses
+import json
+import os
 import re
 import shlex
 import signal
@@ -120,6 +121,7 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
     data.add_argument("--limit", type=positive_int, metavar="N",
                       help="at most N images per class in each split, drawn with the seed (a quick run)")
     _lung_masks(data)
+    _add_train_options(train.add_argument_group("images from other sources"))
     runs = train.add_argument_group("how it runs")
     runs.add_argument("--device", help="cuda, mps, cpu or cuda:N (default: best available)")
     runs.add_argument("--workers", type=non_negative_int, help="DataLoader worker processes (default: chosen per device)")
@@ -142,6 +144,27 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
     results.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
                          help="write no TensorBoard event files (default: OUT/<experiment>/tensorboard/)")
     results.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_train_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--add-train", nargs="+", metavar="DIR",
+                       help="folders of class folders (any of the classes, named as for --external) whose images "
+                            "join the training split only, after a duplicate audit against test and external images")
+    group.add_argument("--add-train-holdout", type=float, metavar="FRACTION",
+                       help="keep this share of each added folder's groups out of training and score it after "
+                            "training as OUT/<experiment>/external/<folder>-holdout/")
+    group.add_argument("--groups", nargs="+", metavar="CSV",
+                       help="CSV naming each added image's group (one for all added folders, or one per folder); "
+                            "default: every image its own group")
+    group.add_argument("--group-column", default="group", metavar="NAME",
+                       help="the groups CSV's column (default: group, one patient per group)")
+    group.add_argument("--add-train-drop-duplicates", action="store_true",
+                       help="leave out (and list) added images that duplicate test or external images instead of "
+                            "refusing the run")
+    group.add_argument("--add-train-holdout-only", action="store_true",
+                       help="score the held-out part but add nothing to training: the control run of a comparison")
+    group.add_argument("--external", nargs="+", metavar="DIR", default=[],
+                       help="also score these folders after training, as `cxr evaluate --external` does")
 
 
 def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
@@ -435,6 +458,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def _train(args: argparse.Namespace) -> dict:
+    from .added_folders import AddedFolders
     from .preflight import weights_setting
     from .workflow import train_experiment
 
@@ -445,7 +469,8 @@ def _train(args: argparse.Namespace) -> dict:
         feature_cache=args.feature_cache == "auto", compile=args.compile, tensorboard=args.tensorboard,
         cuda_graphs=args.cuda_graphs, splits_on_device=args.splits_on_device,
         **{**hyperparameters(args), "weights": weights_setting(args.weights)},
-        lung_masks=args.lung_masks, limit=args.limit,
+        lung_masks=args.lung_masks, limit=args.limit, add_train=AddedFolders.from_args(args),
+        external=args.external,
     )
 
 
@@ -503,7 +528,20 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         distributed.teardown()
     if distributed.is_main():
         _print_metrics(metrics, args.out, metrics.get("experiment", args.experiment))
+        _print_other_folders(metrics, args.out)
     return 0
+
+
+def _print_other_folders(metrics: dict, out: str) -> None:
+    """After ``cxr train --add-train``: what was added, and the scores of the folders scored after training."""
+    from .added_folders import added_sentence
+
+    record = metrics.get("added_training") or {}
+    if added_sentence(record):
+        print(added_sentence(record))
+    for name in record.get("external_folders", []):
+        where = f"{metrics['experiment']}/external/{name}"
+        _print_metrics(json.loads((Path(out) / where / "metrics.json").read_text()), out, where)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ class DataSplits:
     test: Split
     val_source: str
     limit: int | None = None  # images per class and split kept by a quick run (None: all)
+    added: dict | None = None  # images added to train from other folders (cxr.added_training), for metrics.json
 
     def counts(self) -> dict[str, dict[str, int]]:
         return {"train": self.train.counts(), "val": self.val.counts(), "test": self.test.counts()}

@@ -11,7 +11,6 @@ generalisation, so the scores are given with and without the overlapping files. 
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,29 +23,18 @@ from . import reporting, uncertainty
 from .audit import _relative as audit_path
 from .audit import audit_splits
 from .config import experiment_from_dict
-from .data import CLASSES, FOLDER_ALIASES, Split, add_class_files, warn_skipped
+from .data import CLASSES, DataSplits, Split, add_class_files, warn_skipped
 from .engine import build_dataset, make_loader, predict
 from .layout import visible_name
+from .layout import EXPECTED_CLASS_FOLDERS as EXPECTED
+from .layout import class_of
 from .metrics import operating_points, who_tb_screening
 from .model_card import write_model_card
 from .runtime import Runtime
 from .workflow import load_trained_model, prepare_data
 
-SPELLINGS = {**FOLDER_ALIASES, "TB": "TUBERCULOSIS", "COVID": "COVID19", "COVID2019": "COVID19",
-             "PNEUMONIAS": "PNEUMONIA", "HEALTHY": "NORMAL"}
-EXPECTED = ("expected class folders named (in any case) COVID19 (or COVID-19, COVID), NORMAL, PNEUMONIA "
-            "and TUBERCULOSIS (or TB), directly in the folder or under a test/ folder")
-
-
 class ExternalDataError(ValueError):
     """The external folder cannot be scored; the message says what is wrong and what is expected."""
-
-
-def class_of(folder_name: str) -> str | None:
-    """The class a folder name stands for (case, spaces, hyphens and underscores ignored), or None."""
-    key = re.sub(r"[^A-Z0-9]", "", folder_name.upper())
-    key = SPELLINGS.get(key, key)
-    return key if key in CLASSES else None
 
 
 def scan_external(folder: str | os.PathLike) -> tuple[Split, list[str], Path]:
@@ -119,20 +107,23 @@ def evaluate_external(
     checkpoint: str | os.PathLike, folder: str | os.PathLike, experiment: str | None = None,
     data_dir: str | os.PathLike | None = None, out: str | os.PathLike = "assets", device: str | None = None,
     progress: bool = True, cache: bool = True, cache_dir: str | os.PathLike | None = None,
-    runtime: Runtime | None = None,
+    runtime: Runtime | None = None, images: Split | None = None, results_name: str | None = None,
+    splits: DataSplits | None = None,
 ) -> dict[str, Any]:
     """Audit ``folder`` against the checkpoint's training and validation images (re-scanned from
-    ``data_dir``), score the checkpoint on it with and without the overlapping files, and write
-    metrics.json, the report and figures into ``out/<experiment>/external/<folder name>/``."""
-    external, ignored, base = scan_external(folder)
+    ``data_dir``, or the run's own ``splits``), score the checkpoint on it with and without the overlapping
+    files, and write metrics.json, the report and figures into ``out/<experiment>/external/<results_name>/``
+    (default: the folder's name). ``images``: the part of ``folder`` to score, already scanned (the
+    held-out part of a folder added to training, :mod:`cxr.added_training`)."""
+    external, ignored, base = scan_external(folder) if images is None else (images, [], Path(folder))
     warn_skipped(external.skipped)
     for name in ignored:
         warnings.warn(f"external folder {visible_name(name)} is not a class; its images are ignored.", stacklevel=2)
     model, state = load_trained_model(checkpoint, experiment)
     config = experiment_from_dict(state["experiment"])
     runtime = runtime or Runtime.create(device, cache=cache, cache_dir=cache_dir, progress=progress)
-    splits = prepare_data(data_dir, val_source=state.get("data", {}).get("val_source", "carve"),
-                          seed=state.get("seed", 42))
+    splits = splits or prepare_data(data_dir, val_source=state.get("data", {}).get("val_source", "carve"),
+                                    seed=state.get("seed", 42))
     audit = audit_splits({"train": splits.train, "val": splits.val, "external": external}, splits.root, progress,
                          {"source": "external validation"}, runtime.cache_dir)
     overlaps = training_overlaps(audit)
@@ -154,7 +145,7 @@ def evaluate_external(
     result = {
         "experiment": config.name,
         "checkpoint": str(checkpoint),
-        "external": {"folder": Path(folder).resolve().name, "root": str(Path(folder).resolve()),
+        "external": {"folder": results_name or Path(folder).resolve().name, "root": str(Path(folder).resolve()),
                      "classes_from": str(base), "ignored_folders": ignored,
                      "absent_classes": [c for k, c in enumerate(CLASSES) if not (labels == k).any()],
                      "skipped_files": [{"path": str(p), "reason": why} for p, why in external.skipped]},

@@ -8,6 +8,7 @@ tuberculosis folder ``TURBERCULOSIS`` and may nest the split folders one or two 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 CLASSES: tuple[str, ...] = ("COVID19", "NORMAL", "PNEUMONIA", "TUBERCULOSIS")
@@ -21,6 +22,12 @@ EXPECTED_LAYOUT = (
     "Expected layout: DATA_DIR/{train,val,test}/{COVID19,NORMAL,PNEUMONIA,TUBERCULOSIS}/*.jpg|jpeg|png|dcm "
     "(the Kaggle spelling TURBERCULOSIS is accepted; the split folders may sit one or two levels down)."
 )
+
+# Class folder names of external and added training folders: case, spaces, hyphens and underscores ignored.
+SPELLINGS = {**FOLDER_ALIASES, "TB": "TUBERCULOSIS", "COVID": "COVID19", "COVID2019": "COVID19",
+             "PNEUMONIAS": "PNEUMONIA", "HEALTHY": "NORMAL"}
+EXPECTED_CLASS_FOLDERS = ("expected class folders named (in any case) COVID19 (or COVID-19, COVID), NORMAL, PNEUMONIA "
+                          "and TUBERCULOSIS (or TB), directly in the folder or under a test/ folder")
 
 
 class DatasetError(RuntimeError):
@@ -128,3 +135,10 @@ def locate_dataset(data_dir: str | os.PathLike | None = None) -> Path:
     if root is None:
         raise DatasetError(f"No train/ and test/ folders found in {str(base)!r}. {EXPECTED_LAYOUT}")
     return root
+
+
+def class_of(folder_name: str) -> str | None:
+    """The class a folder name stands for (case, spaces, hyphens and underscores ignored), or None."""
+    key = re.sub(r"[^A-Z0-9]", "", folder_name.upper())
+    key = SPELLINGS.get(key, key)
+    return key if key in CLASSES else None

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import metrics as table
+from .added_folders import added_sentence
 from .data import CLASSES
 
 CARD_FILE = "model_card.md"
@@ -131,6 +132,7 @@ def model_card_text(metrics: dict[str, Any], external: list[dict[str, Any]] | No
         f"Dataset `{dataset.get('name', 'unknown')}`, validation split: {dataset.get('val_source', 'unknown')}.", "",
         *(_table(["split", *CLASSES], [[s, *(str(c.get(k, 0)) for k in CLASSES)] for s, c in counts.items()])
           if counts else ["Image counts unknown."]),
+        *(["", added] if (added := added_sentence(metrics.get("added_training"))) else []),
         "", *(f"- {line}" for line in SOURCES), "",
         "## Training recipe", "",
         f"{config.get('summary', '')}".strip(), "",

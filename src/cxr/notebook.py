@@ -6,7 +6,7 @@ epoch on 32 px images with random weights, so CI proves the notebooks run, quick
 uses the real dataset (explicit folder, ``CXR_DATA_DIR``, the one dataset attached under the Kaggle
 input root ``/kaggle/input`` or ``CXR_KAGGLE_INPUT``, or a kagglehub download), the experiment's
 configuration and ``assets/`` (or ``CXR_OUT``); ``CXR_EPOCHS``, ``CXR_WEIGHTS``, ``CXR_IMAGE_SIZE`` and
-``CXR_LIMIT`` (images per class and split) make a quick run.
+``CXR_LIMIT`` (images per class and split) make a quick run; ``CXR_ADD_TRAIN`` adds folders to training.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from torch import nn
 
 from . import metrics as table
 from . import reporting
+from .added_folders import AddedFolders, check_added, folders_from_env
 from .config import Experiment, get_experiment
 from .data import CLASSES, DataSplits, DatasetError, find_attached_dataset, load_image
 from .engine import class_weights
@@ -39,6 +40,7 @@ from .workflow import ASSET_FILES, build_experiment_model
 SMOKE_ENV = "CXR_SMOKE"
 KAGGLE_INPUT = Path("/kaggle/input")
 KAGGLE_INPUT_ENV = "CXR_KAGGLE_INPUT"
+ADD_TRAIN_ENV = "CXR_ADD_TRAIN"
 SMOKE_OVERRIDES: dict[str, Any] = {"epochs": 1, "batch_size": 8, "image_size": 32, "weights": "none"}
 SMOKE_COUNTS = {"train": 8, "val": 2, "test": 2}
 
@@ -55,6 +57,7 @@ class Settings:
     overrides: dict[str, Any]
     cache_dir: Path | None = None
     limit: int | None = None
+    add_train: list[Path] = field(default_factory=list)
     _scratch: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
     @property
@@ -64,8 +67,10 @@ class Settings:
 
     @property
     def run_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``workflow.train_experiment``: output folder, device, cache folder, overrides."""
-        return {"out": self.out, "device": self.device, "cache_dir": self.cache_dir, **self.overrides}
+        """Keyword arguments for ``workflow.train_experiment``: output folder, device, cache folder, the
+        folders added to training (``CXR_ADD_TRAIN``) and the overrides."""
+        added = {"add_train": self.add_train} if self.add_train else {}
+        return {"out": self.out, "device": self.device, "cache_dir": self.cache_dir, **added, **self.overrides}
 
     @property
     def data_options(self) -> dict[str, Any]:
@@ -88,6 +93,7 @@ class Settings:
         rows = {"mode": mode, "data": data, "output": str(self.run_dir), "device": self.device or "best available",
                 "image cache": str(self.cache_dir) if self.cache_dir else "default (CXR_CACHE_DIR or ~/.cache/cxr)",
                 "images per class and split": str(self.limit) if self.limit else "all",
+                "added to training": ", ".join(map(str, self.add_train)) or "nothing",
                 **{key: value for key, value in self.config.to_dict().items() if key != "summary"}}
         return pd.DataFrame({"value": [str(v) for v in rows.values()]}, index=pd.Index(rows, name="setting"))
 
@@ -140,7 +146,8 @@ def settings(experiment: str, data_dir: str | os.PathLike | None = None, out: st
     Real runs take the data from ``data_dir``, else ``CXR_DATA_DIR``, else the one dataset attached under
     the Kaggle input root (:func:`kaggle_dataset`), else a kagglehub download; they write into ``out``, else
     ``CXR_OUT``, else ``assets`` (on Kaggle: in the working folder). ``CXR_LIMIT`` keeps at most that many
-    images per class in each split.
+    images per class in each split; ``CXR_ADD_TRAIN`` names folders (separated by ``os.pathsep``) whose
+    images join the training split (``cxr train --add-train``).
     """
     get_experiment(experiment)  # an unknown name fails here, before any work
     if _env_flag(SMOKE_ENV):
@@ -154,7 +161,10 @@ def settings(experiment: str, data_dir: str | os.PathLike | None = None, out: st
     overrides, limit = env_overrides(), _env_count("CXR_LIMIT")
     source = data_dir or os.environ.get("CXR_DATA_DIR") or kaggle_dataset()
     out = out or os.environ.get("CXR_OUT", "").strip() or "assets"
-    return Settings(experiment, False, Path(source) if source else None, Path(out), None, overrides, limit=limit)
+    add_train = folders_from_env(os.environ.get(ADD_TRAIN_ENV))
+    check_added(AddedFolders.of(add_train))  # a missing, empty or misnamed folder fails here, before any work
+    return Settings(experiment, False, Path(source) if source else None, Path(out), None, overrides, limit=limit,
+                    add_train=add_train)
 
 
 def with_pretrained_weights(settings: Settings) -> Settings:

@@ -151,6 +151,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         arch = EXPERIMENTS[args.experiment].arch
         check_image_size(args.image_size or EXPERIMENTS[args.experiment].image_size, arch)
         check_weights_file(args.weights)
+        from .added_folders import AddedFolders, check_added  # it imports this module
+
+        check_added(AddedFolders.from_args(args), args.external, args.seed)
     if command in ("train", "evaluate", "audit", "compare"):
         check_output_folder(args.out)
     if command in ("train", "evaluate", "audit"):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from . import metrics as table
+from .added_folders import added_sentence
 from .config import EXPERIMENTS
 from .layout import CLASSES
 
@@ -103,11 +104,15 @@ def collect_metrics(assets: str | os.PathLike = "assets") -> list[dict[str, Any]
         )
     order = {name: index for index, name in enumerate(EXPERIMENTS)}
     runs = [read_metrics(path) for path in paths]
-    return sorted(runs, key=lambda m: (order.get(_name(m), len(order)), _name(m)))
+    return sorted(runs, key=lambda m: (order.get(str(m.get("experiment")), len(order)), _name(m)))
 
 
 def _name(metrics: dict[str, Any]) -> str:
-    return str(metrics.get("experiment") or Path(metrics["_path"]).parent.name)
+    """The run's label: its experiment, and the folders it added to training (two runs of one experiment, with
+    and without them, are told apart)."""
+    name = str(metrics.get("experiment") or Path(metrics["_path"]).parent.name)
+    added = [f["folder"] for f in (metrics.get("added_training") or {}).get("folders", []) if any(f["added"].values())]
+    return " + ".join([name, *added])
 
 
 def interval(ci95: dict[str, Any], *keys: str) -> Sequence[float] | None:
@@ -157,7 +162,9 @@ def _dataset_text(metrics: dict[str, Any]) -> str:
     dataset = metrics.get("dataset", {})
     sizes = split_sizes(metrics)
     counts = "/".join(str(sizes[s]) for s in ("train", "val", "test") if s in sizes)
-    return f"{dataset.get('name', 'unknown')} ({counts})" if counts else str(dataset.get("name", "unknown"))
+    text = f"{dataset.get('name', 'unknown')} ({counts})" if counts else str(dataset.get("name", "unknown"))
+    added = added_sentence(metrics.get("added_training"))
+    return f"{text}; {added}" if added else text
 
 
 def _device_text(metrics: dict[str, Any]) -> str:

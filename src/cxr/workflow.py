@@ -12,7 +12,7 @@ import platform
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -20,6 +20,8 @@ import torch
 from scipy.special import softmax
 
 from . import distributed, reporting, runlock, shortcuts, uncertainty
+from .added_folders import AddedFolders, check_added
+from .added_training import AddedTraining, add_to_training
 from .audit import audit_summary, audit_training_splits
 from .checkpoint import load_checkpoint
 from .config import Experiment, experiment_from_dict, get_experiment
@@ -197,6 +199,8 @@ def train_experiment(
     splits_on_device: bool = True,
     limit: int | None = None,
     model: Classifier | None = None,
+    add_train: AddedFolders | Sequence[str | os.PathLike] | None = None,
+    external: Sequence[str | os.PathLike] = (),
     **overrides: Any,
 ) -> dict[str, Any]:
     """Train the named experiment, evaluate its best checkpoint on the test split and write every
@@ -210,6 +214,9 @@ def train_experiment(
     (see :func:`build_experiment_model`), is the one that trains, instead of a new one. The data is audited
     first: duplicates and train/test leakage are warned about and summarised in metrics.json, beside the
     shortcut baseline. ``lung_masks``: per-image lung masks for the shortcut checks, checked before training.
+    ``add_train``: folders whose images join the training split, audited against the test split and the
+    ``external`` folders, with a held-out part by group (:class:`~cxr.added_folders.AddedFolders`); the
+    held-out parts and ``external`` folders are scored after training into ``out/<name>/external/``.
     Returns the contents of ``metrics.json``.
 
     Under ``torchrun`` every process calls this (see :mod:`cxr.distributed`); rank 0 audits the data and
@@ -219,6 +226,8 @@ def train_experiment(
     check_image_size(experiment.image_size, experiment.arch)
     if model is None:  # a local weights file that does not fit is refused before anything is written
         check_weights(experiment.arch, experiment.weights, len(CLASSES), experiment.image_size)
+    add_train = AddedFolders.of(add_train)
+    check_added(add_train, external, seed)
     if deterministic:
         make_deterministic()
     runtime = runtime or Runtime.create(device, workers=workers, compile=compile, cache=cache, cache_dir=cache_dir,
@@ -234,14 +243,34 @@ def train_experiment(
     # written, is refused at once, not after the audit.
     with runlock.hold_folder(out_dir, "cxr train") if main_rank else contextlib.nullcontext():
         splits = splits or prepare_data(data_dir, val_source=val_source, seed=seed, limit=limit)
+        with distributed.main_first():
+            added = add_to_training(splits, add_train, external, seed, runtime.progress, runtime.cache_dir)
+        splits = added.splits
         if lung_masks is not None:
             find_lung_masks(splits.test.paths, lung_masks)  # a missing or misfit mask fails now, not after training
         if main_rank:  # the audit reads every file: one process is enough
             data_audit = audit_training_splits(splits, runtime.progress, runtime.cache_dir)
             for message in data_audit["warnings"]:
                 warnings.warn(message, stacklevel=2)
-        return _train_and_report(experiment, splits, out_dir, runtime, data_audit if main_rank else None, seed,
-                                 resume, tensorboard, on_epoch_end, deterministic, started, lung_masks, model)
+        metrics = _train_and_report(experiment, splits, out_dir, runtime, data_audit if main_rank else None, seed,
+                                    resume, tensorboard, on_epoch_end, deterministic, started, lung_masks, model)
+        if main_rank:
+            score_other_folders(added, out_dir / "checkpoints" / "best.pt", experiment.name, out, runtime)
+        return metrics
+
+
+def score_other_folders(added: AddedTraining, checkpoint: Path, name: str, out: str | os.PathLike,
+                        runtime: Runtime) -> None:
+    """Score the best checkpoint on each held-out part of an added folder and each ``--external`` folder, as
+    ``cxr evaluate --external`` does, into ``out/<name>/external/<folder>/``."""
+    from .external import evaluate_external  # it imports this module
+
+    for results_name, folder, images in added.holdouts:
+        evaluate_external(checkpoint, folder, name, out=out, progress=runtime.progress, runtime=runtime,
+                          images=images, results_name=results_name, splits=added.splits)
+    for folder in added.externals:
+        evaluate_external(checkpoint, folder, name, out=out, progress=runtime.progress, runtime=runtime,
+                          splits=added.splits)
 
 
 def _train_and_report(experiment: Experiment, splits: DataSplits, out_dir: Path, runtime: Runtime,
@@ -273,6 +302,7 @@ def _train_and_report(experiment: Experiment, splits: DataSplits, out_dir: Path,
         "seed": seed,
         "deterministic": deterministic,
         "dataset": dataset_info(splits),
+        "added_training": splits.added,
         "audit": audit_summary(data_audit),
         "shortcut_baseline": data_audit.get("shortcut_baseline"),
         "device": device_name(result.runtime.device),
