@@ -75,7 +75,7 @@ def check_run(metrics: dict[str, Any], path: Path) -> None:
     def refuse(why: str) -> ReportError:
         return ReportError(f"{str(path)!r} {why}; fix or re-run that experiment. README is unchanged.")
 
-    name = _name(metrics)
+    name = str(metrics.get("experiment") or Path(metrics["_path"]).parent.name)
     if not PLAIN_NAME.fullmatch(name):
         raise refuse(f"names its experiment {name!r}, which is not a plain name (letters, digits, '.', '_', '+', '-')")
     marked = next((text for text in _strings({k: v for k, v in metrics.items() if k != "_path"})
