@@ -169,7 +169,7 @@ def scores_table(runs: Sequence[dict[str, Any]], baseline: dict[str, Any] | None
     shortcut baseline's (file and border statistics only; ``baseline``, else a run's) is the last row."""
     labelled = [(f"`{_name(m)}`", m["test"]) for m in runs]
     labelled = [row for run, own in zip(runs, labelled) for row in
-                [own, *((f"`{_name(run)}` {label}", test) for label, test in external_rows(run))]]
+                [own, *((f"`{_name(run)}` {label}", test) for label, test in external_rows(run) + evaluation_rows(run))]]
     baseline = baseline or shortcut_baseline(runs)
     if baseline is not None:
         labelled.append((BASELINE_ROW + baseline.get("_from", ""), baseline["test"]))
@@ -193,6 +193,19 @@ def external_rows(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         rows.append((f"**external** `{name}`", result["test"]))
         if result.get("test_without_overlaps") is not None:
             rows.append((f"**external** `{name}`, training overlaps removed", result["test_without_overlaps"]))
+    return rows
+
+
+def evaluation_rows(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, test section) per ``cxr evaluate`` record kept beside the run (``evaluations/<when>-<checkpoint>/
+    metrics.json``), and its test-time augmentation scores where it has them."""
+    rows = []
+    for path in sorted((Path(metrics["_path"]).parent / "evaluations").glob("*/metrics.json")):
+        record = read_metrics(path)
+        label = f"**evaluated** `{path.parent.name}`"
+        rows.append((label, record["test"]))
+        if isinstance(record["test"].get("tta"), dict):
+            rows.append((f"{label}, test-time augmentation", record["test"]["tta"]))
     return rows
 
 
