@@ -25,7 +25,7 @@ import pandas as pd
 from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from . import near_duplicates, shortcut_baseline
 from .cache import cache_side, cache_split

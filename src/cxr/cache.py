@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .data import Split
 from .imageio import cache_side, decode_image  # noqa: F401  (cache_side: part of this module's interface)
