@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", help="cuda, mps, cpu or cuda:N (default: best available)")
     export = commands.add_parser("export", help="write a checkpoint as ONNX, safetensors and model.json")
     export.add_argument("--checkpoint", required=True, help="a checkpoint written by cxr train (best.pt)")
-    export.add_argument("--out", required=True, metavar="DIR", help="folder to create for the three files")
+    export.add_argument("--out", required=True, metavar="DIR", help="folder to create for the three files (and the run's model card)")
     export.add_argument("--force", action="store_true", help="replace an earlier export in DIR")
 
     audit = commands.add_parser("audit", help="check the dataset: counts, skipped files, sizes, duplicates, leakage")
