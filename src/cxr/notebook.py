@@ -179,6 +179,8 @@ def plot_counts(splits: DataSplits) -> plt.Figure:
     sns.barplot(frame, x="class", y="images", hue="split", ax=axis)
     for container in axis.containers:
         axis.bar_label(container, fontsize=8)
+    sns.move_legend(axis, "upper left", bbox_to_anchor=(1.01, 1), title="split")  # beside the bars, never on a label
+    axis.set_ylim(0, frame["images"].max() * 1.12)  # room for the tallest bar's label
     axis.set_title("Images per class and split")
     return _finish(figure)
 
