@@ -141,7 +141,8 @@ def test_saved_figure_notes_a_figure_the_run_did_not_write(tmp_path):
 
     plt.figure().savefig(tmp_path / "cam.png")
     plt.close("all")
-    assert isinstance(notebook.saved_figure(tmp_path, "cam"), Image)
+    shown = notebook.saved_figure(tmp_path, "cam")
+    assert isinstance(shown, Image) and repr(shown) == f"[figure: {tmp_path / 'cam.png'}]"
     missing = notebook.saved_figure(tmp_path, "reliability")
     assert repr(missing) == missing._repr_markdown_() == "*The run wrote no `reliability.png`.*"
 

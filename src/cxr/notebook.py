@@ -272,8 +272,12 @@ def saved_figure(run_dir: str | os.PathLike, name: str):
     for display in the notebook; a note instead when the run did not write it (the warning says why)."""
     from IPython.display import Image
 
+    class SavedFigure(Image):
+        def __repr__(self) -> str:  # what a terminal (papermill --log-output) shows instead of the picture
+            return f"[figure: {self.filename}]"
+
     path = Path(run_dir) / ASSET_FILES[name]
-    return Image(filename=str(path)) if path.is_file() else MarkdownText(f"*The run wrote no `{path.name}`.*")
+    return SavedFigure(filename=str(path)) if path.is_file() else MarkdownText(f"*The run wrote no `{path.name}`.*")
 
 
 def files_table(run_dir: str | os.PathLike) -> pd.DataFrame:
