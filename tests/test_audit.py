@@ -196,7 +196,7 @@ def test_audit_and_training_tell_one_story_about_leakage_into_a_carved_validatio
     assert disk["duplicates"]["across_splits"]["train/val"] == 0  # the val folder on disk holds no copy
     shown = format_audit(disk)
     assert f"{carved['exact']} exact and {carved['near']} near-duplicate group(s) of train would then sit" in shown
-    assert "trained on" in shown and "images of the train folder as on disk" in shown
+    assert "trained on" in shown and "images of the train folder on disk (validation not carved out)" in shown
     assert training["shortcut_baseline"]["trained_on"] == "the run's train split (validation carved out of it)"
     limited = audit_training_splits(load_splits(root, seed=42, limit=3), progress=False)
     assert limited["shortcut_baseline"]["trained_on"].endswith("at most 3 images per class (--limit))")

@@ -274,7 +274,7 @@ def audit_dataset(
     splits = {name: scan_split(root, name) for name in SPLITS if name in present}
     notes = {"source": "folders on disk", "ignored_folders": ignored_folders(root)}
     report = audit_splits(splits, root, progress, notes, cache_dir)
-    _name_baseline_data(report, "the train folder as on disk (the images cxr train carves for validation included)")
+    _name_baseline_data(report, "the train folder on disk (validation not carved out)")
     if "train" in splits:
         report["carved_val_leakage"] = carved_val_leakage(report, splits["train"], root)
     return report
