@@ -512,13 +512,18 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     finally:
         distributed.teardown()
     if distributed.is_main():
-        name = metrics.get("experiment", args.experiment)
-        _print_metrics(metrics, args.out, name, metrics.get("folder"))
-        tta = metrics.get("tta") or metrics.get("test", {}).get("tta")
-        if tta:
-            print(f"with test-time augmentation ({tta['views']}):")
-            _print_metrics({"test": tta}, args.out, name, metrics.get("folder"))
+        _print_result(metrics, args)
     return 0
+
+
+def _print_result(metrics: dict, args: argparse.Namespace) -> None:
+    """A run's or an evaluation's scores, then its test-time augmentation scores where it computed them."""
+    name, folder = metrics.get("experiment", args.experiment), metrics.get("folder")
+    _print_metrics(metrics, args.out, name, folder)
+    tta = metrics.get("tta") or metrics.get("test", {}).get("tta")
+    if tta:
+        print(f"with test-time augmentation ({tta['views']}):")
+        _print_metrics({"test": tta}, args.out, name, folder)
 
 
 if __name__ == "__main__":

@@ -283,13 +283,8 @@ def train_experiment(
             data_audit = audit_training_splits(splits, runtime.progress, runtime.cache_dir)
             for message in data_audit["warnings"]:
                 warnings.warn(message, stacklevel=2)
-        try:
-            metrics = _train_and_report(experiment, splits, out_dir, runtime, data_audit if main_rank else None,
-                                        seed, resume, tensorboard, on_epoch_end, deterministic, started, lung_masks,
-                                        model)
-        except TrainingInterrupted as error:
-            error.out = out_dir.parent  # the --out that resumes it, when the run went to a new folder
-            raise
+        metrics = _train_and_report(experiment, splits, out_dir, runtime, data_audit if main_rank else None, seed,
+                                    resume, tensorboard, on_epoch_end, deterministic, started, lung_masks, model)
         return {**metrics, "folder": str(out_dir)}
 
 
@@ -301,8 +296,12 @@ def _train_and_report(experiment: Experiment, splits: DataSplits, out_dir: Path,
     """:func:`train_experiment` once the folder is held and the data audited: fit, evaluate, write metrics.json."""
     main_rank = distributed.is_main()
     board = RunLog(out_dir / "tensorboard", resume) if main_rank and tensorboard else None
-    result = fit(experiment, splits, out_dir, runtime, seed=seed, resume=resume,
-                 on_epoch_end=board.on_epoch_end(on_epoch_end) if board else on_epoch_end, model=model)
+    try:
+        result = fit(experiment, splits, out_dir, runtime, seed=seed, resume=resume,
+                     on_epoch_end=board.on_epoch_end(on_epoch_end) if board else on_epoch_end, model=model)
+    except TrainingInterrupted as error:
+        error.out = out_dir.parent  # the --out that resumes it, when the run went to a new folder
+        raise
     if main_rank:
         plt.close(reporting.plot_history(result.history, out_dir / ASSET_FILES["curves"], experiment.name))
     state = load_checkpoint(result.best_checkpoint, experiment=experiment.name)
