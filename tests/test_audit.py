@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from cxr.audit import audit_dataset, file_sha256
+from cxr.audit import audit_dataset, audit_training_splits, file_sha256, format_audit
 from cxr.cli import main
 from cxr.data import CLASSES, SPLITS, check_image, load_splits, scan_split
+from cxr.report import baseline_verdict
 from cxr.synthetic import DEFAULT_COUNTS, write_synthetic_dataset
 from cxr.workflow import train_experiment
 
@@ -176,3 +178,29 @@ def test_leakage_into_a_carved_validation_split_names_the_validation_image():
     [message] = _near_warnings(near)
     assert message.startswith("LEAKAGE into val: 1 val image(s)")
     assert "train/NORMAL/a.jpg ~ train/NORMAL/b.jpg (in validation)" in message
+
+
+def test_audit_and_training_tell_one_story_about_leakage_into_a_carved_validation_split(tmp_path, capsys):
+    """On disk the copies are duplicates within train; once training carves validation out of train some are
+    leakage into val. The audit says how many, and it is the number training warns about."""
+    root = write_synthetic_dataset(tmp_path / "data", SMALL_COUNTS, size=64, bad_files=False)
+    for source in sorted((root / "train").glob("*/train_00[0-4].png")):
+        shutil.copy(source, source.with_name(f"copy_{source.name}"))
+    disk = audit_dataset(root, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        training = audit_training_splits(load_splits(root, seed=42), progress=False)
+    carved = disk["carved_val_leakage"]
+    assert carved["exact"] == training["duplicates"]["across_splits"]["train/val"] > 0
+    assert carved["near"] == training["near_duplicates"]["across_splits"]["train/val"]
+    assert disk["duplicates"]["across_splits"]["train/val"] == 0  # the val folder on disk holds no copy
+    shown = format_audit(disk)
+    assert f"{carved['exact']} exact and {carved['near']} near-duplicate group(s) of train would then sit" in shown
+    assert "trained on" in shown and "images of the train folder on disk (validation not carved out)" in shown
+    assert training["shortcut_baseline"]["trained_on"] == "the run's train split (validation carved out of it)"
+    limited = audit_training_splits(load_splits(root, seed=42, limit=3), progress=False)
+    assert limited["shortcut_baseline"]["trained_on"].endswith("at most 3 images per class (--limit))")
+    verdict = baseline_verdict({"macro_f1": 0.9}, limited["shortcut_baseline"])
+    assert verdict.endswith(f"(The baseline learned from {limited['shortcut_baseline']['train_images']} images of "
+                            "the run's train split (validation carved out of it, at most 3 images per class "
+                            f"(--limit)) and was tested on {limited['shortcut_baseline']['test_images']}.)")

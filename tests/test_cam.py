@@ -51,10 +51,16 @@ def test_overlay_png_shows_the_crop_beside_its_heat_map(tmp_path):
     assert display.shape == (32, 32, 3) and 0 <= display.min() and display.max() <= 1
     heat_map = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
     written = cam.save_overlay(display, heat_map, tmp_path / "sub" / "x_cam.png")
+    panel = cam.PANEL_MIN
     with Image.open(written) as image:
-        assert image.size == (64, 32) and image.mode == "RGB"
-        left, right = np.asarray(image)[:, :32], np.asarray(image)[:, 32:]
-    assert np.ptp(left) <= 1 and np.ptp(right) > 50  # plain grey crop beside a coloured overlay
+        assert image.size == cam.overlay_size(32) == (2 * panel + cam.BAR_WIDTH, panel + cam.CAPTION_HEIGHT)
+        pixels = np.asarray(image)
+    left, right = pixels[cam.CAPTION_HEIGHT:, :panel], pixels[cam.CAPTION_HEIGHT:, panel:2 * panel]
+    assert np.ptp(left) <= 1 and np.ptp(right) > 50  # plain grey crop beside a coloured overlay, at readable size
+    bar = pixels[cam.CAPTION_HEIGHT:, 2 * panel + 4:2 * panel + 20]
+    np.testing.assert_array_equal(bar[0, 0], cam.colour_bar(panel)[0, 0])  # the colour bar: 1 (red) at the top
+    assert bar[0, 0, 0] > 100 > bar[0, 0, 2] and bar[-1, 0, 2] > 100 > bar[-1, 0, 0]  # and 0 (blue) at the bottom
+    assert pixels[:cam.CAPTION_HEIGHT].max() > 200  # the caption strip holds text
 
 
 @pytest.mark.parametrize("arch", ["resnet50", "vit_b_16"])

@@ -2,6 +2,7 @@
 The notebooks themselves run end to end through nbmake in smoke mode (see pyproject.toml)."""
 
 import ast
+import json
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -129,18 +130,33 @@ def test_notebooks_train_the_model_they_show_and_display_every_figure():
         assert "model = settings.build_model()" in source and "model=model" in source
         assert "models.build_model" not in source  # the model is built once
         assert "workflow.prepare_data(**settings.data_options)" in source  # CXR_LIMIT reaches the data
+        # the figures of the folder the run wrote, which is not assets/<experiment>/ when another run's results are there
+        assert 'run_dir = metrics["folder"]' in source and "settings.run_dir" not in source
         for figure in ("confusion_matrix", "predictions", "cam", "reliability"):
-            assert f'notebook.saved_figure(settings.run_dir, "{figure}")' in source, (name, figure)
+            assert f'notebook.saved_figure(run_dir, "{figure}")' in source, (name, figure)
+        assert "notebook.conclusion(run_dir)" in source
 
 
 def test_saved_figure_notes_a_figure_the_run_did_not_write(tmp_path):
-    from IPython.display import Image, Markdown
+    from IPython.display import Image
 
     plt.figure().savefig(tmp_path / "cam.png")
     plt.close("all")
-    assert isinstance(notebook.saved_figure(tmp_path, "cam"), Image)
+    shown = notebook.saved_figure(tmp_path, "cam")
+    assert isinstance(shown, Image) and repr(shown) == f"[figure: {tmp_path / 'cam.png'}]"
     missing = notebook.saved_figure(tmp_path, "reliability")
-    assert isinstance(missing, Markdown) and "reliability.png" in missing.data
+    assert repr(missing) == missing._repr_markdown_() == "*The run wrote no `reliability.png`.*"
+
+
+def test_the_conclusion_prints_as_text_on_a_terminal(tmp_path):
+    """papermill --log-output shows a display's text/plain: it must be the conclusion, not an object's name."""
+    from IPython.core.formatters import DisplayFormatter
+
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics_fixture()))
+    shown = notebook.conclusion(tmp_path)  # the run's folder, or its metrics.json
+    formats, _ = DisplayFormatter().format(shown)
+    assert formats["text/plain"] == formats["text/markdown"] == notebook.conclusion_text(metrics_fixture())
+    assert repr(notebook.conclusion(tmp_path / "metrics.json")) == formats["text/plain"]
 
 
 def test_settings_reject_unknown_experiment():

@@ -9,7 +9,7 @@ from PIL import Image
 from pydicom import dcmread, uid
 from pydicom.encaps import encapsulate
 
-from cxr.cam import CAPTION_HEIGHT
+from cxr.cam import CAPTION_HEIGHT, overlay_size
 from cxr.checkpoint import save_checkpoint
 from cxr.cli import main
 from cxr.config import get_experiment
@@ -74,8 +74,8 @@ def test_predict_classifies_good_files_and_reports_bad_ones(checkpoint, scans, t
     assert {Path(f).name: Path(c).name for f, c in zip(written["file"], written["cam"])} == {
         "gray.png": "gray_cam.png", "rgb.jpg": "rgb_cam.png", "sixteen_bit.png": "sixteen_bit_cam.png"}
     with Image.open(tmp_path / "cam" / "rgb_cam.png") as overlay:
-        assert overlay.size == (2 * SIZE, SIZE + CAPTION_HEIGHT)  # the image, its overlay, and the caption strip
-        caption = np.asarray(overlay.convert("L"))[SIZE:]
+        assert overlay.size == overlay_size(SIZE)  # the image, its overlay, a colour bar and the caption strip
+        caption = np.asarray(overlay.convert("L"))[:CAPTION_HEIGHT]
     assert caption.max() > 200 and caption.mean() < 64  # light text on black
 
 
@@ -119,8 +119,8 @@ def sensitive(tmp_path_factory):
 def test_predict_evaluate_and_validation_give_the_same_probabilities(sensitive, tmp_path):
     checkpoint, root = sensitive
     test_split = load_splits(root).test
-    evaluate_checkpoint(checkpoint, data_dir=root, out=tmp_path / "out", device="cpu", progress=False)
-    evaluated = torch.from_numpy(np.load(tmp_path / "out" / "resnet50_full" / "test_logits.npz")["logits"]).softmax(1)
+    folder = evaluate_checkpoint(checkpoint, data_dir=root, out=tmp_path / "out", device="cpu", progress=False)["folder"]
+    evaluated = torch.from_numpy(np.load(Path(folder) / "test_logits.npz")["logits"]).softmax(1)
     predicted = run_predict(checkpoint, test_split.paths, device="cpu", progress=False).table
     model, state = load_trained_model(checkpoint)
     assert predicted["probability"].min() < 0.99  # the probabilities are not saturated: the comparison means something

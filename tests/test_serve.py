@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 
-from cxr.cam import CAPTION_HEIGHT
+from cxr.cam import overlay_size
 from cxr.cli import main
 from cxr.data import CLASSES
 from cxr.predict import run_predict
@@ -53,7 +53,7 @@ def test_page_predictions_are_cxr_predicts(checkpoint, images):
     assert list(probabilities) == list(CLASSES)
     reference = expected(checkpoint, images["first"])
     np.testing.assert_allclose(list(probabilities.values()), list(reference.values()), rtol=0, atol=1e-6)
-    assert overlay.shape == (SIZE + CAPTION_HEIGHT, 2 * SIZE, 3)  # image and map side by side, captioned and overlay.dtype == np.uint8
+    assert overlay.shape == (*overlay_size(SIZE)[::-1], 3)  # image and map side by side, captioned and overlay.dtype == np.uint8
     assert f"| COVID19 | {reference['COVID19']:.6f} |" in probability_table(probabilities)
     with pytest.raises(ValueError, match="^notes.png: not an image$"):
         predictor.classify(images["text"])

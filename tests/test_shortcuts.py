@@ -190,9 +190,9 @@ def test_evaluation_scores_three_views_and_draws_them(checkpoint, synthetic_root
     assert set(checks["views"]) == set(shortcuts.VIEWS)
     assert checks["views"]["as_is"]["macro_f1"] == pytest.approx(metrics["macro_f1"])
     assert checks["sentence"] == shortcuts.masked_sentence(checks["views"], 0.25)
-    assert (tmp_path / "resnet50_full" / "shortcuts.png").stat().st_size > 10_000
+    assert (Path(metrics["folder"]) / "shortcuts.png").stat().st_size > 10_000
     assert checks["saliency"]["images"] == 16  # the whole test split: under the cap
-    saved = json.loads((tmp_path / "resnet50_full" / "classification_report.json").read_text())
+    saved = json.loads((Path(metrics["folder"]) / "classification_report.json").read_text())
     assert saved["shortcuts"]["views"]["lungs_hidden"]["macro_f1"] == checks["views"]["lungs_hidden"]["macro_f1"]
 
 

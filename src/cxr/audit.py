@@ -25,11 +25,12 @@ import pandas as pd
 from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from . import near_duplicates, shortcut_baseline
 from .cache import cache_side, cache_split
-from .data import CLASSES, FOLDER_ALIASES, SPLITS, DataSplits, Split, locate_dataset, scan_split
+from .data import (CLASSES, FOLDER_ALIASES, SPLITS, DatasetError, DataSplits, Split, locate_dataset, scan_split,
+                   stratified_split)
 from .imageio import dicom_header, is_dicom
 from .layout import visible_name
 from .reporting import write_json
@@ -274,18 +275,51 @@ def audit_dataset(
     present = {p.name.lower() for p in root.iterdir() if p.is_dir()}
     splits = {name: scan_split(root, name) for name in SPLITS if name in present}
     notes = {"source": "folders on disk", "ignored_folders": ignored_folders(root)}
-    return audit_splits(splits, root, progress, notes, cache_dir)
+    report = audit_splits(splits, root, progress, notes, cache_dir)
+    _name_baseline_data(report, "the train folder on disk (validation not carved out)")
+    if "train" in splits:
+        report["carved_val_leakage"] = carved_val_leakage(report, splits["train"], root)
+    return report
+
+
+def _name_baseline_data(report: dict[str, Any], trained_on: str) -> None:
+    """Say which split (and limit) the shortcut baseline learned from: its score moves with them."""
+    if isinstance(report.get("shortcut_baseline"), dict):
+        report["shortcut_baseline"]["trained_on"] = trained_on
+
+
+def carved_val_leakage(report: dict[str, Any], train: Split, root: Path, seed: int = 42,
+                       fraction: float = 0.1) -> dict[str, Any] | None:
+    """Copies the validation split ``cxr train`` carves out of train (default seed, no --limit) would share with
+    the images it trains on: the audit of the folders on disk sees them only as duplicates within train, training
+    warns about them as leakage into val; this says both in one place. None when train cannot be carved."""
+    try:
+        _, held_out = stratified_split(train.labels, fraction, seed)
+    except DatasetError:
+        return None
+    held = {_relative(train.paths[i], root) for i in held_out}
+
+    def spanning(groups: list[dict[str, Any]]) -> int:
+        paths = [{f["path"] for f in group["files"] if f["split"] == "train"} for group in groups]
+        return sum(1 for inside in paths if inside & held and inside - held)
+
+    return {"seed": seed, "fraction": fraction, "exact": spanning(report["duplicates"]["groups"]),
+            "near": spanning(report["near_duplicates"]["groups"])}
 
 
 def audit_training_splits(
     splits: DataSplits, progress: bool = True, cache_dir: str | os.PathLike | None = None
 ) -> dict[str, Any]:
     """Audit the splits a training run actually uses (with a carved validation split, val comes from train)."""
-    return audit_splits(
+    report = audit_splits(
         {"train": splits.train, "val": splits.val, "test": splits.test}, splits.root, progress,
         {"source": f"training splits (val_source={splits.val_source})", "ignored_folders": ignored_folders(splits.root)},
         cache_dir,
     )
+    carved = "validation carved out of it" if splits.val_source == "carve" else "Kaggle's val folder kept apart"
+    limit = f", at most {splits.limit} images per class (--limit)" if splits.limit else ""
+    _name_baseline_data(report, f"the run's train split ({carved}{limit})")
+    return report
 
 
 def audit_summary(report: dict[str, Any]) -> dict[str, Any]:
@@ -342,6 +376,12 @@ def format_audit(report: dict[str, Any]) -> str:
               f"conflicting labels {near['conflicting_labels']}",
               f"Near-duplicate leakage: into val {near['leakage']['into_val']} image(s), "
               f"into test {near['leakage']['into_test']} image(s)"]
+    carved = report.get("carved_val_leakage")
+    if carved:
+        lines.append(f"The val above is the folder on disk. cxr train carves its validation split out of train "
+                     f"({carved['fraction']:.0%}, seed {carved['seed']}, no --limit): {carved['exact']} exact and "
+                     f"{carved['near']} near-duplicate group(s) of train would then sit in both its train and "
+                     "validation splits, which training warns about as leakage into val.")
     if "shortcut_baseline" in report:
         lines += [""] + shortcut_baseline.format_baseline(report["shortcut_baseline"])
     if report["warnings"]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .data import Split
 from .fileid import content_digest

@@ -79,23 +79,51 @@ def overlay(display: np.ndarray, heat_map: np.ndarray) -> np.ndarray:
     return show_cam_on_image(display.astype(np.float32), heat_map, use_rgb=True, image_weight=0.5)
 
 
-CAPTION_HEIGHT = 14  # PIL's built-in bitmap font is 11 px high
+PANEL_MIN = 256  # each half of an overlay PNG is at least this many pixels wide: a 64 px input stays readable
+CAPTION_HEIGHT = 28  # the caption strip above the pictures
+BAR_WIDTH = 56  # the colour bar (16 px) and its labels, right of the overlay
+FONT_SIZE = 16
+
+
+def overlay_size(side: int) -> tuple[int, int]:
+    """(width, height) of the PNG :func:`save_overlay` writes for a ``side`` x ``side`` model input."""
+    panel = max(side, PANEL_MIN)
+    return 2 * panel + BAR_WIDTH, panel + CAPTION_HEIGHT
+
+
+def _font(size: int = FONT_SIZE) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)  # Pillow's own scalable font (needs FreeType)
+    except (ImportError, OSError, TypeError):
+        return ImageFont.load_default()
+
+
+def colour_bar(height: int) -> np.ndarray:
+    """(height, 16, 3) uint8: the overlay's colours from the heat map's 1 (top) to 0 (bottom)."""
+    ramp = np.linspace(1, 0, height, dtype=np.float32)[:, None].repeat(16, axis=1)
+    return show_cam_on_image(np.zeros((height, 16, 3), np.float32), ramp, use_rgb=True, image_weight=0.0)
 
 
 def save_overlay(display: np.ndarray, heat_map: np.ndarray, path: Path, caption: str | None = None,
                  text: dict[str, str] | None = None) -> Path:
-    """Write the image and its overlay side by side as one PNG, with ``caption`` (the predicted class and its
-    probability, say) in a strip beneath them, so an overlay still says what it shows once it is copied away;
-    ``text`` goes into the PNG's text chunks (``cxr predict`` marks its overlays there, to know them later)."""
+    """Write the image and its overlay side by side as one PNG, each at least :data:`PANEL_MIN` px, with a colour
+    bar (the heat map's 0 to 1, relative to this image's maximum) and ``caption`` (the predicted class and its
+    probability, say) above them, so an overlay still says what it shows once it is copied away; ``text`` goes into
+    the PNG's text chunks (``cxr predict`` marks its overlays there, to know them later)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pair = np.concatenate([(display * 255).round().astype(np.uint8), overlay(display, heat_map)], axis=1)
-    picture = Image.fromarray(pair)
-    if caption:
-        framed = Image.new("RGB", (picture.width, picture.height + CAPTION_HEIGHT), "black")
-        framed.paste(picture)
-        ImageDraw.Draw(framed).text((2, picture.height + 1), caption, fill="white", font=ImageFont.load_default())
-        picture = framed
+    pair = [Image.fromarray((display * 255).round().astype(np.uint8)), Image.fromarray(overlay(display, heat_map))]
+    width, height = overlay_size(display.shape[0])
+    panel = height - CAPTION_HEIGHT
+    picture = Image.new("RGB", (width, height), "black")
+    for number, half in enumerate(pair):
+        picture.paste(half.resize((panel, panel), Image.Resampling.BICUBIC), (number * panel, CAPTION_HEIGHT))
+    picture.paste(Image.fromarray(colour_bar(panel)), (2 * panel + 4, CAPTION_HEIGHT))
+    draw, font = ImageDraw.Draw(picture), _font()
+    for text, y in (("1", CAPTION_HEIGHT), ("0", height - FONT_SIZE - 2)):
+        draw.text((2 * panel + 24, y), text, fill="white", font=font)
+    draw.text((4, 4), f"{caption + ';  ' if caption else ''}left: model input, right: Grad-CAM", fill="white",
+              font=font)
     info = PngInfo()
     for key, value in (text or {}).items():
         info.add_text(key, value)

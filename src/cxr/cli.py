@@ -89,7 +89,10 @@ def _add_hyperparameters(group: argparse._ArgumentGroup) -> None:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="dataset folder (default: $CXR_DATA_DIR, else download with kagglehub)")
     parser.add_argument("--device", help="cuda, mps, cpu or cuda:N (default: best available)")
-    parser.add_argument("--out", default="assets", help="output folder; files go to OUT/<experiment>/ (default: assets)")
+    parser.add_argument("--out", default="assets",
+                        help="results go to a new folder OUT/<experiment>/evaluations/<date-time>-<checkpoint>/ "
+                             "(with --external: OUT/<experiment>/external/<folder>/), never over a run's own files "
+                             "(default: assets)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -139,7 +142,12 @@ def _train_parser(commands: argparse._SubParsersAction) -> None:
                            "memory (default: a split under a quarter of the GPU's free memory is held on it)")
     results = train.add_argument_group("where results go")
     results.add_argument("--out", default="assets",
-                         help="output folder; files go to OUT/<experiment>/ (default: assets)")
+                         help="output folder; files go to OUT/<experiment>/, or to a new OUT/runs/<date-time>/"
+                              "<experiment>/ when that folder holds another configuration's or device's results "
+                              "(default: assets)")
+    results.add_argument("--overwrite", action="store_true",
+                         help="replace the results in OUT/<experiment>/ even when another configuration or device "
+                              "wrote them")
     results.add_argument("--resume", action="store_true", help="continue from OUT/<experiment>/checkpoints/last.pt")
     results.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
                          help="write no TensorBoard event files (default: OUT/<experiment>/tensorboard/)")
@@ -173,6 +181,7 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
                           help="the checkpoint's experiment (default: the one the checkpoint records)")
     evaluate.add_argument("--checkpoint", required=True, help="a checkpoint written by cxr train (best.pt)")
     _common(evaluate)
+
     evaluate.add_argument("--tta", action="store_true",
                           help="also report test-time augmentation (centre crop, whole square, small shifts; each mirrored)")
     evaluate.add_argument("--external", metavar="DIR",
@@ -218,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", help="cuda, mps, cpu or cuda:N (default: best available)")
     export = commands.add_parser("export", help="write a checkpoint as ONNX, safetensors and model.json")
     export.add_argument("--checkpoint", required=True, help="a checkpoint written by cxr train (best.pt)")
-    export.add_argument("--out", required=True, metavar="DIR", help="folder to create for the three files")
+    export.add_argument("--out", required=True, metavar="DIR", help="folder to create for the three files (and the run's model card)")
     export.add_argument("--force", action="store_true", help="replace an earlier export in DIR")
 
     audit = commands.add_parser("audit", help="check the dataset: counts, skipped files, sizes, duplicates, leakage")
@@ -256,7 +265,7 @@ def _print_experiments() -> None:
         print()
 
 
-def _print_metrics(metrics: dict, out: str, name: str) -> None:
+def _print_metrics(metrics: dict, out: str, name: str, folder: str | None = None) -> None:
     from . import metrics as table
 
     test = metrics.get("test", metrics)
@@ -270,7 +279,7 @@ def _print_metrics(metrics: dict, out: str, name: str) -> None:
 
     scores = ", ".join(f"{m.label} {score(m)}" for m in table.summary_metrics())
     print(f"{name}: test {scores}" + (" (95% bootstrap intervals)" if intervals else "")
-          + f"; files in {out}/{name}/")
+          + f"; files in {folder or f'{out}/{name}'}/")
     if test.get("who_tb_screening") is not None or "operating_points" in test:
         print(table.who_tb_sentence(test.get("who_tb_screening")))
     checks = metrics.get("shortcuts") or test.get("shortcuts") or {}
@@ -354,10 +363,25 @@ def _external(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resume_command(argv: Sequence[str] | None) -> str:
-    """The command line that continues an interrupted ``cxr train``: the same options plus --resume."""
+def _resume_command(argv: Sequence[str] | None, out: str | os.PathLike | None = None) -> str:
+    """The command line that continues an interrupted ``cxr train``: the same options plus --resume, and
+    ``--out`` naming ``out`` (the folder the run went to when it did not replace another run's results)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if out is not None:
+        args = _without_option(args, "--out") + ["--out", str(out)]
     return shlex.join(["cxr", *args, *([] if "--resume" in args else ["--resume"])])
+
+
+def _without_option(args: list[str], flag: str) -> list[str]:
+    kept, skip = [], False
+    for token in args:
+        if skip:
+            skip = False
+        elif token == flag:
+            skip = True
+        elif not token.startswith(flag + "="):
+            kept.append(token)
+    return kept
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -470,7 +494,7 @@ def _train(args: argparse.Namespace) -> dict:
         cuda_graphs=args.cuda_graphs, splits_on_device=args.splits_on_device,
         **{**hyperparameters(args), "weights": weights_setting(args.weights)},
         lung_masks=args.lung_masks, limit=args.limit, add_train=AddedFolders.from_args(args),
-        external=args.external,
+        external=args.external, overwrite=args.overwrite,
     )
 
 
@@ -512,7 +536,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
                                           cache=args.cache, cache_dir=args.cache_dir, lung_masks=args.lung_masks)
         distributed.barrier()  # the other ranks wait until rank 0 has written every file
     except TrainingInterrupted as error:
-        command = _resume_command(argv)
+        moved = getattr(error, "out", None)
+        command = _resume_command(argv, moved if moved is not None and Path(moved) != Path(args.out) else None)
         if distributed.launched_by_torchrun():
             command = f"torchrun [the same torchrun options] -m {command}"
         resume = f"\nResume with: {command}" if error.saved_epochs else ""
@@ -527,7 +552,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     finally:
         distributed.teardown()
     if distributed.is_main():
-        _print_metrics(metrics, args.out, metrics.get("experiment", args.experiment))
+        _print_result(metrics, args)
         _print_other_folders(metrics, args.out)
     return 0
 
@@ -542,6 +567,16 @@ def _print_other_folders(metrics: dict, out: str) -> None:
     for name in record.get("external_folders", []):
         where = f"{metrics['experiment']}/external/{name}"
         _print_metrics(json.loads((Path(out) / where / "metrics.json").read_text()), out, where)
+
+
+def _print_result(metrics: dict, args: argparse.Namespace) -> None:
+    """A run's or an evaluation's scores, then its test-time augmentation scores where it computed them."""
+    name, folder = metrics.get("experiment", args.experiment), metrics.get("folder")
+    _print_metrics(metrics, args.out, name, folder)
+    tta = metrics.get("tta") or metrics.get("test", {}).get("tta")
+    if tta:
+        print(f"with test-time augmentation ({tta['views']}):")
+        _print_metrics({"test": tta}, args.out, name, folder)
 
 
 if __name__ == "__main__":

@@ -47,12 +47,30 @@ def metric_table(metrics: dict[str, Any]) -> dict[str, tuple[float | None, list[
     return rows
 
 
+def run_labels(runs: Sequence[dict[str, Any]], paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Each run's legend entry: its experiment, and where two runs share one, the folder that tells them apart
+    (two identical entries would hide which points are whose)."""
+    names = [str(run.get("experiment") or Path(path).parent.name) for run, path in zip(runs, paths)]
+    folders = [Path(path).resolve().parent for path in paths]
+    labels = []
+    for name, folder in zip(names, folders):
+        twins = [f for n, f in zip(names, folders) if n == name]
+        if len(twins) == 1:
+            labels.append(name)
+            continue
+        common = Path(os.path.commonpath(twins)) if len(set(twins)) > 1 else folder.parent
+        own = folder.relative_to(common).as_posix() if folder != common else folder.name
+        labels.append(f"{name} ({own or folder.name})")
+    return labels
+
+
 def plot_comparison(paths: Sequence[str | os.PathLike], out_png: str | os.PathLike | None = None) -> plt.Figure:
     """Every experiment's test metrics (points) and 95% intervals (bars), grouped by metric."""
     if not paths:
         raise ValueError("no metrics.json given to compare")
     runs = [read_metrics(p) for p in paths]
     tables = [metric_table(run) for run in runs]
+    names = run_labels(runs, paths)
     labels = list(dict.fromkeys(label for table in tables for label in table))
     width = 0.8 / len(runs)
     figure, axis = plt.subplots(figsize=(max(8, 1.3 * len(labels) + 2), 5), layout="constrained")
@@ -67,7 +85,7 @@ def plot_comparison(paths: Sequence[str | os.PathLike], out_png: str | os.PathLi
             below.append(max(point - low, 0.0))
             above.append(max(high - point, 0.0))
         axis.errorbar(np.arange(len(labels)) + offset, points, yerr=[below, above], fmt="o", capsize=4,
-                      label=run.get("experiment", Path(paths[number]).parent.name))
+                      label=names[number])
     axis.set_xticks(np.arange(len(labels)), labels)
     axis.set(ylim=(-0.02, 1.02), ylabel="test score", title="Test metrics with bootstrap 95% intervals")
     axis.grid(axis="y", alpha=0.3)

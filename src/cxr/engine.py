@@ -22,7 +22,7 @@ import torch
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from . import distributed, metrics
 from .augment import DeviceLoader

@@ -26,6 +26,7 @@ from .config import experiment_from_dict, upgrade_experiment_dict
 from .model_card import CARD_FILE
 from .backbones import BACKBONES
 from .models import Classifier, build_model
+from .input_recipe import input_steps
 from .models import preprocessing as default_preprocessing
 from .checkpoint import non_finite_tensor
 from .inference import check_finite_outputs, load_trained_model, state_dict_mismatch
@@ -60,10 +61,11 @@ class _WithProbabilities(nn.Module):
 def input_description(prep: dict[str, Any]) -> str:
     """How to turn an image file into the network's input, in words (also stored in the ONNX file)."""
     size = prep["image_size"]
-    return (f"N x 3 x {size} x {size} float32: the image as 8-bit RGB (grayscale repeated on the 3 channels, "
-            f"16-bit rescaled from its own min..max to 0..255), resized (bilinear, antialiased) so its shorter "
-            f"side is {prep['resize']} px, centre-cropped to {size} x {size}, divided by 255, then per channel "
-            f"minus mean {prep['mean']} and divided by std {prep['std']}.")
+    return (f"N x 3 x {size} x {size} float32, from the image as in model.json's preprocessing.steps: 8-bit "
+            f"grayscale (JPEG in libjpeg's draft mode), its centre square resized to "
+            f"{input_steps(prep)['square_side']} px (bilinear), divided by 255, resized to {prep['resize']} px "
+            f"(bilinear, antialiased), centre-cropped to {size} x {size}, repeated on 3 channels, then per "
+            f"channel minus mean {prep['mean']} and divided by std {prep['std']}.")
 
 
 def _run_metrics(checkpoint: Path, state: dict[str, Any]) -> dict[str, Any]:
@@ -92,7 +94,7 @@ def _describe(state: dict[str, Any], prep: dict[str, Any], checkpoint: Path, che
         "arch": config["arch"],
         "image_size": config["image_size"],
         "trainable_blocks": experiment_from_dict(config).trainable_blocks,
-        "preprocessing": {**prep, "channels": "RGB; grayscale repeated on the 3 channels",
+        "preprocessing": {**prep, **input_steps(prep), "channels": "grayscale repeated on the 3 channels",
                           "layout": "N x 3 x H x W float32", "description": input_description(prep)},
         "onnx": {"file": FILES["onnx"], "opset": ONNX_OPSET, "input": "image",
                  "outputs": {"logits": "N x classes", "probabilities": "N x classes, softmax of the logits"},

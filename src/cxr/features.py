@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .augment import DeviceDataset
 from .runtime import Runtime

@@ -115,8 +115,9 @@ def model_card_text(metrics: dict[str, Any], external: list[dict[str, Any]] | No
     config = metrics.get("config", {})
     dataset = metrics.get("dataset", {})
     recipe = [[str(k), f"`{v}`"] for k, v in config.items() if k not in ("name", "summary")]
-    recipe += [[k, f"`{metrics[k]}`"] for k in ("seed", "epochs_run", "best_epoch", "device", "mixed_precision",
-                                                 "train_seconds") if k in metrics]
+    recipe += [[k, f"`{metrics[k]}`"] for k in ("seed", "epochs_run", "best_epoch", "evaluated_checkpoint",
+                                                 "checkpoint_epoch", "device", "mixed_precision", "train_seconds")
+               if k in metrics]
     if metrics.get("weights_file"):  # a local file: its name and digest say more than the path it had
         local = metrics["weights_file"]
         recipe.append(["weights file", f"`{local['name']}` (sha256 `{local['sha256']}`)"])

@@ -205,6 +205,8 @@ def plot_counts(splits: DataSplits) -> plt.Figure:
     sns.barplot(frame, x="class", y="images", hue="split", ax=axis)
     for container in axis.containers:
         axis.bar_label(container, fontsize=8)
+    sns.move_legend(axis, "upper left", bbox_to_anchor=(1.01, 1), title="split")  # beside the bars, never on a label
+    axis.set_ylim(0, frame["images"].max() * 1.12)  # room for the tallest bar's label
     axis.set_title("Images per class and split")
     return _finish(figure)
 
@@ -294,10 +296,14 @@ def classification_table(metrics: dict[str, Any]) -> pd.DataFrame:
 def saved_figure(run_dir: str | os.PathLike, name: str):
     """A figure the run saved (``curves``, ``confusion_matrix``, ``predictions``, ``cam``, ``reliability``),
     for display in the notebook; a note instead when the run did not write it (the warning says why)."""
-    from IPython.display import Image, Markdown
+    from IPython.display import Image
+
+    class SavedFigure(Image):
+        def __repr__(self) -> str:  # what a terminal (papermill --log-output) shows instead of the picture
+            return f"[figure: {self.filename}]"
 
     path = Path(run_dir) / ASSET_FILES[name]
-    return Image(filename=str(path)) if path.is_file() else Markdown(f"*The run wrote no `{path.name}`.*")
+    return SavedFigure(filename=str(path)) if path.is_file() else MarkdownText(f"*The run wrote no `{path.name}`.*")
 
 
 def files_table(run_dir: str | os.PathLike) -> pd.DataFrame:
@@ -337,11 +343,25 @@ def conclusion_text(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def conclusion(metrics_path: str | os.PathLike):
-    """The run's summary as rendered Markdown, read from its ``metrics.json``."""
-    from IPython.display import Markdown
+class MarkdownText:
+    """Markdown that Jupyter renders and a terminal (papermill ``--log-output``, ``print``) shows as its text,
+    where IPython's ``Markdown`` shows only ``<IPython.core.display.Markdown object>``."""
 
-    return Markdown(conclusion_text(json.loads(Path(metrics_path).read_text())))
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def _repr_markdown_(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def conclusion(run: str | os.PathLike) -> MarkdownText:
+    """The run's summary as Markdown, read from its ``metrics.json`` (``run``: that file or the run's folder)."""
+    path = Path(run)
+    path = path / "metrics.json" if path.is_dir() else path
+    return MarkdownText(conclusion_text(json.loads(path.read_text())))
 
 
 BOOTSTRAP_SOURCE = Path(__file__).with_name("kaggle_bootstrap.py")

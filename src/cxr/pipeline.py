@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from . import distributed
 from .augment import BatchTransform, DeviceDataset, DeviceLoader, EvalTransform, TrainAugment

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from . import uncertainty
 from .data import IMAGE_EXTENSIONS, check_image

@@ -224,7 +224,7 @@ def scores_table(runs: Sequence[dict[str, Any]], baseline: dict[str, Any] | None
     shortcut baseline's (file and border statistics only; ``baseline``, else a run's) is the last row."""
     labelled = [(f"`{_name(m)}`", m["test"]) for m in runs]
     labelled = [row for run, own in zip(runs, labelled) for row in
-                [own, *((f"`{_name(run)}` {label}", test) for label, test in external_rows(run))]]
+                [own, *((f"`{_name(run)}` {label}", test) for label, test in external_rows(run) + evaluation_rows(run))]]
     baseline = baseline or shortcut_baseline(runs)
     if baseline is not None:
         labelled.append((BASELINE_ROW + baseline.get("_from", ""), baseline["test"]))
@@ -251,6 +251,19 @@ def external_rows(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return rows
 
 
+def evaluation_rows(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, test section) per ``cxr evaluate`` record kept beside the run (``evaluations/<when>-<checkpoint>/
+    metrics.json``), and its test-time augmentation scores where it has them."""
+    rows = []
+    for path in sorted((Path(metrics["_path"]).parent / "evaluations").glob("*/metrics.json")):
+        record = read_metrics(path)
+        label = f"**evaluated** `{path.parent.name}`"
+        rows.append((label, record["test"]))
+        if isinstance(record["test"].get("tta"), dict):
+            rows.append((f"{label}, test-time augmentation", record["test"]["tta"]))
+    return rows
+
+
 def shortcut_baseline(runs: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """The shortcut baseline of the first run that has one (runs on one dataset share it)."""
     return next((m["shortcut_baseline"] for m in runs if isinstance(m.get("shortcut_baseline"), dict)), None)
@@ -274,10 +287,10 @@ def audit_baseline(assets: Path, runs: Sequence[dict[str, Any]]) -> dict[str, An
 
 def runs_table(runs: Sequence[dict[str, Any]], base: Path) -> str:
     """How each run was made: epochs, training time, device, weights, dataset and links to its figures."""
-    header = ["experiment", "epochs (run/planned)", "train time", "device", "weights",
+    header = ["experiment", "epochs (run/planned)", "train time (whole run)", "device", "weights",
               "dataset (train/val/test images)", "figures"]
     rows = [
-        [f"`{_name(m)}`", _epochs_text(m), format_duration(m.get("train_seconds")), _device_text(m),
+        [f"`{_name(m)}`", _epochs_text(m), _time_text(m), _device_text(m),
          weights_text(m), _dataset_text(m), figure_links(m, base)]
         for m in runs
     ]
@@ -291,6 +304,13 @@ def weights_text(metrics: dict[str, Any]) -> str:
     if local:
         return f"{local['name']} (sha256 {local['sha256'][:12]})"
     return str(metrics.get("weights", "unknown"))
+
+
+def _time_text(metrics: dict[str, Any]) -> str:
+    """The training loop's time, then the whole run's (data audit, feature extraction, evaluation): a head trained
+    on cached features takes a fraction of a second of a run that lasted minutes."""
+    whole = metrics.get("wall_seconds")
+    return format_duration(metrics.get("train_seconds")) + (f" ({format_duration(whole)})" if whole else "")
 
 
 def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
@@ -362,8 +382,9 @@ def shortcuts_table(runs: Sequence[dict[str, Any]]) -> str:
     return _markdown_table(header, rows)
 
 
-def baseline_verdict(test: dict[str, Any], baseline: dict[str, Any] | None) -> str | None:
-    """Whether a model's test macro-F1 beats the shortcut baseline's, read with both bootstrap intervals."""
+def baseline_verdict(test: dict[str, Any], baseline: dict[str, Any] | None, with_data: bool = True) -> str | None:
+    """Whether a model's test macro-F1 beats the shortcut baseline's, read with both bootstrap intervals, and
+    (``with_data``) which images the baseline's number comes from."""
     if baseline is None:
         return None
     score, reference = test.get("macro_f1"), baseline["test"]["macro_f1"]
@@ -371,6 +392,18 @@ def baseline_verdict(test: dict[str, Any], baseline: dict[str, Any] | None) -> s
         return None
     low = interval(test.get("ci95") or {}, "macro_f1")
     high = interval(baseline["test"].get("ci95") or {}, "macro_f1")
+    return " ".join([_verdict(score, reference, low, high), baseline_data(baseline) if with_data else ""]).strip()
+
+
+def baseline_data(baseline: dict[str, Any]) -> str:
+    """Which images the baseline's score comes from: it moves with the split and the --limit it learned from."""
+    if "train_images" not in baseline:
+        return ""
+    return (f"(The baseline learned from {baseline['train_images']} images of "
+            f"{baseline.get('trained_on', 'the train split')} and was tested on {baseline.get('test_images', '?')}.)")
+
+
+def _verdict(score: float, reference: float, low: Sequence[float] | None, high: Sequence[float] | None) -> str:
     if score <= reference:
         return (f"It does no better than the shortcut baseline, which never sees the lungs "
                 f"(macro-F1 {score:.2f} against {reference:.2f}).")
@@ -380,10 +413,11 @@ def baseline_verdict(test: dict[str, Any], baseline: dict[str, Any] | None) -> s
     return f"It beats the shortcut baseline (macro-F1 {score:.2f} against {reference:.2f}; intervals apart)."
 
 
-def run_conclusion(metrics: dict[str, Any], baseline: dict[str, Any] | None) -> str:
-    """The plain conclusion of one run's checks, every word chosen by its numbers."""
+def run_conclusion(metrics: dict[str, Any], baseline: dict[str, Any] | None, with_data: bool = True) -> str:
+    """The plain conclusion of one run's checks, every word chosen by its numbers (``with_data``: say which
+    images the baseline learned from; README's section says it once, above the runs)."""
     checks = metrics.get("shortcuts")
-    parts = [baseline_verdict(metrics["test"], baseline)]
+    parts = [baseline_verdict(metrics["test"], baseline, with_data)]
     if checks:
         parts += [checks.get("sentence"), checks.get("saliency_sentence")]
     else:
@@ -401,8 +435,9 @@ def render_shortcuts(runs: Sequence[dict[str, Any]], baseline: dict[str, Any] | 
                  f"field; `cxr.shortcut_baseline`) reaches test macro-F1 "
                  f"{format_score(baseline['test']['macro_f1'], interval(baseline['test'].get('ci95') or {}, 'macro_f1'))}"
                  f" and accuracy {format_score(baseline['test']['accuracy'], interval(baseline['test'].get('ci95') or {}, 'accuracy'))}"
-                 f" on {baseline['test_images']} test images.")
-    conclusions = [f"- `{_name(m)}`: {run_conclusion(m, baseline)}" for m in runs]
+                 f" on {baseline['test_images']} test images, having learned from {baseline.get('train_images', '?')} "
+                 f"images of {baseline.get('trained_on', 'the train split')}.")
+    conclusions = [f"- `{_name(m)}`: {run_conclusion(m, baseline, with_data=False)}" for m in runs]
     return "\n\n".join([SHORTCUTS_START, "<!-- generated by `cxr report`; edits here are overwritten -->", intro,
                          shortcuts_table(runs), "\n".join(conclusions), SHORTCUTS_END])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -78,7 +79,8 @@ def plot_predictions(paths: Sequence[Path], labels: np.ndarray, probabilities: n
     chosen = rng.permutation(chosen)[:count]
     columns = 4
     rows = max(1, int(np.ceil(len(chosen) / columns)))
-    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.5 * rows), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.5 * rows), squeeze=False,
+                                layout="constrained")  # leaves room for the title above the first row's titles
     for axis in axes.flat:
         axis.axis("off")
     for axis, index in zip(axes.flat, chosen):
@@ -98,7 +100,6 @@ def plot_predictions(paths: Sequence[Path], labels: np.ndarray, probabilities: n
             axis.set_xticks([])
             axis.set_yticks([])
     figure.suptitle(title)
-    figure.tight_layout()
     if path is not None:
         save_figure(figure, path, dpi=110)
     return figure
@@ -139,7 +140,7 @@ def plot_roc(labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[st
              title: str = "", operating_points: dict[str, Any] | None = None) -> plt.Figure:
     """One-vs-rest ROC curve per class with its AUROC, and (if given) each class's operating point chosen
     on validation, drawn where it lands on this split; a class with no positive or negative image is noted."""
-    figure, axis = plt.subplots(figsize=(6, 5.5))
+    figure, axis = plt.subplots(figsize=(6, 5.5), layout="constrained")
     values = metrics.auroc(labels, probabilities)
     for k, name in enumerate(classes):
         positive = np.asarray(labels) == k
@@ -150,13 +151,14 @@ def plot_roc(labels: np.ndarray, probabilities: np.ndarray, classes: Sequence[st
         line, = axis.plot(false_rate, true_rate, label=f"{name}: AUROC {values[k]:.3f}")
         point = (operating_points or {}).get(name)
         if point and point["sensitivity"] is not None and point["specificity"] is not None:
-            axis.plot(1 - point["specificity"], point["sensitivity"], "o", color=line.get_color())
+            axis.plot(1 - point["specificity"], point["sensitivity"], "o", color=line.get_color(), clip_on=False,
+                      zorder=3)  # a point at 1 - specificity = 1 is drawn whole, not cut in half by the frame
     axis.plot([0, 1], [0, 1], "k--", alpha=0.5, label="chance")
     axis.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (true positive rate)",
-             xlim=(0, 1), ylim=(0, 1.01), title=title or "ROC, one class against the rest")
+             xlim=(-0.01, 1.01), ylim=(-0.01, 1.02))
+    axis.set_title(textwrap.fill(title or "ROC, one class against the rest", 60), fontsize=10)
     axis.legend(loc="lower right", fontsize=8)
     axis.grid(alpha=0.3)
-    figure.tight_layout()
     if path is not None:
         save_figure(figure, path, dpi=120)
     return figure

@@ -64,12 +64,13 @@ class Predictor:
     runtime: Runtime
     name: str
     model_lock: threading.Lock = field(default_factory=threading.Lock)
+    header: str = ""
 
     @classmethod
     def load(cls, checkpoint: str | os.PathLike, device: str | None = None) -> "Predictor":
         runtime = Runtime.create(device, progress=False)  # a bad --device is refused before the model loads
         model, classes, prep = load_for_inference(checkpoint)
-        return cls(model, classes, prep, runtime, Path(checkpoint).name)
+        return cls(model, classes, prep, runtime, Path(checkpoint).name, model_header(checkpoint))
 
     def classify(self, path: str | os.PathLike) -> tuple[dict[str, float], np.ndarray]:
         """Every class's probability and the image beside its Grad-CAM (uint8 RGB); ValueError with the
@@ -89,6 +90,28 @@ class Predictor:
                 overlay = np.asarray(pair.convert("RGB"))
         row = result.table.iloc[0]
         return {name: float(row[name]) for name in self.classes}, overlay
+
+
+def model_header(checkpoint: str | os.PathLike) -> str:
+    """Which model the page runs, in one line: experiment, checkpoint and epoch, commit and test macro-F1, read
+    from the export's model.json or, for a checkpoint, from its run's metrics.json when that describes it."""
+    from .checkpoint import load_checkpoint
+    from .export import _run_metrics, read_description
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        description = read_description(path)
+        name, found = description["experiment"]["name"], description.get("metrics") or {}
+    else:
+        state = load_checkpoint(path)
+        name, found = state["experiment"]["name"], _run_metrics(path, state)
+    test = found.get("test") or {}
+    score = test.get("macro_f1")
+    interval = (test.get("ci95") or {}).get("macro_f1")
+    scored = ("test macro-F1 unknown (no metrics.json of this checkpoint beside it)" if score is None else
+              f"test macro-F1 {score:.3f}" + (f" (95% CI {interval[0]:.3f}-{interval[1]:.3f})" if interval else ""))
+    return (f"Experiment `{name}`, `{path.name}` (epoch {found.get('epoch', '?')}), commit "
+            f"`{found.get('commit') or 'unknown'}`, {scored}")
 
 
 def probability_table(probabilities: dict[str, float]) -> str:
@@ -132,7 +155,7 @@ def build_demo(predictor: Predictor, uploads: Path | None = None) -> Any:
 
     kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
     with gr.Blocks(title="cxr demo", analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
-        gr.Markdown(f"## Chest X-ray classification\nCheckpoint `{predictor.name}`, classes "
+        gr.Markdown(f"## Chest X-ray classification\n{predictor.header or f'Checkpoint `{predictor.name}`'}; classes "
                     f"{', '.join(predictor.classes)}, on {predictor.runtime.device}. A research demo, not a diagnosis.")
         with gr.Row():
             with gr.Column():

@@ -147,6 +147,7 @@ def format_baseline(report: dict[str, Any] | None) -> list[str]:
 
     recalls = ", ".join(f"{name} {values['recall']:.3f}" for name, values in test["per_class"].items())
     return [f"Shortcut baseline (file and border statistics only, never the lung field; {len(report['features'])} "
-            f"features, trained on {report['train_images']} train images): test accuracy {score('accuracy')}, "
+            f"features, trained on {report['train_images']} images of "
+            f"{report.get('trained_on', 'the train split')}): test accuracy {score('accuracy')}, "
             f"macro-F1 {score('macro_f1')}, balanced accuracy {score('balanced_accuracy')} (95% bootstrap); "
             f"recall {recalls}; majority class alone: accuracy {report['chance_accuracy']:.3f}"]

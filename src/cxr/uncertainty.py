@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from scipy.special import softmax
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .figures import save_figure
 from . import metrics

@@ -26,8 +26,8 @@ from .audit import audit_summary, audit_training_splits
 from .checkpoint import load_checkpoint
 from .config import Experiment, experiment_from_dict, get_experiment
 from .data import CLASSES, DataSplits, check_limit, load_splits, locate_dataset, warn_skipped
+from .engine import TrainingInterrupted, build_dataset, fit, make_deterministic, make_loader, predict, seed_everything
 from .figures import unwritten_figures
-from .engine import build_dataset, fit, make_deterministic, make_loader, predict, seed_everything
 from .inference import check_finite_rows, load_trained_model  # noqa: F401 (re-exported: workflow.load_trained_model)
 from .lung_field import find_lung_masks
 from .metrics import operating_points, who_tb_screening
@@ -158,21 +158,67 @@ def results_replaced(out_dir: Path, experiment: Experiment, device: str) -> str 
     """What an earlier run left in ``out_dir`` and how it differs from this one, or None when there is nothing:
     a run rewrites every file of its folder, and committed results (README shows them) are lost silently
     otherwise."""
+    earlier = _earlier_metrics(out_dir)
+    if earlier is None:
+        return None
+    if not earlier:
+        return f"{out_dir}/ holds an unreadable metrics.json; this run replaces it."
+    same = _same_provenance(earlier, experiment, device)
+    return (f"{out_dir}/ holds the results of an earlier run ({_describe_run(earlier)}"
+            f"{'; the same configuration and device' if same else '; another configuration or device'}); this run "
+            "replaces them. To keep them, stop now (Ctrl-C) and pass another output folder (--out DIR), or commit "
+            "them first.")
+
+
+def _earlier_metrics(out_dir: Path) -> dict[str, Any] | None:
+    """The metrics.json a run left in ``out_dir``: None when there is none, ``{}`` when it cannot be read."""
     path = out_dir / ASSET_FILES["metrics"]
     if not path.is_file():
         return None
     try:
         earlier = json.loads(path.read_text())
     except (OSError, ValueError):
-        return f"{out_dir}/ holds an unreadable metrics.json; this run replaces it."
+        return {}
+    return earlier if isinstance(earlier, dict) else {}
+
+
+def _describe_run(earlier: dict[str, Any]) -> str:
     planned = earlier.get("config", {}).get("epochs", "?")
-    made = (f"{earlier.get('device', 'unknown device')}, {earlier.get('epochs_run', '?')} of {planned} epochs, "
+    return (f"{earlier.get('device', 'unknown device')}, {earlier.get('epochs_run', '?')} of {planned} epochs, "
             f"weights {earlier.get('weights', '?')}, {str(earlier.get('date', 'undated'))[:10]}")
-    same = earlier.get("config") == experiment.to_dict() and earlier.get("device") == device
-    return (f"{out_dir}/ holds the results of an earlier run ({made}"
-            f"{'; the same configuration and device' if same else '; another configuration or device'}); this run "
-            "replaces them. To keep them, stop now (Ctrl-C) and pass another output folder (--out DIR), or commit "
-            "them first.")
+
+
+def _same_provenance(earlier: dict[str, Any], experiment: Experiment, device: str) -> bool:
+    return earlier.get("config") == experiment.to_dict() and earlier.get("device") == device
+
+
+def run_folder(out: str | os.PathLike, experiment: Experiment, device: str, overwrite: bool = False,
+               resume: bool = False) -> tuple[Path, str | None]:
+    """Where a training run writes, and what to tell the user about it: ``out/<name>/``, unless that folder holds
+    results of another configuration or device (e.g. committed GPU results) and neither ``overwrite`` nor
+    ``resume`` is given: then a new folder ``out/runs/<UTC date-time>/<name>/``, so nothing is replaced by a
+    default. A rerun of the same configuration on the same device replaces its folder, with a warning."""
+    out_dir = Path(out) / experiment.name
+    if resume:
+        return out_dir, None
+    replaced = results_replaced(out_dir, experiment, device)
+    earlier = _earlier_metrics(out_dir)
+    if replaced is None or overwrite or _same_provenance(earlier or {}, experiment, device):
+        return out_dir, replaced
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    new_dir = Path(out) / "runs" / stamp / experiment.name
+    kept = f"the results of another run ({_describe_run(earlier)})" if earlier else "an unreadable metrics.json"
+    return new_dir, (f"{out_dir}/ holds {kept}; they are kept and this run writes into {new_dir}/ instead "
+                     "(--overwrite replaces them; --out DIR chooses another folder).")
+
+
+def _same_on_every_rank(folder: Path) -> Path:
+    """Rank 0's choice of folder, on every rank of a torchrun job (the ranks' clocks may differ)."""
+    if not distributed.is_distributed():
+        return folder
+    shared = [str(folder)]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    return Path(shared[0])
 
 
 def train_experiment(
@@ -201,10 +247,12 @@ def train_experiment(
     model: Classifier | None = None,
     add_train: AddedFolders | Sequence[str | os.PathLike] | None = None,
     external: Sequence[str | os.PathLike] = (),
+    overwrite: bool = False,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Train the named experiment, evaluate its best checkpoint on the test split and write every
-    asset into ``out/<name>/``. ``overrides`` replace configuration values (epochs, batch_size, ...);
+    asset into ``out/<name>/`` (a new ``out/runs/<date-time>/<name>/`` when that folder holds results of another
+    configuration or device and ``overwrite`` is False; see :func:`run_folder`). ``overrides`` replace configuration values (epochs, batch_size, ...);
     ``deterministic`` allows only deterministic kernels. ``runtime`` decides how the run executes; without
     it one is made for ``device`` from ``workers``, ``cache`` (the decoded-image cache), ``cache_dir``,
     ``compile``, ``feature_cache``, ``progress``, ``cuda_graphs`` (None: on CUDA) and ``splits_on_device``
@@ -217,7 +265,7 @@ def train_experiment(
     ``add_train``: folders whose images join the training split, audited against the test split and the
     ``external`` folders, with a held-out part by group (:class:`~cxr.added_folders.AddedFolders`); the
     held-out parts and ``external`` folders are scored after training into ``out/<name>/external/``.
-    Returns the contents of ``metrics.json``.
+    Returns the contents of ``metrics.json``, with ``"folder"``: where the run wrote.
 
     Under ``torchrun`` every process calls this (see :mod:`cxr.distributed`); rank 0 audits the data and
     writes every file, the other ranks return only the test metrics."""
@@ -235,9 +283,9 @@ def train_experiment(
                                         splits_on_device=splits_on_device)
     runtime = runtime.replace(device=distributed.setup(runtime.device))
     main_rank = distributed.is_main()
-    out_dir = Path(out) / experiment.name
-    replaced = None if resume or not main_rank else results_replaced(out_dir, experiment, device_name(runtime.device))
-    if replaced:
+    out_dir, replaced = run_folder(out, experiment, device_name(runtime.device), overwrite, resume)
+    out_dir = _same_on_every_rank(out_dir)
+    if replaced and main_rank:
         warnings.warn(replaced, stacklevel=2)
     # The folder is held before the data is scanned: a second run into it, or an --out that cannot be
     # written, is refused at once, not after the audit.
@@ -255,8 +303,9 @@ def train_experiment(
         metrics = _train_and_report(experiment, splits, out_dir, runtime, data_audit if main_rank else None, seed,
                                     resume, tensorboard, on_epoch_end, deterministic, started, lung_masks, model)
         if main_rank:
-            score_other_folders(added, out_dir / "checkpoints" / "best.pt", experiment.name, out, runtime)
-        return metrics
+            score_other_folders(added, out_dir / "checkpoints" / "best.pt", experiment.name, out_dir.parent,
+                                runtime)
+        return {**metrics, "folder": str(out_dir)}
 
 
 def score_other_folders(added: AddedTraining, checkpoint: Path, name: str, out: str | os.PathLike,
@@ -281,8 +330,12 @@ def _train_and_report(experiment: Experiment, splits: DataSplits, out_dir: Path,
     """:func:`train_experiment` once the folder is held and the data audited: fit, evaluate, write metrics.json."""
     main_rank = distributed.is_main()
     board = RunLog(out_dir / "tensorboard", resume) if main_rank and tensorboard else None
-    result = fit(experiment, splits, out_dir, runtime, seed=seed, resume=resume,
-                 on_epoch_end=board.on_epoch_end(on_epoch_end) if board else on_epoch_end, model=model)
+    try:
+        result = fit(experiment, splits, out_dir, runtime, seed=seed, resume=resume,
+                     on_epoch_end=board.on_epoch_end(on_epoch_end) if board else on_epoch_end, model=model)
+    except TrainingInterrupted as error:
+        error.out = out_dir.parent  # the --out that resumes it, when the run went to a new folder
+        raise
     with unwritten_figures() as unwritten:  # a full disk costs figures (one warning each), never the scores
         if main_rank:
             plt.close(reporting.plot_history(result.history, out_dir / ASSET_FILES["curves"], experiment.name))
@@ -345,34 +398,55 @@ def evaluate_checkpoint(
     cache: bool = True, cache_dir: str | os.PathLike | None = None, runtime: Runtime | None = None,
     lung_masks: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a saved checkpoint on the test split and write the report files and the model card into
-    ``out/<name>/`` (with ``tta``, also the test-time augmentation results; the shortcut checks under
-    ``"shortcuts"``, with ``lung_masks`` from that folder). ``cache``: read the images through the
-    decoded-image cache; ``runtime``, when given, replaces ``device``, ``progress``, ``cache``
-    and ``cache_dir``."""
+    """Evaluate a saved checkpoint on the test split and write the evaluation's own record into a new folder,
+    ``out/<name>/evaluations/<date-time>-<checkpoint>/``: its ``metrics.json`` (test scores, with ``tta`` the
+    test-time augmentation scores, the shortcut checks; with ``lung_masks`` from that folder), report files,
+    figures and model card. A run's own files are never touched: an evaluation of last.pt beside best.pt's
+    results would otherwise mix two checkpoints in one folder. ``cache``: read the images through the
+    decoded-image cache; ``runtime``, when given, replaces ``device``, ``progress``, ``cache`` and ``cache_dir``.
+    Returns the test scores, with ``"experiment"`` and ``"folder"`` (where the record is)."""
+    started = time.perf_counter()
     model, state = load_trained_model(checkpoint, experiment)
     config = experiment_from_dict(state["experiment"])
     runtime = runtime or Runtime.create(device, cache=cache, cache_dir=cache_dir, progress=progress)
     runtime = runtime.replace(device=distributed.setup(runtime.device))
-    out_dir = Path(out) / config.name
-    with runlock.hold_folder(out_dir, "cxr evaluate") if distributed.is_main() else contextlib.nullcontext():
+    main_rank = distributed.is_main()
+    out_dir = evaluation_folder(Path(out) / config.name, checkpoint) if main_rank else Path(out) / config.name
+    with runlock.hold_folder(out_dir, "cxr evaluate") if main_rank else contextlib.nullcontext():
         splits = prepare_data(data_dir, seed=state.get("seed", 42))
         if lung_masks is not None:
             find_lung_masks(splits.test.paths, lung_masks)
         test = evaluate_model(model, config, splits, out_dir, runtime, state["preprocessing"], tta, lung_masks)
-        if distributed.is_main():
-            write_model_card(out_dir, evaluated_metrics(out_dir, state, checkpoint, splits, test))
-    return {"experiment": config.name, **test}
+        if main_rank:
+            record = evaluation_record(state, checkpoint, splits, test, runtime, time.perf_counter() - started)
+            reporting.write_json(record, out_dir / ASSET_FILES["metrics"])
+            write_model_card(out_dir, record)
+    return {"experiment": config.name, **test, "folder": str(out_dir)}
 
 
-def evaluated_metrics(out_dir: Path, state: dict[str, Any], checkpoint: str | os.PathLike, splits: DataSplits,
-                      test: dict[str, Any]) -> dict[str, Any]:
-    """What the model card of ``cxr evaluate`` reads: the run's metrics.json where ``out_dir`` holds one
-    (its recipe and checks), with this evaluation's test scores, checkpoint and dataset in place."""
-    path = out_dir / ASSET_FILES["metrics"]
-    saved = json.loads(path.read_text()) if path.is_file() else {}
+def evaluation_folder(run_dir: Path, checkpoint: str | os.PathLike) -> Path:
+    """A new folder ``run_dir/evaluations/<UTC date-time>-<checkpoint stem>/`` (a suffix when one exists)."""
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    base = run_dir / "evaluations" / f"{stamp}-{Path(checkpoint).stem}"
+    folder, number = base, 1
+    while folder.exists():
+        number += 1
+        folder = base.with_name(f"{base.name}-{number}")
+    return folder
+
+
+def evaluation_record(state: dict[str, Any], checkpoint: str | os.PathLike, splits: DataSplits,
+                      test: dict[str, Any], runtime: Runtime, seconds: float) -> dict[str, Any]:
+    """The ``metrics.json`` of one ``cxr evaluate``: only what this evaluation and its checkpoint say, in the
+    shape ``cxr report``, ``cxr compare`` and the model card read (never the run's recipe or scores)."""
     config = state["experiment"]
-    return {**saved, "experiment": config["name"], "config": config, "weights": config.get("weights"),
-            "seed": state.get("seed"), "dataset": dataset_info(splits), "evaluated_checkpoint": str(checkpoint),
-            "git_commit": git_commit(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "test": test, "shortcuts": test.get("shortcuts", saved.get("shortcuts"))}
+    test = dict(test)
+    return {
+        "experiment": config["name"], "kind": "evaluation", "evaluated_checkpoint": str(checkpoint),
+        "checkpoint_epoch": state.get("epoch"), "config": config, "weights": config.get("weights"),
+        "seed": state.get("seed"), "dataset": dataset_info(splits), "device": device_name(runtime.device),
+        "torch": torch.__version__, "python": platform.python_version(), "wall_seconds": round(seconds, 2),
+        "git_commit": git_commit(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "test": test, "shortcuts": test.pop("shortcuts", None),
+        "files": {k: v for k, v in ASSET_FILES.items() if k not in ("curves", "history")},
+    }
