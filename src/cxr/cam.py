@@ -120,8 +120,8 @@ def save_overlay(display: np.ndarray, heat_map: np.ndarray, path: Path, caption:
         picture.paste(half.resize((panel, panel), Image.Resampling.BICUBIC), (number * panel, CAPTION_HEIGHT))
     picture.paste(Image.fromarray(colour_bar(panel)), (2 * panel + 4, CAPTION_HEIGHT))
     draw, font = ImageDraw.Draw(picture), _font()
-    for text, y in (("1", CAPTION_HEIGHT), ("0", height - FONT_SIZE - 2)):
-        draw.text((2 * panel + 24, y), text, fill="white", font=font)
+    for label, y in (("1", CAPTION_HEIGHT), ("0", height - FONT_SIZE - 2)):
+        draw.text((2 * panel + 24, y), label, fill="white", font=font)
     draw.text((4, 4), f"{caption + ';  ' if caption else ''}left: model input, right: Grad-CAM", fill="white",
               font=font)
     info = PngInfo()

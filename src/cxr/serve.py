@@ -63,8 +63,8 @@ class Predictor:
     preprocessing: dict[str, Any]
     runtime: Runtime
     name: str
-    model_lock: threading.Lock = field(default_factory=threading.Lock)
     header: str = ""
+    model_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def load(cls, checkpoint: str | os.PathLike, device: str | None = None) -> "Predictor":
