@@ -539,8 +539,9 @@ def files_signature(split: Split, root: Path) -> str:
 
 
 def data_signature(splits: DataSplits) -> dict[str, Any]:
-    """What a resumed run must see again: the same validation source, per-class counts and files."""
-    return {"val_source": splits.val_source, "counts": splits.counts(),
+    """What a resumed run must see again: the same validation source, per-class counts and files (and where
+    they were, so that ``cxr evaluate --external`` finds the training data without ``--data-dir``)."""
+    return {"val_source": splits.val_source, "counts": splits.counts(), "root": str(Path(splits.root).resolve()),
             "files": {name: files_signature(getattr(splits, name), splits.root) for name in ("train", "val", "test")}}
 
 
