@@ -180,6 +180,8 @@ def test_each_masked_case_follows_its_interval(hidden, case):
     found = lung_evidence.verdicts(0.9, _controls(hidden, (-0.1, 0.1)), None, 0.25)
     assert found["cases"] == [case, "lungs_alone_same"]
     assert ("depend on the lungs" in found["sentence"]) == (case == "lungs_needed")
+    assert ("depends on the lungs" in found["short"]) == (case == "lungs_needed")
+    assert found["short"].endswith("the lungs alone keep as much as an equal area (+0.00, 95% interval -0.10 to +0.10).")
 
 
 @pytest.mark.parametrize("only, case", [((0.1, 0.3), "lungs_alone_more"), ((-0.3, -0.1), "lungs_alone_less")])

@@ -209,14 +209,19 @@ def test_report_renders_controls_probes_pairs_groups_and_external_shares(project
     metrics["shortcuts"] = {"views": {"as_is": _view(0.9), "lungs_hidden": _view(0.5), "lungs_only": _view(0.7)},
                             "controls": {"views": controls}, "probes": {"lungs_hidden": _view(0.88),
                                                                          "lungs_only": _view(0.6)},
-                            "sentence": "Hiding the lung field costs 0.40 macro-F1.", "saliency": None}
+                            "sentence": "Hiding the lung field costs 0.40 macro-F1.", "short": "Short verdict.",
+                            "saliency": None}
     metrics["test"]["pairwise_auroc"] = {"NORMAL vs PNEUMONIA": {"auroc": 0.93, "ci95": [0.9, 0.96], "images": 80,
                                                                  "same_source": True}}
     metrics["test"]["groups"] = {"sentence": "By source_repo, accuracy ranges from 0.50 (a) to 0.99 (b)."}
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     external = {"external": {"folder": "nih-adult"}, "overlaps": {"audited": False},
-                "test": {"images": 300, "accuracy": 0.1, "class_shares": {"sentence": "270 of 300 images (90%) were "
-                         "called a class this folder does not hold (COVID19, TUBERCULOSIS): ..."},
+                "test": {"images": 300, "accuracy": 0.1, "class_shares": {
+                    "absent": ["COVID19", "TUBERCULOSIS"],
+                    "shares": {"NORMAL": {"images": 150, "predicted": {"COVID19": 0.2, "NORMAL": 0.2, "PNEUMONIA": 0.0,
+                                                                      "TUBERCULOSIS": 0.6}},
+                               "PNEUMONIA": {"images": 150, "predicted": {"COVID19": 1.0, "NORMAL": 0.0,
+                                                                         "PNEUMONIA": 0.0, "TUBERCULOSIS": 0.0}}}},
                          "pairwise_auroc": {"NORMAL vs PNEUMONIA": {"auroc": 0.62, "ci95": [0.55, 0.68], "images": 300,
                                                                     "same_source": True}}},
                 "shortcut_baseline": {"test": {"accuracy": 0.02}}}
@@ -226,13 +231,12 @@ def test_report_renders_controls_probes_pairs_groups_and_external_shares(project
     learned = readme.read_text()[readme.read_text().index(SHORTCUTS_START):]
     assert ("| `resnet50_full` | 0.90 (0.85-0.95) | 0.50 (0.45-0.55) | 0.80 | 0.70 (0.65-0.75) | 0.30 | "
             "0.88 (0.83-0.93) | 0.60 (0.55-0.65) | 0.93 (0.90-0.96) | n/a (n/a) |") in learned
-    assert "Hiding the lung field costs 0.40 macro-F1." in learned
-    assert ("NORMAL vs PNEUMONIA, the pair that shares a source in this dataset (the Kermany children), reaches AUROC "
-            "0.93 (95% interval 0.90-0.96) on 80 images") in learned
+    assert "Short verdict." in learned and "Hiding the lung field costs" not in learned  # the long one: model card
+    assert "NORMAL vs PNEUMONIA (one source) AUROC 0.93 (0.90-0.96)." in learned
     assert "By source_repo, accuracy ranges from 0.50 (a) to 0.99 (b)." in learned
-    assert ("On external `nih-adult` (300 images), accuracy 0.10 against 0.02 for the no-anatomy baseline. 270 of 300 "
-            "images (90%) were called a class this folder does not hold") in learned
-    assert "AUROC 0.62 (95% interval 0.55-0.68) on 300 images" in learned and "Overlap with training not audited." in learned
+    assert ("On external `nih-adult` (300 images) accuracy 0.10 (no-anatomy baseline 0.02); 90% of its images called "
+            "an absent class (NORMAL 60% TUBERCULOSIS, PNEUMONIA 100% COVID19); NORMAL vs PNEUMONIA (one source) AUROC "
+            "0.62 (0.55-0.68); overlap with training not audited.") in learned
 
 
 def test_baseline_verdict_reads_both_intervals():

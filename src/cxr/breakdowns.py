@@ -94,6 +94,19 @@ def shares_sentence(shares: dict[str, Any], absent: Sequence[str]) -> str | None
             f"({', '.join(absent)}): " + "; ".join(parts) + ".")
 
 
+def shares_short(shares: dict[str, Any], absent: Sequence[str]) -> str | None:
+    """The share of images called an absent class, and each present class's largest such share, in a clause."""
+    if not absent or not shares:
+        return None
+    total = sum(entry["images"] for entry in shares.values())
+    sent = sum(entry["images"] * sum(entry["predicted"][c] for c in absent) for entry in shares.values())
+    largest = []
+    for name, entry in shares.items():
+        target = max(absent, key=lambda c: entry["predicted"][c])
+        largest.append(f"{name} {entry['predicted'][target]:.0%} {target}")
+    return f"{sent / total:.0%} of its images called an absent class ({', '.join(largest)})"
+
+
 def subgroup_scores(labels: np.ndarray, probabilities: np.ndarray, groups: Sequence[str], classes: Sequence[str],
                     minimum: int = MIN_GROUP_IMAGES) -> dict[str, Any]:
     """Per group: images, counts per class and (from ``minimum`` images) the table's scores with bootstrap

@@ -239,8 +239,39 @@ def probe_verdicts(probes: dict[str, Any] | None, chance: float) -> list[tuple[s
     return sentences
 
 
+def _interval(entry: dict[str, Any]) -> str:
+    return f"{entry['difference']:+.2f}, 95% interval {entry['ci95'][0]:+.2f} to {entry['ci95'][1]:+.2f}"
+
+
+def short_verdict(cases: Sequence[str], controls: dict[str, Any], probes: dict[str, Any] | None) -> str:
+    """The same cases in one compact line, for README's table of runs."""
+    hidden, only = controls["hidden"], controls["only"]
+    phrases = {
+        "at_chance": "at chance as is: the masks cannot tell",
+        "lungs_needed": f"hiding the lungs costs more than an equal area outside them ({_interval(hidden)}): it "
+                        "depends on the lungs",
+        "outside_needed_more": f"hiding an equal area outside the lungs costs more than hiding them "
+                               f"({_interval(hidden)})",
+        "drop_not_lungs": f"hiding the lungs costs no more than an equal area outside them ({_interval(hidden)})",
+        "lungs_alone_more": f"the lungs alone keep more than an equal area ({_interval(only)})",
+        "lungs_alone_less": f"the lungs alone keep less than an equal area ({_interval(only)})",
+        "lungs_alone_same": f"the lungs alone keep as much as an equal area ({_interval(only)})",
+    }
+    if probes:
+        outside, inside = probes["lungs_hidden"]["macro_f1"], probes["lungs_only"]["macro_f1"]
+        phrases.update({"outside_readable": f"a probe reads the class outside the lungs ({outside:.2f})",
+                        "outside_not_readable": f"a probe cannot clearly read it outside the lungs ({outside:.2f})",
+                        "lungs_readable": f"a probe reads it on the lungs alone ({inside:.2f})",
+                        "lungs_not_readable": f"a probe cannot clearly read it on the lungs alone ({inside:.2f})"})
+    text = "; ".join(phrases[case] for case in cases)
+    return text[0].upper() + text[1:] + "."
+
+
 def verdicts(plain: float, controls: dict[str, Any], probes: dict[str, Any] | None,
              chance: float) -> dict[str, Any]:
-    """The cases that hold and their sentences, joined: what README, the model card and the CLI print."""
+    """The cases that hold and their sentences, joined (the model card, the CLI), and in one compact line
+    (README)."""
     chosen = masked_verdicts(plain, controls, chance) + probe_verdicts(probes, chance)
-    return {"cases": [name for name, _ in chosen], "sentence": " ".join(text for _, text in chosen)}
+    cases = [name for name, _ in chosen]
+    return {"cases": cases, "sentence": " ".join(text for _, text in chosen),
+            "short": short_verdict(cases, controls, probes)}

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from . import metrics as table
-from .breakdowns import SAME_SOURCE_PAIRS, pair_name, same_source_sentence
+from .breakdowns import SAME_SOURCE_PAIRS, pair_name, shares_short
 from .config import EXPERIMENTS
 from .layout import CLASSES
 
@@ -340,13 +340,25 @@ def external_sentence(result: dict[str, Any]) -> str:
     """One external evaluation in words: where its images were sent (absent classes included), the model's
     accuracy beside the no-anatomy baseline's on the same folder, and whether overlaps were audited."""
     test, folder = result["test"], result.get("external", {}).get("folder", "?")
-    text = f"On external `{folder}` ({test.get('images', '?')} images), accuracy {format_score(test.get('accuracy'), digits=2)}"
+    parts = [f"on external `{folder}` ({test.get('images', '?')} images) accuracy "
+             f"{format_score(test.get('accuracy'), digits=2)}"]
     baseline = (result.get("shortcut_baseline") or {}).get("test")
-    text += (f" against {baseline['accuracy']:.2f} for the no-anatomy baseline." if baseline else ".")
-    shares = (test.get("class_shares") or {}).get("sentence")
-    same_source = same_source_sentence(test.get("pairwise_auroc"))
-    audited = "" if result.get("overlaps", {}).get("audited", True) else " Overlap with training not audited."
-    return " ".join(p for p in (text, shares and shares[0].upper() + shares[1:], same_source) if p) + audited
+    if baseline:
+        parts[0] += f" (no-anatomy baseline {baseline['accuracy']:.2f})"
+    shares = test.get("class_shares") or {}
+    parts += [shares_short(shares.get("shares") or {}, shares.get("absent") or []), same_source_short(test)]
+    if not result.get("overlaps", {}).get("audited", True):
+        parts.append("overlap with training not audited")
+    text = "; ".join(p for p in parts if p)
+    return text[0].upper() + text[1:] + "."
+
+
+def same_source_short(test: dict[str, Any]) -> str | None:
+    """The same-source pair's AUROC in a clause (None where it is not measured or undefined)."""
+    entry = (test.get("pairwise_auroc") or {}).get(pair_name(*SAME_SOURCE_PAIRS[0])) or {}
+    if entry.get("auroc") is None:
+        return None
+    return f"{pair_name(*SAME_SOURCE_PAIRS[0])} (one source) AUROC {format_score(entry['auroc'], entry.get('ci95'), 2)}"
 
 
 def run_conclusion(metrics: dict[str, Any], baseline: dict[str, Any] | None) -> str:
@@ -356,13 +368,14 @@ def run_conclusion(metrics: dict[str, Any], baseline: dict[str, Any] | None) -> 
     checks = metrics.get("shortcuts")
     parts = [baseline_verdict(metrics["test"], baseline)]
     if checks and checks.get("controls"):
-        parts += [checks.get("sentence"), checks.get("saliency_sentence")]
+        parts += [checks.get("short") or checks.get("sentence"), checks.get("saliency_sentence")]
     elif checks:
         parts.append("Its masked scores predate the equal-area control and the probes, so they say nothing about "
                      "the lungs; re-evaluate it (`cxr evaluate`).")
     else:
         parts.append("Its metrics.json has no masked or saliency checks (written before they existed); re-run it.")
-    parts += [same_source_sentence(metrics["test"].get("pairwise_auroc")),
+    same_source = same_source_short(metrics["test"])
+    parts += [same_source and same_source[0].upper() + same_source[1:] + ".",
               (metrics["test"].get("groups") or {}).get("sentence")]
     parts += [external_sentence(result) for result in external_results(metrics)]
     return " ".join(p for p in parts if p)
