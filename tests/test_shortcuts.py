@@ -197,7 +197,11 @@ def test_notebook_conclusion_includes_the_checks():
                "weights": "none", "epochs_run": 1, "best_epoch": 1, "train_seconds": 3.0, "device": "cpu",
                "mixed_precision": "fp32", "best_val": {}, "test": test,
                "shortcut_baseline": {"test": {"macro_f1": 0.8, "ci95": {"macro_f1": [0.7, 0.9]}}},
-               "shortcuts": {"sentence": "With the lungs hidden, macro-F1 stays at 0.67.", "saliency_sentence": None}}
+               "shortcuts": {"controls": {"hidden": {}}, "sentence": "Hiding the lung field costs 0.01 macro-F1 ...",
+                             "short": "Hiding the lungs costs no more than an equal area outside them.",
+                             "saliency_sentence": None}}
     text = notebook.conclusion_text(metrics)
     assert "does no better than the shortcut baseline" in text and "(macro-F1 0.68 against 0.80)" in text
-    assert text.endswith("With the lungs hidden, macro-F1 stays at 0.67.")
+    assert text.endswith("Hiding the lungs costs no more than an equal area outside them.")
+    del metrics["shortcuts"]["controls"]  # masked scores from before the control are not read for the lungs
+    assert notebook.conclusion_text(metrics).endswith("so they say nothing about the lungs; re-evaluate it (`cxr evaluate`).")

@@ -377,7 +377,7 @@ def run_conclusion(metrics: dict[str, Any], baseline: dict[str, Any] | None) -> 
     same_source = same_source_short(metrics["test"])
     parts += [same_source and same_source[0].upper() + same_source[1:] + ".",
               (metrics["test"].get("groups") or {}).get("sentence")]
-    parts += [external_sentence(result) for result in external_results(metrics)]
+    parts += [external_sentence(result) for result in (external_results(metrics) if "_path" in metrics else [])]
     return " ".join(p for p in parts if p)
 
 
