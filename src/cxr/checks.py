@@ -116,11 +116,9 @@ def masked_views(evidence: Evidence, results: dict[str, Any]) -> dict[str, Any]:
         logits = evidence.outputs(view)[1]
         predictions[view] = logits.argmax(1)
         views[view] = uncertainty.summary_with_ci(logits, labels, classes)
-    for placement in lung_evidence.PLACEMENTS:
-        control = lung_evidence.control_region(shortcuts.input_masks(evidence.lung[:1], evidence.preprocessing),
-                                               placement)
-        lung = shortcuts.input_masks(evidence.lung[:1], evidence.preprocessing)
-        areas[placement] = float(control.sum() / max(int(lung.sum()), 1))
+    lung = shortcuts.input_masks(evidence.lung[:1], evidence.preprocessing)
+    for placement in lung_evidence.PLACEMENTS:  # equal but where the outside is smaller than the lung field
+        areas[placement] = float(lung_evidence.control_region(lung, placement).sum() / max(int(lung.sum()), 1))
     return {
         "lung_field": f"masks from {evidence.lung_masks}" if evidence.lung_masks else
                       "geometric: ellipses (centre x, centre y, half-width, half-height) " + str(ELLIPSES),

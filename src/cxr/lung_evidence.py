@@ -87,10 +87,9 @@ def region_of(view: str) -> tuple[str | None, Callable[[torch.Tensor], torch.Ten
 
 @torch.inference_mode()
 def view_outputs(model: nn.Module, squares: np.ndarray, lung: np.ndarray, view: str, preprocessing: dict[str, Any],
-                 runtime: Runtime, batch_size: int, area: list[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 runtime: Runtime, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Pooled features (``model.backbone``) and logits (``model.head``) of every square in one view; hidden
-    pixels are 0 after normalisation, as in :mod:`cxr.shortcuts`. ``area`` collects each region's area
-    over its lung field's."""
+    pixels are 0 after normalisation, as in :mod:`cxr.shortcuts`."""
     model.eval()
     mode, region = region_of(view)
     features, logits = [], []
@@ -101,8 +100,6 @@ def view_outputs(model: nn.Module, squares: np.ndarray, lung: np.ndarray, view: 
         if mode is not None:
             mask = region(lung_in)
             inputs = inputs.masked_fill(mask if mode == "hidden" else ~mask, 0.0)
-            if area is not None:
-                area += (mask.flatten(1).sum(1) / lung_in.flatten(1).sum(1).clamp_min(1)).tolist()
         with runtime.autocast():
             pooled = model.backbone(runtime.to_device(inputs)).float()
             logits.append(model.head(pooled).float().cpu())
