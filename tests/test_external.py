@@ -196,8 +196,8 @@ def test_the_training_folder_the_checkpoint_recorded_is_used(dataset, checkpoint
 def test_bad_groups_csv_is_one_error_line(dataset, checkpoint, tmp_path, capsys, problem):
     root = external_folder(dataset, tmp_path / "ext", classes=["NORMAL", "TUBERCULOSIS"], layout="flat")
     csv = _manifest(root, "source_repo", lambda i: "one" if problem == "one_group" else f"g{i % 2}")
-    if problem == "unknown":
-        csv.write_text("\n".join(csv.read_text().splitlines()[:-1]) + "\n")  # the last image left out
+    if problem == "unknown":  # an image the CSV does not list
+        shutil.copy(next((root / "normal").glob("*.png")), root / "normal" / "extra.png")
     column = "hospital" if problem == "column" else "source_repo"
     code = main(["evaluate", f"--checkpoint={checkpoint}", f"--external={root}", f"--out={tmp_path / 'out'}",
                  "--device=cpu", "--quiet", f"--groups={csv}", f"--group-column={column}"])
@@ -205,5 +205,5 @@ def test_bad_groups_csv_is_one_error_line(dataset, checkpoint, tmp_path, capsys,
     err = capsys.readouterr().err
     assert err.startswith("error: groups CSV") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     expected = {"column": "has no column 'hospital'; its columns: file, source_repo",
-                "unknown": "gives no 'source_repo' for 1 of", "one_group": "in 1 group ('one')"}[problem]
+                "unknown": "gives no 'source_repo' for 1 of 9 images: 'normal/extra.png'", "one_group": "in 1 group ('one')"}[problem]
     assert expected in err
