@@ -113,6 +113,15 @@ def test_one_class_only_is_scored_with_auroc_undefined(dataset, checkpoint, tmp_
     written = json.loads((tmp_path / "out" / "resnet50_full" / "external" / "tb_only" / "metrics.json").read_text())
     assert written["test"]["roc_auc_ovr"] is None
     assert written["external"]["absent_classes"] == ["COVID19", "NORMAL", "PNEUMONIA"]
+    assert all(entry["auroc"] is None for entry in written["test"]["pairwise_auroc"].values())
+    assert "Pairwise AUROC is undefined: the images hold one class only." in output
+    shares = written["test"]["class_shares"]
+    assert list(shares["shares"]) == ["TUBERCULOSIS"] and shares["absent"] == ["COVID19", "NORMAL", "PNEUMONIA"]
+    assert sum(shares["shares"]["TUBERCULOSIS"]["predicted"].values()) == pytest.approx(1)
+    assert shares["sentence"] in output and "were called a class this folder does not hold" in shares["sentence"]
+    baseline = written["shortcut_baseline"]
+    assert baseline["test_images"] == written["test"]["images"] and "macro_f1" in baseline["test"]
+    assert written["shortcuts"]["probes"]["train_images"] > 0 and "sentence" in written["shortcuts"]
 
 
 def test_a_folder_of_training_images_is_scored_and_said_loudly(dataset, checkpoint, tmp_path, capsys):
@@ -141,3 +150,60 @@ def test_cli_bad_external_folder_is_one_error_line(checkpoint, tmp_path, capsys)
 def test_tta_is_refused_with_external_rather_than_ignored(checkpoint, tmp_path, capsys):
     assert main(["evaluate", "resnet50_full", f"--checkpoint={checkpoint}", f"--external={tmp_path}", "--tta"]) == 1
     assert capsys.readouterr().err.startswith("error: --tta is not available with --external")
+
+
+def _manifest(root: Path, column: str, value) -> Path:
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    csv = root.parent / f"{root.name}-manifest.csv"
+    csv.write_text(f"file,{column}\n" + "".join(f"{f},{value(i)}\n" for i, f in enumerate(files)))
+    return csv
+
+
+def test_without_data_dir_the_folder_is_scored_and_marked_not_audited(dataset, checkpoint, tmp_path, capsys):
+    root = external_folder(dataset, tmp_path / "nih", classes=["NORMAL", "PNEUMONIA"], layout="flat")
+    for path in root.rglob("*.jpg"):
+        path.unlink()  # PNG only, so the manifest lists every image
+    csv = _manifest(root, "group", lambda i: "first" if i % 2 else "second")
+    with pytest.warns(UserWarning, match="does not record its training data folder: --data-dir is needed"):
+        code = main(["evaluate", f"--checkpoint={checkpoint}", f"--external={root}", f"--out={tmp_path / 'out'}",
+                     "--device=cpu", "--quiet", f"--groups={csv}"])
+    assert code == 0
+    output = capsys.readouterr().out
+    assert "overlap not audited: the checkpoint does not record its training data folder" in output
+    written = json.loads((tmp_path / "out" / "resnet50_full" / "external" / "nih" / "metrics.json").read_text())
+    assert written["overlaps"]["audited"] is False and written["trained_on"] is None
+    assert written["test"]["operating_points"] is None and written["shortcuts"]["probes"] is None
+    assert written["test"]["pairwise_auroc"]["NORMAL vs PNEUMONIA"]["auroc"] is not None
+    assert "NORMAL vs PNEUMONIA, the pair that shares a source" in output
+    assert set(written["test"]["groups"]["too_small"]) == {"first", "second"}  # 4 PNG images in each
+
+
+def test_the_training_folder_the_checkpoint_recorded_is_used(dataset, checkpoint, tmp_path):
+    import torch
+
+    state = torch.load(checkpoint, weights_only=False)
+    state["data"] = {"val_source": "carve", "root": str(dataset)}
+    recorded = tmp_path / "recorded.pt"
+    torch.save(state, recorded)
+    root = external_folder(dataset, tmp_path / "ext", classes=["NORMAL"], planted=1, layout="flat")
+    with pytest.warns(UserWarning, match="1 of .* external images also appear"):
+        result = evaluate_external(recorded, root, out=tmp_path / "out", device="cpu", progress=False)
+    assert result["overlaps"]["audited"] and result["overlaps"]["count"] == 1
+    assert result["trained_on"]["root"] == str(dataset)
+
+
+@pytest.mark.parametrize("problem", ["column", "unknown", "one_group"])
+def test_bad_groups_csv_is_one_error_line(dataset, checkpoint, tmp_path, capsys, problem):
+    root = external_folder(dataset, tmp_path / "ext", classes=["NORMAL", "TUBERCULOSIS"], layout="flat")
+    csv = _manifest(root, "source_repo", lambda i: "one" if problem == "one_group" else f"g{i % 2}")
+    if problem == "unknown":  # an image the CSV does not list
+        shutil.copy(next((root / "normal").glob("*.png")), root / "normal" / "extra.png")
+    column = "hospital" if problem == "column" else "source_repo"
+    code = main(["evaluate", f"--checkpoint={checkpoint}", f"--external={root}", f"--out={tmp_path / 'out'}",
+                 "--device=cpu", "--quiet", f"--groups={csv}", f"--group-column={column}"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: groups CSV") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    expected = {"column": "has no column 'hospital'; its columns: file, source_repo",
+                "unknown": "gives no 'source_repo' for 1 of 9 images: 'normal/extra.png'", "one_group": "in 1 group ('one')"}[problem]
+    assert expected in err

@@ -55,3 +55,34 @@ def test_card_shows_the_shortcut_checks_and_external_results_it_finds(tmp_path):
     assert "accuracy: 0.849" in card and "with the lungs hidden, macro-F1 falls from 0.83 to 0.61" in card
     assert "### `elsewhere` (120 images" in card and "**3 of 120 external images" in card
     assert "Not computed for this run." not in card and "was not measured" not in card
+
+
+def test_card_names_the_same_source_pair_groups_and_absent_class_shares(tmp_path):
+    run = run_metrics()
+    run["test"]["pairwise_auroc"] = {"COVID19 vs NORMAL": {"auroc": 0.99, "ci95": [0.98, 1.0], "images": 90,
+                                                           "same_source": False},
+                                     "NORMAL vs PNEUMONIA": {"auroc": 0.91, "ci95": [0.88, 0.94], "images": 120,
+                                                             "same_source": True}}
+    run["test"]["groups"] = {"column": "source_repo", "minimum_images": 10,
+                             "groups": {"kermany": {"images": 50, "accuracy": 0.9, "macro_f1": 0.6,
+                                                    "ci95": {"accuracy": [0.8, 0.96], "macro_f1": [0.5, 0.7]}}},
+                             "too_small": {"tiny": {"images": 3, "counts": {"COVID19": 3}}},
+                             "sentence": "By source_repo, accuracy ranges from 0.90 (kermany, 50 images)."}
+    (tmp_path / "metrics.json").write_text(json.dumps(run))
+    external = {**run_metrics(seed=1), "external": {"folder": "nih-adult"},
+                "overlaps": {"warning": None, "audited": False, "note": "--data-dir is needed for the overlap audit"},
+                "shortcut_baseline": {"test": {"accuracy": 0.02, "macro_f1": 0.01}}}
+    external["test"].update(images=300, classes_present=["NORMAL", "PNEUMONIA"],
+                            class_shares={"sentence": "134 of 300 images (45%) were called a class this folder "
+                                                      "does not hold (COVID19, TUBERCULOSIS): ..."})
+    (tmp_path / "external" / "nih-adult").mkdir(parents=True)
+    (tmp_path / "external" / "nih-adult" / "metrics.json").write_text(json.dumps(external))
+    card = write_model_card(tmp_path).read_text()
+    assert "| NORMAL vs PNEUMONIA (the same source: Kermany children) | 0.910 (0.880-0.940) | 120 |" in card
+    assert "| COVID19 vs NORMAL | 0.990 (0.980-1.000) | 90 |" in card
+    assert "the one score here that the source cannot explain" in card
+    assert "| kermany | 50 | 0.900 (0.800-0.960) | 0.600 (0.500-0.700) |" in card
+    assert "| tiny | 3 | too small to score |  |" in card and "By source_repo, accuracy ranges" in card
+    assert "134 of 300 images (45%) were called a class this folder does not hold" in card
+    assert "Overlap not audited: --data-dir is needed for the overlap audit" in card
+    assert "The no-anatomy baseline, fit on the training split, scores accuracy 0.020" in card

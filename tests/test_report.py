@@ -182,13 +182,61 @@ def test_report_adds_the_baseline_row_and_what_the_models_learn(project):
     assert "| 0.800 (0.750-0.850) | 0.860 (0.820-0.900) |" in baseline
     learned = text[text.index(SHORTCUTS_START): text.index(SHORTCUTS_END)]
     assert "old" not in learned and "reaches test macro-F1 0.860 (0.820-0.900)" in learned
-    assert ("| `resnet50_full` | 0.841 (0.791-0.891) | 0.612 (0.562-0.662) | 0.700 (0.650-0.750) | 41% (28%) | 0.12 |"
-            in learned)
+    assert ("| `resnet50_full` | 0.84 (0.79-0.89) | 0.61 (0.56-0.66) | n/a | 0.70 (0.65-0.75) | n/a | n/a | n/a | n/a "
+            "| 41% (28%) |" in learned)  # masked scores from before the equal-area control: no control, no probes
     assert ("- `resnet50_full`: It does no better than the shortcut baseline, which never sees the lungs "
-            "(macro-F1 0.84 against 0.86). With the lungs hidden, macro-F1 falls from 0.84 to 0.61.") in learned
+            "(macro-F1 0.84 against 0.86). Its masked scores predate the equal-area control and the probes, so they "
+            "say nothing about the lungs; re-evaluate it (`cxr evaluate`).") in learned
+    assert "falls from" not in learned  # the old reading of the drop is not repeated
     assert ("- `resnet152_head`: It does no better than the shortcut baseline, which never sees the lungs (macro-F1 "
             "0.47 against 0.86). Its metrics.json has no masked or saliency checks") in learned
-    assert "| `resnet152_head` | n/a | n/a | n/a | n/a (n/a) | n/a |" in learned
+    assert "| `resnet152_head` | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a (n/a) |" in learned
+
+
+def _view(f1: float) -> dict:
+    return {"macro_f1": f1, "ci95": {"macro_f1": [f1 - 0.05, f1 + 0.05]}}
+
+
+def test_report_renders_controls_probes_pairs_groups_and_external_shares(project):
+    from cxr.report import SHORTCUTS_END, SHORTCUTS_START
+
+    readme = project / "README.md"
+    readme.write_text(readme.read_text() + f"\n{SHORTCUTS_START}\n{SHORTCUTS_END}\n")
+    run_dir = project / "assets" / "resnet50_full"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    controls = {f"{p}_{m}": _view(0.8 if m == "hidden" else 0.3) for p in ("top", "bottom", "sides")
+                for m in ("hidden", "only")}
+    metrics["shortcuts"] = {"views": {"as_is": _view(0.9), "lungs_hidden": _view(0.5), "lungs_only": _view(0.7)},
+                            "controls": {"views": controls}, "probes": {"lungs_hidden": _view(0.88),
+                                                                         "lungs_only": _view(0.6)},
+                            "sentence": "Hiding the lung field costs 0.40 macro-F1.", "short": "Short verdict.",
+                            "saliency": None}
+    metrics["test"]["pairwise_auroc"] = {"NORMAL vs PNEUMONIA": {"auroc": 0.93, "ci95": [0.9, 0.96], "images": 80,
+                                                                 "same_source": True}}
+    metrics["test"]["groups"] = {"sentence": "By source_repo, accuracy ranges from 0.50 (a) to 0.99 (b)."}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    external = {"external": {"folder": "nih-adult"}, "overlaps": {"audited": False},
+                "test": {"images": 300, "accuracy": 0.1, "class_shares": {
+                    "absent": ["COVID19", "TUBERCULOSIS"],
+                    "shares": {"NORMAL": {"images": 150, "predicted": {"COVID19": 0.2, "NORMAL": 0.2, "PNEUMONIA": 0.0,
+                                                                      "TUBERCULOSIS": 0.6}},
+                               "PNEUMONIA": {"images": 150, "predicted": {"COVID19": 1.0, "NORMAL": 0.0,
+                                                                         "PNEUMONIA": 0.0, "TUBERCULOSIS": 0.0}}}},
+                         "pairwise_auroc": {"NORMAL vs PNEUMONIA": {"auroc": 0.62, "ci95": [0.55, 0.68], "images": 300,
+                                                                    "same_source": True}}},
+                "shortcut_baseline": {"test": {"accuracy": 0.02}}}
+    (run_dir / "external" / "nih-adult").mkdir(parents=True)
+    (run_dir / "external" / "nih-adult" / "metrics.json").write_text(json.dumps(external))
+    write_report(project / "assets", readme)
+    learned = readme.read_text()[readme.read_text().index(SHORTCUTS_START):]
+    assert ("| `resnet50_full` | 0.90 (0.85-0.95) | 0.50 (0.45-0.55) | 0.80 | 0.70 (0.65-0.75) | 0.30 | "
+            "0.88 (0.83-0.93) | 0.60 (0.55-0.65) | 0.93 (0.90-0.96) | n/a (n/a) |") in learned
+    assert "Short verdict." in learned and "Hiding the lung field costs" not in learned  # the long one: model card
+    assert "NORMAL vs PNEUMONIA (one source) AUROC 0.93 (0.90-0.96)." in learned
+    assert "By source_repo, accuracy ranges from 0.50 (a) to 0.99 (b)." in learned
+    assert ("On external `nih-adult` (300 images) accuracy 0.10 (no-anatomy baseline 0.02); 90% of its images called "
+            "an absent class (NORMAL 60% TUBERCULOSIS, PNEUMONIA 100% COVID19); NORMAL vs PNEUMONIA (one source) AUROC "
+            "0.62 (0.55-0.68); overlap with training not audited.") in learned
 
 
 def test_baseline_verdict_reads_both_intervals():

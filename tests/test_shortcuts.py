@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr import notebook, shortcuts
+from cxr import lung_evidence, notebook, shortcuts
 from cxr.audit import audit_dataset, format_audit, write_audit
 from cxr.cli import main
 from cxr.data import CLASSES, scan_split
@@ -124,22 +124,6 @@ def test_cli_evaluate_names_missing_lung_masks(checkpoint, synthetic_root, tmp_p
     assert err.startswith("error: 16 image(s) have no mask") and "test_000.png" in err and "Traceback" not in err
 
 
-def _scores(plain: float, hidden: float, only: float) -> dict:
-    return {"as_is": {"macro_f1": plain}, "lungs_hidden": {"macro_f1": hidden}, "lungs_only": {"macro_f1": only}}
-
-
-def test_masked_sentence_follows_the_numbers():
-    assert shortcuts.masked_sentence(_scores(0.83, 0.61, 0.70), 0.25) == (
-        "With the lungs hidden, macro-F1 falls from 0.83 to 0.61: the model relies partly on the lungs; "
-        "with only the lungs shown it reaches 0.70.")
-    assert "stays at 0.82 (from 0.83): the model does not need the lungs" in shortcuts.masked_sentence(
-        _scores(0.83, 0.82, 0.30), 0.25)
-    assert "chance level: the model relies on the lungs" in shortcuts.masked_sentence(_scores(0.83, 0.27, 0.81), 0.25)
-    assert "keeps its score (0.81)" in shortcuts.masked_sentence(_scores(0.83, 0.27, 0.81), 0.25)
-    assert shortcuts.masked_sentence(_scores(0.28, 0.20, 0.27), 0.25).startswith(
-        "Macro-F1 is 0.28 as is, no better than chance (0.25)")
-
-
 def test_saliency_sentence_follows_the_numbers():
     def saliency(share: float, random_share: float, rho: float) -> dict:
         return {"lung_share": share, "lung_area_share": 0.28, "images": 32,
@@ -184,12 +168,22 @@ def test_saliency_share_per_class_and_randomisation_check():
 
 
 def test_evaluation_scores_three_views_and_draws_them(checkpoint, synthetic_root, tmp_path):
+    test_files = sorted(p.relative_to(synthetic_root).as_posix() for p in (synthetic_root / "test").rglob("*.*"))
+    csv = tmp_path / "groups.csv"
+    csv.write_text("file,source_repo\n" + "".join(f"{f},{'tiny' if i < 2 else 'main'}\n" for i, f in enumerate(test_files)))
     with pytest.warns(UserWarning, match="Skipped 4 unusable file"):
-        metrics = evaluate_checkpoint(checkpoint, data_dir=synthetic_root, out=tmp_path, device="cpu", progress=False)
+        metrics = evaluate_checkpoint(checkpoint, data_dir=synthetic_root, out=tmp_path, device="cpu", progress=False,
+                                      groups=(csv, "source_repo"))
+    assert metrics["groups"]["column"] == "source_repo" and set(metrics["groups"]["groups"]) == {"main"}
+    assert metrics["groups"]["too_small"]["tiny"]["images"] == 2 and metrics["groups"]["groups"]["main"]["images"] == 14
     checks = metrics["shortcuts"]
     assert set(checks["views"]) == set(shortcuts.VIEWS)
     assert checks["views"]["as_is"]["macro_f1"] == pytest.approx(metrics["macro_f1"])
-    assert checks["sentence"] == shortcuts.masked_sentence(checks["views"], 0.25)
+    assert checks["sentence"] == lung_evidence.verdicts(checks["views"]["as_is"]["macro_f1"], checks["controls"],
+                                                        checks["probes"], 0.25)["sentence"]
+    assert set(checks["controls"]["views"]) == {f"{p}_{m}" for p in lung_evidence.PLACEMENTS for m in ("hidden", "only")}
+    assert checks["probes"]["train_images"] > 0 and set(checks["probes"]) >= set(lung_evidence.PROBE_VIEWS)
+    assert set(metrics["pairwise_auroc"]) >= {"NORMAL vs PNEUMONIA"} and len(metrics["pairwise_auroc"]) == 6
     assert (Path(metrics["folder"]) / "shortcuts.png").stat().st_size > 10_000
     assert checks["saliency"]["images"] == 16  # the whole test split: under the cap
     saved = json.loads((Path(metrics["folder"]) / "classification_report.json").read_text())
@@ -203,7 +197,11 @@ def test_notebook_conclusion_includes_the_checks():
                "weights": "none", "epochs_run": 1, "best_epoch": 1, "train_seconds": 3.0, "device": "cpu",
                "mixed_precision": "fp32", "best_val": {}, "test": test,
                "shortcut_baseline": {"test": {"macro_f1": 0.8, "ci95": {"macro_f1": [0.7, 0.9]}}},
-               "shortcuts": {"sentence": "With the lungs hidden, macro-F1 stays at 0.67.", "saliency_sentence": None}}
+               "shortcuts": {"controls": {"hidden": {}}, "sentence": "Hiding the lung field costs 0.01 macro-F1 ...",
+                             "short": "Hiding the lungs costs no more than an equal area outside them.",
+                             "saliency_sentence": None}}
     text = notebook.conclusion_text(metrics)
     assert "does no better than the shortcut baseline" in text and "(macro-F1 0.68 against 0.80)" in text
-    assert text.endswith("With the lungs hidden, macro-F1 stays at 0.67.")
+    assert text.endswith("Hiding the lungs costs no more than an equal area outside them.")
+    del metrics["shortcuts"]["controls"]  # masked scores from before the control are not read for the lungs
+    assert notebook.conclusion_text(metrics).endswith("so they say nothing about the lungs; re-evaluate it (`cxr evaluate`).")

@@ -188,6 +188,11 @@ def _evaluate_parser(commands: argparse._SubParsersAction) -> None:
                           help="score a folder from elsewhere (class folders, or a test/ split) instead of the test "
                                "split, after auditing it against the training images (--data-dir); results in "
                                "OUT/<experiment>/external/<folder name>/")
+    evaluate.add_argument("--groups", metavar="CSV",
+                          help="scores per group too: a CSV naming each image (path relative to the data folder, "
+                               "or to DIR with --external, or file name) in a file column, and its group")
+    evaluate.add_argument("--group-column", default="group", metavar="NAME",
+                          help="the CSV's group column (default: group; e.g. source_repo)")
     _cache_options(evaluate)
     _lung_masks(evaluate)
 
@@ -267,6 +272,7 @@ def _print_experiments() -> None:
 
 def _print_metrics(metrics: dict, out: str, name: str, folder: str | None = None) -> None:
     from . import metrics as table
+    from .breakdowns import check_sentences
 
     test = metrics.get("test", metrics)
     intervals = test.get("ci95", {})
@@ -283,7 +289,7 @@ def _print_metrics(metrics: dict, out: str, name: str, folder: str | None = None
     if test.get("who_tb_screening") is not None or "operating_points" in test:
         print(table.who_tb_sentence(test.get("who_tb_screening")))
     checks = metrics.get("shortcuts") or test.get("shortcuts") or {}
-    for sentence in (checks.get("sentence"), checks.get("saliency_sentence")):
+    for sentence in (checks.get("sentence"), checks.get("saliency_sentence"), *check_sentences(test)):
         if sentence:
             print(sentence)
 
@@ -348,7 +354,7 @@ def _external(args: argparse.Namespace) -> int:
         return 1
     result = evaluate_external(args.checkpoint, args.external, args.experiment, data_dir=args.data_dir, out=args.out,
                                device=args.device, progress=not args.quiet, cache=args.cache,
-                               cache_dir=args.cache_dir)
+                               cache_dir=args.cache_dir, groups=_groups(args))
     where = f"{result['experiment']}/external/{result['external']['folder']}"
     for name in result["external"]["ignored_folders"]:
         print(f"ignored folder (not a class): {visible_name(name)}")
@@ -358,9 +364,15 @@ def _external(args: argparse.Namespace) -> int:
     if result["test_without_overlaps"] is not None:
         print("without the images that overlap training or validation:")
         _print_metrics({"test": result["test_without_overlaps"]}, args.out, where)
+    if not result["overlaps"].get("audited", True):
+        print(f"overlap not audited: {result['overlaps']['note']}")
     if result["overlaps"]["warning"]:
         print(f"WARNING: {result['overlaps']['warning']}")
     return 0
+
+
+def _groups(args: argparse.Namespace) -> tuple[str, str] | None:
+    return (args.groups, args.group_column) if args.groups else None
 
 
 def _resume_command(argv: Sequence[str] | None, out: str | os.PathLike | None = None) -> str:
@@ -469,9 +481,13 @@ def _main(argv: Sequence[str] | None) -> int:
         return _report(args)
     from .preflight import InputError, check_arguments
 
+    from .groups import GroupsError, check_groups_csv
+
     try:
         check_arguments(args)
-    except InputError as error:
+        if getattr(args, "groups", None):
+            check_groups_csv(args.groups, args.group_column)
+    except (InputError, GroupsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     try:
@@ -533,7 +549,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         else:
             metrics = evaluate_checkpoint(args.checkpoint, args.experiment, data_dir=args.data_dir, out=args.out,
                                           device=args.device, progress=not args.quiet, tta=args.tta,
-                                          cache=args.cache, cache_dir=args.cache_dir, lung_masks=args.lung_masks)
+                                          cache=args.cache, cache_dir=args.cache_dir, lung_masks=args.lung_masks,
+                                          groups=_groups(args))
         distributed.barrier()  # the other ranks wait until rank 0 has written every file
     except TrainingInterrupted as error:
         moved = getattr(error, "out", None)

@@ -546,8 +546,10 @@ def files_signature(split: Split, root: Path, by_content: bool = True) -> str:
 
 
 def data_signature(splits: DataSplits, by_content: bool = True) -> dict[str, Any]:
-    """What a resumed run must see again: the same validation source, per-class counts and files."""
-    return {"val_source": splits.val_source, "counts": splits.counts(), "files_by": "content" if by_content else "stat",
+    """What a resumed run must see again: the same validation source, per-class counts and files (and where
+    they were, so that ``cxr evaluate --external`` finds the training data without ``--data-dir``)."""
+    return {"val_source": splits.val_source, "counts": splits.counts(), "root": str(Path(splits.root).resolve()),
+            "files_by": "content" if by_content else "stat",
             "files": {name: files_signature(getattr(splits, name), splits.root, by_content)
                       for name in ("train", "val", "test")}}
 

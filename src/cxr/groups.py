@@ -49,6 +49,15 @@ def _shown(names: Sequence[str], limit: int = 3) -> str:
     return ", ".join(repr(n) for n in names[:limit]) + more
 
 
+def check_groups_csv(csv_path: str | os.PathLike, column: str) -> None:
+    """Refuse, in one line, a groups CSV that cannot serve whatever the images: missing, unreadable, no
+    column naming the images, no ``column``. Cheap: for a command to check before it loads a model."""
+    columns, _ = _read_rows(Path(csv_path))
+    _file_column(Path(csv_path), columns)
+    if column not in columns:
+        raise GroupsError(f"groups CSV {str(csv_path)!r} has no column {column!r}; its columns: {', '.join(columns)}")
+
+
 def read_groups(csv_path: str | os.PathLike, column: str, paths: Sequence[Path], root: Path,
                 min_groups: int = 2) -> list[str]:
     """The group of each of ``paths`` (images under ``root``), in their order.

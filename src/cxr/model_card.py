@@ -14,6 +14,7 @@ from typing import Any
 
 from . import metrics as table
 from .added_folders import added_sentence
+from .breakdowns import same_source_sentence
 from .data import CLASSES
 
 CARD_FILE = "model_card.md"
@@ -76,6 +77,30 @@ def _checks_lines(value: Any, depth: int = 0) -> list[str]:
     return lines
 
 
+def pairwise_lines(test: dict[str, Any]) -> list[str]:
+    """One-vs-one AUROC of every pair of classes, the pair that shares a source named (none in older files)."""
+    pairs = test.get("pairwise_auroc")
+    if not pairs:
+        return []
+    rows = [[name + (" (the same source: Kermany children)" if entry.get("same_source") else ""),
+             _score(entry.get("auroc"), entry.get("ci95")), str(entry.get("images", "?"))] for name, entry in pairs.items()]
+    sentence = same_source_sentence(pairs)
+    return ["", *_table(["pair", "AUROC (95% bootstrap interval)", "images"], rows), *(["", sentence] if sentence else [])]
+
+
+def group_lines(test: dict[str, Any]) -> list[str]:
+    """Scores per group (``--groups``) with counts; groups too small to score named."""
+    groups = test.get("groups")
+    if not groups:
+        return []
+    rows = [[name, str(entry["images"]), _score(entry.get("accuracy"), (entry.get("ci95") or {}).get("accuracy")),
+             _score(entry.get("macro_f1"), (entry.get("ci95") or {}).get("macro_f1"))]
+            for name, entry in groups["groups"].items()]
+    rows += [[name, str(entry["images"]), "too small to score", ""] for name, entry in groups["too_small"].items()]
+    return ["", f"Per group ({groups['column']}):", "", *_table(["group", "images", "accuracy", "macro-F1"], rows),
+            "", groups["sentence"]]
+
+
 def external_lines(results: list[dict[str, Any]]) -> list[str]:
     if not results:
         return ["No external validation yet (`cxr evaluate EXPERIMENT --checkpoint C --external DIR`)."]
@@ -86,7 +111,17 @@ def external_lines(results: list[dict[str, Any]]) -> list[str]:
                   f"{', '.join(result['test']['classes_present'])})", ""]
         if overlaps.get("warning"):
             lines += [f"**{overlaps['warning']}**", ""]
-        lines += metrics_lines(result["test"])
+        if overlaps.get("audited") is False:
+            lines += [f"Overlap not audited: {overlaps.get('note')}", ""]
+        shares = (result["test"].get("class_shares") or {}).get("sentence")
+        if shares:
+            lines += [shares[0].upper() + shares[1:], ""]
+        baseline = (result.get("shortcut_baseline") or {}).get("test")
+        if baseline:
+            lines += [f"The no-anatomy baseline, fit on the training split, scores accuracy {baseline['accuracy']:.3f} "
+                      f"and macro-F1 {baseline['macro_f1']:.3f} on this folder (the model: accuracy "
+                      f"{_score(result['test'].get('accuracy'))}).", ""]
+        lines += metrics_lines(result["test"]) + pairwise_lines(result["test"]) + group_lines(result["test"])
         if result.get("test_without_overlaps"):
             lines += ["", "Without the images that overlap training or validation:", ""]
             lines += metrics_lines(result["test_without_overlaps"])
@@ -139,7 +174,7 @@ def model_card_text(metrics: dict[str, Any], external: list[dict[str, Any]] | No
         f"{config.get('summary', '')}".strip(), "",
         *_table(["setting", "value"], recipe), "",
         "## Test metrics", "",
-        *metrics_lines(metrics["test"]), "",
+        *metrics_lines(metrics["test"]), *pairwise_lines(metrics["test"]), *group_lines(metrics["test"]), "",
         "## Shortcut checks", "",
     ]
     for key, title in (("shortcut_baseline", "Baseline that never sees the anatomy"),

@@ -4,7 +4,9 @@
 between the markers below: a table of test-split scores (with the shortcut baseline as a row), a table
 of how each run was made (with links to its figures) and a provenance line naming the dataset, weights,
 device, date and commit. Where README also holds the ``shortcuts`` markers, the section between them
-("What the models learn") is rewritten too: each run's masked scores, saliency share and conclusion.
+("What the models learn") is rewritten too: each run's masked scores against the equal-area control, its
+train-on-view probes, the same-source pair's AUROC (NORMAL vs PNEUMONIA), saliency, subgroup and external
+results, and its conclusion; runs from before a check existed show n/a or say what to re-run.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Iterable, Sequence
 
 from . import metrics as table
 from .added_folders import added_sentence
+from .breakdowns import SAME_SOURCE_PAIRS, pair_name, shares_short
 from .config import EXPERIMENTS
 from .layout import CLASSES
 
@@ -363,22 +366,39 @@ def _share(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0%}"
 
 
+def _view_score(scores: dict[str, Any] | None) -> str:
+    scores = scores or {}
+    return format_score(scores.get("macro_f1"), interval(scores.get("ci95") or {}, "macro_f1"), digits=2)
+
+
+def _control_mean(checks: dict[str, Any], mode: str) -> str:
+    views = (checks.get("controls") or {}).get("views") or {}
+    values = [v["macro_f1"] for name, v in views.items() if name.endswith(f"_{mode}")]
+    return format_score(sum(values) / len(values), digits=2) if values else "n/a"
+
+
+def _same_source_auroc(test: dict[str, Any]) -> str:
+    entry = (test.get("pairwise_auroc") or {}).get(pair_name(*SAME_SOURCE_PAIRS[0])) or {}
+    return format_score(entry.get("auroc"), entry.get("ci95"), digits=2)
+
+
 def shortcuts_table(runs: Sequence[dict[str, Any]]) -> str:
-    """Per run: test macro-F1 in the three views, Grad-CAM mass in the lung field, the randomisation check."""
-    header = ["experiment", "macro-F1 as is", "lung field hidden", "only the lung field",
-              "Grad-CAM mass in the lung field (its area)", "Spearman, re-initialised model"]
+    """Per run: test macro-F1 as is, with the lung field and with an equal area outside it hidden or shown
+    alone (the model, masked at test time), the train-on-view probes, the same-source pair's AUROC and
+    Grad-CAM's mass in the lung field. Older metrics.json files lack some: n/a."""
+    header = ["experiment", "as is", "lungs hidden", "equal area hidden", "only the lungs", "only an equal area",
+              "probe outside the lungs", "probe on the lungs", "NORMAL vs PNEUMONIA AUROC (same source)",
+              "Grad-CAM in the lungs (their area)"]
     rows = []
     for metrics in runs:
         checks = metrics.get("shortcuts") or {}
-        views = checks.get("views", {})
-        scores = [format_score(views.get(v, {}).get("macro_f1"), interval(views.get(v, {}).get("ci95") or {}, "macro_f1"))
-                  for v in ("as_is", "lungs_hidden", "lungs_only")]
+        views, probes = checks.get("views", {}), checks.get("probes") or {}
         saliency = checks.get("saliency") or {}
-        randomisation = saliency.get("randomisation") or {}
-        rho = randomisation.get("spearman_mean")
-        rows.append([f"`{_name(metrics)}`", *scores,
-                     f"{_share(saliency.get('lung_share'))} ({_share(saliency.get('lung_area_share'))})",
-                     "n/a" if rho is None else f"{rho:.2f}"])
+        rows.append([f"`{_name(metrics)}`", _view_score(views.get("as_is")), _view_score(views.get("lungs_hidden")),
+                     _control_mean(checks, "hidden"), _view_score(views.get("lungs_only")),
+                     _control_mean(checks, "only"), _view_score(probes.get("lungs_hidden")),
+                     _view_score(probes.get("lungs_only")), _same_source_auroc(metrics["test"]),
+                     f"{_share(saliency.get('lung_share'))} ({_share(saliency.get('lung_area_share'))})"])
     return _markdown_table(header, rows)
 
 
@@ -413,15 +433,49 @@ def _verdict(score: float, reference: float, low: Sequence[float] | None, high: 
     return f"It beats the shortcut baseline (macro-F1 {score:.2f} against {reference:.2f}; intervals apart)."
 
 
+def external_sentence(result: dict[str, Any]) -> str:
+    """One external evaluation in words: where its images were sent (absent classes included), the model's
+    accuracy beside the no-anatomy baseline's on the same folder, and whether overlaps were audited."""
+    test, folder = result["test"], result.get("external", {}).get("folder", "?")
+    parts = [f"on external `{folder}` ({test.get('images', '?')} images) accuracy "
+             f"{format_score(test.get('accuracy'), digits=2)}"]
+    baseline = (result.get("shortcut_baseline") or {}).get("test")
+    if baseline:
+        parts[0] += f" (no-anatomy baseline {baseline['accuracy']:.2f})"
+    shares = test.get("class_shares") or {}
+    parts += [shares_short(shares.get("shares") or {}, shares.get("absent") or []), same_source_short(test)]
+    if not result.get("overlaps", {}).get("audited", True):
+        parts.append("overlap with training not audited")
+    text = "; ".join(p for p in parts if p)
+    return text[0].upper() + text[1:] + "."
+
+
+def same_source_short(test: dict[str, Any]) -> str | None:
+    """The same-source pair's AUROC in a clause (None where it is not measured or undefined)."""
+    entry = (test.get("pairwise_auroc") or {}).get(pair_name(*SAME_SOURCE_PAIRS[0])) or {}
+    if entry.get("auroc") is None:
+        return None
+    return f"{pair_name(*SAME_SOURCE_PAIRS[0])} (one source) AUROC {format_score(entry['auroc'], entry.get('ci95'), 2)}"
+
+
 def run_conclusion(metrics: dict[str, Any], baseline: dict[str, Any] | None, with_data: bool = True) -> str:
     """The plain conclusion of one run's checks, every word chosen by its numbers (``with_data``: say which
-    images the baseline learned from; README's section says it once, above the runs)."""
+    images the baseline learned from; README's section says it once, above the runs). A metrics.json whose masked
+    scores predate the equal-area control is not read for the lungs: its drops cannot tell them from the
+    surprise of a grey shape."""
     checks = metrics.get("shortcuts")
     parts = [baseline_verdict(metrics["test"], baseline, with_data)]
-    if checks:
-        parts += [checks.get("sentence"), checks.get("saliency_sentence")]
+    if checks and checks.get("controls"):
+        parts += [checks.get("short") or checks.get("sentence"), checks.get("saliency_sentence")]
+    elif checks:
+        parts.append("Its masked scores predate the equal-area control and the probes, so they say nothing about "
+                     "the lungs; re-evaluate it (`cxr evaluate`).")
     else:
         parts.append("Its metrics.json has no masked or saliency checks (written before they existed); re-run it.")
+    same_source = same_source_short(metrics["test"])
+    parts += [same_source and same_source[0].upper() + same_source[1:] + ".",
+              (metrics["test"].get("groups") or {}).get("sentence")]
+    parts += [external_sentence(result) for result in (external_results(metrics) if "_path" in metrics else [])]
     return " ".join(p for p in parts if p)
 
 

@@ -15,14 +15,14 @@ a uniform map would give). Sanity check (Adebayo et al., 2018): the same maps fr
 whose trained layers are re-initialised (seeded), and their Spearman rank correlation with the trained
 maps; maps that barely change say little about what was learned.
 
-Everything lands in metrics.json under ``shortcuts``, with ``shortcuts.png`` and plain sentences
-generated from the numbers.
+These are the building blocks; :mod:`cxr.checks` runs them (with the equal-area controls and the
+train-on-view probes of :mod:`cxr.lung_evidence`, whose verdicts replace the masked scores' old reading)
+into metrics.json under ``shortcuts``, with ``shortcuts.png``.
 """
 
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -39,15 +39,12 @@ from . import uncertainty
 from .cache import cache_split
 from .data import Split
 from .imageio import decode_image
-from .lung_field import ELLIPSES, lung_fields
 from .runtime import Runtime
 
 VIEWS = {"as_is": "as is", "lungs_hidden": "lung field hidden", "lungs_only": "only the lung field"}
 CAM_IMAGES = 32
 CAM_BATCH = 8
 FIGURE = "shortcuts.png"
-# How a macro-F1 change is worded: below SAME it "stays", within NEAR_CHANCE of chance it is "at chance".
-SAME, NEAR_CHANCE = 0.03, 0.05
 # Maps whose lung share sits this close to the lung field's area, trained and re-initialised alike, carry no
 # location: at 64 px ResNet's last stage is 2x2, and any upsampled 2x2 map gives a symmetric field its area.
 COARSE = 0.005
@@ -79,20 +76,6 @@ def view_inputs(squares: np.ndarray, lung: torch.Tensor, view: str, preprocessin
     if view == "lungs_only":
         return inputs.masked_fill(~lung, 0.0)
     return inputs
-
-
-@torch.inference_mode()
-def view_logits(model: nn.Module, squares: np.ndarray, lung: np.ndarray, view: str, preprocessing: dict[str, Any],
-                runtime: Runtime, batch_size: int) -> np.ndarray:
-    """The model's logits for every square in one view."""
-    model.eval()
-    out = []
-    for start in range(0, len(squares), batch_size):
-        masks = input_masks(lung[start:start + batch_size], preprocessing)
-        inputs = view_inputs(squares[start:start + batch_size], masks, view, preprocessing)
-        with runtime.autocast():
-            out.append(model(runtime.to_device(inputs)).float().cpu())
-    return torch.cat(out).numpy()
 
 
 def choose_cam_images(labels: np.ndarray, count: int = CAM_IMAGES, seed: int = 0) -> np.ndarray:
@@ -179,29 +162,6 @@ def saliency_report(model: nn.Module, squares: np.ndarray, lung: np.ndarray, lab
     }
 
 
-def masked_sentence(scores: dict[str, dict[str, Any]], chance: float) -> str:
-    """One plain sentence from the three macro-F1 scores; the wording follows the numbers."""
-    plain, hidden, only = (scores[v]["macro_f1"] for v in VIEWS)
-    if plain <= chance + NEAR_CHANCE:
-        return (f"Macro-F1 is {plain:.2f} as is, no better than chance ({chance:.2f}), so hiding parts of the image "
-                f"({hidden:.2f} with the lungs hidden, {only:.2f} with only the lungs) says little.")
-    if hidden >= plain - SAME:
-        verdict = (f"with the lungs hidden, macro-F1 stays at {hidden:.2f} (from {plain:.2f}): the model does not "
-                   "need the lungs; what lies outside them is enough")
-    elif hidden <= chance + NEAR_CHANCE:
-        verdict = (f"with the lungs hidden, macro-F1 falls from {plain:.2f} to {hidden:.2f}, chance level: "
-                   "the model relies on the lungs")
-    else:
-        verdict = f"with the lungs hidden, macro-F1 falls from {plain:.2f} to {hidden:.2f}: the model relies partly on the lungs"
-    if only >= plain - SAME:
-        rest = f"; with only the lungs shown it keeps its score ({only:.2f})"
-    elif only <= chance + NEAR_CHANCE:
-        rest = f"; with only the lungs shown it is at chance ({only:.2f}), so it also needs what lies outside them"
-    else:
-        rest = f"; with only the lungs shown it reaches {only:.2f}"
-    return verdict[0].upper() + verdict[1:] + rest + "."
-
-
 def saliency_sentence(saliency: dict[str, Any] | None) -> str | None:
     """One plain sentence on where the maps fall and whether they pass the randomisation check."""
     if not saliency or saliency.get("lung_share") is None:
@@ -226,65 +186,53 @@ def saliency_sentence(saliency: dict[str, Any] | None) -> str | None:
     return f"{text}; {check}."
 
 
-def plot_shortcuts(square: np.ndarray, lung: np.ndarray, scores: dict[str, dict[str, Any]],
-                   preprocessing: dict[str, Any], path: Path | None = None, title: str = "") -> plt.Figure:
-    """One test image in each view, and the three macro-F1 scores (95% bootstrap) side by side."""
-    from .cam import as_display
+BARS = (("as_is", "as is"), ("lungs_hidden", "lung field\nhidden"), ("control_hidden", "equal area\noutside hidden"),
+        ("lungs_only", "only the\nlung field"), ("control_only", "only an equal\narea outside"))
 
-    figure, axes = plt.subplots(1, 4, figsize=(15, 3.8), layout="constrained",
-                                gridspec_kw={"width_ratios": [1, 1, 1, 1.4]})
+
+def _bar_values(checks: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """Test-time macro-F1 of the model per bar (controls: mean over placements) and the probes' (NaN: none)."""
+    views, controls = checks["views"], (checks.get("controls") or {}).get("views", {})
+    model = []
+    for key, _ in BARS:
+        if key.startswith("control_"):
+            mode = key.split("_")[1]
+            model.append(float(np.mean([v["macro_f1"] for name, v in controls.items() if name.endswith(mode)])))
+        else:
+            model.append(views[key]["macro_f1"])
+    probes = checks.get("probes") or {}
+    return model, [probes[key]["macro_f1"] if key in probes else np.nan for key, _ in BARS]
+
+
+def plot_shortcuts(square: np.ndarray, lung: np.ndarray, checks: dict[str, Any], preprocessing: dict[str, Any],
+                   path: Path | None = None, title: str = "") -> plt.Figure:
+    """One test image in each view (and one equal-area control), and macro-F1 per view: the model on masked
+    test images, and the linear probe fit and tested on that view."""
+    from .cam import as_display
+    from .lung_evidence import control_region
+
+    figure, axes = plt.subplots(1, 5, figsize=(18, 3.9), layout="constrained",
+                                gridspec_kw={"width_ratios": [1, 1, 1, 1, 2.2]})
     masks = input_masks(lung[None], preprocessing)
-    for axis, (view, name) in zip(axes, VIEWS.items()):
-        axis.imshow(as_display(view_inputs(square[None], masks, view, preprocessing)[0], preprocessing))
-        axis.set_title(name, fontsize=10)
+    shown = [(view_inputs(square[None], masks, view, preprocessing), name) for view, name in VIEWS.items()]
+    shown.append((view_inputs(square[None], control_region(masks, "top"), "lungs_hidden", preprocessing),
+                  "control: equal area hidden (top)"))
+    for axis, (inputs, name) in zip(axes, shown):
+        axis.imshow(as_display(inputs[0], preprocessing))
+        axis.set_title(name, fontsize=9)
         axis.axis("off")
-    values = [scores[v]["macro_f1"] for v in VIEWS]
-    errors = np.array([[v - scores[k]["ci95"]["macro_f1"][0], scores[k]["ci95"]["macro_f1"][1] - v]
-                       for k, v in zip(VIEWS, values)]).T
-    bars = axes[3].bar(list(VIEWS.values()), values, yerr=errors, capsize=4, color=["#4c72b0", "#dd8452", "#55a868"])
-    axes[3].bar_label(bars, fmt="%.2f", padding=6)
-    axes[3].set(ylabel="test macro-F1", ylim=(0, 1.05), title="macro-F1 (95% bootstrap)")
-    axes[3].tick_params(axis="x", labelsize=8)
+    model, probes = _bar_values(checks)
+    positions, width = np.arange(len(BARS)), 0.38
+    bars = axes[4].bar(positions - width / 2, model, width, label="model, masked at test time", color="#4c72b0")
+    axes[4].bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
+    if not np.isnan(probes).all():
+        bars = axes[4].bar(positions + width / 2, probes, width, label="linear probe fit on that view", color="#55a868")
+        axes[4].bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
+    axes[4].axhline(checks["chance_macro_f1"], color="grey", linestyle="--", linewidth=1, label="chance")
+    axes[4].set_xticks(positions, [name for _, name in BARS], fontsize=8)
+    axes[4].set(ylabel="test macro-F1", ylim=(0, 1.1), title="macro-F1 per view")
+    axes[4].legend(fontsize=8, loc="upper right")
     figure.suptitle(title)
     if path is not None:
         save_figure(figure, path, dpi=110)
     return figure
-
-
-def shortcut_checks(
-    model: nn.Module, split: Split, logits: np.ndarray, labels: np.ndarray, preprocessing: dict[str, Any],
-    runtime: Runtime, classes: Sequence[str], out_dir: Path, batch_size: int,
-    lung_masks: str | os.PathLike | None = None, title: str = "", cam_images: int = CAM_IMAGES,
-) -> dict[str, Any]:
-    """The ``shortcuts`` block of metrics.json (and ``shortcuts.png``) for one test evaluation;
-    ``logits`` are the plain evaluation's, so "as is" is exactly the reported score."""
-    side = uncertainty.square_side(preprocessing)
-    squares = decoded_squares(split, side, runtime)
-    lung = lung_fields(split.paths, side, lung_masks)
-    scores = {"as_is": uncertainty.summary_with_ci(logits, labels, classes)}
-    for view in ("lungs_hidden", "lungs_only"):
-        scores[view] = uncertainty.summary_with_ci(
-            view_logits(model, squares, lung, view, preprocessing, runtime, batch_size), labels, classes)
-    chance = 1 / len(classes)
-    report: dict[str, Any] = {
-        "lung_field": f"masks from {lung_masks}" if lung_masks else
-                      "geometric: ellipses (centre x, centre y, half-width, half-height) " + str(ELLIPSES),
-        "fill": "0 after normalisation (the normalisation mean of each channel)",
-        "views": {view: {**scores[view], "description": VIEWS[view]} for view in VIEWS},
-        "chance_macro_f1": chance,
-        "sentence": masked_sentence(scores, chance),
-    }
-    try:
-        report["saliency"] = saliency_report(model, squares, lung, labels, logits.argmax(1), preprocessing, classes,
-                                             cam_images)
-    except ImportError as error:  # the grad-cam package is missing on some bare GPU machines
-        warnings.warn(f"Grad-CAM saliency check skipped ({error}); `pip install grad-cam` adds it.", stacklevel=2)
-        report["saliency"] = None
-    report["saliency_sentence"] = saliency_sentence(report["saliency"])
-    example = int(np.flatnonzero(logits.argmax(1) == labels)[0]) if (logits.argmax(1) == labels).any() else 0
-    try:
-        plt.close(plot_shortcuts(squares[example], lung[example], scores, preprocessing, out_dir / FIGURE, title))
-        report["figure"] = FIGURE
-    except ImportError:
-        report["figure"] = None
-    return report

@@ -109,17 +109,24 @@ def write_dicom(
 def _cue_image(label: int, width: int, height: int, cue: str | None, rng: np.random.Generator) -> np.ndarray:
     """Smooth random structure; the class shows only as a blob inside one of the lung ellipses of the
     framed square (top or bottom of the left or right lung); ``cue="border"`` adds a class-dependent
-    brightness outside both (the class-dependent size of ``"aspect"`` is the caller's)."""
+    brightness outside both; ``cue="border_only"`` adds it only beyond a margin of 0.04 around them (so
+    resizing the lung field's edge lets none of it in) and draws the blob at a random one of the four
+    places, so the lung field says nothing of the class (the class-dependent size of ``"aspect"`` is
+    the caller's)."""
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
     y, x = (np.mgrid[0:height, 0:width] - np.array([top, left])[:, None, None] + 0.5) / side
-    cx, cy = (0.31, 0.69)[label % 2], (0.38, 0.62)[label // 2 % 2]
+    place = int(rng.integers(0, 4)) if cue == "border_only" else label
+    cx, cy = (0.31, 0.69)[place % 2], (0.38, 0.62)[place // 2 % 2]
     blob = 0.35 * np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / 0.004)
     structure = gaussian_filter(rng.normal(0, 1, (height, width)), side / 8, mode="wrap")
     structure *= 0.12 / structure.std()
     pixels = 0.4 + blob + structure + rng.normal(0, 0.04, (height, width))
-    if cue == "border":
-        lungs = (((x - 0.31) / 0.15) ** 2 + ((y - 0.5) / 0.3) ** 2 <= 1) | (((x - 0.69) / 0.15) ** 2 + ((y - 0.5) / 0.3) ** 2 <= 1)
+    if cue in ("border", "border_only"):
+        margin = 0.04 if cue == "border_only" else 0.0  # clear of the lung field's resized edge
+        width_, height_ = 0.15 + margin, 0.3 + margin
+        lungs = ((((x - 0.31) / width_) ** 2 + ((y - 0.5) / height_) ** 2 <= 1)
+                 | (((x - 0.69) / width_) ** 2 + ((y - 0.5) / height_) ** 2 <= 1))
         pixels += ~lungs * (0.12 * label - 0.18)
     return (np.clip(pixels, 0, 1) * 255).astype(np.uint8)
 
@@ -129,9 +136,10 @@ def write_cue_dataset(root: str | Path, cue: str | None = None, counts: dict[str
     """A Kaggle-layout set for the shortcut checks: the class is drawn inside the lung field only, and every
     image gets a random aspect ratio (0.8-1.25) and format (PNG or JPEG) whatever its class. ``cue``
     plants a shortcut: ``"aspect"`` gives each class its own aspect ratio (0.75, 0.9, 1.1, 1.3),
-    ``"border"`` its own brightness outside the lung field."""
-    if cue not in (None, "aspect", "border"):
-        raise ValueError(f"unknown cue {cue!r}; expected None, 'aspect' or 'border'")
+    ``"border"`` its own brightness outside the lung field, ``"border_only"`` that brightness with nothing
+    of the class inside the lung field (the blob's place drawn at random)."""
+    if cue not in (None, "aspect", "border", "border_only"):
+        raise ValueError(f"unknown cue {cue!r}; expected None, 'aspect', 'border' or 'border_only'")
     root, rng = Path(root), np.random.default_rng(seed)
     for split, per_class in (counts or {"train": 30, "test": 15}).items():
         for label, name in enumerate(CLASSES):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from scipy.special import softmax
 
-from . import distributed, reporting, runlock, shortcuts, uncertainty
+from . import checks, distributed, reporting, runlock, shortcuts, uncertainty
 from .added_folders import AddedFolders, check_added
 from .added_training import AddedTraining, add_to_training
 from .audit import audit_summary, audit_training_splits
@@ -28,6 +28,7 @@ from .config import Experiment, experiment_from_dict, get_experiment
 from .data import CLASSES, DataSplits, check_limit, load_splits, locate_dataset, warn_skipped
 from .engine import TrainingInterrupted, build_dataset, fit, make_deterministic, make_loader, predict, seed_everything
 from .figures import unwritten_figures
+from .groups import read_groups
 from .inference import check_finite_rows, load_trained_model  # noqa: F401 (re-exported: workflow.load_trained_model)
 from .lung_field import find_lung_masks
 from .metrics import operating_points, who_tb_screening
@@ -70,9 +71,9 @@ def uncertainty_report(
     model: Classifier, experiment: Experiment, splits: DataSplits, out_dir: Path, runtime: Runtime,
     preprocessing: dict[str, Any], logits: np.ndarray, labels: np.ndarray, tta: bool = False,
 ) -> dict[str, Any]:
-    """What goes beside the test metrics: bootstrap 95% intervals (AUROC included), each class's operating
-    point fixed on the validation split (90% sensitivity) with the WHO TB check and the ROC figure,
-    calibration (ECE and a reliability diagram), logit adjustment with its strength chosen on the validation
+    """What goes beside the checks of :mod:`cxr.checks` (scores with intervals, calibration, ...): each class's
+    operating point fixed on the validation split (90% sensitivity) with the WHO TB check and the ROC figure,
+    logit adjustment with its strength chosen on the validation
     split, test-time augmentation (with ``tta``) and the Grad-CAM grid."""
     val_set, _, _ = build_dataset(splits.val, experiment, preprocessing, runtime, False, "decode val")
     val_loader = make_loader(val_set, experiment.batch_size, False, runtime)
@@ -84,10 +85,8 @@ def uncertainty_report(
     plt.close(reporting.plot_roc(labels, probabilities, CLASSES, out_dir / ASSET_FILES["roc"],
                                  f"{title}: ROC (dots: operating points fixed on validation)", points))
     report = {
-        "ci95": uncertainty.bootstrap_ci(labels, logits.argmax(1), CLASSES, probabilities=probabilities),
         "operating_points": points,
         "who_tb_screening": who_tb_screening(points),
-        "ece": uncertainty.calibration_report(logits, labels, out_dir / ASSET_FILES["reliability"], title),
         "logit_adjusted": uncertainty.logit_adjustment_report(val_logits, val_labels, logits, labels,
                                                               splits.train.labels, CLASSES),
     }
@@ -112,10 +111,12 @@ def uncertainty_report(
 def evaluate_model(
     model: Classifier, experiment: Experiment, splits: DataSplits, out_dir: Path, runtime: Runtime,
     preprocessing: dict[str, Any], tta: bool = False, lung_masks: str | os.PathLike | None = None,
+    groups: tuple[str | os.PathLike, str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate on the test split and write the report (text, JSON), confusion matrix and prediction grid,
-    and run the shortcut checks (:mod:`cxr.shortcuts`; ``lung_masks``: a folder of per-image lung masks
-    instead of the geometric lung field), returned under ``"shortcuts"``.
+    and run the checks of :mod:`cxr.checks` (``lung_masks``: a folder of per-image lung masks instead of the
+    geometric lung field; ``groups``: (CSV, column) for subgroup scores); the lung checks are returned under
+    ``"shortcuts"``.
     With ``runtime.cache`` the test images come from the decoded-image cache.
     In a torchrun job every rank predicts its share of the test split and gets all test predictions;
     rank 0 alone then runs the uncertainty report and writes the files, the others return the test
@@ -135,11 +136,13 @@ def evaluate_model(
         if not distributed.is_main():
             return metrics
         out_dir.mkdir(parents=True, exist_ok=True)
+        metrics.update(checks.run_checks(checks.Evidence(
+            model, splits.test, logits, labels, preprocessing, runtime, out_dir, experiment.batch_size,
+            title=f"{experiment.name}: test split", train=splits.train, lung_masks=lung_masks,
+            groups=read_groups(*groups, splits.test.paths, splits.root) if groups else None,
+            group_column=groups[1] if groups else "group")))
         metrics.update(uncertainty_report(model, experiment, splits, out_dir, runtime, preprocessing, logits, labels,
                                           tta))
-        metrics["shortcuts"] = shortcuts.shortcut_checks(
-            model, splits.test, logits, labels, preprocessing, runtime, CLASSES, out_dir, experiment.batch_size,
-            lung_masks, title=f"{experiment.name}: test split, three views")
     reporting.write_json(metrics, out_dir / ASSET_FILES["report_json"])
     (out_dir / ASSET_FILES["report_text"]).write_text(reporting.report_text(metrics, CLASSES))
     title = f"{experiment.name}: test split"
@@ -396,11 +399,12 @@ def evaluate_checkpoint(
     checkpoint: str | os.PathLike, experiment: str | None = None, data_dir: str | os.PathLike | None = None,
     out: str | os.PathLike = "assets", device: str | None = None, progress: bool = True, tta: bool = False,
     cache: bool = True, cache_dir: str | os.PathLike | None = None, runtime: Runtime | None = None,
-    lung_masks: str | os.PathLike | None = None,
+    lung_masks: str | os.PathLike | None = None, groups: tuple[str | os.PathLike, str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a saved checkpoint on the test split and write the evaluation's own record into a new folder,
     ``out/<name>/evaluations/<date-time>-<checkpoint>/``: its ``metrics.json`` (test scores, with ``tta`` the
-    test-time augmentation scores, the shortcut checks; with ``lung_masks`` from that folder), report files,
+    test-time augmentation scores, the shortcut checks; with ``lung_masks`` from that folder; with ``groups``
+    = (CSV, column), scores per group), report files,
     figures and model card. A run's own files are never touched: an evaluation of last.pt beside best.pt's
     results would otherwise mix two checkpoints in one folder. ``cache``: read the images through the
     decoded-image cache; ``runtime``, when given, replaces ``device``, ``progress``, ``cache`` and ``cache_dir``.
@@ -416,7 +420,10 @@ def evaluate_checkpoint(
         splits = prepare_data(data_dir, seed=state.get("seed", 42))
         if lung_masks is not None:
             find_lung_masks(splits.test.paths, lung_masks)
-        test = evaluate_model(model, config, splits, out_dir, runtime, state["preprocessing"], tta, lung_masks)
+        if groups is not None:
+            read_groups(*groups, splits.test.paths, splits.root)  # an unlisted image fails now, not after scoring
+        test = evaluate_model(model, config, splits, out_dir, runtime, state["preprocessing"], tta, lung_masks,
+                              groups)
         if main_rank:
             record = evaluation_record(state, checkpoint, splits, test, runtime, time.perf_counter() - started)
             reporting.write_json(record, out_dir / ASSET_FILES["metrics"])
