@@ -75,7 +75,8 @@ def test_smoke_writes_the_assets_layout(smoke):
         metrics = json.loads((out / "assets" / experiment / "metrics.json").read_text())
         assert metrics["epochs_run"] == 1 and metrics["pipeline"]["device"].startswith("cpu")
         assert (out / "assets" / experiment / "curves.png").stat().st_size > 0
-        evaluated = json.loads((out / "evaluate" / experiment / "classification_report.json").read_text())
+        (evaluation,) = (out / "evaluate" / experiment / "evaluations").iterdir()
+        evaluated = json.loads((evaluation / "classification_report.json").read_text())
         assert "tta" in evaluated
         table = (out / "predict" / f"{experiment}.csv").read_text().splitlines()
         assert table[0].startswith("file,prediction,probability") and len(table) == 1 + 4  # one image a class

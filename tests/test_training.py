@@ -200,12 +200,13 @@ def test_evaluate_reproduces_the_test_metrics(run, synthetic_root, tmp_path, cap
                      f"--data-dir={synthetic_root}", f"--out={tmp_path}", "--device=cpu", "--quiet"])
     assert code == 0
     assert f"{run.name}: test accuracy" in capsys.readouterr().out
-    report = json.loads((tmp_path / run.name / "classification_report.json").read_text())
+    (evaluation,) = (tmp_path / run.name / "evaluations").iterdir()  # its own folder, never the run's
+    report = json.loads((evaluation / "classification_report.json").read_text())
     for key in ("accuracy", "macro_f1", "balanced_accuracy", "roc_auc_ovr"):
         assert report[key] == pytest.approx(run.metrics["test"][key], abs=1e-6), key
     for name, scores in run.metrics["test"]["per_class"].items():
         assert report["per_class"][name] == pytest.approx(scores, abs=1e-6), name
-    trained, evaluated = (np.load(folder / "test_logits.npz") for folder in (run.out_dir, tmp_path / run.name))
+    trained, evaluated = (np.load(folder / "test_logits.npz") for folder in (run.out_dir, evaluation))
     np.testing.assert_array_equal(trained["labels"], evaluated["labels"])
     np.testing.assert_allclose(trained["logits"], evaluated["logits"], rtol=1e-5, atol=1e-5)
 

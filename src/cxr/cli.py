@@ -479,13 +479,12 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     if args.command == "report":
         return _report(args)
-    from .preflight import InputError, check_arguments
-
     from .groups import GroupsError, check_groups_csv
+    from .preflight import InputError, check_arguments
 
     try:
         check_arguments(args)
-        if getattr(args, "groups", None):
+        if args.command == "evaluate" and args.groups:  # train's --groups name the added folders' CSVs
             check_groups_csv(args.groups, args.group_column)
     except (InputError, GroupsError) as error:
         print(f"error: {error}", file=sys.stderr)
