@@ -211,7 +211,7 @@ def plot_shortcuts(square: np.ndarray, lung: np.ndarray, checks: dict[str, Any],
     from .cam import as_display
     from .lung_evidence import control_region
 
-    figure, axes = plt.subplots(1, 5, figsize=(18, 3.9), layout="constrained",
+    figure, axes = plt.subplots(1, 5, figsize=(19.5, 3.9), layout="constrained",
                                 gridspec_kw={"width_ratios": [1, 1, 1, 1, 2.2]})
     masks = input_masks(lung[None], preprocessing)
     shown = [(view_inputs(square[None], masks, view, preprocessing), name) for view, name in VIEWS.items()]
@@ -231,7 +231,7 @@ def plot_shortcuts(square: np.ndarray, lung: np.ndarray, checks: dict[str, Any],
     axes[4].axhline(checks["chance_macro_f1"], color="grey", linestyle="--", linewidth=1, label="chance")
     axes[4].set_xticks(positions, [name for _, name in BARS], fontsize=8)
     axes[4].set(ylabel="test macro-F1", ylim=(0, 1.1), title="macro-F1 per view")
-    axes[4].legend(fontsize=8, loc="upper right")
+    axes[4].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside the bars
     figure.suptitle(title)
     if path is not None:
         save_figure(figure, path, dpi=110)
