@@ -267,7 +267,7 @@ def test_adding_a_source_that_breaks_the_planted_cue_changes_what_the_model_does
 
 @pytest.fixture(scope="module")
 def added_run(cue_sets, tmp_path_factory) -> tuple[Path, dict, str, list]:
-    """One tiny ``cxr train`` (frozen random backbone, head on cached features, one epoch) with the framed
+    """One tiny ``cxr train`` (frozen random MobileNetV2, the lightest backbone, head on cached features, one epoch) with the framed
     source added, half of its patients held out, and the plain source as an --external folder."""
     import contextlib
     import io
@@ -286,12 +286,12 @@ def added_run(cue_sets, tmp_path_factory) -> tuple[Path, dict, str, list]:
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
         patch.setenv("CXR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cxr-cache"))
         patch.setattr(engine, "class_weights", recording)
-        code = main(["train", "resnet152_head", f"--data-dir={main_set}", f"--out={out}", "--weights=none",
+        code = main(["train", "mobilenet_v2_head", f"--data-dir={main_set}", f"--out={out}", "--weights=none",
                      "--no-augment", "--epochs=1", "--image-size=32", "--batch-size=8", "--device=cpu", "--quiet",
                      "--no-tensorboard", "--add-train", str(framed), "--add-train-holdout=0.5",
                      "--groups", str(framed / "manifest.csv"), "--external", str(plain)])
     assert code == 0, stdout.getvalue()
-    run_dir = out / "resnet152_head"
+    run_dir = out / "mobilenet_v2_head"
     return run_dir, json.loads((run_dir / "metrics.json").read_text()), stdout.getvalue(), weighted
 
 
@@ -320,8 +320,8 @@ def test_readme_report_names_the_added_folders(added_run):
 
     run_dir, metrics, _, _ = added_run
     block = render_results(collect_metrics(run_dir.parent), run_dir.parent)
-    assert "| `resnet152_head + framed` |" in block
-    assert "`resnet152_head + framed` **external** `framed-holdout`" in block
+    assert "| `mobilenet_v2_head + framed` |" in block
+    assert "`mobilenet_v2_head + framed` **external** `framed-holdout`" in block
     assert added_sentence(metrics["added_training"]) in block
 
 
