@@ -27,6 +27,7 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -227,12 +228,19 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     info = environment(args.device)
+    scratch = Path(tempfile.mkdtemp(prefix="gpu-check-"))  # the smoke data and the external folder; removed at the end
+    try:
+        return check(args, out, info, scratch, argv)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def check(args: argparse.Namespace, out: Path, info: dict, scratch: Path, argv: list[str] | None) -> int:
     data_dir = args.data_dir
     if args.smoke:
         from cxr.synthetic import write_synthetic_dataset
 
-        data_dir = write_synthetic_dataset(Path(tempfile.mkdtemp(prefix="gpu-check-smoke-")) / "chest_xray",
-                                           SMOKE_COUNTS, bad_files=False)
+        data_dir = write_synthetic_dataset(scratch / "chest_xray", SMOKE_COUNTS, bad_files=False)
     summary = Summary(out / "summary.json", {
         "command": "PYTHONPATH=src python3 benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         **info, "data_dir": str(data_dir), "weights": args.weights, "smoke": args.smoke,
@@ -252,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        external = external_folder(Path(data_dir), Path(tempfile.mkdtemp(prefix="gpu-check-")) / "sample-external")
+        external = external_folder(Path(data_dir), scratch / "sample-external")
         for step in plan(args, Path(data_dir), out, info["grad_cam"], external):
             print(f"[{time.strftime('%H:%M:%S')}] {step['name']}", flush=True)
             run_step(step, summary, out / "logs", failed, in_process=args.smoke)

@@ -139,7 +139,7 @@ def test_fp16_trains_with_a_grad_scaler(synthetic_root, tmp_path, cuda_like):
     fp16 = cuda_like.replace(amp_dtype=torch.float16)
     assert fp16.grad_scaler() is not None and cuda_like.grad_scaler() is None
     with pytest.warns(UserWarning, match="Skipped"):
-        metrics = workflow.train_experiment("resnet50_full", data_dir=synthetic_root, out=tmp_path, seed=SEED,
+        metrics = workflow.train_experiment("mobilenet_v2_full", data_dir=synthetic_root, out=tmp_path, seed=SEED,
                                             runtime=fp16, **TINY)
     assert metrics["pipeline"]["mixed_precision"] == "float16" and np.isfinite(metrics["test"]["macro_f1"])
 

@@ -15,7 +15,7 @@ Why equality holds here, and what differs in other settings (docs/multi-gpu.md):
   the single process's mean over the whole batch (the gradients differ slightly).
 - 32 training images make 4 full global batches. An uneven last batch is padded by repeating up
   to ``world - 1`` images (DistributedSampler) and its per-rank shares differ in size.
-- ``vit_b16_head`` keeps its backbone frozen in eval mode. ``resnet50_full`` trains BatchNorm layers,
+- ``mobilenet_v2_head`` keeps its backbone frozen in eval mode. ``resnet50_full`` trains BatchNorm layers,
   whose batch statistics are computed per rank (over ``batch / world`` images) without SyncBatchNorm.
 - Augmentation is off: with it, each rank draws its own random crops (``distributed.rank_seed``),
   so the augmented images, not their distribution, differ from a single process.
@@ -52,7 +52,7 @@ from cxr.runtime import Runtime
 
 CPU = Runtime.create("cpu", progress=False)
 
-EXPERIMENT = "vit_b16_head"
+EXPERIMENT = "mobilenet_v2_head"
 COUNTS = {"train": 8, "val": 3, "test": 4}  # per class; one image each is then removed from val and test
 FLAGS = ["--epochs=2", "--batch-size=8", "--image-size=32", "--weights=none", "--device=cpu", "--seed=3",
          "--val-source=given", "--no-augment", "--quiet"]

@@ -35,7 +35,7 @@ def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 # The smoke run takes every kind of step with one fully trained and one frozen-backbone experiment (each
 # experiment's own paths are trained in test_training.py and test_cuda_paths.py); that every configured
 # experiment is planned is checked on the plan itself.
-SMOKE_EXPERIMENTS = ("resnet50_full", "vit_b16_head")
+SMOKE_EXPERIMENTS = ("resnet50_full", "mobilenet_v2_head")
 
 
 @pytest.fixture(scope="module")
