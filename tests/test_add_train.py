@@ -16,7 +16,7 @@ from cxr.added_folders import AddedFolders, added_sentence, check_added, folders
 from cxr.cli import main
 from cxr.data import CLASSES, load_splits
 from cxr.layout import class_of
-from cxr.preflight import InputError
+from cxr.inputs import InputError
 from cxr.synthetic import write_synthetic_dataset
 
 

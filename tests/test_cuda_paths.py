@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from cxr import workflow
+from cxr.inference import load_trained_model
 from cxr.cli import main
 from cxr.config import EXPERIMENTS
 from cxr.data import CLASSES, load_splits
@@ -121,7 +122,7 @@ def test_evaluate_with_tta_reproduces_training_metrics(trained):
 
 
 def test_predict_and_grad_cam(trained, tmp_path):
-    model, state = workflow.load_trained_model(trained.out_dir / "checkpoints" / "best.pt")
+    model, state = load_trained_model(trained.out_dir / "checkpoints" / "best.pt")
     paths = load_splits(Path(_data_dir(trained)), seed=SEED).test.paths[:3]
     result = predict_images(model, CLASSES, state["preprocessing"], paths, trained.runtime, tta=True,
                             cam_dir=tmp_path / "cam")

@@ -8,7 +8,9 @@ import pytest
 
 from cxr.cli import main
 from cxr.data import CLASSES
-from cxr.external import ExternalDataError, class_of, evaluate_external, scan_external
+from cxr.data import ExternalDataError, scan_external
+from cxr.external import evaluate_external
+from cxr.layout import class_of
 from cxr.synthetic import write_synthetic_dataset
 
 SPELLED = {"COVID19": "Covid-19", "NORMAL": "normal", "PNEUMONIA": "Pneumonia", "TUBERCULOSIS": "TB"}

@@ -275,7 +275,7 @@ def test_an_overlay_never_replaces_a_foreign_file_in_the_cam_folder(checkpoint, 
 
 def test_csv_naming_an_input_is_refused(checkpoint, tmp_path, capsys):
     from cxr.predict import run_predict
-    from cxr.preflight import InputError
+    from cxr.inputs import InputError
 
     chest = write_image(tmp_path / "chest.png")
     original = chest.read_bytes()

@@ -20,7 +20,8 @@ from cxr.models import build_model, preprocessing
 from cxr.predict import collect_images, run_predict
 from cxr.synthetic import write_dicom
 from cxr.uncertainty import eval_transform
-from cxr.workflow import evaluate_checkpoint, load_trained_model
+from cxr.inference import load_trained_model
+from cxr.workflow import evaluate_checkpoint
 from cxr.runtime import Runtime
 
 CPU = Runtime.create("cpu", progress=False)

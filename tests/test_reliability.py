@@ -316,7 +316,7 @@ def test_a_checkpoint_that_cannot_predict_is_refused_by_every_command(checkpoint
 
 
 def test_finite_weights_with_non_finite_outputs_are_refused(checkpoint, tmp_path):
-    from cxr.workflow import load_trained_model
+    from cxr.inference import load_trained_model
 
     damaged = _damaged_checkpoint(checkpoint, tmp_path, _huge_weights)
     with pytest.raises(CheckpointError, match="gives non-finite outputs"):

@@ -26,6 +26,7 @@ from PIL import Image
 
 from cxr import workflow
 from cxr.checkpoint import load_checkpoint
+from cxr.provenance import git_commit
 from cxr.cli import main
 from cxr.config import EXPERIMENTS, experiment_from_dict, get_experiment
 from cxr.data import CLASSES, load_splits
@@ -271,14 +272,14 @@ def test_git_commit_is_dirty_for_code_changes_not_for_rewritten_results(tmp_path
     git("init", "-q")
     git("add", ".")
     git("commit", "-q", "-m", "first")
-    clean = workflow.git_commit(tmp_path)
+    clean = git_commit(tmp_path)
     assert re.fullmatch(r"[0-9a-f]{12}", clean)
     (tmp_path / "assets" / "run" / "metrics.json").write_text('{"rerun": true}')
     (tmp_path / "untracked.txt").write_text("scratch")
-    assert workflow.git_commit(tmp_path) == clean
+    assert git_commit(tmp_path) == clean
     (tmp_path / "train.py").write_text("print('v2')\n")
-    assert workflow.git_commit(tmp_path) == clean + "-dirty"
-    assert workflow.git_commit(tmp_path.parent / "no-such-folder") is None
+    assert git_commit(tmp_path) == clean + "-dirty"
+    assert git_commit(tmp_path.parent / "no-such-folder") is None
 
 
 def test_the_model_given_is_the_one_that_trains(synthetic_root, tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ import numpy as np
 from .groups import GroupsError, read_groups
 from .imageio import IMAGE_EXTENSIONS
 from .layout import CLASSES, class_of
-from .preflight import InputError, require
+from .inputs import InputError, require
 
 EXPECTED = ("expected class folders named (in any case) COVID19 (or COVID-19, COVID), NORMAL, PNEUMONIA and "
             "TUBERCULOSIS (or TB), any of them, directly in the folder")

@@ -23,8 +23,8 @@ import numpy as np
 
 from .added_folders import AddedFolders, class_folders, group_of_each, holdout_mask, holdout_name
 from .audit import _relative, audit_splits
-from .data import CLASSES, DataSplits, Split, add_class_files, warn_skipped
-from .preflight import InputError
+from .data import CLASSES, DataSplits, Split, add_class_files, scan_external, warn_skipped
+from .inputs import InputError
 
 ADDED = "added"
 SHOWN = 10
@@ -111,8 +111,6 @@ def add_to_training(splits: DataSplits, added: AddedFolders | None, external: Se
                     ) -> AddedTraining:
     """``splits`` with the added folders' training parts in ``train`` (audited first), their held-out parts
     and the external folders to score after training. ``splits.added`` records it all for metrics.json."""
-    from .external import scan_external  # external imports workflow, which imports this module
-
     externals = [Path(folder) for folder in external]
     folders = list(added.folders) if added else []
     if not folders and not externals:

@@ -27,18 +27,10 @@ from .progress import tqdm
 from .data import Split
 from .fileid import content_digest
 from .imageio import cache_side, decode_image  # noqa: F401  (cache_side: part of this module's interface)
+from .runtime import default_cache_dir
 
 # 2: more than 8 bits rounded (imageio.scale_to_uint8); 3: only the region under the crop resampled (within a level of 2)
 FORMAT_VERSION = 3
-CACHE_DIR_ENV = "CXR_CACHE_DIR"
-
-
-def default_cache_dir() -> Path:
-    """``$CXR_CACHE_DIR``, else ``$XDG_CACHE_HOME/cxr``, else ``~/.cache/cxr``."""
-    if os.environ.get(CACHE_DIR_ENV):
-        return Path(os.environ[CACHE_DIR_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "cxr"
 
 
 def entry_path(cache_dir: Path, path: Path, side: int) -> Path:

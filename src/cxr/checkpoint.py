@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-from .preflight import LARGEST_IMAGE, SMALLEST_IMAGE
+from .inputs import LARGEST_IMAGE, SMALLEST_IMAGE
 from .runlock import pid_running
 from .torchfile import archive_problem, load_problem
 

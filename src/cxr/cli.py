@@ -335,7 +335,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _audit(args: argparse.Namespace) -> int:
     from .audit import audit_dataset, format_audit, write_audit
-    from .preflight import writable_folder
+    from .inputs import writable_folder
 
     writable_folder(args.out, "--out")  # before the audit reads every file
     report = audit_dataset(args.data_dir, progress=not args.quiet, cache_dir=args.cache_dir)
@@ -480,7 +480,8 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "report":
         return _report(args)
     from .groups import GroupsError, check_groups_csv
-    from .preflight import InputError, check_arguments
+    from .inputs import InputError
+    from .preflight import check_arguments
 
     try:
         check_arguments(args)

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from .config import AUGMENTATION
+from .layout import EXPECTED_CLASS_FOLDERS, class_of
 from .imageio import IMAGE_EXTENSIONS, check_dicom, check_jpeg_scans, check_shape, decode_image, is_dicom, open_8bit
 from .layout import (  # noqa: F401  (re-exported)
     CLASSES, EXPECTED_LAYOUT, FOLDER_ALIASES, IMAGENET_MEAN, IMAGENET_STD, KAGGLE_HANDLE, SPLITS, DatasetError,
@@ -158,6 +159,38 @@ def scan_split(root: Path, split: str, check: bool = True) -> Split:
     if not result.paths:
         raise DatasetError(f"Split {split!r} in {str(root)!r} contains no usable images. {EXPECTED_LAYOUT}")
     return result
+
+
+class ExternalDataError(ValueError):
+    """The external folder cannot be scored; the message says what is wrong and what is expected."""
+
+
+def scan_external(folder: str | os.PathLike) -> tuple[Split, list[str], Path]:
+    """The external images with their labels, the folders ignored (not a class), and the folder the
+    class folders were found in (DIR, or DIR/test)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ExternalDataError(f"external folder {str(folder)!r} does not exist or is not a folder")
+    children = {p.name.lower(): p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    base = children.get("test", folder)
+    folders = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    matched: dict[str, list[Path]] = {}
+    ignored = []
+    for path in folders:
+        label = class_of(path.name)
+        if label is None:
+            ignored.append(path.name)
+        else:
+            matched.setdefault(label, []).append(path)
+    if not matched:
+        found = ", ".join(p.name for p in folders) or "no subfolders"
+        raise ExternalDataError(f"no class folder in {str(base)!r} (found: {found}); {EXPECTED_CLASS_FOLDERS}")
+    split = Split([], [])
+    for label, name in enumerate(CLASSES):
+        add_class_files(split, matched.get(name, []), label)
+    if not split.paths:
+        raise ExternalDataError(f"the class folders in {str(base)!r} hold no usable image; {EXPECTED_CLASS_FOLDERS}")
+    return split, ignored, base
 
 
 def warn_skipped(skipped: list[tuple[Path, str]], shown: int = 3) -> None:

@@ -28,46 +28,15 @@ from .audit import audit_splits
 from .config import experiment_from_dict
 from .breakdowns import pairwise_auroc
 from .checks import Evidence, run_checks
-from .data import CLASSES, DataSplits, Split, add_class_files, warn_skipped
+from .data import CLASSES, DataSplits, Split, load_splits, scan_external, warn_skipped
 from .engine import build_dataset, make_loader, predict
 from .groups import read_groups
-from .layout import EXPECTED_CLASS_FOLDERS as EXPECTED
-from .layout import class_of, visible_name
+from .layout import locate_dataset, visible_name
 from .metrics import operating_points, who_tb_screening
 from .model_card import write_model_card
 from .runtime import Runtime
-from .workflow import load_trained_model, prepare_data
+from .inference import load_trained_model
 
-class ExternalDataError(ValueError):
-    """The external folder cannot be scored; the message says what is wrong and what is expected."""
-
-
-def scan_external(folder: str | os.PathLike) -> tuple[Split, list[str], Path]:
-    """The external images with their labels, the folders ignored (not a class), and the folder the
-    class folders were found in (DIR, or DIR/test)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ExternalDataError(f"external folder {str(folder)!r} does not exist or is not a folder")
-    children = {p.name.lower(): p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")}
-    base = children.get("test", folder)
-    folders = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
-    matched: dict[str, list[Path]] = {}
-    ignored = []
-    for path in folders:
-        label = class_of(path.name)
-        if label is None:
-            ignored.append(path.name)
-        else:
-            matched.setdefault(label, []).append(path)
-    if not matched:
-        found = ", ".join(p.name for p in folders) or "no subfolders"
-        raise ExternalDataError(f"no class folder in {str(base)!r} (found: {found}); {EXPECTED}")
-    split = Split([], [])
-    for label, name in enumerate(CLASSES):
-        add_class_files(split, matched.get(name, []), label)
-    if not split.paths:
-        raise ExternalDataError(f"the class folders in {str(base)!r} hold no usable image; {EXPECTED}")
-    return split, ignored, base
 
 
 def training_overlaps(report: dict[str, Any]) -> dict[str, list[str]]:
@@ -117,7 +86,7 @@ def training_splits(data_dir: str | os.PathLike | None, state: dict[str, Any]) -
         return None, (f"{where}: --data-dir is needed for the overlap audit; the folder is scored anyway, overlap "
                       "not audited (and no validation thresholds, probes or baseline).")
     data = state.get("data") or {}
-    return prepare_data(source, val_source=data.get("val_source", "carve"), seed=state.get("seed", 42)), None
+    return load_splits(locate_dataset(source), val_source=data.get("val_source", "carve"), seed=state.get("seed", 42)), None
 
 
 def audited_overlaps(splits: DataSplits | None, external: Split, runtime: Runtime,

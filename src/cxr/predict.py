@@ -24,7 +24,7 @@ from . import uncertainty
 from .data import IMAGE_EXTENSIONS, check_image
 from .export import load_for_inference
 from .inference import check_finite_rows
-from .preflight import not_an_input, writable_file, writable_folder
+from .inputs import not_an_input, writable_file, writable_folder
 from .imageio import ImageReadError, decode_image
 from .runtime import Runtime
 

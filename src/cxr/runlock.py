@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
-from .preflight import InputError, writable_folder
+from .inputs import InputError, writable_folder
 
 LOCK_FILE = "run.lock"
 

@@ -18,7 +18,15 @@ from typing import Any, ContextManager, Iterator
 
 import torch
 
-from .cache import default_cache_dir
+CACHE_DIR_ENV = "CXR_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    """``$CXR_CACHE_DIR``, else ``$XDG_CACHE_HOME/cxr``, else ``~/.cache/cxr``."""
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "cxr"
 
 
 def select_device(name: str | None = None) -> torch.device:

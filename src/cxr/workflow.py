@@ -27,16 +27,17 @@ from .checkpoint import load_checkpoint
 from .config import Experiment, experiment_from_dict, get_experiment
 from .data import CLASSES, DataSplits, check_limit, load_splits, locate_dataset, warn_skipped
 from .engine import TrainingInterrupted, build_dataset, fit, make_deterministic, make_loader, predict, seed_everything
+from .external import evaluate_external
 from .figures import unwritten_figures
 from .groups import read_groups
-from .inference import check_finite_rows, load_trained_model  # noqa: F401 (re-exported: workflow.load_trained_model)
+from .inference import check_finite_rows, load_trained_model
 from .lung_field import find_lung_masks
 from .metrics import operating_points, who_tb_screening
 from .model_card import CARD_FILE, write_model_card
 from .local_weights import weights_provenance
 from .models import Classifier, build_model, check_weights
 from .preflight import check_image_size
-from .provenance import dataset_info, git_commit  # noqa: F401 (re-exported)
+from .provenance import dataset_info, git_commit
 from .runtime import Runtime, device_name
 from .tensorboard_log import RunLog
 
@@ -315,7 +316,6 @@ def score_other_folders(added: AddedTraining, checkpoint: Path, name: str, out: 
                         runtime: Runtime) -> None:
     """Score the best checkpoint on each held-out part of an added folder and each ``--external`` folder, as
     ``cxr evaluate --external`` does, into ``out/<name>/external/<folder>/``."""
-    from .external import evaluate_external  # it imports this module
 
     for results_name, folder, images in added.holdouts:
         evaluate_external(checkpoint, folder, name, out=out, progress=runtime.progress, runtime=runtime,
