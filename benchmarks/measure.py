@@ -75,7 +75,8 @@ def measure_ceiling(experiment: Experiment, runtime: Runtime, steps: int, warmup
     reset_peak_memory(device)
     torch.backends.cudnn.benchmark = runtime.cudnn_benchmark
     with device:
-        model = build_model(experiment.arch, len(CLASSES), "none", experiment.freeze_backbone, experiment.image_size)
+        model = build_model(experiment.arch, len(CLASSES), "none", experiment.trainable_blocks,
+                            experiment.image_size)
     model = runtime.prepare_model(model)
     if runtime.compile:
         model.backbone.compile()

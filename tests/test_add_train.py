@@ -335,13 +335,13 @@ def test_notebooks_read_cxr_add_train(monkeypatch, tmp_path):
     monkeypatch.setenv("CXR_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("CXR_ADD_TRAIN", f"{first}{os.pathsep}{second}")
     settings = notebook.settings("resnet50_full")
-    assert settings.run_options["add_train"] == [first, second]
+    assert settings.run_options["options"].add_train == AddedFolders((first, second))
     assert settings.summary().loc["added to training", "value"] == f"{first}, {second}"
     monkeypatch.setenv("CXR_ADD_TRAIN", str(tmp_path / "missing"))
     with pytest.raises(InputError, match="does not exist"):
         notebook.settings("resnet50_full")
     monkeypatch.delenv("CXR_ADD_TRAIN")
-    assert "add_train" not in notebook.settings("resnet50_full").run_options
+    assert notebook.settings("resnet50_full").run_options["options"].add_train is None
 
 
 def test_cli_refuses_a_copy_of_a_test_image_by_name_before_training(dataset, tmp_path, capsys):

@@ -17,6 +17,8 @@ from cxr.cli import main
 from cxr.data import CLASSES, SPLITS, check_image, load_splits, scan_split
 from cxr.report import baseline_verdict
 from cxr.synthetic import DEFAULT_COUNTS, write_synthetic_dataset
+from cxr.run_options import RunOptions
+from cxr.runtime import Runtime
 from cxr.workflow import train_experiment
 
 SMALL_COUNTS = {"train": 5, "val": 2, "test": 2}
@@ -122,8 +124,9 @@ def test_cli_audit_finds_duplicates_and_leakage_and_writes_json(tmp_path, capsys
 def test_training_warns_about_leakage_and_keeps_the_audit_in_metrics(tmp_path):
     root = leaky_dataset(tmp_path / "data")
     with pytest.warns(UserWarning, match="LEAKAGE|duplicate image|different class labels") as caught:
-        metrics = train_experiment("resnet50_full", data_dir=root, out=tmp_path / "out", val_source="given",
-                                   progress=False, epochs=1, batch_size=8, image_size=32, weights="none")
+        metrics = train_experiment("resnet50_full", data_dir=root, out=tmp_path / "out",
+                                   runtime=Runtime.create(progress=False), options=RunOptions(val_source="given"),
+                                   epochs=1, batch_size=8, image_size=32, weights="none")
     shown = [str(w.message) for w in caught]
     assert any(message.startswith("LEAKAGE: 1 test image(s) are near-duplicates") for message in shown)
     assert "1 duplicate image(s) within train: train/COVID19/again.png = train/COVID19/train_000.png." in shown

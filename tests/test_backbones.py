@@ -99,12 +99,12 @@ def test_the_reference_names_are_those_of_the_reference_implementation(weights):
 
 @pytest.mark.parametrize("layout", ["reference", "torchvision", "bare"])
 def test_mobilenet_v2_weights_load_in_every_layout(weights, layout):
-    model = build_model("mobilenet_v2_head", weights=weights[layout], image_size=SIDE)
+    model = build_model("mobilenet_v2", weights=weights[layout], image_size=SIDE)
     loaded = model.backbone.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in weights["state"].items())
     assert set(loaded) == set(weights["state"])
     assert not torch.equal(loaded["features.0.0.weight"],
-                           build_model("mobilenet_v2_head", weights="none", image_size=SIDE).backbone.features[0][0].weight)
+                           build_model("mobilenet_v2", weights="none", image_size=SIDE).backbone.features[0][0].weight)
 
 
 def one_line_refusal(path: Path, arch: str = "mobilenet_v2", classes: int = 4) -> str:
@@ -140,11 +140,11 @@ def test_truncated_file_and_pickled_model_are_refused(weights):
 
 
 def test_a_checkpoint_for_another_number_of_classes_is_refused(weights):
-    torch.save({"model": build_model("mobilenet_v2_head", 3, "none", image_size=SIDE).state_dict()},
+    torch.save({"model": build_model("mobilenet_v2", 3, "none", image_size=SIDE).state_dict()},
                path := weights["folder"] / "three-classes.pt")
     message = one_line_refusal(path)
     assert "'head.weight' has shape (3, 1280), where a mobilenet_v2 classifier with 4 classes" in message
-    model = build_model("mobilenet_v2_head", 3, path, image_size=SIDE)  # the same count fits
+    model = build_model("mobilenet_v2", 3, path, image_size=SIDE)  # the same count fits
     assert model.head.out_features == 3
 
 

@@ -95,9 +95,9 @@ def test_checkpoints_of_something_else_are_refused(tmp_path):
 def test_checkpoint_serves_as_weights_file(tmp_path):
     """``--weights PATH`` accepts one of our checkpoints: backbone and head come back exactly."""
     torch.manual_seed(0)
-    trained = build_model("resnet50_full", weights="none", image_size=32)
+    trained = build_model("resnet50", weights="none", image_size=32)
     path = save_checkpoint(checkpoint_state(trained), tmp_path / "best.pt")
-    rebuilt = build_model("resnet50_full", weights=path, image_size=32)
+    rebuilt = build_model("resnet50", weights=path, image_size=32)
     expected = trained.state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in rebuilt.state_dict().items())
 

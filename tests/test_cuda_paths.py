@@ -24,6 +24,7 @@ from cxr.cli import main
 from cxr.config import EXPERIMENTS
 from cxr.data import CLASSES, load_splits
 from cxr.predict import predict_images
+from cxr.run_options import RunOptions
 from cxr.runtime import Runtime
 
 # The synthetic set holds unusable files on purpose; the ``trained`` fixture asserts that training warns about them.
@@ -48,8 +49,8 @@ def trained(request, synthetic_root, tmp_path_factory, cuda_like) -> Trained:
     name, augment = request.param
     out = tmp_path_factory.mktemp(f"cuda-like-{name}")
     with pytest.warns(UserWarning, match="Skipped"):
-        metrics = workflow.train_experiment(name, data_dir=synthetic_root, out=out, seed=SEED, runtime=cuda_like,
-                                            augment=augment, **TINY)
+        metrics = workflow.train_experiment(name, data_dir=synthetic_root, out=out, runtime=cuda_like,
+                                            options=RunOptions(seed=SEED), augment=augment, **TINY)
     return Trained(name, augment, out / name, metrics, cuda_like)
 
 
@@ -140,8 +141,8 @@ def test_fp16_trains_with_a_grad_scaler(synthetic_root, tmp_path, cuda_like):
     fp16 = cuda_like.replace(amp_dtype=torch.float16)
     assert fp16.grad_scaler() is not None and cuda_like.grad_scaler() is None
     with pytest.warns(UserWarning, match="Skipped"):
-        metrics = workflow.train_experiment("mobilenet_v2_full", data_dir=synthetic_root, out=tmp_path, seed=SEED,
-                                            runtime=fp16, **TINY)
+        metrics = workflow.train_experiment("mobilenet_v2_full", data_dir=synthetic_root, out=tmp_path,
+                                            runtime=fp16, options=RunOptions(seed=SEED), **TINY)
     assert metrics["pipeline"]["mixed_precision"] == "float16" and np.isfinite(metrics["test"]["macro_f1"])
 
 

@@ -17,6 +17,7 @@ from cxr import workflow
 from cxr.cli import main
 from cxr.config import EXPERIMENTS
 from cxr.data import CLASSES, load_splits
+from cxr.run_options import RunOptions
 from cxr.runtime import Runtime
 
 # The synthetic set holds unusable files on purpose; the ``trained`` fixture asserts that training warns about them.
@@ -38,8 +39,9 @@ def test_compiled_model_trains_evaluates_and_explains(name, synthetic_root, tmp_
                         lambda self, **kw: (compiled.append(type(self).__name__),
                                             compile_module(self, backend="aot_eager", **kw))[1])
     with pytest.warns(UserWarning, match="Skipped"):
-        metrics = workflow.train_experiment(name, data_dir=synthetic_root, out=tmp_path, seed=SEED,
-                                            runtime=cuda_like.replace(compile=True), **TINY)
+        metrics = workflow.train_experiment(name, data_dir=synthetic_root, out=tmp_path,
+                                            runtime=cuda_like.replace(compile=True), options=RunOptions(seed=SEED),
+                                            **TINY)
     assert compiled == ["ResNet" if name.startswith("resnet") else "VisionTransformer"]
     assert metrics["pipeline"]["compile"] is True and np.isfinite(metrics["test"]["macro_f1"])
     assert (tmp_path / name / "cam.png").stat().st_size > 0
@@ -106,7 +108,7 @@ def _host_syncs(name: str, data_dir: Path, runtime: Runtime, steps: int) -> list
 
     experiment = get_experiment(name, **{**TINY, "batch_size": 4})
     torch.manual_seed(SEED)
-    model = runtime.prepare_model(build_model(experiment.arch, len(CLASSES), "none", experiment.freeze_backbone,
+    model = runtime.prepare_model(build_model(experiment.arch, len(CLASSES), "none", experiment.trainable_blocks,
                                               experiment.image_size))
     with pytest.warns(UserWarning, match="Skipped"):
         pipeline = engine.build_pipeline(experiment, load_splits(data_dir), model,
@@ -148,7 +150,7 @@ def test_passes_that_run_once_are_not_autotuned(synthetic_root, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     runtime = Runtime.cuda_like("cpu", cudnn_benchmark=True, progress=False, frozen_forward_batch=8)
     experiment = get_experiment("resnet152_head", **{**TINY, "batch_size": 4})
-    model = runtime.prepare_model(build_model(experiment.arch, len(CLASSES), "none", True, experiment.image_size))
+    model = runtime.prepare_model(build_model(experiment.arch, len(CLASSES), "none", 0, experiment.image_size))
     tuned: list[bool] = []
     model.backbone.register_forward_pre_hook(lambda module, args: tuned.append(torch.backends.cudnn.benchmark))
     with pytest.warns(UserWarning, match="Skipped"):
@@ -242,7 +244,7 @@ def test_cuda_graphs_only_for_a_fully_trained_network_in_one_process():
     from cxr.models import build_model
 
     runtime = Runtime.cuda_like("cpu", cuda_graphs=True)
-    full, frozen = (build_model("resnet50", len(CLASSES), "none", freeze, 32) for freeze in (False, True))
+    full, frozen = (build_model("resnet50", len(CLASSES), "none", blocks, 32) for blocks in ("all", 0))
     assert isinstance(training_module(full, 8, runtime), GraphedTraining)
     assert training_module(frozen, 8, runtime) is frozen
     assert training_module(full, 8, runtime.replace(compile=True)) is full

@@ -36,7 +36,7 @@ def write_run(folder, name: str):
     would hide what the 1e-4 comparisons below check."""
     torch.manual_seed(0)
     experiment = get_experiment(name, epochs=1, batch_size=8, image_size=SIZE, weights="none")
-    model = build_model(name, weights="none", image_size=SIZE)
+    model = build_model(experiment.arch, weights="none", trainable_blocks=experiment.trainable_blocks, image_size=SIZE)
     estimate_batchnorm_statistics(model.backbone, [torch.randn(8, 3, SIZE, SIZE)], torch.device("cpu"))
     with torch.no_grad():
         for module_name, module in model.backbone.named_modules():

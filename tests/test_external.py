@@ -11,8 +11,10 @@ from cxr.data import CLASSES
 from cxr.data import ExternalDataError, scan_external
 from cxr.external import evaluate_external
 from cxr.layout import class_of
+from cxr.runtime import Runtime
 from cxr.synthetic import write_synthetic_dataset
 
+CPU = Runtime.create("cpu", progress=False)
 SPELLED = {"COVID19": "Covid-19", "NORMAL": "normal", "PNEUMONIA": "Pneumonia", "TUBERCULOSIS": "TB"}
 
 
@@ -90,7 +92,7 @@ def test_external_scores_with_and_without_training_overlaps(dataset, checkpoint,
     root = external_folder(dataset, tmp_path / "elsewhere", planted=2)
     out = tmp_path / "out"
     with pytest.warns(UserWarning, match=f"{2 * len(CLASSES)} of .* external images also appear"):
-        result = evaluate_external(checkpoint, root, data_dir=dataset, out=out, device="cpu", progress=False)
+        result = evaluate_external(checkpoint, root, data_dir=dataset, out=out, runtime=CPU)
     planted = {p for p in result["overlaps"]["files"] if Path(p).name.startswith("planted_")}
     assert len(planted) == 2 * len(CLASSES) == result["overlaps"]["count"]  # the planted files, and no others
     for path in planted:
@@ -189,7 +191,7 @@ def test_the_training_folder_the_checkpoint_recorded_is_used(dataset, checkpoint
     torch.save(state, recorded)
     root = external_folder(dataset, tmp_path / "ext", classes=["NORMAL"], planted=1, layout="flat")
     with pytest.warns(UserWarning, match="1 of .* external images also appear"):
-        result = evaluate_external(recorded, root, out=tmp_path / "out", device="cpu", progress=False)
+        result = evaluate_external(recorded, root, out=tmp_path / "out", runtime=CPU)
     assert result["overlaps"]["audited"] and result["overlaps"]["count"] == 1
     assert result["trained_on"]["root"] == str(dataset)
 

@@ -23,7 +23,8 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def models() -> dict[str, nn.Module]:
-    return {name: build_model(name, weights="none", image_size=32) for name in EXPERIMENTS}
+    return {name: build_model(experiment.arch, weights="none", trainable_blocks=experiment.trainable_blocks, image_size=32)
+            for name, experiment in EXPERIMENTS.items()}
 
 
 @pytest.mark.parametrize("name", sorted(EXPERIMENTS))
@@ -77,8 +78,9 @@ def _batchnorm_stats(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("name", ["resnet152_head", "resnet50_full"])
 def test_frozen_backbone_stays_in_eval_mode_during_training(name):
-    model = build_model(name, weights="none", image_size=32)
-    frozen = get_experiment(name).freeze_backbone
+    experiment = get_experiment(name)
+    model = build_model(experiment.arch, weights="none", trainable_blocks=experiment.trainable_blocks, image_size=32)
+    frozen = experiment.freeze_backbone
     stats, backbone = _batchnorm_stats(model), {k: v.clone() for k, v in model.backbone.state_dict().items()}
     head = {k: v.clone() for k, v in model.head.state_dict().items()}
     _one_training_step(model, name)
@@ -131,9 +133,12 @@ def test_trainable_blocks_count_residual_blocks_from_the_end():
             Classifier(model.backbone, model.head, "resnet50", wrong)
 
 
-def test_a_bool_is_the_old_freeze_backbone_flag():
-    assert build_model("resnet50", weights="none", trainable_blocks=True, image_size=32).trainable_blocks == 0
-    assert build_model("resnet50", weights="none", trainable_blocks=False, image_size=32).trainable_blocks == "all"
+def test_a_bool_is_not_a_number_of_trainable_blocks():
+    """The old ``freeze_backbone`` flag lives on only in stored configurations (``upgrade_experiment_dict``)."""
+    for flag in (True, False):
+        with pytest.raises(ValueError, match=f"trainable_blocks must be a whole number >= 0 or 'all', not {flag}"):
+            build_model("resnet50", weights="none", trainable_blocks=flag, image_size=32)
+    assert build_model("resnet50", weights="none", image_size=32).trainable_blocks == "all"
 
 
 def test_vit_backbone_in_eval_mode_and_image_size(models):
@@ -143,7 +148,7 @@ def test_vit_backbone_in_eval_mode_and_image_size(models):
     assert vit.backbone.image_size == 32
     with torch.no_grad():
         assert vit.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 4)
-    assert build_model("vit_b16_head", weights="none").backbone.image_size == 224
+    assert build_model("vit_b_16", weights="none", trainable_blocks=0).backbone.image_size == 224
 
 
 # --- pretrained weights, offline -------------------------------------------------------------------------
@@ -192,14 +197,14 @@ def test_imagenet_weights_come_from_the_torch_hub_cache(tmp_path, monkeypatch, n
     cached.parent.mkdir(parents=True)
     torch.save(state, cached)
     assert Path(torch.hub.get_dir()) == tmp_path / "hub"
-    model = build_model("resnet50_full", weights="imagenet", image_size=32)
+    model = build_model("resnet50", weights="imagenet", image_size=32)
     assert_backbone_is(model, state)
     assert no_downloads == []
 
 
 def test_local_pth_file_is_loaded(resnet50_state):
     state, path = resnet50_state
-    model = build_model("resnet50_full", weights=path)
+    model = build_model("resnet50", weights=path)
     assert_backbone_is(model, state)
     assert isinstance(model.backbone.fc, nn.Identity) and model.head.out_features == 4
 
@@ -207,17 +212,17 @@ def test_local_pth_file_is_loaded(resnet50_state):
 def test_weights_for_another_architecture_are_refused(resnet50_state, tmp_path):
     _, path = resnet50_state
     with pytest.raises(WeightsError, match="is not a ResNet152 backbone: its tensor 145 is .layer3.0.conv1.weight."):
-        build_model("resnet152_head", weights=path, image_size=32)
+        build_model("resnet152", weights=path, image_size=32)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a state dict")
     with pytest.raises(WeightsError, match="Could not read weights file .*: it is not a file written by torch.save"):
-        build_model("resnet50_full", weights=garbage)
+        build_model("resnet50", weights=garbage)
 
 
 def test_missing_weights_offline_is_a_clear_error(tmp_path, monkeypatch, no_downloads):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(WeightsError) as caught:
-        build_model("resnet50_full", weights="imagenet")
+        build_model("resnet50", weights="imagenet")
     url = default_weights("resnet50").url
     assert no_downloads == [url]
     message = str(caught.value)
@@ -227,7 +232,7 @@ def test_missing_weights_offline_is_a_clear_error(tmp_path, monkeypatch, no_down
 
 def test_vit_imagenet_weights_need_224_pixels(no_downloads):
     with pytest.raises(WeightsError, match="--image-size 224"):
-        build_model("vit_b16_head", weights="imagenet", image_size=32)
+        build_model("vit_b_16", weights="imagenet", image_size=32)
     assert no_downloads == []
 
 
@@ -241,7 +246,7 @@ def test_only_a_frozen_random_backbone_with_batchnorm_needs_statistics(models):
 
 def test_estimated_batchnorm_statistics_tame_a_frozen_random_backbone():
     torch.manual_seed(0)
-    model = build_model("resnet152_head", weights="none", image_size=32)
+    model = build_model("resnet152", weights="none", trainable_blocks=0, image_size=32)
     model.train()
     images = torch.rand(16, 3, 32, 32)
     weights_before = {name: p.clone() for name, p in model.named_parameters()}
@@ -288,7 +293,7 @@ def test_the_seeds_next_steps_are_one_configuration_entry_each():
     with focal loss (gamma 2, class weights as alpha) and nothing else changed."""
     partial = get_experiment("vit_b16_partial")
     assert (partial.arch, partial.trainable_blocks, partial.loss) == ("vit_b_16", 4, "weighted_ce")
-    model = build_model("vit_b16_partial", weights="none", image_size=32)
+    model = build_model(partial.arch, weights="none", trainable_blocks=partial.trainable_blocks, image_size=32)
     trained = {n.split(".")[3] if ".layers." in n else n.split(".")[0] + "." + n.split(".")[1]
                for n, p in model.named_parameters() if p.requires_grad}
     assert trained == {f"encoder_layer_{i}" for i in range(8, 12)} | {"backbone.encoder", "head.weight", "head.bias"}

@@ -14,6 +14,8 @@ from cxr import notebook
 from cxr.config import EXPERIMENTS
 from cxr.data import CLASSES, load_splits
 from cxr.models import build_model
+from cxr.run_options import RunOptions
+from cxr.runtime import Runtime
 
 ROOT = Path(__file__).parents[1]
 NOTEBOOKS = {
@@ -71,7 +73,8 @@ def test_settings_smoke_mode(monkeypatch, restore_threads):
     assert settings.config.epochs == 1 and settings.config.weights == "none"
     assert settings.run_dir == settings.out / "vit_b16_head" and not settings.out.is_relative_to(ROOT)
     options = settings.run_options
-    assert options["out"] == settings.out and options["cache_dir"].parent == settings.out.parent  # one temp folder
+    assert options["out"] == settings.out and options["runtime"].cache_dir.parent == settings.out.parent  # one temp folder
+    assert options["runtime"].device == torch.device("cpu") and options["options"] == RunOptions()
     assert splits.counts()["test"] == {c: notebook.SMOKE_COUNTS["test"] for c in CLASSES}
     assert torch.get_num_threads() == 1
 
@@ -84,7 +87,8 @@ def test_settings_real_mode_reads_environment(monkeypatch, tmp_path):
     settings = notebook.settings("resnet50_full")
     assert (settings.smoke, settings.data_dir, settings.out, settings.device) == (False, tmp_path, Path("assets"), None)
     assert settings.overrides == {"epochs": 2, "weights": "none"}
-    assert settings.run_options == {"out": Path("assets"), "device": None, "cache_dir": None, "epochs": 2, "weights": "none"}
+    assert settings.run_options == {"out": Path("assets"), "runtime": Runtime.create(None), "options": RunOptions(),
+                                    "epochs": 2, "weights": "none"}
     assert settings.config.batch_size == EXPERIMENTS["resnet50_full"].batch_size
 
     explicit = notebook.settings("resnet50_full", data_dir=tmp_path / "elsewhere", out=tmp_path / "out")
@@ -182,7 +186,7 @@ def test_data_tables_and_figures(synthetic_root):
 
 def test_parameter_table_shows_frozen_backbone_in_eval_mode():
     frozen = notebook.parameter_table(build_model("resnet50", weights="none", trainable_blocks=0))
-    full = notebook.parameter_table(build_model("resnet50_full", weights="none"))
+    full = notebook.parameter_table(build_model("resnet50", weights="none"))
     assert frozen.loc["backbone", "trainable"] == 0 and frozen.loc["backbone", "mode during training"] == "eval"
     assert frozen.loc["total", "trainable"] == frozen.loc["head", "parameters"] == 2048 * len(CLASSES) + len(CLASSES)
     assert full.loc["total", "trainable"] == full.loc["total", "parameters"]
@@ -190,7 +194,7 @@ def test_parameter_table_shows_frozen_backbone_in_eval_mode():
 
 
 def test_trainable_share_shows_a_tiny_head_as_more_than_zero():
-    table = notebook.parameter_table(build_model("vit_b16_head", weights="none", image_size=32))
+    table = notebook.parameter_table(build_model("vit_b_16", weights="none", trainable_blocks=0, image_size=32))
     head, total = table.loc["head", "parameters"], table.loc["total", "parameters"]
     share = table.loc["total", "trainable share"]
     assert head == 768 * len(CLASSES) + len(CLASSES) and share.endswith("%")

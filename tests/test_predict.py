@@ -120,7 +120,7 @@ def sensitive(tmp_path_factory):
 def test_predict_evaluate_and_validation_give_the_same_probabilities(sensitive, tmp_path):
     checkpoint, root = sensitive
     test_split = load_splits(root).test
-    folder = evaluate_checkpoint(checkpoint, data_dir=root, out=tmp_path / "out", device="cpu", progress=False)["folder"]
+    folder = evaluate_checkpoint(checkpoint, data_dir=root, out=tmp_path / "out", runtime=CPU)["folder"]
     evaluated = torch.from_numpy(np.load(Path(folder) / "test_logits.npz")["logits"]).softmax(1)
     predicted = run_predict(checkpoint, test_split.paths, device="cpu", progress=False).table
     model, state = load_trained_model(checkpoint)

@@ -39,7 +39,7 @@ def resnet50_checkpoint(tmp_path_factory) -> Path:
     """A checkpoint shaped exactly like the ones fit writes (untrained weights: only refusals are tested)."""
     experiment = get_experiment("resnet50_full", image_size=32, weights="none")
     state = {
-        "model": build_model("resnet50", len(CLASSES), "none", False, 32).state_dict(),
+        "model": build_model("resnet50", len(CLASSES), "none", "all", 32).state_dict(),
         "experiment": experiment.to_dict(),
         "classes": list(CLASSES),
         "epoch": 1,

@@ -14,6 +14,7 @@ from cxr.cli import main
 from cxr.data import CLASSES, scan_split
 from cxr.lung_field import ELLIPSES, LungMaskError, find_lung_masks, geometric_lung_field, lung_fields
 from cxr.models import build_model, preprocessing
+from cxr.runtime import Runtime
 from cxr.shortcut_baseline import FEATURES, baseline_report
 from cxr.synthetic import write_cue_dataset
 from cxr.workflow import evaluate_checkpoint
@@ -172,8 +173,8 @@ def test_evaluation_scores_three_views_and_draws_them(checkpoint, synthetic_root
     csv = tmp_path / "groups.csv"
     csv.write_text("file,source_repo\n" + "".join(f"{f},{'tiny' if i < 2 else 'main'}\n" for i, f in enumerate(test_files)))
     with pytest.warns(UserWarning, match="Skipped 4 unusable file"):
-        metrics = evaluate_checkpoint(checkpoint, data_dir=synthetic_root, out=tmp_path, device="cpu", progress=False,
-                                      groups=(csv, "source_repo"))
+        metrics = evaluate_checkpoint(checkpoint, data_dir=synthetic_root, out=tmp_path,
+                                      runtime=Runtime.create("cpu", progress=False), groups=(csv, "source_repo"))
     assert metrics["groups"]["column"] == "source_repo" and set(metrics["groups"]["groups"]) == {"main"}
     assert metrics["groups"]["too_small"]["tiny"]["images"] == 2 and metrics["groups"]["groups"]["main"]["images"] == 14
     checks = metrics["shortcuts"]

@@ -30,6 +30,7 @@ from cxr.provenance import git_commit
 from cxr.cli import main
 from cxr.config import EXPERIMENTS, experiment_from_dict, get_experiment
 from cxr.data import CLASSES, load_splits
+from cxr.run_options import RunOptions
 from cxr.runtime import Runtime
 
 SEED = 3
@@ -297,8 +298,9 @@ def test_the_model_given_is_the_one_that_trains(synthetic_root, tmp_path, monkey
     monkeypatch.setattr(engine, "build_model", no_second_build)
     with pytest.warns(UserWarning, match="Skipped"):
         splits = load_splits(synthetic_root, seed=SEED)
-        workflow.train_experiment("vit_b16_head", splits=splits, out=tmp_path, device="cpu", progress=False,
-                                  tensorboard=False, model=model, seed=SEED, **TINY)
+        workflow.train_experiment("vit_b16_head", splits=splits, out=tmp_path,
+                                  runtime=Runtime.create("cpu", progress=False),
+                                  options=RunOptions(tensorboard=False, seed=SEED), model=model, **TINY)
     assert not torch.equal(model.head.weight.detach(), before)  # this very model learned
     best = load_checkpoint(tmp_path / "vit_b16_head" / "checkpoints" / "best.pt")["model"]
     assert torch.equal(best["head.weight"], model.head.weight.detach())
@@ -311,8 +313,9 @@ def test_a_model_of_another_configuration_is_refused(synthetic_root, tmp_path):
     with pytest.warns(UserWarning, match="Skipped"):
         splits = load_splits(synthetic_root, seed=SEED)
     with pytest.raises(TrainingError, match=r"does not fit vit_b16_head: image_size=64 \(the experiment has 32\)"):
-        workflow.train_experiment("vit_b16_head", splits=splits, out=tmp_path, device="cpu", progress=False,
-                                  tensorboard=False, model=model, **TINY)
+        workflow.train_experiment("vit_b16_head", splits=splits, out=tmp_path,
+                                  runtime=Runtime.create("cpu", progress=False), options=RunOptions(tensorboard=False),
+                                  model=model, **TINY)
 
 
 def test_cli_limit_keeps_that_many_images_per_class(synthetic_root, tmp_path):

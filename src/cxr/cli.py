@@ -19,6 +19,9 @@ from typing import Any, Callable, Sequence
 from .config import EXPERIMENTS, Experiment
 from .termination import sigterm_as_interrupt
 
+if typing.TYPE_CHECKING:  # torch is imported only once the arguments have been checked
+    from .runtime import Runtime
+
 
 def positive_int(text: str) -> int:
     return bounded_number(int, minimum=1)(text)
@@ -26,10 +29,6 @@ def positive_int(text: str) -> int:
 
 def non_negative_int(text: str) -> int:
     return bounded_number(int, minimum=0)(text)
-
-
-def positive_float(text: str) -> float:
-    return bounded_number(float, above=0)(text)
 
 
 def bounded_number(kind: type, minimum: float | None = None, above: float | None = None) -> Callable[[str], Any]:
@@ -353,8 +352,7 @@ def _external(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     result = evaluate_external(args.checkpoint, args.external, args.experiment, data_dir=args.data_dir, out=args.out,
-                               device=args.device, progress=not args.quiet, cache=args.cache,
-                               cache_dir=args.cache_dir, groups=_groups(args))
+                               runtime=_evaluation_runtime(args), groups=_groups(args))
     where = f"{result['experiment']}/external/{result['external']['folder']}"
     for name in result["external"]["ignored_folders"]:
         print(f"ignored folder (not a class): {visible_name(name)}")
@@ -369,6 +367,13 @@ def _external(args: argparse.Namespace) -> int:
     if result["overlaps"]["warning"]:
         print(f"WARNING: {result['overlaps']['warning']}")
     return 0
+
+
+def _evaluation_runtime(args: argparse.Namespace) -> Runtime:
+    """How ``cxr evaluate`` executes: its device, the decoded-image cache and progress bars."""
+    from .runtime import Runtime
+
+    return Runtime.create(args.device, cache=args.cache, cache_dir=args.cache_dir, progress=not args.quiet)
 
 
 def _groups(args: argparse.Namespace) -> tuple[str, str] | None:
@@ -500,18 +505,19 @@ def _main(argv: Sequence[str] | None) -> int:
 def _train(args: argparse.Namespace) -> dict:
     from .added_folders import AddedFolders
     from .preflight import weights_setting
+    from .run_options import RunOptions
+    from .runtime import Runtime
     from .workflow import train_experiment
 
-    return train_experiment(
-        args.experiment, data_dir=args.data_dir, out=args.out, device=args.device, seed=args.seed,
-        val_source=args.val_source, workers=args.workers, resume=args.resume, progress=not args.quiet,
-        deterministic=args.deterministic, cache=args.cache, cache_dir=args.cache_dir,
-        feature_cache=args.feature_cache == "auto", compile=args.compile, tensorboard=args.tensorboard,
-        cuda_graphs=args.cuda_graphs, splits_on_device=args.splits_on_device,
-        **{**hyperparameters(args), "weights": weights_setting(args.weights)},
-        lung_masks=args.lung_masks, limit=args.limit, add_train=AddedFolders.from_args(args),
-        external=args.external, overwrite=args.overwrite,
-    )
+    runtime = Runtime.create(args.device, workers=args.workers, compile=args.compile, cache=args.cache,
+                             cache_dir=args.cache_dir, feature_cache=args.feature_cache == "auto",
+                             progress=not args.quiet, cuda_graphs=args.cuda_graphs,
+                             splits_on_device=args.splits_on_device)
+    options = RunOptions(seed=args.seed, val_source=args.val_source, limit=args.limit, resume=args.resume,
+                         overwrite=args.overwrite, deterministic=args.deterministic, tensorboard=args.tensorboard,
+                         lung_masks=args.lung_masks, add_train=AddedFolders.from_args(args), external=args.external)
+    return train_experiment(args.experiment, args.data_dir, args.out, runtime, options,
+                            **{**hyperparameters(args), "weights": weights_setting(args.weights)})
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
@@ -548,9 +554,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
             return _external(args)
         else:
             metrics = evaluate_checkpoint(args.checkpoint, args.experiment, data_dir=args.data_dir, out=args.out,
-                                          device=args.device, progress=not args.quiet, tta=args.tta,
-                                          cache=args.cache, cache_dir=args.cache_dir, lung_masks=args.lung_masks,
-                                          groups=_groups(args))
+                                          runtime=_evaluation_runtime(args), tta=args.tta,
+                                          lung_masks=args.lung_masks, groups=_groups(args))
         distributed.barrier()  # the other ranks wait until rank 0 has written every file
     except TrainingInterrupted as error:
         moved = getattr(error, "out", None)

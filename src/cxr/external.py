@@ -112,9 +112,8 @@ def overlap_warning(overlapping: int, total: int) -> str | None:
 
 def evaluate_external(
     checkpoint: str | os.PathLike, folder: str | os.PathLike, experiment: str | None = None,
-    data_dir: str | os.PathLike | None = None, out: str | os.PathLike = "assets", device: str | None = None,
-    progress: bool = True, cache: bool = True, cache_dir: str | os.PathLike | None = None,
-    runtime: Runtime | None = None, groups: tuple[str | os.PathLike, str] | None = None,
+    data_dir: str | os.PathLike | None = None, out: str | os.PathLike = "assets", runtime: Runtime | None = None,
+    groups: tuple[str | os.PathLike, str] | None = None,
     images: Split | None = None, results_name: str | None = None, splits: DataSplits | None = None,
 ) -> dict[str, Any]:
     """Audit ``folder`` against the checkpoint's training and validation images (the run's own ``splits``, or
@@ -122,7 +121,7 @@ def evaluate_external(
     of :mod:`cxr.checks` (``groups``: (CSV, column), paths relative to ``folder``) and write metrics.json, the
     report and figures into ``out/<experiment>/external/<results_name>/`` (default: the folder's name).
     ``images``: the part of ``folder`` to score, already scanned (the held-out part of a folder added to
-    training, :mod:`cxr.added_training`)."""
+    training, :mod:`cxr.added_training`). ``runtime``: how it executes (default: :meth:`Runtime.create`)."""
     external, ignored, base = scan_external(folder) if images is None else (images, [], Path(folder))
     warn_skipped(external.skipped)
     for name in ignored:
@@ -131,13 +130,13 @@ def evaluate_external(
         read_groups(*groups, external.paths, Path(folder))  # an unlisted image fails before the model loads
     model, state = load_trained_model(checkpoint, experiment)
     config = experiment_from_dict(state["experiment"])
-    runtime = runtime or Runtime.create(device, cache=cache, cache_dir=cache_dir, progress=progress)
+    runtime = runtime or Runtime.create()
     not_audited = None
     if splits is None:
         splits, not_audited = training_splits(data_dir, state)
     if not_audited:
         warnings.warn(not_audited, stacklevel=2)
-    overlaps = audited_overlaps(splits, external, runtime, progress)
+    overlaps = audited_overlaps(splits, external, runtime, runtime.progress)
     external_set, external, _ = build_dataset(external, config, state["preprocessing"], runtime, False,
                                               "decode external")
     runtime.prepare_model(model)

@@ -22,11 +22,6 @@ from .local_weights import WeightsError, backbone_state, is_classifier_state, ma
 __all__ = ["BACKBONES", "Classifier", "WeightsError", "build_model", "check_weights", "trainable_parts"]
 
 
-# Input sizes a run may ask for. Below 32 px a ResNet's 32x downsampling leaves a single feature pixel and
-# training stays at chance (--image-size 1 did, without a word); above 1024 px the decoded-image cache of a
-# Kaggle-sized set (7,000 squares of 1170 px) needs 9.6 GB and 100,000 px asked numpy for 438 GiB.
-
-
 def trainable_parts(backbone: nn.Module, arch: str, blocks: TrainableBlocks) -> list[nn.Module]:
     """The backbone modules that learn for ``blocks``: none (0), the last ``blocks`` of the registry's blocks
     (ResNet: residual blocks; ViT: encoder layers; MobileNetV2: inverted residuals) with the modules that train
@@ -39,14 +34,6 @@ def trainable_parts(backbone: nn.Module, arch: str, blocks: TrainableBlocks) -> 
     if blocks > len(layers):
         raise ValueError(f"trainable_blocks={blocks}, but {arch} has {len(layers)} blocks")
     return layers[len(layers) - blocks:] + final if blocks else []
-
-
-def as_trainable_blocks(value: TrainableBlocks | bool | None) -> TrainableBlocks:
-    """``trainable_blocks`` from what callers pass: a bool is the old ``freeze_backbone`` flag (True: 0,
-    False: ``"all"``), None the default (``"all"``)."""
-    if value is None or value is False:
-        return "all"
-    return 0 if value is True else value
 
 
 class Classifier(nn.Module):
@@ -126,40 +113,24 @@ def _backbone(spec: Backbone, pretrained: bool, image_size: int) -> nn.Module:
         ) from None
 
 
-def _resolve(arch_or_experiment: str, trainable_blocks: TrainableBlocks | bool | None,
-             ) -> tuple[Backbone, TrainableBlocks | bool | None]:
-    """The registry entry for an architecture or experiment name, and the experiment's trainable blocks
-    unless ``trainable_blocks`` is given."""
-    from .config import EXPERIMENTS
-
-    if arch_or_experiment in EXPERIMENTS:
-        experiment = EXPERIMENTS[arch_or_experiment]
-        blocks = experiment.trainable_blocks if trainable_blocks is None else trainable_blocks
-        return get_backbone(experiment.arch), blocks
-    if arch_or_experiment in BACKBONES:
-        return BACKBONES[arch_or_experiment], trainable_blocks
-    raise KeyError(f"unknown model {arch_or_experiment!r}; choose from {sorted(BACKBONES) + sorted(EXPERIMENTS)}")
-
-
 def build_model(
-    arch_or_experiment: str,
+    arch: str,
     num_classes: int = len(CLASSES),
     weights: str | os.PathLike | None = "imagenet",
-    trainable_blocks: TrainableBlocks | bool | None = None,
+    trainable_blocks: TrainableBlocks = "all",
     image_size: int = 224,
 ) -> Classifier:
     """Build a classifier.
 
-    ``arch_or_experiment`` is an architecture (a name in :data:`cxr.backbones.BACKBONES`) or an
-    experiment name (which also decides how much of the backbone trains, unless ``trainable_blocks``
-    is given; see :func:`as_trainable_blocks`). ``weights`` is ``"imagenet"`` (torchvision's
+    ``arch`` is a name in :data:`cxr.backbones.BACKBONES` (an experiment's model:
+    :func:`cxr.workflow.build_experiment_model`); ``trainable_blocks`` says how much of the backbone learns
+    (:func:`trainable_parts`). ``weights`` is ``"imagenet"`` (torchvision's
     weight enum, cached under ``TORCH_HOME``), ``"none"``/None (random initialisation) or a path to a
     local file: a backbone state dict (torchvision's layout, or the reference layout where the registry
     allows it) or one of our checkpoints; see :mod:`cxr.local_weights`.
     """
-    spec, trainable_blocks = _resolve(arch_or_experiment, trainable_blocks)
+    spec = get_backbone(arch)
     weights = "none" if weights is None else str(weights)
-    trainable_blocks = as_trainable_blocks(trainable_blocks)
     backbone = _backbone(spec, pretrained=weights == "imagenet", image_size=image_size)
     state = None if weights in ("imagenet", "none") else read_state_dict(weights)
     if state is not None and not is_classifier_state(state):

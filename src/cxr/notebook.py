@@ -34,6 +34,8 @@ from .engine import class_weights
 from .local_weights import WHERE_COMMAND, installed_mobilenet_v2_weights
 from .models import Classifier
 from .report import format_score, recall_interval, run_conclusion
+from .run_options import RunOptions
+from .runtime import Runtime
 from .synthetic import write_synthetic_dataset
 from .workflow import ASSET_FILES, build_experiment_model
 
@@ -67,10 +69,10 @@ class Settings:
 
     @property
     def run_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``workflow.train_experiment``: output folder, device, cache folder, the
-        folders added to training (``CXR_ADD_TRAIN``) and the overrides."""
-        added = {"add_train": self.add_train} if self.add_train else {}
-        return {"out": self.out, "device": self.device, "cache_dir": self.cache_dir, **added, **self.overrides}
+        """Keyword arguments for ``workflow.train_experiment``: the output folder, the runtime (device, cache
+        folder), the run's options (the folders added to training, ``CXR_ADD_TRAIN``) and the overrides."""
+        return {"out": self.out, "runtime": Runtime.create(self.device, cache_dir=self.cache_dir),
+                "options": RunOptions(add_train=self.add_train), **self.overrides}
 
     @property
     def data_options(self) -> dict[str, Any]:

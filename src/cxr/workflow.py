@@ -12,7 +12,7 @@ import platform
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -20,7 +20,7 @@ import torch
 from scipy.special import softmax
 
 from . import checks, distributed, reporting, runlock, shortcuts, uncertainty
-from .added_folders import AddedFolders, check_added
+from .added_folders import check_added
 from .added_training import AddedTraining, add_to_training
 from .audit import audit_summary, audit_training_splits
 from .checkpoint import load_checkpoint
@@ -38,6 +38,7 @@ from .local_weights import weights_provenance
 from .models import Classifier, build_model, check_weights
 from .preflight import check_image_size
 from .provenance import dataset_info, git_commit
+from .run_options import RunOptions
 from .runtime import Runtime, device_name
 from .tensorboard_log import RunLog
 
@@ -229,47 +230,22 @@ def train_experiment(
     name: str,
     data_dir: str | os.PathLike | None = None,
     out: str | os.PathLike = "assets",
-    device: str | None = None,
-    seed: int = 42,
-    val_source: str = "carve",
-    workers: int | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    on_epoch_end: Callable[[list[dict[str, float]]], None] | None = None,
-    splits: DataSplits | None = None,
-    deterministic: bool = False,
-    cache: bool = True,
-    cache_dir: str | os.PathLike | None = None,
-    compile: bool = False,
-    feature_cache: bool = True,
     runtime: Runtime | None = None,
-    tensorboard: bool = True,
-    cuda_graphs: bool | None = None,
-    lung_masks: str | os.PathLike | None = None,
-    splits_on_device: bool = True,
-    limit: int | None = None,
+    options: RunOptions = RunOptions(),
+    splits: DataSplits | None = None,
     model: Classifier | None = None,
-    add_train: AddedFolders | Sequence[str | os.PathLike] | None = None,
-    external: Sequence[str | os.PathLike] = (),
-    overwrite: bool = False,
+    on_epoch_end: Callable[[list[dict[str, float]]], None] | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
-    """Train the named experiment, evaluate its best checkpoint on the test split and write every
-    asset into ``out/<name>/`` (a new ``out/runs/<date-time>/<name>/`` when that folder holds results of another
-    configuration or device and ``overwrite`` is False; see :func:`run_folder`). ``overrides`` replace configuration values (epochs, batch_size, ...);
-    ``deterministic`` allows only deterministic kernels. ``runtime`` decides how the run executes; without
-    it one is made for ``device`` from ``workers``, ``cache`` (the decoded-image cache), ``cache_dir``,
-    ``compile``, ``feature_cache``, ``progress``, ``cuda_graphs`` (None: on CUDA) and ``splits_on_device``
-    (:meth:`Runtime.create`).
-    ``tensorboard`` also writes TensorBoard event files into ``out/<name>/tensorboard/``. ``limit`` keeps at
-    most that many images per class in each split (ignored when ``splits`` is given). ``model``, when given
-    (see :func:`build_experiment_model`), is the one that trains, instead of a new one. The data is audited
-    first: duplicates and train/test leakage are warned about and summarised in metrics.json, beside the
-    shortcut baseline. ``lung_masks``: per-image lung masks for the shortcut checks, checked before training.
-    ``add_train``: folders whose images join the training split, audited against the test split and the
-    ``external`` folders, with a held-out part by group (:class:`~cxr.added_folders.AddedFolders`); the
-    held-out parts and ``external`` folders are scored after training into ``out/<name>/external/``.
-    Returns the contents of ``metrics.json``, with ``"folder"``: where the run wrote.
+    """Train the named experiment, evaluate its best checkpoint on the test split and write every asset into
+    ``out/<name>/`` (or a new folder: :func:`run_folder`). ``runtime`` decides how the run executes (default:
+    :meth:`Runtime.create`), ``options`` what it does beside its configuration (:class:`RunOptions`: seed,
+    resume, added and external folders, ...; its ``limit`` is ignored when ``splits`` are given), ``overrides``
+    replace configuration values (epochs, batch_size, ...). ``model``, when given (see
+    :func:`build_experiment_model`), is the one that trains. The data is audited first (duplicates and
+    train/test leakage are warned about and summarised in metrics.json, beside the shortcut baseline); lung
+    masks and added folders are checked before training; held-out parts of added folders and external folders
+    are scored after it into ``out/<name>/external/``. Returns metrics.json's contents, with ``"folder"``.
 
     Under ``torchrun`` every process calls this (see :mod:`cxr.distributed`); rank 0 audits the data and
     writes every file, the other ranks return only the test metrics."""
@@ -278,63 +254,67 @@ def train_experiment(
     check_image_size(experiment.image_size, experiment.arch)
     if model is None:  # a local weights file that does not fit is refused before anything is written
         check_weights(experiment.arch, experiment.weights, len(CLASSES), experiment.image_size)
-    add_train = AddedFolders.of(add_train)
-    check_added(add_train, external, seed)
-    if deterministic:
+    check_added(options.add_train, options.external, options.seed)
+    if options.deterministic:
         make_deterministic()
-    runtime = runtime or Runtime.create(device, workers=workers, compile=compile, cache=cache, cache_dir=cache_dir,
-                                        feature_cache=feature_cache, progress=progress, cuda_graphs=cuda_graphs,
-                                        splits_on_device=splits_on_device)
+    runtime = runtime or Runtime.create()
     runtime = runtime.replace(device=distributed.setup(runtime.device))
     main_rank = distributed.is_main()
-    out_dir, replaced = run_folder(out, experiment, device_name(runtime.device), overwrite, resume)
+    out_dir, replaced = run_folder(out, experiment, device_name(runtime.device), options.overwrite, options.resume)
     out_dir = _same_on_every_rank(out_dir)
     if replaced and main_rank:
         warnings.warn(replaced, stacklevel=2)
     # The folder is held before the data is scanned: a second run into it, or an --out that cannot be
     # written, is refused at once, not after the audit.
     with runlock.hold_folder(out_dir, "cxr train") if main_rank else contextlib.nullcontext():
-        splits = splits or prepare_data(data_dir, val_source=val_source, seed=seed, limit=limit)
-        with distributed.main_first():
-            added = add_to_training(splits, add_train, external, seed, runtime.progress, runtime.cache_dir)
-        splits = added.splits
-        if lung_masks is not None:
-            find_lung_masks(splits.test.paths, lung_masks)  # a missing or misfit mask fails now, not after training
-        if main_rank:  # the audit reads every file: one process is enough
-            data_audit = audit_training_splits(splits, runtime.progress, runtime.cache_dir)
-            for message in data_audit["warnings"]:
-                warnings.warn(message, stacklevel=2)
-        metrics = _train_and_report(experiment, splits, out_dir, runtime, data_audit if main_rank else None, seed,
-                                    resume, tensorboard, on_epoch_end, deterministic, started, lung_masks, model)
+        splits = splits or prepare_data(data_dir, val_source=options.val_source, seed=options.seed,
+                                        limit=options.limit)
+        added, data_audit = _audited_data(splits, runtime, options)
+        metrics = _train_and_report(experiment, added.splits, out_dir, runtime, options, data_audit, on_epoch_end,
+                                    started, model)
         if main_rank:
             score_other_folders(added, out_dir / "checkpoints" / "best.pt", experiment.name, out_dir.parent,
                                 runtime)
         return {**metrics, "folder": str(out_dir)}
 
 
+def _audited_data(splits: DataSplits, runtime: Runtime, options: RunOptions,
+                  ) -> tuple[AddedTraining, dict[str, Any] | None]:
+    """The run's splits with the added folders, its lung masks checked (a missing or misfit mask fails now, not
+    after training) and, on rank 0, the audit of every file (its warnings shown; None on the other ranks)."""
+    with distributed.main_first():
+        added = add_to_training(splits, options.add_train, options.external, options.seed, runtime.progress,
+                                runtime.cache_dir)
+    if options.lung_masks is not None:
+        find_lung_masks(added.splits.test.paths, options.lung_masks)
+    if not distributed.is_main():  # the audit reads every file: one process is enough
+        return added, None
+    data_audit = audit_training_splits(added.splits, runtime.progress, runtime.cache_dir)
+    for message in data_audit["warnings"]:
+        warnings.warn(message, stacklevel=3)  # shown at train_experiment's caller, as before
+    return added, data_audit
+
+
 def score_other_folders(added: AddedTraining, checkpoint: Path, name: str, out: str | os.PathLike,
                         runtime: Runtime) -> None:
     """Score the best checkpoint on each held-out part of an added folder and each ``--external`` folder, as
     ``cxr evaluate --external`` does, into ``out/<name>/external/<folder>/``."""
-
     for results_name, folder, images in added.holdouts:
-        evaluate_external(checkpoint, folder, name, out=out, progress=runtime.progress, runtime=runtime,
-                          images=images, results_name=results_name, splits=added.splits)
+        evaluate_external(checkpoint, folder, name, out=out, runtime=runtime, images=images,
+                          results_name=results_name, splits=added.splits)
     for folder in added.externals:
-        evaluate_external(checkpoint, folder, name, out=out, progress=runtime.progress, runtime=runtime,
-                          splits=added.splits)
+        evaluate_external(checkpoint, folder, name, out=out, runtime=runtime, splits=added.splits)
 
 
 def _train_and_report(experiment: Experiment, splits: DataSplits, out_dir: Path, runtime: Runtime,
-                      data_audit: dict[str, Any] | None, seed: int, resume: bool, tensorboard: bool,
-                      on_epoch_end: Callable[[list[dict[str, float]]], None] | None, deterministic: bool,
-                      started: float, lung_masks: str | os.PathLike | None, model: Classifier | None,
-                      ) -> dict[str, Any]:
+                      options: RunOptions, data_audit: dict[str, Any] | None,
+                      on_epoch_end: Callable[[list[dict[str, float]]], None] | None, started: float,
+                      model: Classifier | None) -> dict[str, Any]:
     """:func:`train_experiment` once the folder is held and the data audited: fit, evaluate, write metrics.json."""
     main_rank = distributed.is_main()
-    board = RunLog(out_dir / "tensorboard", resume) if main_rank and tensorboard else None
+    board = RunLog(out_dir / "tensorboard", options.resume) if main_rank and options.tensorboard else None
     try:
-        result = fit(experiment, splits, out_dir, runtime, seed=seed, resume=resume,
+        result = fit(experiment, splits, out_dir, runtime, seed=options.seed, resume=options.resume,
                      on_epoch_end=board.on_epoch_end(on_epoch_end) if board else on_epoch_end, model=model)
     except TrainingInterrupted as error:
         error.out = out_dir.parent  # the --out that resumes it, when the run went to a new folder
@@ -344,7 +324,7 @@ def _train_and_report(experiment: Experiment, splits: DataSplits, out_dir: Path,
             plt.close(reporting.plot_history(result.history, out_dir / ASSET_FILES["curves"], experiment.name))
         state = load_checkpoint(result.best_checkpoint, experiment=experiment.name)
         test = evaluate_model(result.model, experiment, splits, out_dir, result.runtime, state["preprocessing"],
-                              lung_masks=lung_masks)
+                              lung_masks=options.lung_masks)
     if not main_rank:
         return {"experiment": experiment.name, "test": test}
     metrics = {
@@ -355,8 +335,8 @@ def _train_and_report(experiment: Experiment, splits: DataSplits, out_dir: Path,
         "epochs_run": len(result.history),
         "best_epoch": result.best_epoch,
         "stopped_early": result.stopped_early,
-        "seed": seed,
-        "deterministic": deterministic,
+        "seed": options.seed,
+        "deterministic": options.deterministic,
         "dataset": dataset_info(splits),
         "added_training": splits.added,
         "audit": audit_summary(data_audit),
@@ -397,8 +377,7 @@ def build_experiment_model(name: str, seed: int = 42, **overrides: Any) -> Class
 
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike, experiment: str | None = None, data_dir: str | os.PathLike | None = None,
-    out: str | os.PathLike = "assets", device: str | None = None, progress: bool = True, tta: bool = False,
-    cache: bool = True, cache_dir: str | os.PathLike | None = None, runtime: Runtime | None = None,
+    out: str | os.PathLike = "assets", runtime: Runtime | None = None, tta: bool = False,
     lung_masks: str | os.PathLike | None = None, groups: tuple[str | os.PathLike, str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a saved checkpoint on the test split and write the evaluation's own record into a new folder,
@@ -406,13 +385,13 @@ def evaluate_checkpoint(
     test-time augmentation scores, the shortcut checks; with ``lung_masks`` from that folder; with ``groups``
     = (CSV, column), scores per group), report files,
     figures and model card. A run's own files are never touched: an evaluation of last.pt beside best.pt's
-    results would otherwise mix two checkpoints in one folder. ``cache``: read the images through the
-    decoded-image cache; ``runtime``, when given, replaces ``device``, ``progress``, ``cache`` and ``cache_dir``.
+    results would otherwise mix two checkpoints in one folder. ``runtime``: how it executes (default:
+    :meth:`Runtime.create` on the best device, images read through the decoded-image cache).
     Returns the test scores, with ``"experiment"`` and ``"folder"`` (where the record is)."""
     started = time.perf_counter()
     model, state = load_trained_model(checkpoint, experiment)
     config = experiment_from_dict(state["experiment"])
-    runtime = runtime or Runtime.create(device, cache=cache, cache_dir=cache_dir, progress=progress)
+    runtime = runtime or Runtime.create()
     runtime = runtime.replace(device=distributed.setup(runtime.device))
     main_rank = distributed.is_main()
     out_dir = evaluation_folder(Path(out) / config.name, checkpoint) if main_rank else Path(out) / config.name
