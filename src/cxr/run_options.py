@@ -19,10 +19,10 @@ class RunOptions:
     """``seed`` seeds the split carved from training (``val_source="carve"``), the new head and the batches;
     ``limit`` keeps at most that many images per class in each split (a quick run); ``resume`` continues the
     run in ``out/<name>/`` from its last checkpoint; ``overwrite`` lets the run replace another run's results
-    there; ``deterministic`` allows only deterministic kernels; ``tensorboard`` also writes event files;
-    ``lung_masks``: a folder of per-image lung masks for the checks; ``add_train``: folders whose images join
-    training (a list of folders, or :class:`~cxr.added_folders.AddedFolders` with its holdout);
-    ``external``: folders scored after training."""
+    there; ``deterministic`` allows only deterministic kernels; ``tensorboard`` also writes event files into
+    ``out/<name>/tensorboard/``; ``lung_masks``: a folder of per-image lung masks for the checks;
+    ``add_train``: folders whose images join training (a list of folders, or
+    :class:`~cxr.added_folders.AddedFolders` with its holdout); ``external``: folders scored after training."""
 
     seed: int = 42
     val_source: str = "carve"
