@@ -21,7 +21,8 @@ import torch
 from cxr import workflow
 from cxr.cli import main
 from cxr.config import EXPERIMENTS
-from cxr.data import CLASSES, load_splits
+from cxr.data import load_splits
+from cxr.layout import CLASSES
 from cxr.predict import predict_images
 from cxr.runtime import Runtime
 

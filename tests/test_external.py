@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cxr.cli import main
-from cxr.data import CLASSES
+from cxr.layout import CLASSES
 from cxr.external import ExternalDataError, class_of, evaluate_external, scan_external
 from cxr.synthetic import write_synthetic_dataset
 

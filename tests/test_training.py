@@ -28,7 +28,8 @@ from cxr import workflow
 from cxr.checkpoint import load_checkpoint
 from cxr.cli import main
 from cxr.config import EXPERIMENTS, experiment_from_dict, get_experiment
-from cxr.data import CLASSES, load_splits
+from cxr.data import load_splits
+from cxr.layout import CLASSES
 from cxr.runtime import Runtime
 
 SEED = 3

@@ -35,10 +35,10 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from .figures import save_figure
-from . import uncertainty
 from .cache import cache_split
 from .data import Split
 from .imageio import decode_image
+from .preprocessing import Preprocessing
 from .runtime import Runtime
 
 VIEWS = {"as_is": "as is", "lungs_hidden": "lung field hidden", "lungs_only": "only the lung field"}
@@ -60,7 +60,8 @@ def decoded_squares(split: Split, side: int, runtime: Runtime) -> np.ndarray:
 def input_masks(lung: np.ndarray, preprocessing: dict[str, Any]) -> torch.Tensor:
     """``(N, S, S)`` lung fields on the decoded squares -> ``(N, 1, H, W)`` booleans on the model inputs:
     the evaluation's resize and centre crop, applied to the mask as to the pixels."""
-    resize, size = preprocessing["resize"], preprocessing["image_size"]
+    recipe = Preprocessing.from_dict(preprocessing)
+    resize, size = recipe.resize, recipe.image_size
     masks = torch.from_numpy(np.ascontiguousarray(lung, dtype=np.float32))[:, None]
     if masks.shape[-1] != resize:
         masks = F.interpolate(masks, size=(resize, resize), mode="bilinear", align_corners=False)
@@ -70,7 +71,8 @@ def input_masks(lung: np.ndarray, preprocessing: dict[str, Any]) -> torch.Tensor
 
 def view_inputs(squares: np.ndarray, lung: torch.Tensor, view: str, preprocessing: dict[str, Any]) -> torch.Tensor:
     """Normalised model inputs of ``squares`` in one view; hidden pixels are 0 (the normalisation mean)."""
-    inputs = uncertainty.eval_transform(preprocessing)(torch.from_numpy(np.ascontiguousarray(squares))[:, None])
+    transform = Preprocessing.from_dict(preprocessing).transform()
+    inputs = transform(torch.from_numpy(np.ascontiguousarray(squares))[:, None])
     if view == "lungs_hidden":
         return inputs.masked_fill(lung, 0.0)
     if view == "lungs_only":
