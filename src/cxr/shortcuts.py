@@ -60,8 +60,7 @@ def decoded_squares(split: Split, side: int, runtime: Runtime) -> np.ndarray:
 def input_masks(lung: np.ndarray, preprocessing: dict[str, Any]) -> torch.Tensor:
     """``(N, S, S)`` lung fields on the decoded squares -> ``(N, 1, H, W)`` booleans on the model inputs:
     the evaluation's resize and centre crop, applied to the mask as to the pixels."""
-    recipe = Preprocessing.from_dict(preprocessing)
-    resize, size = recipe.resize, recipe.image_size
+    resize, size = preprocessing["resize"], preprocessing["image_size"]
     masks = torch.from_numpy(np.ascontiguousarray(lung, dtype=np.float32))[:, None]
     if masks.shape[-1] != resize:
         masks = F.interpolate(masks, size=(resize, resize), mode="bilinear", align_corners=False)
