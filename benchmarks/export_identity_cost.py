@@ -9,7 +9,7 @@ import onnx
 from safetensors.torch import load_file
 from cxr.checkpoint import save_checkpoint
 from cxr.config import get_experiment
-from cxr.data import CLASSES
+from cxr.layout import CLASSES
 from cxr.models import build_model, preprocessing
 from cxr.export import export_model, load_export
 from cxr import export_identity

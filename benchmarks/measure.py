@@ -16,9 +16,12 @@ from torch import nn
 
 from cxr import engine
 from cxr.config import Experiment
-from cxr.data import CLASSES, load_splits
+from cxr.data import load_splits
+from cxr.layout import CLASSES
 from cxr.features import FrozenBackboneBatches
 from cxr.models import build_model, preprocessing
+from cxr.optim import build_optimizer, warmup_cosine
+from cxr.pipeline import build_dataset, frozen_forward_batch, make_loader, training_module
 from cxr.runtime import Runtime
 from cxr.timing import PhaseTimes
 
@@ -80,9 +83,9 @@ def measure_ceiling(experiment: Experiment, runtime: Runtime, steps: int, warmup
     model = runtime.prepare_model(model)
     if runtime.compile:
         model.backbone.compile()
-    optimizer = engine.build_optimizer(model, experiment, runtime)
+    optimizer = build_optimizer(model, experiment, runtime)
     batch = experiment.batch_size
-    forward = engine.frozen_forward_batch(batch, runtime) if model.freeze_backbone else batch
+    forward = frozen_forward_batch(batch, runtime) if model.freeze_backbone else batch
     images = runtime.to_device(torch.randn(forward, 3, experiment.image_size, experiment.image_size))
     labels = torch.randint(0, len(CLASSES), (forward,), device=device)
     criterion = engine.training_loss(labels.tolist(), experiment, device)  # fit's loss, class weights included
@@ -96,8 +99,8 @@ def measure_ceiling(experiment: Experiment, runtime: Runtime, steps: int, warmup
             return model.head, FrozenBackboneBatches(model.backbone, loader, runtime, batch)
         return trained, loader
 
-    trained = engine.training_module(model, batch, runtime)
-    scheduler = engine.warmup_cosine(optimizer, warmup + steps + 2 * per_forward, 1)
+    trained = training_module(model, batch, runtime)
+    scheduler = warmup_cosine(optimizer, warmup + steps + 2 * per_forward, 1)
 
     module, batches = steps_of(warmup)
     started = time.perf_counter()
@@ -122,7 +125,7 @@ def ceiling_variants(experiment: Experiment, device: torch.device) -> dict[str, 
     it was chosen against."""
     default = Runtime.create(device, progress=False)
     variants = {"ceiling": (default, False), "ceiling_torch_loss": (default, True)}
-    if experiment.freeze_backbone and engine.frozen_forward_batch(experiment.batch_size, default) > experiment.batch_size:
+    if experiment.freeze_backbone and frozen_forward_batch(experiment.batch_size, default) > experiment.batch_size:
         variants["ceiling_forward_at_step_batch"] = (default.replace(frozen_forward_batch=0), False)
     elif device.type == "cuda":
         variants["ceiling_no_cuda_graphs"] = (default.replace(cuda_graphs=False), False)
@@ -206,8 +209,8 @@ def _profile_after_first_epoch(profiler: torch.profiler.profile, epochs: int,
 def _predict_test(model: nn.Module, splits, experiment: Experiment, runtime: Runtime) -> tuple[Any, Any, dict]:
     """The test split's logits and labels, as ``cxr train`` predicts them, and its dataset's cache info."""
     prep = preprocessing(experiment.arch, experiment.image_size)
-    test_set, _, test_info = engine.build_dataset(splits.test, experiment, prep, runtime, False)
-    loader = engine.make_loader(test_set, experiment.batch_size, False, runtime)
+    test_set, _, test_info = build_dataset(splits.test, experiment, prep, runtime, False)
+    loader = make_loader(test_set, experiment.batch_size, False, runtime)
     with runtime.one_off():  # as workflow.evaluate_model
         logits, labels = engine.predict(model, loader, runtime)
     synchronize(runtime.device)
@@ -266,8 +269,8 @@ def measure_our_loader(experiment: Experiment, splits, cache_dir: Path, device: 
     """Our loader alone for one epoch: slicing the cached uint8 split and augmenting it on the device."""
     prep = preprocessing(experiment.arch, experiment.image_size)
     runtime = Runtime.create(device, cache_dir=cache_dir, progress=False)
-    train_set, _, _ = engine.build_dataset(splits.train, experiment, prep, runtime, True)
-    loader = engine.make_loader(train_set, experiment.batch_size, True, runtime, seed=0)
+    train_set, _, _ = build_dataset(splits.train, experiment, prep, runtime, True)
+    loader = make_loader(train_set, experiment.batch_size, True, runtime, seed=0)
     next(iter(loader))  # warm-up: kernels and allocator (each iteration starts the same epoch afresh)
     synchronize(device)
     started = time.perf_counter()

@@ -16,7 +16,8 @@ from torchvision import models as tvm
 
 from cxr.backbones import get_backbone
 from cxr.config import Experiment
-from cxr.data import CLASSES, IMAGENET_MEAN, IMAGENET_STD, build_transforms, load_image
+from cxr.data import IMAGENET_MEAN, IMAGENET_STD, build_transforms, load_image
+from cxr.layout import CLASSES
 from measure import peak_memory_gib, reset_peak_memory
 
 

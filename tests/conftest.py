@@ -29,7 +29,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
 
     from cxr.checkpoint import save_checkpoint
     from cxr.config import get_experiment
-    from cxr.data import CLASSES
+    from cxr.layout import CLASSES
     from cxr.models import build_model, preprocessing
 
     torch.manual_seed(0)

@@ -14,8 +14,8 @@ from scipy.ndimage import gaussian_filter
 
 from cxr.added_folders import AddedFolders, added_sentence, check_added, folders_from_env, holdout_mask
 from cxr.cli import main
-from cxr.data import CLASSES, load_splits
-from cxr.layout import class_of
+from cxr.data import load_splits
+from cxr.layout import CLASSES, class_of
 from cxr.inputs import InputError
 from cxr.synthetic import write_synthetic_dataset
 

@@ -14,7 +14,8 @@ from PIL import Image, ImageEnhance
 
 from cxr.audit import audit_dataset, audit_training_splits, file_sha256, format_audit
 from cxr.cli import main
-from cxr.data import CLASSES, SPLITS, check_image, load_splits, scan_split
+from cxr.data import SPLITS, check_image, load_splits, scan_split
+from cxr.layout import CLASSES
 from cxr.report import baseline_verdict
 from cxr.synthetic import DEFAULT_COUNTS, write_synthetic_dataset
 from cxr.run_options import RunOptions

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from cxr.data import CLASSES, load_splits
+from cxr.data import load_splits
+from cxr.layout import CLASSES
 from cxr.runtime import Runtime
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark.py"

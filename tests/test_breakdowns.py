@@ -5,7 +5,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from cxr import breakdowns
-from cxr.data import CLASSES
+from cxr.layout import CLASSES
 
 
 def _probabilities(labels: np.ndarray, seed: int = 0, signal: float = 1.5) -> np.ndarray:

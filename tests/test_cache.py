@@ -10,8 +10,9 @@ from PIL import Image
 from cxr import cache
 from cxr.cli import build_parser
 from cxr.config import get_experiment
-from cxr.data import CLASSES, Split, XRayDataset, load_image
-from cxr.engine import build_dataset
+from cxr.data import Split, XRayDataset, load_image
+from cxr.layout import CLASSES
+from cxr.pipeline import build_dataset
 from cxr.models import preprocessing
 from cxr.runtime import Runtime
 

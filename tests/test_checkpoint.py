@@ -10,7 +10,7 @@ from torch import nn
 
 from cxr.checkpoint import FORMAT, CheckpointError, CheckpointWriter, load_checkpoint, save_checkpoint
 from cxr.config import experiment_from_dict, get_experiment
-from cxr.data import CLASSES
+from cxr.layout import CLASSES
 from cxr.models import build_model
 
 

@@ -22,7 +22,8 @@ from cxr import workflow
 from cxr.inference import load_trained_model
 from cxr.cli import main
 from cxr.config import EXPERIMENTS
-from cxr.data import CLASSES, load_splits
+from cxr.data import load_splits
+from cxr.layout import CLASSES
 from cxr.predict import predict_images
 from cxr.run_options import RunOptions
 from cxr.runtime import Runtime

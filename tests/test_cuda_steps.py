@@ -16,7 +16,8 @@ import torch
 from cxr import workflow
 from cxr.cli import main
 from cxr.config import EXPERIMENTS
-from cxr.data import CLASSES, load_splits
+from cxr.data import load_splits
+from cxr.layout import CLASSES
 from cxr.run_options import RunOptions
 from cxr.runtime import Runtime
 
@@ -67,7 +68,8 @@ def test_only_full_batches_are_autotuned(monkeypatch):
     """cuDNN tunes each new input shape once, seconds per shape for a ResNet's backward pass; an epoch's last,
     smaller batch (training, validation, features) runs untuned, and the setting comes back afterwards."""
     from cxr.augment import DeviceDataset, DeviceLoader
-    from cxr.engine import predict, train_one_epoch, warmup_cosine
+    from cxr.engine import predict, train_one_epoch
+    from cxr.optim import warmup_cosine
     from cxr.features import FrozenBackboneBatches, extract_features
 
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
@@ -102,7 +104,7 @@ def _host_syncs(name: str, data_dir: Path, runtime: Runtime, steps: int) -> list
     host only on the CPU (on CUDA they are device tensors that its kernel reads)."""
     import itertools
 
-    from cxr import engine
+    from cxr import engine, pipeline as data_pipeline
     from cxr.config import get_experiment
     from cxr.models import build_model, preprocessing
 
@@ -111,11 +113,11 @@ def _host_syncs(name: str, data_dir: Path, runtime: Runtime, steps: int) -> list
     model = runtime.prepare_model(build_model(experiment.arch, len(CLASSES), "none", experiment.trainable_blocks,
                                               experiment.image_size))
     with pytest.warns(UserWarning, match="Skipped"):
-        pipeline = engine.build_pipeline(experiment, load_splits(data_dir), model,
+        pipeline = data_pipeline.build_pipeline(experiment, load_splits(data_dir), model,
                                          preprocessing(experiment.arch, experiment.image_size), runtime, SEED)
     criterion = engine.EpochRunner(experiment, pipeline, runtime, SEED).criterion
     state = engine.build_training_state(model, experiment, runtime, steps)
-    batches = itertools.islice(engine.training_batches(pipeline, experiment.batch_size, runtime, SEED), steps)
+    batches = itertools.islice(data_pipeline.training_batches(pipeline, experiment.batch_size, runtime, SEED), steps)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         engine.train_one_epoch(pipeline.train_module, batches, criterion, state.optimizer, state.scheduler, runtime)
 
@@ -143,7 +145,7 @@ def test_training_steps_never_wait_for_the_device(name, synthetic_root, cuda_lik
 def test_passes_that_run_once_are_not_autotuned(synthetic_root, monkeypatch):
     """A frozen random backbone's BatchNorm statistics and validation features are computed once: autotuning
     their shapes would cost seconds and never pay. Its training forward passes are tuned."""
-    from cxr import engine
+    from cxr import pipeline as data_pipeline
     from cxr.config import get_experiment
     from cxr.models import build_model, preprocessing
 
@@ -154,12 +156,12 @@ def test_passes_that_run_once_are_not_autotuned(synthetic_root, monkeypatch):
     tuned: list[bool] = []
     model.backbone.register_forward_pre_hook(lambda module, args: tuned.append(torch.backends.cudnn.benchmark))
     with pytest.warns(UserWarning, match="Skipped"):
-        pipeline = engine.build_pipeline(experiment, load_splits(synthetic_root), model,
+        pipeline = data_pipeline.build_pipeline(experiment, load_splits(synthetic_root), model,
                                          preprocessing(experiment.arch, experiment.image_size), runtime, SEED)
     assert pipeline.info["batchnorm_statistics"].startswith("estimated") and pipeline.info["feature_cache"] == "val"
     assert tuned and not any(tuned)
     tuned.clear()
-    next(iter(engine.training_batches(pipeline, experiment.batch_size, runtime, SEED)))
+    next(iter(data_pipeline.training_batches(pipeline, experiment.batch_size, runtime, SEED)))
     assert tuned == [True] and torch.backends.cudnn.benchmark is True
 
 
@@ -239,7 +241,7 @@ def test_cuda_graphs_change_nothing_but_how_full_batches_run(synthetic_root, tmp
 
 
 def test_cuda_graphs_only_for_a_fully_trained_network_in_one_process():
-    from cxr.engine import training_module
+    from cxr.pipeline import training_module
     from cxr.graphs import GraphedTraining
     from cxr.models import build_model
 

@@ -9,7 +9,8 @@ from pydicom.encaps import encapsulate
 
 from cxr import cache
 from cxr.audit import audit_dataset
-from cxr.data import CLASSES, check_image, load_splits
+from cxr.data import check_image, load_splits
+from cxr.layout import CLASSES
 from cxr.imageio import decode_image
 from cxr.synthetic import write_dicom, write_synthetic_dataset
 

@@ -46,7 +46,7 @@ from cxr import distributed
 from cxr.cache import FORMAT_VERSION
 from cxr.augment import DeviceDataset, DeviceLoader
 from cxr.cli import main
-from cxr.engine import make_loader
+from cxr.pipeline import make_loader
 from cxr.synthetic import write_synthetic_dataset
 from cxr.runtime import Runtime
 

@@ -18,7 +18,8 @@ from cxr import export
 from cxr.checkpoint import save_checkpoint
 from cxr.cli import main
 from cxr.config import EXPERIMENTS, get_experiment
-from cxr.data import CLASSES, build_transforms, load_image, load_splits
+from cxr.data import build_transforms, load_image, load_splits
+from cxr.layout import CLASSES
 from cxr.export import export_model, load_export, load_for_inference
 from cxr.model_card import write_model_card
 from cxr.models import Classifier, build_model, estimate_batchnorm_statistics, preprocessing

@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 
 from cxr.cli import main
-from cxr.data import CLASSES
 from cxr.data import ExternalDataError, scan_external
 from cxr.external import evaluate_external
-from cxr.layout import class_of
+from cxr.layout import CLASSES, class_of
 from cxr.runtime import Runtime
 from cxr.synthetic import write_synthetic_dataset
 

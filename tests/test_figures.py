@@ -12,8 +12,10 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.transforms import Bbox
 
-from cxr import notebook, reporting
-from cxr.data import CLASSES, load_splits
+from cxr import notebook
+from cxr.data import load_splits
+from cxr.figures import plot_history, plot_predictions, plot_roc
+from cxr.layout import CLASSES
 from cxr.serve import model_header
 
 
@@ -34,7 +36,7 @@ def test_roc_title_fits_and_an_operating_point_at_the_edge_is_whole(tmp_path):
     probabilities = rng.dirichlet(np.ones(4), size=40)
     points = {name: {"sensitivity": 1.0, "specificity": 0.0} for name in CLASSES}  # at x = 1, y = 1
     title = "resnet50_full: test split: ROC (dots: operating points fixed on validation)"
-    figure = reporting.plot_roc(labels, probabilities, CLASSES, tmp_path / "roc.png", title, points)
+    figure = plot_roc(labels, probabilities, CLASSES, tmp_path / "roc.png", title, points)
     renderer = _drawn(figure)
     axis = figure.axes[0]
     assert figure.bbox.contains(*_box(axis.title, renderer).min) and figure.bbox.contains(*_box(axis.title, renderer).max)
@@ -50,8 +52,8 @@ def test_prediction_grid_title_stays_above_the_first_row(synthetic_root, tmp_pat
         test = load_splits(synthetic_root).test
     labels = np.asarray(test.labels)
     probabilities = np.eye(4)[(labels + 1) % 4] * 0.7 + 0.075
-    figure = reporting.plot_predictions(test.paths, labels, probabilities, CLASSES, tmp_path / "p.png",
-                                        count=8, title="resnet50_full: test split")
+    figure = plot_predictions(test.paths, labels, probabilities, CLASSES, tmp_path / "p.png",
+                              count=8, title="resnet50_full: test split")
     renderer = _drawn(figure)
     title = _box(figure._suptitle, renderer)
     for axis in figure.axes[:4]:
@@ -88,3 +90,25 @@ def test_demo_header_names_experiment_commit_and_test_score(checkpoint, tmp_path
         "Experiment `resnet50_full`, `best.pt` (epoch 1), commit `0123abc`, test macro-F1 0.825 (95% CI 0.800-0.850)")
     (run / "metrics.json").write_text(json.dumps({**metrics, "best_epoch": 7}))  # another checkpoint's scores
     assert "test macro-F1 unknown" in model_header(run / "checkpoints" / "best.pt")
+
+
+def _row(epoch: int, loss: float) -> dict[str, float]:
+    return {"epoch": epoch, "train_loss": loss, "val_loss": loss, "train_accuracy": 0.5, "val_accuracy": 0.5,
+            "val_macro_f1": 0.4}
+
+
+def test_epoch_axis_has_whole_numbers_only(tmp_path):
+    """The training curves read for one epoch (one whole-number tick) and for a diverging run (below)."""
+    figure = plot_history([_row(1, 1.3)], tmp_path / "curves.png")
+    for axis in figure.axes:
+        ticks = [tick for tick in axis.get_xticks() if axis.get_xlim()[0] <= tick <= axis.get_xlim()[1]]
+        assert ticks == [1.0]
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    plt.close(figure)
+
+
+def test_loss_axis_turns_logarithmic_only_when_the_loss_spans_decades():
+    diverging, ordinary = plot_history([_row(1, 5e6), _row(2, 1.2)]), plot_history([_row(1, 1.4), _row(2, 0.9)])
+    assert diverging.axes[0].get_yscale() == "log"
+    assert ordinary.axes[0].get_yscale() == "linear"
+    plt.close("all")

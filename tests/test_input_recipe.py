@@ -15,11 +15,11 @@ from PIL import Image
 from cxr.checkpoint import save_checkpoint
 from cxr.cli import main
 from cxr.config import get_experiment
-from cxr.data import CLASSES
+from cxr.layout import CLASSES
 from cxr.imageio import decode_image
 from cxr.models import build_model, estimate_batchnorm_statistics, preprocessing
 from cxr.predict import run_predict
-from cxr.uncertainty import eval_transform, square_side
+from cxr.preprocessing import Preprocessing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,8 +66,8 @@ def test_the_documented_recipe_gives_the_probabilities_of_cxr_predict(size, tmp_
     monkeypatch.chdir(tmp_path)  # the recipe's own paths: export/vit_b16_head/, scans/normal.jpg
     names: dict = {}
     exec(compile(recipe_source(), "docs/export.md", "exec"), names)
-    assert names["side"] == square_side(prep) != prep["resize"]  # the second, antialiased resize is exercised
-    transform = eval_transform(prep)
+    assert names["side"] == Preprocessing.from_dict(prep).square_side != prep["resize"]  # the second resize runs
+    transform = Preprocessing.from_dict(prep).transform()
     for path in scans:  # the recipe's input is the tensor cxr feeds the model
         expected = transform(torch.from_numpy(decode_image(path, names["side"]))[None, None]).numpy()
         np.testing.assert_allclose(names["model_input"](path), expected, rtol=0, atol=1e-4)

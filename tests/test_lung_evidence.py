@@ -16,9 +16,11 @@ from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 from cxr import checks, lung_evidence, shortcuts
-from cxr.data import CLASSES, scan_split
+from cxr.data import scan_split
+from cxr.layout import CLASSES
 from cxr.lung_field import geometric_lung_field
 from cxr.models import preprocessing
+from cxr.preprocessing import Preprocessing
 from cxr.runtime import Runtime
 from cxr.synthetic import write_cue_dataset
 
@@ -68,7 +70,7 @@ def cue_sets(tmp_path_factory) -> dict:
 def fit_head(model: nn.Module, root: Path, runtime: Runtime) -> nn.Module:
     """Fit the model's linear head on its pooled features of the training split as is (a logistic regression)."""
     train = scan_split(root, "train")
-    side = shortcuts.uncertainty.square_side(PREP)
+    side = Preprocessing.from_dict(PREP).square_side
     squares = shortcuts.decoded_squares(train, side, runtime)
     lung = np.broadcast_to(geometric_lung_field(side), squares.shape)
     features, _ = lung_evidence.view_outputs(model, squares, lung, "as_is", PREP, runtime, 32)
@@ -84,7 +86,7 @@ def fit_head(model: nn.Module, root: Path, runtime: Runtime) -> nn.Module:
 def lung_checks(model: nn.Module, root: Path, runtime: Runtime, out: Path) -> dict:
     """The checks of the test split (saliency left out), as cxr evaluate runs them."""
     test, train = scan_split(root, "test"), scan_split(root, "train")
-    side = shortcuts.uncertainty.square_side(PREP)
+    side = Preprocessing.from_dict(PREP).square_side
     squares = shortcuts.decoded_squares(test, side, runtime)
     lung = np.broadcast_to(geometric_lung_field(side), squares.shape)
     logits = lung_evidence.view_outputs(model, squares, lung, "as_is", PREP, runtime, 32)[1]

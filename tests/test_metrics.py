@@ -6,9 +6,11 @@ import torch
 from scipy.special import softmax
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
-from cxr import compare, engine, metrics, notebook, report, reporting, tensorboard_log
+from cxr import compare, engine, metrics, notebook, report, tensorboard_log
+from cxr.classification_report import classification_metrics
 from cxr.cli import _print_metrics
-from cxr.data import CLASSES
+from cxr.figures import plot_roc
+from cxr.layout import CLASSES
 
 
 def predictions(n: int = 300, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -50,7 +52,7 @@ def test_auroc_is_undefined_not_a_crash_when_one_class_is_present():
     assert set(scores["auroc"].values()) == {None}
     intervals = metrics.bootstrap_ci(labels, probabilities.argmax(1), CLASSES, probabilities, resamples=50)
     assert intervals["roc_auc_ovr"] is None and set(intervals["auroc"].values()) == {None}
-    result = reporting.classification_metrics(np.log(probabilities), labels, CLASSES)
+    result = classification_metrics(np.log(probabilities), labels, CLASSES)
     assert result["roc_auc_ovr"] is None and result["per_class"]["TUBERCULOSIS"]["auroc"] is None
 
 
@@ -103,7 +105,7 @@ def test_who_tb_target_needs_both_sensitivity_and_specificity():
 def test_roc_figure_marks_an_undefined_class(tmp_path):
     labels, logits = predictions()
     labels[labels == 2] = 1  # no PNEUMONIA left
-    figure = reporting.plot_roc(labels, softmax(logits, axis=1), CLASSES, tmp_path / "roc.png")
+    figure = plot_roc(labels, softmax(logits, axis=1), CLASSES, tmp_path / "roc.png")
     texts = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
     assert any("PNEUMONIA: AUROC undefined" in t for t in texts)
     assert any(t.startswith("TUBERCULOSIS: AUROC 0.") for t in texts)
@@ -111,7 +113,7 @@ def test_roc_figure_marks_an_undefined_class(tmp_path):
 
 
 def run_metrics(labels: np.ndarray, logits: np.ndarray) -> dict:
-    test = reporting.classification_metrics(logits, labels, CLASSES)
+    test = classification_metrics(logits, labels, CLASSES)
     test["ci95"] = metrics.bootstrap_ci(labels, logits.argmax(1), CLASSES, softmax(logits, axis=1), resamples=50)
     return {"experiment": "demo", "test": test, "dataset": {"name": "synthetic", "counts": {"test": {"A": 1}}},
             "weights": "none", "epochs_run": 1, "best_epoch": 1, "train_seconds": 1.0, "device": "cpu",

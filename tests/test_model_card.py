@@ -5,9 +5,10 @@ import json
 import numpy as np
 from scipy.special import softmax
 
-from cxr import metrics, reporting
+from cxr import metrics
+from cxr.classification_report import classification_metrics
 from cxr.config import get_experiment
-from cxr.data import CLASSES
+from cxr.layout import CLASSES
 from cxr.model_card import model_card_text, write_model_card
 
 
@@ -16,7 +17,7 @@ def run_metrics(seed: int = 0) -> dict:
     labels = rng.integers(0, len(CLASSES), 120)
     logits = rng.normal(size=(120, len(CLASSES))) + 2 * np.eye(len(CLASSES))[labels]
     probabilities = softmax(logits, axis=1)
-    test = reporting.classification_metrics(logits, labels, CLASSES)
+    test = classification_metrics(logits, labels, CLASSES)
     test["ci95"] = metrics.bootstrap_ci(labels, logits.argmax(1), CLASSES, probabilities, resamples=100)
     test["operating_points"] = metrics.operating_points(labels, probabilities, labels, probabilities, CLASSES)
     test["who_tb_screening"] = metrics.who_tb_screening(test["operating_points"])

@@ -13,7 +13,7 @@ from torchvision import models as tvm
 
 from cxr.backbones import get_backbone
 from cxr.config import EXPERIMENTS, get_experiment
-from cxr.engine import build_optimizer
+from cxr.optim import build_optimizer
 from cxr.models import (Classifier, WeightsError, build_model, count_parameters, default_weights, estimate_batchnorm_statistics,
                         needs_batchnorm_statistics)
 from cxr.runtime import Runtime

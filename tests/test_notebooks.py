@@ -12,7 +12,8 @@ import torch
 
 from cxr import notebook
 from cxr.config import EXPERIMENTS
-from cxr.data import CLASSES, load_splits
+from cxr.data import load_splits
+from cxr.layout import CLASSES
 from cxr.models import build_model
 from cxr.run_options import RunOptions
 from cxr.runtime import Runtime

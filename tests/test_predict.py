@@ -13,13 +13,15 @@ from cxr.cam import CAPTION_HEIGHT, overlay_size
 from cxr.checkpoint import save_checkpoint
 from cxr.cli import main
 from cxr.config import get_experiment
-from cxr.data import CLASSES, load_splits
-from cxr.engine import build_dataset, make_loader, predict
+from cxr.data import load_splits
+from cxr.layout import CLASSES
+from cxr.engine import predict
+from cxr.pipeline import build_dataset, make_loader
 from cxr.imageio import cache_side, decode_image
 from cxr.models import build_model, preprocessing
 from cxr.predict import collect_images, run_predict
+from cxr.preprocessing import Preprocessing
 from cxr.synthetic import write_dicom
-from cxr.uncertainty import eval_transform
 from cxr.inference import load_trained_model
 from cxr.workflow import evaluate_checkpoint
 from cxr.runtime import Runtime
@@ -108,7 +110,7 @@ def sensitive(tmp_path_factory):
     prep = preprocessing("resnet50", SIZE)
     square = decode_image(root / "train" / CLASSES[0] / "0.jpg", cache_side(SIZE, prep["resize"]))
     with torch.no_grad():  # logits = 30 x (the random model's logits - those of one training image)
-        offset = model.eval()(eval_transform(prep)(torch.from_numpy(square)[None, None]))[0]
+        offset = model.eval()(Preprocessing.from_dict(prep).transform()(torch.from_numpy(square)[None, None]))[0]
         model.head.weight.mul_(30)
         model.head.bias.mul_(30).sub_(30 * offset)
     path = root.parent / "best.pt"

@@ -21,7 +21,8 @@ from cxr import runlock
 from cxr.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cxr.cli import main
 from cxr.config import get_experiment
-from cxr.data import CLASSES, check_image, load_splits, scan_split
+from cxr.data import check_image, load_splits, scan_split
+from cxr.layout import CLASSES
 from cxr.engine import fit
 from cxr.export import ExportError, export_model, load_export
 from cxr.imageio import ImageReadError, decode_image, frame_square

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cxr.cli import main
-from cxr.data import CLASSES
+from cxr.layout import CLASSES
 from cxr.report import END_MARKER, START_MARKER, ReportError, replace_results, write_report
 
 README = f"# Project\n\nIntro.\n\n## Results\n\n{START_MARKER}\nold table\n{END_MARKER}\n\n## Later section\n\nKept.\n"

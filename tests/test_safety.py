@@ -17,7 +17,8 @@ from cxr import checkpoint, engine, workflow
 from cxr.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cxr.cli import main
 from cxr.config import get_experiment
-from cxr.data import CLASSES, load_splits
+from cxr.data import load_splits
+from cxr.layout import CLASSES
 from cxr.engine import TrainingError, fit
 from cxr.models import build_model, preprocessing
 from cxr.runtime import Runtime

@@ -15,7 +15,7 @@ import pytest
 
 from cxr.cam import overlay_size
 from cxr.cli import main
-from cxr.data import CLASSES
+from cxr.layout import CLASSES
 from cxr.predict import run_predict
 from cxr.serve import Predictor, probability_table, serve
 

@@ -11,9 +11,11 @@ from PIL import Image
 from cxr import lung_evidence, notebook, shortcuts
 from cxr.audit import audit_dataset, format_audit, write_audit
 from cxr.cli import main
-from cxr.data import CLASSES, scan_split
+from cxr.data import scan_split
+from cxr.layout import CLASSES
 from cxr.lung_field import ELLIPSES, LungMaskError, find_lung_masks, geometric_lung_field, lung_fields
 from cxr.models import build_model, preprocessing
+from cxr.preprocessing import Preprocessing
 from cxr.runtime import Runtime
 from cxr.shortcut_baseline import FEATURES, baseline_report
 from cxr.synthetic import write_cue_dataset
@@ -64,7 +66,7 @@ def test_geometric_lung_field_is_two_ellipses_clear_of_the_corners():
 
 def test_masked_views_hide_exactly_the_lung_field():
     prep = preprocessing("resnet50", 32)
-    side = shortcuts.uncertainty.square_side(prep)
+    side = Preprocessing.from_dict(prep).square_side
     squares = np.random.default_rng(0).integers(0, 256, (2, side, side), dtype=np.uint8)
     masks = shortcuts.input_masks(np.broadcast_to(geometric_lung_field(side), (2, side, side)), prep)
     plain, hidden, only = (shortcuts.view_inputs(squares, masks, v, prep) for v in shortcuts.VIEWS)
@@ -154,7 +156,7 @@ def test_saliency_share_per_class_and_randomisation_check():
     torch.manual_seed(0)
     model = build_model("resnet50", weights="none", image_size=96).eval()  # a 3x3 last stage: maps can place mass
     prep = preprocessing("resnet50", 96)
-    side = shortcuts.uncertainty.square_side(prep)
+    side = Preprocessing.from_dict(prep).square_side
     rng = np.random.default_rng(0)
     squares = rng.integers(0, 256, (10, side, side), dtype=np.uint8)
     labels = np.array([0, 0, 0, 1, 1, 1, 2, 2, 3, 3])

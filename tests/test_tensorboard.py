@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from cxr.cli import main
-from cxr.data import CLASSES
+from cxr.layout import CLASSES
 from cxr.tensorboard_log import EPOCH_TAGS
 
 FLAGS = ["--batch-size=8", "--image-size=32", "--weights=none", "--device=cpu", "--quiet"]

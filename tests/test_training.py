@@ -29,7 +29,8 @@ from cxr.checkpoint import load_checkpoint
 from cxr.provenance import git_commit
 from cxr.cli import main
 from cxr.config import EXPERIMENTS, experiment_from_dict, get_experiment
-from cxr.data import CLASSES, load_splits
+from cxr.data import load_splits
+from cxr.layout import CLASSES
 from cxr.run_options import RunOptions
 from cxr.runtime import Runtime
 

@@ -10,10 +10,13 @@ from cxr import uncertainty
 from cxr.cli import main
 from cxr.compare import plot_comparison
 from cxr.config import get_experiment
-from cxr.data import CLASSES, XRayDataset, load_splits
+from cxr.data import XRayDataset, load_splits
+from cxr.layout import CLASSES
 from cxr.imageio import decode_image
-from cxr.engine import make_loader
+from cxr.metrics import bootstrap_ci, point_scores
+from cxr.pipeline import make_loader
 from cxr.models import build_model, preprocessing
+from cxr.preprocessing import Preprocessing
 from cxr.workflow import evaluate_model
 from cxr.runtime import Runtime
 
@@ -29,7 +32,7 @@ def noisy_predictions(n: int = 300, accuracy: float = 0.7, seed: int = 1) -> tup
 
 def test_point_scores_match_sklearn():
     labels, predictions = noisy_predictions()
-    scores = uncertainty.point_scores(labels, predictions, CLASSES)
+    scores = point_scores(labels, predictions, CLASSES)
     assert scores["accuracy"] == pytest.approx((labels == predictions).mean())
     assert scores["macro_f1"] == pytest.approx(f1_score(labels, predictions, average="macro"))
     assert scores["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(labels, predictions))
@@ -39,10 +42,10 @@ def test_point_scores_match_sklearn():
 
 def test_bootstrap_intervals_contain_point_estimate_and_are_seeded():
     labels, predictions = noisy_predictions()
-    point = uncertainty.point_scores(labels, predictions, CLASSES)
-    first = uncertainty.bootstrap_ci(labels, predictions, CLASSES, seed=7)
-    assert first == uncertainty.bootstrap_ci(labels, predictions, CLASSES, seed=7)
-    assert first != uncertainty.bootstrap_ci(labels, predictions, CLASSES, seed=8)
+    point = point_scores(labels, predictions, CLASSES)
+    first = bootstrap_ci(labels, predictions, CLASSES, seed=7)
+    assert first == bootstrap_ci(labels, predictions, CLASSES, seed=7)
+    assert first != bootstrap_ci(labels, predictions, CLASSES, seed=8)
     for key in ("accuracy", "macro_f1", "balanced_accuracy"):
         low, high = first[key]
         assert low < point[key] < high
@@ -53,8 +56,8 @@ def test_bootstrap_intervals_contain_point_estimate_and_are_seeded():
 
 
 def test_bootstrap_width_shrinks_with_more_images():
-    small = uncertainty.bootstrap_ci(*noisy_predictions(n=100), CLASSES)["accuracy"]
-    large = uncertainty.bootstrap_ci(*noisy_predictions(n=2000), CLASSES)["accuracy"]
+    small = bootstrap_ci(*noisy_predictions(n=100), CLASSES)["accuracy"]
+    large = bootstrap_ci(*noisy_predictions(n=2000), CLASSES)["accuracy"]
     assert large[1] - large[0] < small[1] - small[0]
 
 
@@ -113,11 +116,12 @@ def test_tta_views_are_the_evaluation_crop_its_mirror_and_mild_changes(synthetic
     prep = preprocessing("resnet50", 32)
     with pytest.warns(UserWarning, match="Skipped"):
         test_split = load_splits(synthetic_root).test.subset([0, 5, 10])
-    side = uncertainty.square_side(prep)
+    recipe = Preprocessing.from_dict(prep)
+    side = recipe.square_side
     squares = torch.from_numpy(np.stack([decode_image(p, side) for p in test_split.paths]))[:, None]
     views = uncertainty.TTAViews.from_preprocessing(prep)(squares)
     assert views.shape == (3, 8, 3, 32, 32)
-    torch.testing.assert_close(views[:, 0], uncertainty.eval_transform(prep)(squares))  # view 0: plain evaluation
+    torch.testing.assert_close(views[:, 0], recipe.transform()(squares))  # view 0: plain evaluation
     torch.testing.assert_close(views[:, 4:], views[:, :4].flip(-1))  # the other half: their mirror images
     dataset = XRayDataset(test_split, uncertainty.TTAViews.from_preprocessing(prep), side)
     log_probs, labels = uncertainty.predict_tta(model, make_loader(dataset, 2, False, CPU), CPU)

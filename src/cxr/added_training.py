@@ -22,9 +22,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from .added_folders import AddedFolders, class_folders, group_of_each, holdout_mask, holdout_name
-from .audit import _relative, audit_splits
-from .data import CLASSES, DataSplits, Split, add_class_files, scan_external, warn_skipped
+from .audit import audit_splits
+from .data import DataSplits, Split, add_class_files, scan_external, warn_skipped
 from .inputs import InputError
+from .layout import CLASSES, relative_path
 
 ADDED = "added"
 SHOWN = 10
@@ -102,7 +103,7 @@ def audit_added(splits: DataSplits, added: Split, against: dict[str, Split], dro
     if duplicates:
         warnings.warn(f"Left out of training {len(duplicates)} added image(s) that duplicate test or external "
                       f"images: {_listed(duplicates)}.", stacklevel=3)
-    kept = [k for k, path in enumerate(added.paths) if _relative(path, splits.root) not in duplicates]
+    kept = [k for k, path in enumerate(added.paths) if relative_path(path, splits.root) not in duplicates]
     return added.subset(kept), duplicates
 
 
@@ -134,10 +135,10 @@ def _record(splits: DataSplits, folders: list[Path], parts: list[tuple[Split, Sp
             training: Split, duplicates: dict[str, list[str]], added: AddedFolders | None, seed: int,
             holdouts: list[tuple[str, Path, Split]], externals: list[Path]) -> dict[str, Any]:
     """What metrics.json says about the added folders: per folder the images added and held out per class."""
-    trained = {_relative(p, splits.root) for p in training.paths}
+    trained = {relative_path(p, splits.root) for p in training.paths}
     entries = []
     for folder, (part, held, notes) in zip(folders, parts):
-        used = Counter(CLASSES[y] for p, y in zip(part.paths, part.labels) if _relative(p, splits.root) in trained)
+        used = Counter(CLASSES[y] for p, y in zip(part.paths, part.labels) if relative_path(p, splits.root) in trained)
         dropped = [{"file": f, "same_as": same} for f, same in duplicates.items()
                    if _inside(Path(f) if Path(f).is_absolute() else splits.root / f, folder)]
         entries.append({"folder": folder.resolve().name, "root": str(folder.resolve()),

@@ -29,11 +29,11 @@ from .progress import tqdm
 
 from . import near_duplicates, shortcut_baseline
 from .cache import cache_side, cache_split
-from .data import (CLASSES, FOLDER_ALIASES, SPLITS, DatasetError, DataSplits, Split, locate_dataset, scan_split,
+from .classification_report import write_json
+from .data import (FOLDER_ALIASES, SPLITS, DatasetError, DataSplits, Split, locate_dataset, scan_split,
                    stratified_split)
 from .imageio import dicom_header, is_dicom
-from .layout import visible_name
-from .reporting import write_json
+from .layout import CLASSES, relative_path, visible_name
 
 AUDIT_FILE = "audit.json"
 EXAMPLES_SHOWN = 3
@@ -66,19 +66,13 @@ def _stats(values: list[int]) -> dict[str, float] | None:
     return {"min": int(min(values)), "median": float(np.median(values)), "max": int(max(values))}
 
 
-def _relative(path: Path, root: Path) -> str:
-    """``path`` below ``root`` as a POSIX path (string work: ``Path.relative_to`` cost seconds per 7,000 files)."""
-    prefix, text = os.path.join(str(root), ""), str(path)
-    return text[len(prefix):].replace(os.sep, "/") if text.startswith(prefix) else text
-
-
 def ignored_folders(root: Path) -> list[str]:
     """Folders inside the split folders that are not one of the classes: their images are not used."""
     found = []
     for split_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name.lower() in SPLITS):
         for folder in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
             if FOLDER_ALIASES.get(folder.name.upper(), folder.name.upper()) not in CLASSES:
-                found.append(_relative(folder, root))
+                found.append(relative_path(folder, root))
     return found
 
 
@@ -99,12 +93,13 @@ def audit_splits(
             widths.append(width)
             heights.append(height)
             modes[mode] += 1
-            by_hash[file_sha256(path)].append({"split": name, "class": CLASSES[label], "path": _relative(path, root)})
+            by_hash[file_sha256(path)].append({"split": name, "class": CLASSES[label],
+                                               "path": relative_path(path, root)})
             bar.update()
         report["splits"][name] = {
             "counts": split.counts(),
             "total": len(split),
-            "skipped": [{"path": _relative(p, root), "reason": why} for p, why in split.skipped],
+            "skipped": [{"path": relative_path(p, root), "reason": why} for p, why in split.skipped],
             "width": _stats(widths),
             "height": _stats(heights),
             "modes": dict(sorted(modes.items())),
@@ -177,8 +172,8 @@ def _near_duplicate_groups(
     files, hashes, views = [], [], []
     for name, split in splits.items():
         decoded, split_hashes, split_views = _describe_split(split, cache_dir, progress, name)
-        keep = [k for k, path in enumerate(decoded.paths) if _relative(path, root) not in exact_copy]
-        files += [{"split": name, "class": CLASSES[decoded.labels[k]], "path": _relative(decoded.paths[k], root)}
+        keep = [k for k, path in enumerate(decoded.paths) if relative_path(path, root) not in exact_copy]
+        files += [{"split": name, "class": CLASSES[decoded.labels[k]], "path": relative_path(decoded.paths[k], root)}
                   for k in keep]
         hashes.append(split_hashes[:, keep])
         views.append(split_views[keep])
@@ -297,7 +292,7 @@ def carved_val_leakage(report: dict[str, Any], train: Split, root: Path, seed: i
         _, held_out = stratified_split(train.labels, fraction, seed)
     except DatasetError:
         return None
-    held = {_relative(train.paths[i], root) for i in held_out}
+    held = {relative_path(train.paths[i], root) for i in held_out}
 
     def spanning(groups: list[dict[str, Any]]) -> int:
         paths = [{f["path"] for f in group["files"] if f["split"] == "train"} for group in groups]

@@ -24,9 +24,9 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from .figures import save_figure
-from . import uncertainty
 from .backbones import BACKBONES
 from .imageio import decode_image
+from .preprocessing import Preprocessing
 
 
 def vit_tokens_to_grid(tokens: torch.Tensor) -> torch.Tensor:
@@ -69,8 +69,9 @@ def grad_cam(model: nn.Module, images: torch.Tensor, targets: Sequence[int] | No
 
 def as_display(inputs: torch.Tensor, preprocessing: dict[str, Any]) -> np.ndarray:
     """One normalised model input ``(3, H, W)`` as an ``(H, W, 3)`` float image in [0, 1]: the pixels the model saw."""
-    mean = torch.tensor(preprocessing["mean"], dtype=torch.float32).view(-1, 1, 1)
-    std = torch.tensor(preprocessing["std"], dtype=torch.float32).view(-1, 1, 1)
+    recipe = Preprocessing.from_dict(preprocessing)
+    mean = torch.tensor(recipe.mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(recipe.std, dtype=torch.float32).view(-1, 1, 1)
     return (inputs.detach().float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
 
 
@@ -148,9 +149,9 @@ def plot_cam_grid(
     """Test images (predicted and true class; mistakes in red) with the Grad-CAM of the predicted class beneath."""
     predictions = probabilities.argmax(1)
     chosen = choose_examples(np.asarray(labels), predictions, count, seed)
-    side = uncertainty.square_side(preprocessing)
-    squares = [decode_image(paths[i], side) for i in chosen]
-    batch = uncertainty.eval_transform(preprocessing)(torch.from_numpy(np.stack(squares))[:, None]) if squares else []
+    recipe = Preprocessing.from_dict(preprocessing)
+    squares = [decode_image(paths[i], recipe.square_side) for i in chosen]
+    batch = recipe.transform()(torch.from_numpy(np.stack(squares))[:, None]) if squares else []
     displays = [as_display(inputs, preprocessing) for inputs in batch]
     heat_maps = grad_cam(model, batch, predictions[chosen]) if squares else []
     rows = 2 * max(1, math.ceil(len(chosen) / columns))

@@ -25,11 +25,14 @@ import numpy as np
 from scipy.special import softmax
 from torch import nn
 
-from . import breakdowns, lung_evidence, reporting, shortcuts, uncertainty
+from . import breakdowns, lung_evidence, metrics, shortcuts, uncertainty
 from .cache import cache_split
-from .data import CLASSES, Split
+from .classification_report import classification_metrics
+from .data import Split
+from .layout import CLASSES
 from .imageio import decode_image
 from .lung_field import ELLIPSES, lung_fields
+from .preprocessing import Preprocessing
 from .runtime import Runtime
 
 
@@ -61,12 +64,16 @@ class Evidence:
         return softmax(self.logits.astype(np.float64), axis=1)
 
     @cached_property
+    def recipe(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.preprocessing)
+
+    @cached_property
     def squares(self) -> np.ndarray:
-        return shortcuts.decoded_squares(self.split, uncertainty.square_side(self.preprocessing), self.runtime)
+        return shortcuts.decoded_squares(self.split, self.recipe.square_side, self.runtime)
 
     @cached_property
     def lung(self) -> np.ndarray:
-        return lung_fields(self.split.paths, uncertainty.square_side(self.preprocessing), self.lung_masks)
+        return lung_fields(self.split.paths, self.recipe.square_side, self.lung_masks)
 
     def outputs(self, view: str) -> tuple[np.ndarray, np.ndarray]:
         """Pooled features and logits of the scored images in one view (computed once)."""
@@ -83,11 +90,11 @@ MASKED_VIEWS = ("lungs_hidden", "lungs_only", *(f"{p}_{m}" for m in ("hidden", "
 
 def scores(evidence: Evidence, results: dict[str, Any]) -> dict[str, Any]:
     """The table's metrics with bootstrap intervals (AUROC included)."""
-    found = reporting.classification_metrics(evidence.logits, evidence.labels, evidence.classes)
+    found = classification_metrics(evidence.logits, evidence.labels, evidence.classes)
     found["images"] = int(len(evidence.labels))
     found["classes_present"] = [c for k, c in enumerate(evidence.classes) if (evidence.labels == k).any()]
-    found["ci95"] = uncertainty.bootstrap_ci(evidence.labels, evidence.logits.argmax(1), evidence.classes,
-                                             probabilities=evidence.probabilities)
+    found["ci95"] = metrics.bootstrap_ci(evidence.labels, evidence.logits.argmax(1), evidence.classes,
+                                         evidence.probabilities)
     return found
 
 
@@ -137,7 +144,7 @@ def probes(evidence: Evidence, results: dict[str, Any]) -> dict[str, Any] | None
     if evidence.train is None or not len(evidence.train):
         return {"probes": None}
     chosen = lung_evidence.probe_training_images(evidence.train.labels)
-    side = uncertainty.square_side(evidence.preprocessing)
+    side = evidence.recipe.square_side
     train_squares, train = _decoded(evidence.train.subset(chosen), side, evidence.runtime)
     train_lung = lung_fields(train.paths, side, evidence.lung_masks)
     train_features, test_features = {}, {}

@@ -28,17 +28,15 @@ from . import distributed, metrics
 from .augment import DeviceLoader
 from .checkpoint import CheckpointError, CheckpointWriter, load_checkpoint, remove_stale_temporaries
 from .config import Experiment
-from .data import CLASSES, EXPECTED_LAYOUT, DatasetError, DataSplits, Split
+from .data import EXPECTED_LAYOUT, DatasetError, DataSplits, Split
+from .layout import CLASSES
 from .fileid import content_digest, text_bytes
 from .graphs import GraphedTraining
 from .losses import build_loss
 from .models import Classifier, build_model, preprocessing
-from .optim import build_optimizer, build_schedule, warmup_cosine  # noqa: F401 (re-exported)
-from .pipeline import (  # noqa: F401 (re-exported: engine.build_dataset, engine.make_loader, ... are public)
-    BATCHNORM_IMAGES, DataPipeline, build_dataset, build_pipeline, frozen_forward_batch, gather_shards, make_loader,
-    training_batches, training_module,
-)
-from .runtime import Runtime, device_name, select_device  # noqa: F401 (re-exported: engine.select_device is public)
+from .optim import build_optimizer, build_schedule
+from .pipeline import DataPipeline, build_pipeline, gather_shards, make_loader, training_batches, training_module
+from .runtime import Runtime
 from .timing import PhaseTimer, no_timing
 
 

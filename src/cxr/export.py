@@ -28,6 +28,7 @@ from .backbones import BACKBONES
 from .models import Classifier, build_model
 from .input_recipe import input_steps
 from .models import preprocessing as default_preprocessing
+from .preprocessing import FIELDS, Preprocessing
 from .checkpoint import non_finite_tensor
 from .inference import check_finite_outputs, load_trained_model, state_dict_mismatch
 from . import export_identity
@@ -326,7 +327,7 @@ def _check_against_onnx(description: dict[str, Any], onnx_path: Path, path: Path
     expected = [("classes", description["classes"], saved_classes),
                 ("image_size", description["image_size"], image_dims[2] if len(image_dims) == 4 else None),
                 ("classes (count)", len(description["classes"]), logit_dims[1] if len(logit_dims) == 2 else None),
-                *((f"preprocessing.{k}", prep[k], saved_prep.get(k)) for k in ("image_size", "resize", "mean", "std"))]
+                *((f"preprocessing.{k}", prep[k], saved_prep.get(k)) for k in FIELDS)]
     for field, found, truth in expected:
         if found != truth:
             raise _refuse_field(path, field, f"is {found!r}, but {FILES['onnx']} says {truth!r}")
@@ -374,7 +375,7 @@ def load_for_inference(path: str | os.PathLike) -> tuple[Classifier, list[str], 
     path = Path(path)
     if path.is_dir():
         model, description = load_export(path)
-        prep = {k: description["preprocessing"][k] for k in ("image_size", "resize", "mean", "std")}
+        prep = Preprocessing.from_dict(description["preprocessing"]).as_dict()
         return model, list(description["classes"]), prep
     model, state = load_trained_model(path)
     config = experiment_from_dict(state["experiment"])

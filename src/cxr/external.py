@@ -22,20 +22,21 @@ import matplotlib.pyplot as plt
 import numpy as np
 from scipy.special import softmax
 
-from . import reporting, uncertainty
-from .audit import _relative as audit_path
 from .audit import audit_splits
+from .classification_report import classification_metrics, report_text, write_json
 from .config import experiment_from_dict
 from .breakdowns import pairwise_auroc
 from .checks import Evidence, run_checks
-from .data import CLASSES, DataSplits, Split, load_splits, scan_external, warn_skipped
-from .engine import build_dataset, make_loader, predict
+from .data import DataSplits, Split, load_splits, scan_external, warn_skipped
+from .engine import predict
+from .figures import plot_confusion, plot_roc
 from .groups import read_groups
-from .layout import locate_dataset, visible_name
-from .metrics import operating_points, who_tb_screening
-from .model_card import write_model_card
-from .runtime import Runtime
 from .inference import load_trained_model
+from .layout import CLASSES, locate_dataset, relative_path, visible_name
+from .metrics import bootstrap_ci, operating_points, who_tb_screening
+from .model_card import write_model_card
+from .pipeline import build_dataset, make_loader
+from .runtime import Runtime
 
 
 
@@ -67,10 +68,10 @@ def score(logits: np.ndarray, labels: np.ndarray,
     """A test section of metrics.json for a subset of the external predictions (without the overlaps):
     the table's metrics with bootstrap intervals, the pairwise AUROC and the operating points."""
     probabilities = softmax(logits.astype(np.float64), axis=1)
-    scores = reporting.classification_metrics(logits, labels, CLASSES)
+    scores = classification_metrics(logits, labels, CLASSES)
     scores["images"] = int(len(labels))
     scores["classes_present"] = [c for k, c in enumerate(CLASSES) if (labels == k).any()]
-    scores["ci95"] = uncertainty.bootstrap_ci(labels, logits.argmax(1), CLASSES, probabilities=probabilities)
+    scores["ci95"] = bootstrap_ci(labels, logits.argmax(1), CLASSES, probabilities)
     scores["pairwise_auroc"] = pairwise_auroc(labels, probabilities, CLASSES)
     return {**scores, **operating(logits, labels, thresholds_from)}
 
@@ -86,7 +87,8 @@ def training_splits(data_dir: str | os.PathLike | None, state: dict[str, Any]) -
         return None, (f"{where}: --data-dir is needed for the overlap audit; the folder is scored anyway, overlap "
                       "not audited (and no validation thresholds, probes or baseline).")
     data = state.get("data") or {}
-    return load_splits(locate_dataset(source), val_source=data.get("val_source", "carve"), seed=state.get("seed", 42)), None
+    splits = load_splits(locate_dataset(source), val_source=data.get("val_source", "carve"), seed=state.get("seed", 42))
+    return splits, None
 
 
 def audited_overlaps(splits: DataSplits | None, external: Split, runtime: Runtime,
@@ -177,7 +179,7 @@ def external_result(name: str, checkpoint: str | os.PathLike, folder: str | os.P
                     thresholds_from: tuple[np.ndarray, np.ndarray] | None, test: dict[str, Any]) -> dict[str, Any]:
     """The external metrics.json: what was scored, against what training data, the overlaps and the checks."""
     root = splits.root if splits else None
-    overlapping = np.array([audit_path(p, root) in overlaps["files"] if root else False for p in external.paths],
+    overlapping = np.array([relative_path(p, root) in overlaps["files"] if root else False for p in external.paths],
                            dtype=bool)
     message = overlap_warning(int(overlapping.sum()), len(labels))
     if message:
@@ -206,12 +208,12 @@ def external_result(name: str, checkpoint: str | os.PathLike, folder: str | os.P
 def write_external(result: dict[str, Any], out_dir: Path, logits: np.ndarray, labels: np.ndarray) -> None:
     """metrics.json, the text report, the confusion matrix and the ROC curves of one external evaluation."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    reporting.write_json(result, out_dir / "metrics.json")
-    (out_dir / "classification_report.txt").write_text(reporting.report_text(result["test"], CLASSES))
+    write_json(result, out_dir / "metrics.json")
+    (out_dir / "classification_report.txt").write_text(report_text(result["test"], CLASSES))
     title = f"{result['experiment']}: external {result['external']['folder']}"
     probabilities = softmax(logits.astype(np.float64), axis=1)
-    for figure in (reporting.plot_confusion(labels, logits.argmax(1), CLASSES, out_dir / "confusion_matrix.png", title),
-                   reporting.plot_roc(labels, probabilities, CLASSES, out_dir / "roc.png", title,
-                                      result["test"]["operating_points"])):
+    for figure in (plot_confusion(labels, logits.argmax(1), CLASSES, out_dir / "confusion_matrix.png", title),
+                   plot_roc(labels, probabilities, CLASSES, out_dir / "roc.png", title,
+                            result["test"]["operating_points"])):
         plt.close(figure)
     np.savez_compressed(out_dir / "test_logits.npz", logits=logits, labels=labels)

@@ -10,7 +10,7 @@ import torch
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import Experiment, experiment_from_dict
-from .data import CLASSES
+from .layout import CLASSES
 from .backbones import BACKBONES
 from .models import Classifier, build_model
 

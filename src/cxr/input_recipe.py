@@ -6,14 +6,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from .imageio import cache_side
+from .preprocessing import Preprocessing
 
 
 def input_steps(prep: dict[str, Any]) -> dict[str, Any]:
     """``square_side`` (the side of the decoded square) and ``steps``: the decoding and resampling of
-    :func:`cxr.imageio.decode_image` and the crop and normalisation of :class:`cxr.augment.EvalTransform`."""
-    size, resize = prep["image_size"], prep["resize"]
-    side = cache_side(size, resize)
+    :func:`cxr.imageio.decode_image` and the crop and normalisation of
+    :meth:`cxr.preprocessing.Preprocessing.transform`."""
+    recipe = Preprocessing.from_dict(prep)
+    size, resize, side = recipe.image_size, recipe.resize, recipe.square_side
     resample = (f"3. scale to 0..1 (divide by 255, float32), then resize the {side} x {side} square to {resize} x "
                 f"{resize}, bilinear with antialiasing (torch.nn.functional.interpolate(antialias=True); PIL's "
                 "resize(BILINEAR) of a mode 'F' image gives the same), clipped to 0..1"

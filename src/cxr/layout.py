@@ -137,6 +137,12 @@ def locate_dataset(data_dir: str | os.PathLike | None = None) -> Path:
     return root
 
 
+def relative_path(path: Path, root: Path) -> str:
+    """``path`` below ``root`` as a POSIX path (string work: ``Path.relative_to`` cost seconds per 7,000 files)."""
+    prefix, text = os.path.join(str(root), ""), str(path)
+    return text[len(prefix):].replace(os.sep, "/") if text.startswith(prefix) else text
+
+
 def class_of(folder_name: str) -> str | None:
     """The class a folder name stands for (case, spaces, hyphens and underscores ignored), or None."""
     key = re.sub(r"[^A-Z0-9]", "", folder_name.upper())

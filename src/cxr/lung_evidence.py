@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from . import metrics, uncertainty
+from .preprocessing import Preprocessing
 from .runtime import Runtime
 from .shortcuts import input_masks
 
@@ -92,10 +93,10 @@ def view_outputs(model: nn.Module, squares: np.ndarray, lung: np.ndarray, view: 
     pixels are 0 after normalisation, as in :mod:`cxr.shortcuts`."""
     model.eval()
     mode, region = region_of(view)
-    features, logits = [], []
+    features, logits, transform = [], [], Preprocessing.from_dict(preprocessing).transform()
     for start in range(0, len(squares), batch_size):
         lung_in = input_masks(lung[start:start + batch_size], preprocessing)
-        inputs = uncertainty.eval_transform(preprocessing)(torch.from_numpy(np.ascontiguousarray(
+        inputs = transform(torch.from_numpy(np.ascontiguousarray(
             squares[start:start + batch_size]))[:, None])
         if mode is not None:
             mask = region(lung_in)

@@ -15,7 +15,7 @@ from typing import Any
 from . import metrics as table
 from .added_folders import added_sentence
 from .breakdowns import same_source_sentence
-from .data import CLASSES
+from .layout import CLASSES
 
 CARD_FILE = "model_card.md"
 SOURCES = (

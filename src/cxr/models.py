@@ -16,7 +16,8 @@ from torchvision import models as tvm
 
 from .backbones import BACKBONES, Backbone, get_backbone
 from .config import TrainableBlocks
-from .data import CLASSES, IMAGENET_MEAN, IMAGENET_STD
+from .data import IMAGENET_MEAN, IMAGENET_STD
+from .layout import CLASSES
 from .local_weights import WeightsError, backbone_state, is_classifier_state, match_tensors, read_state_dict
 
 __all__ = ["BACKBONES", "Classifier", "WeightsError", "build_model", "check_weights", "trainable_parts"]

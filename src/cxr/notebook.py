@@ -26,10 +26,11 @@ import torch
 from torch import nn
 
 from . import metrics as table
-from . import reporting
+from .figures import plot_history
 from .added_folders import AddedFolders, check_added, folders_from_env
 from .config import Experiment, get_experiment
-from .data import CLASSES, DataSplits, DatasetError, find_attached_dataset, load_image
+from .data import DataSplits, DatasetError, find_attached_dataset, load_image
+from .layout import CLASSES
 from .engine import class_weights
 from .local_weights import WHERE_COMMAND, installed_mobilenet_v2_weights
 from .models import Classifier
@@ -275,7 +276,7 @@ class LiveCurves:
     def __call__(self, history: list[dict[str, float]]) -> None:
         from IPython.display import display
 
-        figure = reporting.plot_history(history, title=self.title)
+        figure = plot_history(history, title=self.title)
         if self.handle is None:
             self.handle = display(figure, display_id=True)
         else:

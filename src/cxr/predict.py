@@ -25,6 +25,7 @@ from .data import IMAGE_EXTENSIONS, check_image
 from .export import load_for_inference
 from .inference import check_finite_rows
 from .inputs import not_an_input, writable_file, writable_folder
+from .preprocessing import Preprocessing
 from .imageio import ImageReadError, decode_image
 from .runtime import Runtime
 
@@ -151,7 +152,8 @@ def predict_images(
     ``uncertainty.TTAViews``; with ``cam_dir``, one image + Grad-CAM PNG per image."""
     sources = {Path(path).resolve() for path in paths}
     runtime.prepare_model(model).eval()
-    side, transform = uncertainty.square_side(preprocessing), uncertainty.eval_transform(preprocessing)
+    recipe = Preprocessing.from_dict(preprocessing)
+    side, transform = recipe.square_side, recipe.transform()
     views_transform = uncertainty.TTAViews.from_preprocessing(preprocessing) if tta else None
     rows, failures, cam_files, taken = [], [], [], set()
     batches = [list(paths[i:i + batch_size]) for i in range(0, len(paths), batch_size)]

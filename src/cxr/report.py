@@ -129,7 +129,7 @@ def interval(ci95: dict[str, Any], *keys: str) -> Sequence[float] | None:
 
 
 def recall_interval(ci95: dict[str, Any], name: str) -> Sequence[float] | None:
-    """A class's recall interval, stored as ``ci95["recall"][name]`` (see ``uncertainty.bootstrap_ci``)."""
+    """A class's recall interval, stored as ``ci95["recall"][name]`` (see ``metrics.bootstrap_ci``)."""
     return interval(ci95, "recall", name)
 
 

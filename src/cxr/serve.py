@@ -25,7 +25,7 @@ from .data import IMAGE_EXTENSIONS
 from .export import load_for_inference
 from .predict import predict_images, read_image
 from .runtime import Runtime
-from .uncertainty import square_side
+from .preprocessing import Preprocessing
 
 # The model's input is small (224 px, 32 in tests): show it as large as its box, pixels as squares.
 CSS = "#cam img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}"
@@ -75,7 +75,8 @@ class Predictor:
     def classify(self, path: str | os.PathLike) -> tuple[dict[str, float], np.ndarray]:
         """Every class's probability and the image beside its Grad-CAM (uint8 RGB); ValueError with the
         reason when the file cannot be read as an image."""
-        square, reason = read_image(Path(path), square_side(self.preprocessing))  # decoded outside the lock
+        side = Preprocessing.from_dict(self.preprocessing).square_side
+        square, reason = read_image(Path(path), side)  # decoded outside the lock
         if square is None:
             raise ValueError(f"{Path(path).name}: {reason}")
         with tempfile.TemporaryDirectory(prefix="cxr-serve-") as cam_dir:

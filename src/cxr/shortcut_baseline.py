@@ -31,9 +31,11 @@ from scipy.ndimage import sobel
 from sklearn.ensemble import HistGradientBoostingClassifier
 from threadpoolctl import threadpool_limits
 
-from . import reporting, uncertainty
+from . import metrics
+from .classification_report import classification_metrics
 from .cache import cache_split
-from .data import CLASSES, Split
+from .data import Split
+from .layout import CLASSES
 from .imageio import dicom_header, is_dicom
 from .lung_field import geometric_lung_field
 
@@ -121,8 +123,8 @@ def baseline_report(train: Split, test: Split, side: int, cache_dir: str | os.Pa
         warnings.simplefilter("ignore", UserWarning)  # tiny synthetic splits: too few samples per bin
         classifier.fit(train_x, train_y)
         logits = class_log_probabilities(classifier, test_x)
-    test_metrics = reporting.classification_metrics(logits, test_y, CLASSES)
-    test_metrics["ci95"] = uncertainty.bootstrap_ci(test_y, logits.argmax(1), CLASSES)
+    test_metrics = classification_metrics(logits, test_y, CLASSES)
+    test_metrics["ci95"] = metrics.bootstrap_ci(test_y, logits.argmax(1), CLASSES)
     return {
         "classifier": "HistGradientBoostingClassifier(max_iter=200, learning_rate=0.1, random_state=0)",
         "features": list(FEATURES),

@@ -35,10 +35,10 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from .figures import save_figure
-from . import uncertainty
 from .cache import cache_split
 from .data import Split
 from .imageio import decode_image
+from .preprocessing import Preprocessing
 from .runtime import Runtime
 
 VIEWS = {"as_is": "as is", "lungs_hidden": "lung field hidden", "lungs_only": "only the lung field"}
@@ -70,7 +70,8 @@ def input_masks(lung: np.ndarray, preprocessing: dict[str, Any]) -> torch.Tensor
 
 def view_inputs(squares: np.ndarray, lung: torch.Tensor, view: str, preprocessing: dict[str, Any]) -> torch.Tensor:
     """Normalised model inputs of ``squares`` in one view; hidden pixels are 0 (the normalisation mean)."""
-    inputs = uncertainty.eval_transform(preprocessing)(torch.from_numpy(np.ascontiguousarray(squares))[:, None])
+    transform = Preprocessing.from_dict(preprocessing).transform()
+    inputs = transform(torch.from_numpy(np.ascontiguousarray(squares))[:, None])
     if view == "lungs_hidden":
         return inputs.masked_fill(lung, 0.0)
     if view == "lungs_only":

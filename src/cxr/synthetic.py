@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from .data import CLASSES
+from .layout import CLASSES
 
 FOLDER_NAMES = {"TUBERCULOSIS": "TURBERCULOSIS"}
 DEFAULT_COUNTS = {"train": 12, "val": 3, "test": 4}

@@ -15,8 +15,8 @@ import numpy as np
 from sklearn.metrics import confusion_matrix
 
 from . import metrics as table
-from . import reporting
-from .data import CLASSES
+from .figures import plot_confusion
+from .layout import CLASSES
 
 EPOCH_TAGS = {
     "train_loss": "loss/train",
@@ -73,7 +73,7 @@ class RunLog:
         step, test = metrics["epochs_run"], metrics["test"]
         for tag, value in test_scalars(test).items():
             self.writer.add_scalar(tag, value, step)
-        figure = reporting.plot_confusion(labels, predictions, CLASSES, title=f"{metrics['experiment']}: test split")
+        figure = plot_confusion(labels, predictions, CLASSES, title=f"{metrics['experiment']}: test split")
         self.writer.add_figure("test/confusion_matrix", figure, step)  # and closes the figure
         self.writer.add_text("test/confusion_matrix", confusion_table(labels, predictions, CLASSES), step)
         self.write_hparams(metrics)

@@ -23,29 +23,13 @@ from .figures import save_figure
 from . import metrics
 from .augment import EvalTransform
 from .config import AUGMENTATION
-from .imageio import cache_side
+from .preprocessing import Preprocessing
 from .runtime import Runtime
 
-CONFIDENCE_LEVEL = metrics.CONFIDENCE_LEVEL
-BOOTSTRAP_RESAMPLES = metrics.BOOTSTRAP_RESAMPLES
 CALIBRATION_BINS = 15
 # Negative strengths undo part of the class-weighted loss (back towards the training prior), positive
 # ones push further towards rare classes (Menon et al., 2021); 0 leaves the logits unchanged.
 TAU_GRID = tuple(np.round(np.arange(-1.0, 2.0001, 0.1), 2))
-
-
-def point_scores(labels: np.ndarray, predictions: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
-    """The table's metrics of hard predictions as plain floats (:func:`cxr.metrics.point_scores`)."""
-    return metrics.point_scores(labels, predictions, classes)
-
-
-def bootstrap_ci(
-    labels: np.ndarray, predictions: np.ndarray, classes: Sequence[str], resamples: int = BOOTSTRAP_RESAMPLES,
-    level: float = CONFIDENCE_LEVEL, seed: int = 0, probabilities: np.ndarray | None = None,
-) -> dict[str, Any]:
-    """Percentile bootstrap intervals of the table's metrics (:func:`cxr.metrics.bootstrap_ci`): e.g.
-    ``{"accuracy": [lo, hi], ..., "recall": {class: [lo, hi]}}``; with ``probabilities`` also AUROC."""
-    return metrics.bootstrap_ci(labels, predictions, classes, probabilities, resamples, level, seed)
 
 
 def calibration_bins(
@@ -110,8 +94,8 @@ def choose_tau(val_logits: np.ndarray, val_labels: np.ndarray, prior: np.ndarray
                grid: Sequence[float] = TAU_GRID) -> tuple[float, dict[float, float]]:
     """The adjustment strength with the best validation macro-F1 (ties go to the weakest adjustment),
     and the validation macro-F1 of every strength tried. Never looks at the test split."""
-    scores = {float(tau): point_scores(val_labels, adjust_logits(val_logits, prior, tau).argmax(1), classes)["macro_f1"]
-              for tau in grid}
+    scores = {float(tau): metrics.point_scores(val_labels, adjust_logits(val_logits, prior, tau).argmax(1),
+                                               classes)["macro_f1"] for tau in grid}
     best = max(scores.values())
     tau = min((t for t, s in scores.items() if s >= best - 1e-12), key=abs)
     return tau, scores
@@ -130,9 +114,9 @@ def logit_adjustment_report(
         "chosen_on": "validation macro-F1",
         "train_prior": {c: float(p) for c, p in zip(classes, prior)},
         "val_macro_f1": {"without": val_scores[0.0], "with": val_scores[tau]},
-        "without": point_scores(test_labels, test_logits.argmax(1), classes),
-        "with": {**point_scores(test_labels, adjusted, classes),
-                 "ci95": bootstrap_ci(test_labels, adjusted, classes, seed=seed)},
+        "without": metrics.point_scores(test_labels, test_logits.argmax(1), classes),
+        "with": {**metrics.point_scores(test_labels, adjusted, classes),
+                 "ci95": metrics.bootstrap_ci(test_labels, adjusted, classes, seed=seed)},
     }
 
 
@@ -143,17 +127,6 @@ def calibration_report(test_logits: np.ndarray, test_labels: np.ndarray, path: P
     if path is not None:
         plt.close(plot_reliability(probabilities, test_labels, path, title))
     return expected_calibration_error(probabilities, test_labels)
-
-
-def eval_transform(preprocessing: dict[str, Any]) -> EvalTransform:
-    """A checkpoint's evaluation crop and normalisation, on decoded uint8 squares."""
-    return EvalTransform(preprocessing["image_size"], preprocessing["resize"], tuple(preprocessing["mean"]),
-                         tuple(preprocessing["std"]))
-
-
-def square_side(preprocessing: dict[str, Any]) -> int:
-    """Side of the decoded square (:func:`cxr.imageio.decode_image`) a checkpoint's inputs are cut from."""
-    return cache_side(preprocessing["image_size"], preprocessing["resize"])
 
 
 @dataclass(frozen=True)
@@ -172,8 +145,8 @@ class TTAViews:
 
     @classmethod
     def from_preprocessing(cls, preprocessing: dict[str, Any]) -> TTAViews:
-        return cls(preprocessing["image_size"], preprocessing["resize"], tuple(preprocessing["mean"]),
-                   tuple(preprocessing["std"]))
+        recipe = Preprocessing.from_dict(preprocessing)
+        return cls(recipe.image_size, recipe.resize, recipe.mean, recipe.std)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         full = EvalTransform(self.resize, self.resize, self.mean, self.std)(images)  # normalised, not cropped
@@ -210,6 +183,7 @@ def predict_tta(model: nn.Module, loader: DataLoader, runtime: Runtime,
 def summary_with_ci(logits: np.ndarray, labels: np.ndarray, classes: Sequence[str], seed: int = 0) -> dict[str, Any]:
     """Point scores, their bootstrap intervals and the ECE of one set of predictions (used for TTA)."""
     predictions = logits.argmax(1)
-    return {**point_scores(labels, predictions, classes), "ci95": bootstrap_ci(labels, predictions, classes, seed=seed),
+    return {**metrics.point_scores(labels, predictions, classes),
+            "ci95": metrics.bootstrap_ci(labels, predictions, classes, seed=seed),
             "ece": expected_calibration_error(softmax(logits.astype(np.float64), axis=1), labels)}
 

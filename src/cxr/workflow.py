@@ -19,21 +19,24 @@ import numpy as np
 import torch
 from scipy.special import softmax
 
-from . import checks, distributed, reporting, runlock, shortcuts, uncertainty
+from . import checks, distributed, runlock, shortcuts, uncertainty
 from .added_folders import check_added
 from .added_training import AddedTraining, add_to_training
 from .audit import audit_summary, audit_training_splits
 from .checkpoint import load_checkpoint
+from .classification_report import classification_metrics, report_text, write_json
 from .config import Experiment, experiment_from_dict, get_experiment
-from .data import CLASSES, DataSplits, check_limit, load_splits, locate_dataset, warn_skipped
-from .engine import TrainingInterrupted, build_dataset, fit, make_deterministic, make_loader, predict, seed_everything
+from .data import DataSplits, check_limit, load_splits, locate_dataset, warn_skipped
+from .layout import CLASSES
+from .engine import TrainingInterrupted, fit, make_deterministic, predict, seed_everything
 from .external import evaluate_external
-from .figures import unwritten_figures
+from .figures import plot_confusion, plot_history, plot_predictions, plot_roc, unwritten_figures
 from .groups import read_groups
 from .inference import check_finite_rows, load_trained_model
 from .lung_field import find_lung_masks
 from .metrics import operating_points, who_tb_screening
 from .model_card import CARD_FILE, write_model_card
+from .pipeline import build_dataset, make_loader
 from .local_weights import weights_provenance
 from .models import Classifier, build_model, check_weights
 from .preflight import check_image_size
@@ -84,8 +87,8 @@ def uncertainty_report(
     probabilities = softmax(logits.astype(np.float64), axis=1)
     points = operating_points(val_labels, softmax(val_logits.astype(np.float64), axis=1), labels,
                                       probabilities, CLASSES)
-    plt.close(reporting.plot_roc(labels, probabilities, CLASSES, out_dir / ASSET_FILES["roc"],
-                                 f"{title}: ROC (dots: operating points fixed on validation)", points))
+    plt.close(plot_roc(labels, probabilities, CLASSES, out_dir / ASSET_FILES["roc"],
+                       f"{title}: ROC (dots: operating points fixed on validation)", points))
     report = {
         "operating_points": points,
         "who_tb_screening": who_tb_screening(points),
@@ -134,7 +137,7 @@ def evaluate_model(
     with runtime.one_off():
         logits, labels = predict(model, loader, runtime, "test")
         check_finite_rows(logits, splits.test.paths)
-        metrics = reporting.classification_metrics(logits, labels, CLASSES)
+        metrics = classification_metrics(logits, labels, CLASSES)
         if not distributed.is_main():
             return metrics
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -145,13 +148,13 @@ def evaluate_model(
             group_column=groups[1] if groups else "group")))
         metrics.update(uncertainty_report(model, experiment, splits, out_dir, runtime, preprocessing, logits, labels,
                                           tta))
-    reporting.write_json(metrics, out_dir / ASSET_FILES["report_json"])
-    (out_dir / ASSET_FILES["report_text"]).write_text(reporting.report_text(metrics, CLASSES))
+    write_json(metrics, out_dir / ASSET_FILES["report_json"])
+    (out_dir / ASSET_FILES["report_text"]).write_text(report_text(metrics, CLASSES))
     title = f"{experiment.name}: test split"
     figures = [
-        reporting.plot_confusion(labels, logits.argmax(1), CLASSES, out_dir / ASSET_FILES["confusion_matrix"], title),
-        reporting.plot_predictions(splits.test.paths, labels, softmax(logits, axis=1), CLASSES,
-                                   out_dir / ASSET_FILES["predictions"], title=title),
+        plot_confusion(labels, logits.argmax(1), CLASSES, out_dir / ASSET_FILES["confusion_matrix"], title),
+        plot_predictions(splits.test.paths, labels, softmax(logits, axis=1), CLASSES,
+                         out_dir / ASSET_FILES["predictions"], title=title),
     ]
     for figure in figures:
         plt.close(figure)
@@ -321,7 +324,7 @@ def _train_and_report(experiment: Experiment, splits: DataSplits, out_dir: Path,
         raise
     with unwritten_figures() as unwritten:  # a full disk costs figures (one warning each), never the scores
         if main_rank:
-            plt.close(reporting.plot_history(result.history, out_dir / ASSET_FILES["curves"], experiment.name))
+            plt.close(plot_history(result.history, out_dir / ASSET_FILES["curves"], experiment.name))
         state = load_checkpoint(result.best_checkpoint, experiment=experiment.name)
         test = evaluate_model(result.model, experiment, splits, out_dir, result.runtime, state["preprocessing"],
                               lung_masks=options.lung_masks)
@@ -356,7 +359,7 @@ def _train_and_report(experiment: Experiment, splits: DataSplits, out_dir: Path,
         "files": {k: v for k, v in ASSET_FILES.items()},
         "figures_not_written": unwritten,
     }
-    reporting.write_json(metrics, out_dir / ASSET_FILES["metrics"])
+    write_json(metrics, out_dir / ASSET_FILES["metrics"])
     write_model_card(out_dir, metrics)
     if board is not None:
         test_logits = np.load(out_dir / "test_logits.npz")
@@ -405,7 +408,7 @@ def evaluate_checkpoint(
                               groups)
         if main_rank:
             record = evaluation_record(state, checkpoint, splits, test, runtime, time.perf_counter() - started)
-            reporting.write_json(record, out_dir / ASSET_FILES["metrics"])
+            write_json(record, out_dir / ASSET_FILES["metrics"])
             write_model_card(out_dir, record)
     return {"experiment": config.name, **test, "folder": str(out_dir)}
 
