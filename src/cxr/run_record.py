@@ -341,6 +341,16 @@ def as_record(metrics: AnyRecord | Mapping[str, Any]) -> AnyRecord:
     return record_from_dict(data, Path(where) if where is not None else None)
 
 
+def test_section(value: AnyRecord | Mapping[str, Any]) -> TestScores:
+    """The test scores of a record, of a metrics dict (``value["test"]``) or of a bare test section (what
+    ``cxr evaluate`` returns and prints)."""
+    if isinstance(value, _Record):
+        return value.test
+    if isinstance(value, TestScores):
+        return value
+    return TestScores(dict(value["test"] if isinstance(value.get("test"), Mapping) else value))
+
+
 def read_run_record(path: str | os.PathLike) -> AnyRecord:
     """The one reader of metrics.json: the file's record, upgraded from the version that wrote it. A file that
     is not JSON or not a record is a :class:`RunRecordError` naming it."""
