@@ -24,7 +24,7 @@ from .breakdowns import SAME_SOURCE_PAIRS, pair_name, shares_short
 from .config import EXPERIMENTS
 from .layout import CLASSES
 from .run_record import (AnyRecord, ExternalRecord, RunRecord, RunRecordError, TestScores, Timings, as_record,
-                         read_run_record)
+                         record_from_dict)
 
 START_MARKER = "<!-- results:start -->"
 END_MARKER = "<!-- results:end -->"
@@ -50,15 +50,15 @@ def read_json(path: str | os.PathLike) -> Any:
                           "README is unchanged.") from None
 
 
-def read_record(path: str | os.PathLike) -> AnyRecord:
-    """A metrics.json the report reads, upgraded from the version that wrote it (:func:`read_run_record`); a file
-    that is not one is a ReportError naming it."""
+def read_record(path: str | os.PathLike, data: Any = None) -> AnyRecord:
+    """A metrics.json the report reads (``data``: its JSON, when already read), upgraded from the version that
+    wrote it (:func:`cxr.run_record.record_from_dict`); a file that is not one is a ReportError naming it."""
     path = Path(path)
-    read_json(path)  # unreadable bytes or JSON: the report's own message
+    data = read_json(path) if data is None else data
     try:
-        return read_run_record(path)
-    except RunRecordError as error:
-        raise ReportError(f"{error}; fix or re-run that experiment. README is unchanged.") from None
+        return record_from_dict(data, path)
+    except (RunRecordError, TypeError) as error:
+        raise ReportError(f"{str(path)!r} {error}; fix or re-run that experiment. README is unchanged.") from None
 
 
 def read_metrics(path: str | os.PathLike) -> AnyRecord:
@@ -67,7 +67,7 @@ def read_metrics(path: str | os.PathLike) -> AnyRecord:
     data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("test"), dict):
         raise ReportError(f"{str(path)!r} has no 'test' scores; is it a metrics.json written by cxr train?")
-    record = read_record(path)
+    record = read_record(path, data)
     check_run(record, path)
     return record
 
