@@ -324,6 +324,7 @@ def test_runs_older_than_the_baseline_take_it_from_the_audit_of_their_dataset(pr
     (lambda m: m["test"].update(macro_f1="0.9"), "has a field of the wrong type (ValueError"),
     (lambda m: m.update(experiment="x " + END_MARKER), "names its experiment 'x <!-- results:end -->', which is not"),
     (lambda m: m.update(weights=START_MARKER), "holds text with an HTML comment marker ('<!-- results:start -->')"),
+    (lambda m: m.update(schema_version=99), "was written by a newer cxr (schema_version 99"),
     (None, "not UTF-8 text"),
 ])
 def test_a_damaged_metrics_json_is_named_and_readme_untouched(project, capsys, change, message):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import io
 import dataclasses
-import json
 import os
 import re
 import shlex
@@ -272,12 +271,13 @@ def _print_experiments() -> None:
 def _print_metrics(metrics: dict, out: str, name: str, folder: str | None = None) -> None:
     from . import metrics as table
     from .breakdowns import check_sentences
+    from .run_record import test_section
 
-    test = metrics.get("test", metrics)
-    intervals = test.get("ci95", {})
+    test = test_section(metrics)
+    intervals = test.ci95
 
     def score(metric) -> str:
-        value, interval = table.stored_value(test, metric), table.stored_interval(test, metric)
+        value, interval = test.value(metric), test.interval(metric)
         if value is None:
             return "undefined"
         return f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
@@ -288,7 +288,7 @@ def _print_metrics(metrics: dict, out: str, name: str, folder: str | None = None
     if test.get("who_tb_screening") is not None or "operating_points" in test:
         print(table.who_tb_sentence(test.get("who_tb_screening")))
     checks = metrics.get("shortcuts") or test.get("shortcuts") or {}
-    for sentence in (checks.get("sentence"), checks.get("saliency_sentence"), *check_sentences(test)):
+    for sentence in (checks.get("sentence"), checks.get("saliency_sentence"), *check_sentences(test.scores)):
         if sentence:
             print(sentence)
 
@@ -582,13 +582,14 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
 def _print_other_folders(metrics: dict, out: str) -> None:
     """After ``cxr train --add-train``: what was added, and the scores of the folders scored after training."""
     from .added_folders import added_sentence
+    from .run_record import read_run_record
 
     record = metrics.get("added_training") or {}
     if added_sentence(record):
         print(added_sentence(record))
     for name in record.get("external_folders", []):
         where = f"{metrics['experiment']}/external/{name}"
-        _print_metrics(json.loads((Path(out) / where / "metrics.json").read_text()), out, where)
+        _print_metrics(read_run_record(Path(out) / where / "metrics.json").to_dict(), out, where)
 
 
 def _print_result(metrics: dict, args: argparse.Namespace) -> None:

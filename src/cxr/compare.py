@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 
 from .figures import save_figure
 from . import metrics as table
+from .run_record import AnyRecord, RunRecordError, as_record, read_run_record
 
 def figure_label(metric: table.Metric) -> str:
     return metric.label.replace(" ", "\n")
@@ -20,37 +20,36 @@ def figure_label(metric: table.Metric) -> str:
 SUMMARY_METRICS = {m.name: figure_label(m) for m in table.summary_metrics()}
 
 
-def read_metrics(path: str | os.PathLike) -> dict[str, Any]:
-    """A ``metrics.json`` written by ``cxr train``, checked for the parts the figure needs."""
+def read_metrics(path: str | os.PathLike) -> AnyRecord:
+    """A ``metrics.json`` written by ``cxr train`` (any version, upgraded), checked for the parts the figure needs."""
     path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{str(path)!r} does not exist; train or evaluate an experiment first.")
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{str(path)!r} does not exist; train or evaluate an experiment first.") from None
-    except (OSError, json.JSONDecodeError) as error:
+        record = read_run_record(path)
+    except RunRecordError as error:
         raise ValueError(f"{str(path)!r} is not a readable metrics.json ({error}).") from None
-    if not isinstance(data, dict) or not isinstance(data.get("test"), dict) or "accuracy" not in data["test"]:
+    if "accuracy" not in record.test:
         raise ValueError(f"{str(path)!r} has no test results; is it a metrics.json written by cxr train?")
-    return data
+    return record
 
 
-def metric_table(metrics: dict[str, Any]) -> dict[str, tuple[float | None, list[float] | None]]:
+def metric_table(metrics: AnyRecord | Mapping[str, Any]) -> dict[str, tuple[float | None, list[float] | None]]:
     """``{label: (point, [lo, hi] or None)}`` for every metric of the table, per class as ``label\nclass``
     (those a metrics.json from before a metric existed lacks are left out)."""
-    test = metrics["test"]
-    rows = {figure_label(m): (table.stored_value(test, m), table.stored_interval(test, m))
-            for m in table.summary_metrics() if m.name in test}
+    test = as_record(metrics).test
+    rows = {figure_label(m): (test.value(m), test.interval(m)) for m in table.summary_metrics() if m.name in test}
     for m in table.class_metrics():
-        for name, scores in test.get("per_class", {}).items():
+        for name, scores in test.per_class.items():
             if m.name in scores:
-                rows[f"{m.label}\n{name}"] = (scores[m.name], table.stored_interval(test, m, name))
+                rows[f"{m.label}\n{name}"] = (scores[m.name], test.interval(m, name))
     return rows
 
 
-def run_labels(runs: Sequence[dict[str, Any]], paths: Sequence[str | os.PathLike]) -> list[str]:
+def run_labels(runs: Sequence[AnyRecord | Mapping[str, Any]], paths: Sequence[str | os.PathLike]) -> list[str]:
     """Each run's legend entry: its experiment, and where two runs share one, the folder that tells them apart
     (two identical entries would hide which points are whose)."""
-    names = [str(run.get("experiment") or Path(path).parent.name) for run, path in zip(runs, paths)]
+    names = [str(as_record(run).experiment or Path(path).parent.name) for run, path in zip(runs, paths)]
     folders = [Path(path).resolve().parent for path in paths]
     labels = []
     for name, folder in zip(names, folders):

@@ -33,6 +33,7 @@ from .checkpoint import non_finite_tensor
 from .inference import check_finite_outputs, load_trained_model, state_dict_mismatch
 from . import export_identity
 from .provenance import git_commit
+from .run_record import RunRecord, RunRecordError, read_run_record
 
 FORMAT = "cxr-export/1"
 FILES = {"onnx": "model.onnx", "weights": "model.safetensors", "description": "model.json"}
@@ -78,12 +79,12 @@ def _run_metrics(checkpoint: Path, state: dict[str, Any]) -> dict[str, Any]:
     found: dict[str, Any] = {"epoch": state["epoch"], "validation": validation, "test": None, "commit": None}
     path = checkpoint.resolve().parent.parent / "metrics.json"
     try:
-        metrics = json.loads(path.read_text())
-    except (OSError, ValueError):
+        record = read_run_record(path)
+    except RunRecordError:
         return found
-    if metrics.get("config") == state["experiment"] and metrics.get("best_epoch") == state["epoch"]:
-        found.update(test=metrics.get("test"), commit=metrics.get("git_commit"), date=metrics.get("date"),
-                     dataset=(metrics.get("dataset") or {}).get("name"))
+    if isinstance(record, RunRecord) and record.config == state["experiment"] and record.best_epoch == state["epoch"]:
+        found.update(test=record.test.to_dict(), commit=record.git_commit, date=record.date,
+                     dataset=record.dataset.name if record.dataset else None)
     return found
 
 

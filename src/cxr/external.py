@@ -23,7 +23,7 @@ import numpy as np
 from scipy.special import softmax
 
 from .audit import audit_splits
-from .classification_report import classification_metrics, report_text, write_json
+from .classification_report import classification_metrics, report_text
 from .config import experiment_from_dict
 from .breakdowns import pairwise_auroc
 from .checks import Evidence, run_checks
@@ -36,6 +36,7 @@ from .layout import CLASSES, locate_dataset, relative_path, visible_name
 from .metrics import bootstrap_ci, operating_points, who_tb_screening
 from .model_card import write_model_card
 from .pipeline import build_dataset, make_loader
+from .run_record import ExternalRecord, TestScores
 from .runtime import Runtime
 
 
@@ -155,12 +156,12 @@ def evaluate_external(
                                    group_column=groups[1] if groups else "group"))
     result = external_result(config.name, checkpoint, folder, base, ignored, external, splits, overlaps,
                              not_audited, logits, labels, thresholds_from, test)
-    result["external"]["folder"] = name
+    result.external["folder"] = name
     write_external(result, out_dir, logits, labels)
     run_metrics = Path(out) / config.name / "metrics.json"
     if run_metrics.is_file():  # the run's model card lists its external results
         write_model_card(run_metrics.parent)
-    return result
+    return result.to_dict()
 
 
 def validation_probabilities(model: Any, config: Any, splits: DataSplits | None, state: dict[str, Any],
@@ -176,7 +177,7 @@ def validation_probabilities(model: Any, config: Any, splits: DataSplits | None,
 def external_result(name: str, checkpoint: str | os.PathLike, folder: str | os.PathLike, base: Path,
                     ignored: list[str], external: Split, splits: DataSplits | None, overlaps: dict[str, Any],
                     not_audited: str | None, logits: np.ndarray, labels: np.ndarray,
-                    thresholds_from: tuple[np.ndarray, np.ndarray] | None, test: dict[str, Any]) -> dict[str, Any]:
+                    thresholds_from: tuple[np.ndarray, np.ndarray] | None, test: dict[str, Any]) -> ExternalRecord:
     """The external metrics.json: what was scored, against what training data, the overlaps and the checks."""
     root = splits.root if splits else None
     overlapping = np.array([relative_path(p, root) in overlaps["files"] if root else False for p in external.paths],
@@ -185,35 +186,35 @@ def external_result(name: str, checkpoint: str | os.PathLike, folder: str | os.P
     if message:
         warnings.warn(message, stacklevel=3)
     kept = ~overlapping
-    return {
-        "experiment": name,
-        "checkpoint": str(checkpoint),
-        "external": {"folder": Path(folder).resolve().name, "root": str(Path(folder).resolve()),
-                     "classes_from": str(base), "ignored_folders": ignored,
-                     "absent_classes": [c for k, c in enumerate(CLASSES) if not (labels == k).any()],
-                     "skipped_files": [{"path": str(p), "reason": why} for p, why in external.skipped]},
-        "trained_on": ({"root": str(splits.root), "val_source": splits.val_source, "counts": splits.counts()}
-                       if splits else None),
-        "overlaps": {"files": overlaps["files"], "count": int(overlapping.sum()), "warning": message,
-                     "audited": overlaps["audited"], "note": None if overlaps["audited"] else not_audited},
-        "test": {**{k: v for k, v in test.items() if k not in ("shortcuts", "shortcut_baseline")},
-                 **operating(logits, labels, thresholds_from)},
-        "test_without_overlaps": (score(logits[kept], labels[kept], thresholds_from)
-                                  if overlapping.any() and kept.any() else None),
-        "shortcuts": test.get("shortcuts"),
-        "shortcut_baseline": test.get("shortcut_baseline"),
-    }
+    return ExternalRecord(
+        experiment=name,
+        checkpoint=str(checkpoint),
+        external={"folder": Path(folder).resolve().name, "root": str(Path(folder).resolve()),
+                  "classes_from": str(base), "ignored_folders": ignored,
+                  "absent_classes": [c for k, c in enumerate(CLASSES) if not (labels == k).any()],
+                  "skipped_files": [{"path": str(p), "reason": why} for p, why in external.skipped]},
+        trained_on=({"root": str(splits.root), "val_source": splits.val_source, "counts": splits.counts()}
+                    if splits else None),
+        overlaps={"files": overlaps["files"], "count": int(overlapping.sum()), "warning": message,
+                  "audited": overlaps["audited"], "note": None if overlaps["audited"] else not_audited},
+        test=TestScores({**{k: v for k, v in test.items() if k not in ("shortcuts", "shortcut_baseline")},
+                         **operating(logits, labels, thresholds_from)}),
+        test_without_overlaps=(TestScores(score(logits[kept], labels[kept], thresholds_from))
+                               if overlapping.any() and kept.any() else None),
+        shortcuts=test.get("shortcuts"),
+        shortcut_baseline=test.get("shortcut_baseline"),
+    )
 
 
-def write_external(result: dict[str, Any], out_dir: Path, logits: np.ndarray, labels: np.ndarray) -> None:
+def write_external(result: ExternalRecord, out_dir: Path, logits: np.ndarray, labels: np.ndarray) -> None:
     """metrics.json, the text report, the confusion matrix and the ROC curves of one external evaluation."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(result, out_dir / "metrics.json")
-    (out_dir / "classification_report.txt").write_text(report_text(result["test"], CLASSES))
-    title = f"{result['experiment']}: external {result['external']['folder']}"
+    result.write(out_dir / "metrics.json")
+    (out_dir / "classification_report.txt").write_text(report_text(result.test.scores, CLASSES))
+    title = f"{result.experiment}: external {result.folder}"
     probabilities = softmax(logits.astype(np.float64), axis=1)
     for figure in (plot_confusion(labels, logits.argmax(1), CLASSES, out_dir / "confusion_matrix.png", title),
                    plot_roc(labels, probabilities, CLASSES, out_dir / "roc.png", title,
-                            result["test"]["operating_points"])):
+                             result.test["operating_points"])):
         plt.close(figure)
     np.savez_compressed(out_dir / "test_logits.npz", logits=logits, labels=labels)

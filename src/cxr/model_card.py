@@ -7,15 +7,15 @@ lacks (the shortcut checks, external validation) say so instead of being left ou
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from . import metrics as table
 from .added_folders import added_sentence
 from .breakdowns import same_source_sentence
 from .layout import CLASSES
+from .run_record import AnyRecord, ExternalRecord, RunRecord, TestScores, as_record, read_run_record
 
 CARD_FILE = "model_card.md"
 SOURCES = (
@@ -39,10 +39,11 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def metrics_lines(test: dict[str, Any]) -> list[str]:
+def metrics_lines(test: TestScores | Mapping[str, Any]) -> list[str]:
     """The table's metrics with intervals, per-class scores with the operating points, and the WHO check."""
+    test = test if isinstance(test, TestScores) else TestScores(dict(test))
     lines = _table(["metric", "value (95% bootstrap interval)"],
-                   [[m.label, _score(table.stored_value(test, m), table.stored_interval(test, m))]
+                   [[m.label, _score(test.value(m), test.interval(m))]
                     for m in table.summary_metrics() if m.name in test])
     points = test.get("operating_points") or {}
     header = ["class", *(m.label for m in table.class_metrics())]
@@ -50,8 +51,7 @@ def metrics_lines(test: dict[str, Any]) -> list[str]:
         header += ["threshold (val, 90% sensitivity)", "test sensitivity", "test specificity"]
     rows = []
     for name in CLASSES:
-        row = [name, *(_score(table.stored_value(test, m, name), table.stored_interval(test, m, name))
-                       for m in table.class_metrics())]
+        row = [name, *(_score(test.value(m, name), test.interval(m, name)) for m in table.class_metrics())]
         if points:
             point = points.get(name) or {}
             row += [_score(point.get("threshold")), _score(point.get("sensitivity")), _score(point.get("specificity"))]
@@ -77,9 +77,9 @@ def _checks_lines(value: Any, depth: int = 0) -> list[str]:
     return lines
 
 
-def pairwise_lines(test: dict[str, Any]) -> list[str]:
+def pairwise_lines(test: TestScores) -> list[str]:
     """One-vs-one AUROC of every pair of classes, the pair that shares a source named (none in older files)."""
-    pairs = test.get("pairwise_auroc")
+    pairs = test.pairwise_auroc
     if not pairs:
         return []
     rows = [[name + (" (the same source: Kermany children)" if entry.get("same_source") else ""),
@@ -88,9 +88,9 @@ def pairwise_lines(test: dict[str, Any]) -> list[str]:
     return ["", *_table(["pair", "AUROC (95% bootstrap interval)", "images"], rows), *(["", sentence] if sentence else [])]
 
 
-def group_lines(test: dict[str, Any]) -> list[str]:
+def group_lines(test: TestScores) -> list[str]:
     """Scores per group (``--groups``) with counts; groups too small to score named."""
-    groups = test.get("groups")
+    groups = test.groups
     if not groups:
         return []
     rows = [[name, str(entry["images"]), _score(entry.get("accuracy"), (entry.get("ci95") or {}).get("accuracy")),
@@ -101,101 +101,117 @@ def group_lines(test: dict[str, Any]) -> list[str]:
             "", groups["sentence"]]
 
 
-def external_lines(results: list[dict[str, Any]]) -> list[str]:
+def external_lines(results: Sequence[ExternalRecord]) -> list[str]:
     if not results:
         return ["No external validation yet (`cxr evaluate EXPERIMENT --checkpoint C --external DIR`)."]
     lines = []
     for result in results:
-        name, overlaps = result["external"]["folder"], result.get("overlaps", {})
-        lines += [f"### `{name}` ({result['test']['images']} images, classes present: "
-                  f"{', '.join(result['test']['classes_present'])})", ""]
+        overlaps = result.overlaps
+        lines += [f"### `{result.folder}` ({result.test.images} images, classes present: "
+                  f"{', '.join(result.test['classes_present'])})", ""]
         if overlaps.get("warning"):
             lines += [f"**{overlaps['warning']}**", ""]
         if overlaps.get("audited") is False:
             lines += [f"Overlap not audited: {overlaps.get('note')}", ""]
-        shares = (result["test"].get("class_shares") or {}).get("sentence")
+        shares = result.test.class_shares.get("sentence")
         if shares:
             lines += [shares[0].upper() + shares[1:], ""]
-        baseline = (result.get("shortcut_baseline") or {}).get("test")
+        baseline = (result.shortcut_baseline or {}).get("test")
         if baseline:
             lines += [f"The no-anatomy baseline, fit on the training split, scores accuracy {baseline['accuracy']:.3f} "
                       f"and macro-F1 {baseline['macro_f1']:.3f} on this folder (the model: accuracy "
-                      f"{_score(result['test'].get('accuracy'))}).", ""]
-        lines += metrics_lines(result["test"]) + pairwise_lines(result["test"]) + group_lines(result["test"])
-        if result.get("test_without_overlaps"):
+                      f"{_score(result.test.accuracy)}).", ""]
+        lines += metrics_lines(result.test) + pairwise_lines(result.test) + group_lines(result.test)
+        if result.test_without_overlaps:
             lines += ["", "Without the images that overlap training or validation:", ""]
-            lines += metrics_lines(result["test_without_overlaps"])
+            lines += metrics_lines(result.test_without_overlaps)
         lines.append("")
     return lines
 
 
-def limitations(metrics: dict[str, Any]) -> list[str]:
-    test = metrics["test"]
+def limitations(record: AnyRecord) -> list[str]:
+    test = record.test
     items = [
         "Research only. Not validated on patients and not a medical device.",
         "Each class comes from its own sources (see Data): the scores may reflect the source, not the disease.",
         "NORMAL and PNEUMONIA are children's images, COVID19 and TUBERCULOSIS adults': the model has never "
         "seen a healthy adult or an adult with bacterial pneumonia.",
-        f"The test split holds {sum(v.get('support', 0) for v in test.get('per_class', {}).values()) or 'few'} "
+        f"The test split holds {sum(v.get('support', 0) for v in test.per_class.values()) or 'few'} "
         "images from the same sources as training; the bootstrap intervals say how much the scores could move.",
     ]
-    baseline = metrics.get("shortcut_baseline")
-    if not baseline:
+    if not getattr(record, "shortcut_baseline", None):  # an evaluation's record never holds it
         items.append("The shortcut baseline (a classifier that never sees the anatomy) was not measured for this run.")
     return [f"- {item}" for item in items]
 
 
-def model_card_text(metrics: dict[str, Any], external: list[dict[str, Any]] | None = None) -> str:
-    """The whole card as Markdown, from one run's metrics.json and its external results."""
-    config = metrics.get("config", {})
-    dataset = metrics.get("dataset", {})
+def run_settings(record: AnyRecord) -> list[tuple[str, Any]]:
+    """How the card's run was made beside its configuration: a training run's epochs, device and time, an
+    evaluation's checkpoint (settings the record does not hold are left out)."""
+    if isinstance(record, RunRecord):
+        settings = [("seed", record.seed), ("epochs_run", record.epochs_run), ("best_epoch", record.best_epoch),
+                    ("device", record.device), ("mixed_precision", record.mixed_precision),
+                    ("train_seconds", record.timings.train_seconds)]
+    else:
+        settings = [("seed", getattr(record, "seed", None)),
+                    ("evaluated_checkpoint", getattr(record, "evaluated_checkpoint", None)),
+                    ("checkpoint_epoch", getattr(record, "checkpoint_epoch", None)),
+                    ("device", getattr(record, "device", None))]
+    return [(key, value) for key, value in settings if value is not None]
+
+
+def model_card_text(metrics: AnyRecord | Mapping[str, Any], external: Sequence[ExternalRecord] | None = None) -> str:
+    """The whole card as Markdown, from one run's metrics.json (its record, or the dict ``train_experiment``
+    returns) and its external results."""
+    record = as_record(metrics)
+    config = getattr(record, "config", {})
+    dataset = getattr(record, "dataset", None)
     recipe = [[str(k), f"`{v}`"] for k, v in config.items() if k not in ("name", "summary")]
-    recipe += [[k, f"`{metrics[k]}`"] for k in ("seed", "epochs_run", "best_epoch", "evaluated_checkpoint",
-                                                 "checkpoint_epoch", "device", "mixed_precision", "train_seconds")
-               if k in metrics]
-    if metrics.get("weights_file"):  # a local file: its name and digest say more than the path it had
-        local = metrics["weights_file"]
-        recipe.append(["weights file", f"`{local['name']}` (sha256 `{local['sha256']}`)"])
-    counts = dataset.get("counts", {})
+    recipe += [[k, f"`{v}`"] for k, v in run_settings(record)]
+    local = getattr(record, "weights_file", None)
+    if local:  # a local file: its name and digest say more than the path it had
+        recipe.append(["weights file", f"`{local.name}` (sha256 `{local.sha256}`)"])
+    counts = dataset.counts if dataset else {}
     lines = [
-        f"# Model card: `{metrics.get('experiment', '?')}`", "",
-        f"Generated by `cxr` from `metrics.json` (commit {metrics.get('git_commit', 'unknown')}, "
-        f"{metrics.get('date', 'date unknown')}); do not edit, it is rewritten by every train and evaluate.", "",
+        f"# Model card: `{record.experiment or '?'}`", "",
+        f"Generated by `cxr` from `metrics.json` (commit {getattr(record, 'git_commit', None) or 'unknown'}, "
+        f"{getattr(record, 'date', None) or 'date unknown'}); do not edit, it is rewritten by every train and "
+        "evaluate.", "",
         "## Intended use", "",
         "Research and teaching on chest X-ray classification (COVID19, NORMAL, PNEUMONIA, TUBERCULOSIS) only. "
         "**Not for diagnosis, triage or screening of any patient**, and not a medical device.", "",
         "## Data", "",
-        f"Dataset `{dataset.get('name', 'unknown')}`, validation split: {dataset.get('val_source', 'unknown')}.", "",
+        f"Dataset `{(dataset and dataset.name) or 'unknown'}`, validation split: "
+        f"{(dataset and dataset.val_source) or 'unknown'}.", "",
         *(_table(["split", *CLASSES], [[s, *(str(c.get(k, 0)) for k in CLASSES)] for s, c in counts.items()])
           if counts else ["Image counts unknown."]),
-        *(["", added] if (added := added_sentence(metrics.get("added_training"))) else []),
+        *(["", added] if (added := added_sentence(getattr(record, "added_training", None))) else []),
         "", *(f"- {line}" for line in SOURCES), "",
         "## Training recipe", "",
         f"{config.get('summary', '')}".strip(), "",
         *_table(["setting", "value"], recipe), "",
         "## Test metrics", "",
-        *metrics_lines(metrics["test"]), *pairwise_lines(metrics["test"]), *group_lines(metrics["test"]), "",
+        *metrics_lines(record.test), *pairwise_lines(record.test), *group_lines(record.test), "",
         "## Shortcut checks", "",
     ]
-    for key, title in (("shortcut_baseline", "Baseline that never sees the anatomy"),
-                       ("shortcuts", "Masked evaluation and saliency")):
-        found = _checks_lines(metrics[key]) if metrics.get(key) else ["Not computed for this run."]
+    for found, title in ((getattr(record, "shortcut_baseline", None), "Baseline that never sees the anatomy"),
+                         (record.shortcuts, "Masked evaluation and saliency")):
+        found = _checks_lines(found) if found else ["Not computed for this run."]
         lines += [f"### {title}", "", *found]
         lines.append("")
     lines += ["## External validation", "", *external_lines(external or []), "## Known limitations", "",
-              *limitations(metrics), ""]
+              *limitations(record), ""]
     return "\n".join(lines)
 
 
-def read_external(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted(Path(run_dir).glob("external/*/metrics.json"))]
+def read_external(run_dir: Path) -> list[ExternalRecord]:
+    return [read_run_record(p) for p in sorted(Path(run_dir).glob("external/*/metrics.json"))]
 
 
-def write_model_card(run_dir: str | os.PathLike, metrics: dict[str, Any] | None = None) -> Path:
+def write_model_card(run_dir: str | os.PathLike, metrics: AnyRecord | Mapping[str, Any] | None = None) -> Path:
     """Write ``run_dir/model_card.md`` from ``metrics`` (default: ``run_dir/metrics.json``) and the run's
     external results; return its path."""
     run_dir = Path(run_dir)
-    metrics = metrics if metrics is not None else json.loads((run_dir / "metrics.json").read_text())
+    metrics = metrics if metrics is not None else read_run_record(run_dir / "metrics.json")
     path = run_dir / CARD_FILE
     path.write_text(model_card_text(metrics, read_external(run_dir)))
     return path

@@ -11,6 +11,7 @@ configuration and ``assets/`` (or ``CXR_OUT``); ``CXR_EPOCHS``, ``CXR_WEIGHTS``,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -37,6 +38,7 @@ from .models import Classifier
 from .report import format_score, recall_interval, run_conclusion
 from .run_options import RunOptions
 from .runtime import Runtime
+from .run_record import AnyRecord, RunRecord, as_record, read_run_record, test_section
 from .synthetic import write_synthetic_dataset
 from .workflow import ASSET_FILES, build_experiment_model
 
@@ -284,10 +286,10 @@ class LiveCurves:
         plt.close(figure)
 
 
-def classification_table(metrics: dict[str, Any]) -> pd.DataFrame:
+def classification_table(metrics: AnyRecord | dict[str, Any]) -> pd.DataFrame:
     """The test split's classification report: per-class precision, recall, F1 and support, then averages."""
-    test = metrics.get("test", metrics)
-    rows = {name: values for name, values in test["per_class"].items()}
+    test = test_section(metrics)
+    rows = {name: values for name, values in test.per_class.items()}
     total = sum(values["support"] for values in rows.values())
     for label, key in (("macro avg", "macro_avg"), ("weighted avg", "weighted_avg")):
         rows[label] = {"precision": test[key]["precision"], "recall": test[key]["recall"], "f1": test[key]["f1"],
@@ -317,29 +319,31 @@ def files_table(run_dir: str | os.PathLike) -> pd.DataFrame:
                         index=pd.Index([p.relative_to(run_dir).as_posix() for p in files], name=f"{run_dir}/"))
 
 
-def conclusion_text(metrics: dict[str, Any]) -> str:
-    """A short Markdown summary of a run, every number taken from its metrics, ending with its shortcut
-    checks (baseline, masked views, saliency; :func:`cxr.report.run_conclusion`)."""
-    test = metrics["test"]
-    ci95 = test.get("ci95") or {}
-    recalls = {name: values["recall"] for name, values in test["per_class"].items()}
+def conclusion_text(metrics: RunRecord | dict[str, Any]) -> str:
+    """A short Markdown summary of a run (its record, or the dict ``train_experiment`` returns), every number
+    taken from its metrics, ending with its shortcut checks (baseline, masked views, saliency;
+    :func:`cxr.report.run_conclusion`)."""
+    record = as_record(metrics)
+    test = record.test
+    ci95 = test.ci95
+    recalls = {name: values["recall"] for name, values in test.per_class.items()}
     weakest, strongest = min(recalls, key=recalls.get), max(recalls, key=recalls.get)
-    sizes = {split: sum(counts.values()) for split, counts in metrics["dataset"]["counts"].items()}
-    stop = ", stopped early by the validation monitor" if metrics.get("stopped_early") else ""
+    sizes = record.dataset.sizes()
+    stop = ", stopped early by the validation monitor" if record.stopped_early else ""
 
-    scores = ", ".join(f"{m.label} **{format_score(table.stored_value(test, m), table.stored_interval(test, m))}**"
+    scores = ", ".join(f"{m.label} **{format_score(test.value(m), test.interval(m))}**"
                        for m in table.summary_metrics() if m.name in test)
     lines = [
-        f"**{metrics['experiment']}** on `{metrics['dataset']['name']}` "
+        f"**{record.experiment}** on `{record.dataset.name}` "
         f"({sizes.get('train', 0)} training, {sizes.get('val', 0)} validation, {sizes.get('test', 0)} test images), "
-        f"weights `{metrics['weights']}`, {metrics['epochs_run']} epoch(s) (best: {metrics['best_epoch']}{stop}), "
-        f"{metrics['train_seconds']:.0f} s of training on {metrics['device']} ({metrics['mixed_precision']}).",
+        f"weights `{record.weights}`, {record.epochs_run} epoch(s) (best: {record.best_epoch}{stop}), "
+        f"{record.timings.train_seconds:.0f} s of training on {record.device} ({record.mixed_precision}).",
         "",
         f"- Test {scores}" + (" (brackets: bootstrap 95% confidence interval)." if ci95 else "."),
         f"- Best recalled class: {strongest} ({format_score(recalls[strongest], recall_interval(ci95, strongest))}); "
         f"weakest: {weakest} ({format_score(recalls[weakest], recall_interval(ci95, weakest))}).",
-        f"- Validation macro-F1 of the chosen checkpoint: {format_score(metrics['best_val'].get('val_macro_f1'))}.",
-        f"- What it learned (shortcut checks): {run_conclusion(metrics, metrics.get('shortcut_baseline'))}",
+        f"- Validation macro-F1 of the chosen checkpoint: {format_score(record.best_val.get('val_macro_f1'))}.",
+        f"- What it learned (shortcut checks): {run_conclusion(record, record.shortcut_baseline)}",
     ]
     if "operating_points" in test:
         lines.append(f"- {table.who_tb_sentence(test.get('who_tb_screening'))}")
@@ -364,7 +368,8 @@ def conclusion(run: str | os.PathLike) -> MarkdownText:
     """The run's summary as Markdown, read from its ``metrics.json`` (``run``: that file or the run's folder)."""
     path = Path(run)
     path = path / "metrics.json" if path.is_dir() else path
-    return MarkdownText(conclusion_text(json.loads(path.read_text())))
+    record = read_run_record(path)  # read without its place: the summary leaves the external folders to README
+    return MarkdownText(conclusion_text(dataclasses.replace(record, source=None)))
 
 
 BOOTSTRAP_SOURCE = Path(__file__).with_name("kaggle_bootstrap.py")

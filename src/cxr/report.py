@@ -16,13 +16,15 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from . import metrics as table
 from .added_folders import added_sentence
 from .breakdowns import SAME_SOURCE_PAIRS, pair_name, shares_short
 from .config import EXPERIMENTS
 from .layout import CLASSES
+from .run_record import (AnyRecord, ExternalRecord, RunRecord, RunRecordError, TestScores, Timings, as_record,
+                         record_from_dict)
 
 START_MARKER = "<!-- results:start -->"
 END_MARKER = "<!-- results:end -->"
@@ -48,15 +50,26 @@ def read_json(path: str | os.PathLike) -> Any:
                           "README is unchanged.") from None
 
 
-def read_metrics(path: str | os.PathLike) -> dict[str, Any]:
-    """One run's metrics, with the path it came from under ``"_path"``, checked as the report reads it."""
+def read_record(path: str | os.PathLike, data: Any = None) -> AnyRecord:
+    """A metrics.json the report reads (``data``: its JSON, when already read), upgraded from the version that
+    wrote it (:func:`cxr.run_record.record_from_dict`); a file that is not one is a ReportError naming it."""
     path = Path(path)
-    metrics = read_json(path)
-    if not isinstance(metrics, dict) or not isinstance(metrics.get("test"), dict):
+    data = read_json(path) if data is None else data
+    try:
+        return record_from_dict(data, path)
+    except (RunRecordError, TypeError) as error:
+        raise ReportError(f"{str(path)!r} {error}; fix or re-run that experiment. README is unchanged.") from None
+
+
+def read_metrics(path: str | os.PathLike) -> AnyRecord:
+    """One run's record (its ``source``: the path it came from), checked as the report reads it."""
+    path = Path(path)
+    data = read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("test"), dict):
         raise ReportError(f"{str(path)!r} has no 'test' scores; is it a metrics.json written by cxr train?")
-    metrics["_path"] = path
-    check_run(metrics, path)
-    return metrics
+    record = read_record(path, data)
+    check_run(record, path)
+    return record
 
 
 def _strings(value: Any) -> Iterable[str]:
@@ -71,32 +84,31 @@ def _strings(value: Any) -> Iterable[str]:
             yield from _strings(item)
 
 
-def check_run(metrics: dict[str, Any], path: Path) -> None:
+def check_run(record: AnyRecord, path: Path) -> None:
     """Refuse, naming the file, what would put a wrong README on the page: an experiment name that is not a
     plain name, text holding an HTML comment (a results marker would cut the block short), a ``ci95`` that
     is not a table of intervals, a field of the wrong type, or NaN or infinity where a score is shown."""
     def refuse(why: str) -> ReportError:
         return ReportError(f"{str(path)!r} {why}; fix or re-run that experiment. README is unchanged.")
 
-    name = str(metrics.get("experiment") or Path(metrics["_path"]).parent.name)
+    name = record.label
     if not PLAIN_NAME.fullmatch(name):
         raise refuse(f"names its experiment {name!r}, which is not a plain name (letters, digits, '.', '_', '+', '-')")
-    marked = next((text for text in _strings({k: v for k, v in metrics.items() if k != "_path"})
-                   if "<!--" in text or "-->" in text), None)
+    marked = next((text for text in _strings(record.to_dict()) if "<!--" in text or "-->" in text), None)
     if marked is not None:
         raise refuse(f"holds text with an HTML comment marker ({marked[:80]!r}), which would break README's markers")
-    tests = [metrics["test"], *(test for _, test in external_rows(metrics))]
-    if any(not isinstance(test, dict) or not isinstance(test.get("ci95") or {}, dict) for test in tests):
+    tests = [record.test, *(test for _, test in external_rows(record))]
+    if any(not isinstance(test, Mapping) or not isinstance(test.ci95, dict) for test in tests):
         raise refuse("has a 'ci95' that is not a table of [low, high] intervals")
     try:
-        rendered = render_results([metrics], path.parent) + render_shortcuts([metrics])
+        rendered = render_results([record], path.parent) + render_shortcuts([record])
     except (TypeError, ValueError, KeyError, AttributeError, IndexError) as error:
         raise refuse(f"has a field of the wrong type ({type(error).__name__}: {error})") from None
     if NOT_A_NUMBER.search(rendered):
         raise refuse("holds NaN or infinity where a score is shown")
 
 
-def collect_metrics(assets: str | os.PathLike = "assets") -> list[dict[str, Any]]:
+def collect_metrics(assets: str | os.PathLike = "assets") -> list[AnyRecord]:
     """Every ``assets/*/metrics.json``, in the order of the configured experiments (others after, by name)."""
     assets = Path(assets)
     paths = sorted(assets.glob("*/metrics.json"))
@@ -107,15 +119,20 @@ def collect_metrics(assets: str | os.PathLike = "assets") -> list[dict[str, Any]
         )
     order = {name: index for index, name in enumerate(EXPERIMENTS)}
     runs = [read_metrics(path) for path in paths]
-    return sorted(runs, key=lambda m: (order.get(str(m.get("experiment")), len(order)), _name(m)))
+    return sorted(runs, key=lambda m: (order.get(str(m.experiment), len(order)), _name(m)))
 
 
-def _name(metrics: dict[str, Any]) -> str:
+def _name(record: AnyRecord) -> str:
     """The run's label: its experiment, and the folders it added to training (two runs of one experiment, with
     and without them, are told apart)."""
-    name = str(metrics.get("experiment") or Path(metrics["_path"]).parent.name)
-    added = [f["folder"] for f in (metrics.get("added_training") or {}).get("folders", []) if any(f["added"].values())]
-    return " + ".join([name, *added])
+    added_training = _training(record).added_training or {}
+    added = [f["folder"] for f in added_training.get("folders", []) if any(f["added"].values())]
+    return " + ".join([record.label, *added])
+
+
+def _training(record: AnyRecord) -> RunRecord:
+    """What only a training run records (its epochs, time, added folders, baseline), empty for an evaluation."""
+    return record if isinstance(record, RunRecord) else RunRecord()
 
 
 def interval(ci95: dict[str, Any], *keys: str) -> Sequence[float] | None:
@@ -155,43 +172,49 @@ def format_duration(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def split_sizes(metrics: dict[str, Any]) -> dict[str, int]:
+def split_sizes(record: AnyRecord) -> dict[str, int]:
     """Images per split, summed over classes."""
-    counts = metrics.get("dataset", {}).get("counts", {})
-    return {split: sum(per_class.values()) for split, per_class in counts.items()}
+    dataset = getattr(record, "dataset", None)
+    return dataset.sizes() if dataset else {}
 
 
-def _dataset_text(metrics: dict[str, Any]) -> str:
-    dataset = metrics.get("dataset", {})
-    sizes = split_sizes(metrics)
+def _dataset_name(record: AnyRecord) -> str:
+    dataset = getattr(record, "dataset", None)
+    return "unknown" if dataset is None or dataset.name is None else str(dataset.name)
+
+
+def _dataset_text(record: AnyRecord) -> str:
+    sizes = split_sizes(record)
     counts = "/".join(str(sizes[s]) for s in ("train", "val", "test") if s in sizes)
-    text = f"{dataset.get('name', 'unknown')} ({counts})" if counts else str(dataset.get("name", "unknown"))
-    added = added_sentence(metrics.get("added_training"))
+    text = f"{_dataset_name(record)} ({counts})" if counts else _dataset_name(record)
+    added = added_sentence(_training(record).added_training)
     return f"{text}; {added}" if added else text
 
 
-def _device_text(metrics: dict[str, Any]) -> str:
-    precision = metrics.get("mixed_precision")
-    device = str(metrics.get("device", "unknown"))
+def _device_text(record: AnyRecord) -> str:
+    precision = _training(record).mixed_precision
+    device = getattr(record, "device", None)
+    device = "unknown" if device is None else str(device)
     return f"{device}, {precision}" if precision else device
 
 
-def _epochs_text(metrics: dict[str, Any]) -> str:
-    planned = metrics.get("config", {}).get("epochs")
-    text = f"{metrics.get('epochs_run', '?')}" + (f"/{planned}" if planned else "")
-    if metrics.get("best_epoch"):
-        text += f", best {metrics['best_epoch']}"
-    return text + (", stopped early" if metrics.get("stopped_early") else "")
+def _epochs_text(record: AnyRecord) -> str:
+    planned = getattr(record, "config", {}).get("epochs")
+    run = _training(record)
+    text = f"{'?' if run.epochs_run is None else run.epochs_run}" + (f"/{planned}" if planned else "")
+    if run.best_epoch:
+        text += f", best {run.best_epoch}"
+    return text + (", stopped early" if run.stopped_early else "")
 
 
 def _link(target: Path, base: Path) -> str:
     return Path(os.path.relpath(target.resolve(), base.resolve())).as_posix()
 
 
-def figure_links(metrics: dict[str, Any], base: Path) -> str:
+def figure_links(record: AnyRecord, base: Path) -> str:
     """Markdown links, relative to ``base``, to the run's PNG figures that exist on disk."""
-    run_dir = Path(metrics["_path"]).parent
-    files = metrics.get("files", {})
+    run_dir = record.source.parent
+    files = getattr(record, "files", {})
     named = [(key, files[key]) for key in FIGURE_ORDER if key in files]
     named += [(key, name) for key, name in files.items() if key not in FIGURE_ORDER and str(name).endswith(".png")]
     listed = {name for _, name in named}
@@ -201,94 +224,101 @@ def figure_links(metrics: dict[str, Any], base: Path) -> str:
     return ", ".join(links) if links else "none"
 
 
-def reported(tests: Sequence[dict[str, Any]]) -> list[table.Metric]:
+def _scores(test: TestScores | Mapping[str, Any]) -> TestScores:
+    return test if isinstance(test, TestScores) else TestScores(dict(test))
+
+
+def reported(tests: Sequence[TestScores]) -> list[table.Metric]:
     """The table's metrics that at least one test section holds (files from before a metric existed
     lack it), so adding a metric changes no README until a run measures it."""
-    def holds(test: dict[str, Any], metric: table.Metric) -> bool:
+    def holds(test: TestScores, metric: table.Metric) -> bool:
         if metric.per_class:
-            return any(metric.name in scores for scores in test.get("per_class", {}).values())
+            return any(metric.name in scores for scores in test.per_class.values())
         return metric.name in test
 
     return [m for m in table.METRICS if any(holds(test, m) for test in tests)]
 
 
-def score_cells(test: dict[str, Any], shown: Sequence[table.Metric]) -> list[str]:
+def score_cells(test: TestScores, shown: Sequence[table.Metric]) -> list[str]:
     """One table row's scores: each shown metric, per class for per-class ones."""
-    cells = [format_score(table.stored_value(test, m), table.stored_interval(test, m))
-             for m in shown if not m.per_class]
-    cells += [format_score(table.stored_value(test, m, c), table.stored_interval(test, m, c))
-              for m in shown if m.per_class for c in CLASSES]
+    cells = [format_score(test.value(m), test.interval(m)) for m in shown if not m.per_class]
+    cells += [format_score(test.value(m, c), test.interval(m, c)) for m in shown if m.per_class for c in CLASSES]
     return cells
 
 
-def scores_table(runs: Sequence[dict[str, Any]], baseline: dict[str, Any] | None = None) -> str:
+def scores_table(runs: Sequence[AnyRecord | Mapping[str, Any]], baseline: dict[str, Any] | None = None) -> str:
     """Test-split scores per experiment, with 95% bootstrap intervals where metrics.json has them; a run's
     external evaluations (``external/<folder>/metrics.json`` beside its metrics.json) follow it, marked; the
     shortcut baseline's (file and border statistics only; ``baseline``, else a run's) is the last row."""
-    labelled = [(f"`{_name(m)}`", m["test"]) for m in runs]
+    runs = [as_record(m) for m in runs]
+    labelled = [(f"`{_name(m)}`", m.test) for m in runs]
     labelled = [row for run, own in zip(runs, labelled) for row in
                 [own, *((f"`{_name(run)}` {label}", test) for label, test in external_rows(run) + evaluation_rows(run))]]
     baseline = baseline or shortcut_baseline(runs)
     if baseline is not None:
-        labelled.append((BASELINE_ROW + baseline.get("_from", ""), baseline["test"]))
+        labelled.append((BASELINE_ROW + baseline.get("_from", ""), _scores(baseline["test"])))
     shown = reported([test for _, test in labelled])
     header = ["experiment", *(m.label for m in shown if not m.per_class),
               *(f"{m.label} {c}" for m in shown if m.per_class for c in CLASSES)]
     return _markdown_table(header, [[label, *score_cells(test, shown)] for label, test in labelled])
 
 
-def external_results(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+def external_results(record: AnyRecord) -> list[ExternalRecord]:
     """The run's external evaluations: ``external/<folder>/metrics.json`` beside its metrics.json, by folder."""
-    folder = Path(metrics["_path"]).parent / "external"
-    return [read_json(path) for path in sorted(folder.glob("*/metrics.json"))]
+    folder = record.source.parent / "external"
+    results = [read_record(path) for path in sorted(folder.glob("*/metrics.json"))]
+    wrong = next((r.source for r in results if not isinstance(r, ExternalRecord)), None)
+    if wrong is not None:
+        raise ReportError(f"{str(wrong)!r} is not an external evaluation's metrics.json; README is unchanged.")
+    return results
 
 
-def external_rows(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def external_rows(record: AnyRecord) -> list[tuple[str, TestScores]]:
     """(label, test section) per external evaluation, and again without the images that overlap training."""
     rows = []
-    for result in external_results(metrics):
-        name = result.get("external", {}).get("folder", "?")
-        rows.append((f"**external** `{name}`", result["test"]))
-        if result.get("test_without_overlaps") is not None:
-            rows.append((f"**external** `{name}`, training overlaps removed", result["test_without_overlaps"]))
+    for result in external_results(record):
+        rows.append((f"**external** `{result.folder}`", result.test))
+        if result.test_without_overlaps is not None:
+            rows.append((f"**external** `{result.folder}`, training overlaps removed", result.test_without_overlaps))
     return rows
 
 
-def evaluation_rows(metrics: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def evaluation_rows(record: AnyRecord) -> list[tuple[str, TestScores]]:
     """(label, test section) per ``cxr evaluate`` record kept beside the run (``evaluations/<when>-<checkpoint>/
     metrics.json``), and its test-time augmentation scores where it has them."""
     rows = []
-    for path in sorted((Path(metrics["_path"]).parent / "evaluations").glob("*/metrics.json")):
-        record = read_metrics(path)
+    for path in sorted((record.source.parent / "evaluations").glob("*/metrics.json")):
+        evaluation = read_metrics(path)
         label = f"**evaluated** `{path.parent.name}`"
-        rows.append((label, record["test"]))
-        if isinstance(record["test"].get("tta"), dict):
-            rows.append((f"{label}, test-time augmentation", record["test"]["tta"]))
+        rows.append((label, evaluation.test))
+        if evaluation.test.tta is not None:
+            rows.append((f"{label}, test-time augmentation", evaluation.test.tta))
     return rows
 
 
-def shortcut_baseline(runs: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+def shortcut_baseline(runs: Sequence[AnyRecord]) -> dict[str, Any] | None:
     """The shortcut baseline of the first run that has one (runs on one dataset share it)."""
-    return next((m["shortcut_baseline"] for m in runs if isinstance(m.get("shortcut_baseline"), dict)), None)
+    found = (getattr(m, "shortcut_baseline", None) for m in runs)
+    return next((baseline for baseline in found if isinstance(baseline, dict)), None)
 
 
-def audit_baseline(assets: Path, runs: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+def audit_baseline(assets: Path, runs: Sequence[AnyRecord]) -> dict[str, Any] | None:
     """The shortcut baseline of ``assets/audit.json`` (written by ``cxr audit --out assets``) when the runs
     predate the baseline and the audit read their dataset: the same folder name and test images per class."""
     path = assets / "audit.json"
     if not runs or not path.is_file():
         return None
     audit = read_json(path)
-    baseline, dataset = audit.get("shortcut_baseline"), runs[0].get("dataset", {})
+    baseline, dataset = audit.get("shortcut_baseline"), getattr(runs[0], "dataset", None)
     test_counts = audit.get("splits", {}).get("test", {}).get("counts")
-    if not isinstance(baseline, dict) or Path(audit.get("root", "")).name != dataset.get("name"):
+    if not isinstance(baseline, dict) or Path(audit.get("root", "")).name != (dataset and dataset.name):
         return None
-    if test_counts is not None and test_counts != dataset.get("counts", {}).get("test"):
+    if test_counts is not None and test_counts != (dataset.counts.get("test") if dataset else None):
         return None
     return {**baseline, "_from": ", from `cxr audit`"}
 
 
-def runs_table(runs: Sequence[dict[str, Any]], base: Path) -> str:
+def runs_table(runs: Sequence[AnyRecord], base: Path) -> str:
     """How each run was made: epochs, training time, device, weights, dataset and links to its figures."""
     header = ["experiment", "epochs (run/planned)", "train time (whole run)", "device", "weights",
               "dataset (train/val/test images)", "figures"]
@@ -300,20 +330,23 @@ def runs_table(runs: Sequence[dict[str, Any]], base: Path) -> str:
     return _markdown_table(header, rows)
 
 
-def weights_text(metrics: dict[str, Any]) -> str:
+def weights_text(metrics: AnyRecord | Mapping[str, Any]) -> str:
     """The weights a run started from: imagenet, none, or a local file by name and the start of its SHA-256
     (the path it had on the machine that trained says nothing elsewhere)."""
-    local = metrics.get("weights_file")
+    record = as_record(metrics)
+    local = _training(record).weights_file
     if local:
-        return f"{local['name']} (sha256 {local['sha256'][:12]})"
-    return str(metrics.get("weights", "unknown"))
+        return f"{local.name} (sha256 {local.sha256[:12]})"
+    weights = getattr(record, "weights", None)
+    return "unknown" if weights is None else str(weights)
 
 
-def _time_text(metrics: dict[str, Any]) -> str:
+def _time_text(record: AnyRecord) -> str:
     """The training loop's time, then the whole run's (data audit, feature extraction, evaluation): a head trained
     on cached features takes a fraction of a second of a run that lasted minutes."""
-    whole = metrics.get("wall_seconds")
-    return format_duration(metrics.get("train_seconds")) + (f" ({format_duration(whole)})" if whole else "")
+    timings = record.timings if isinstance(record, RunRecord) else Timings(None, getattr(record, "wall_seconds", None))
+    whole = timings.wall_seconds
+    return format_duration(timings.train_seconds) + (f" ({format_duration(whole)})" if whole else "")
 
 
 def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
@@ -327,31 +360,31 @@ def _distinct(values: Iterable[Any]) -> str:
     return ", ".join(unique) if unique else "unknown"
 
 
-def provenance(runs: Sequence[dict[str, Any]]) -> str:
+def provenance(runs: Sequence[AnyRecord]) -> str:
     """One paragraph, built from the metrics only, saying where the numbers come from."""
     datasets = []
-    for metrics in runs:
-        dataset = metrics.get("dataset", {})
-        sizes = split_sizes(metrics)
-        val_note = {"carve": " carved from train", "given": " (Kaggle's own)"}.get(dataset.get("val_source"), "")
+    for record in runs:
+        dataset = getattr(record, "dataset", None)
+        sizes = split_sizes(record)
+        val_note = {"carve": " carved from train", "given": " (Kaggle's own)"}.get(dataset and dataset.val_source, "")
         parts = [f"{sizes[s]} {s}{val_note if s == 'val' else ''}" for s in ("train", "val", "test") if s in sizes]
-        datasets.append(f"{dataset.get('name', 'unknown')} ({', '.join(parts)} images)" if parts
-                        else dataset.get("name", "unknown"))
-    dates = sorted({str(m["date"])[:10] for m in runs if m.get("date")})
+        datasets.append(f"{_dataset_name(record)} ({', '.join(parts)} images)" if parts else _dataset_name(record))
+    dates = sorted({str(m.date)[:10] for m in runs if getattr(m, "date", None)})
     date_text = "unknown" if not dates else dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
     return (
         f"Provenance (generated by `cxr report` from `metrics.json`): dataset {_distinct(datasets)}; "
         f"weights {_distinct(weights_text(m) for m in runs)}; device {_distinct(_device_text(m) for m in runs)}; "
-        f"date {date_text}; commit {_distinct(m.get('git_commit') for m in runs)}. "
+        f"date {date_text}; commit {_distinct(getattr(m, 'git_commit', None) for m in runs)}. "
         "Scores are on the test split, which was used for nothing else"
-        + ("; brackets hold bootstrap 95% confidence intervals." if any(m["test"].get("ci95") for m in runs) else ".")
+        + ("; brackets hold bootstrap 95% confidence intervals." if any(m.test.ci95 for m in runs) else ".")
     )
 
 
-def render_results(runs: Sequence[dict[str, Any]], base: str | os.PathLike = ".",
+def render_results(runs: Sequence[AnyRecord | Mapping[str, Any]], base: str | os.PathLike = ".",
                    baseline: dict[str, Any] | None = None) -> str:
     """The README block between the markers (markers included)."""
     base = Path(base)
+    runs = [as_record(m) for m in runs]
     return "\n\n".join([
         START_MARKER,
         "<!-- generated by `cxr report`; edits here are overwritten -->",
@@ -377,12 +410,12 @@ def _control_mean(checks: dict[str, Any], mode: str) -> str:
     return format_score(sum(values) / len(values), digits=2) if values else "n/a"
 
 
-def _same_source_auroc(test: dict[str, Any]) -> str:
-    entry = (test.get("pairwise_auroc") or {}).get(pair_name(*SAME_SOURCE_PAIRS[0])) or {}
+def _same_source_auroc(test: TestScores) -> str:
+    entry = test.pairwise_auroc.get(pair_name(*SAME_SOURCE_PAIRS[0])) or {}
     return format_score(entry.get("auroc"), entry.get("ci95"), digits=2)
 
 
-def shortcuts_table(runs: Sequence[dict[str, Any]]) -> str:
+def shortcuts_table(runs: Sequence[AnyRecord]) -> str:
     """Per run: test macro-F1 as is, with the lung field and with an equal area outside it hidden or shown
     alone (the model, masked at test time), the train-on-view probes, the same-source pair's AUROC and
     Grad-CAM's mass in the lung field. Older metrics.json files lack some: n/a."""
@@ -390,27 +423,29 @@ def shortcuts_table(runs: Sequence[dict[str, Any]]) -> str:
               "probe outside the lungs", "probe on the lungs", "NORMAL vs PNEUMONIA AUROC (same source)",
               "Grad-CAM in the lungs (their area)"]
     rows = []
-    for metrics in runs:
-        checks = metrics.get("shortcuts") or {}
+    for record in runs:
+        checks = record.shortcuts or {}
         views, probes = checks.get("views", {}), checks.get("probes") or {}
         saliency = checks.get("saliency") or {}
-        rows.append([f"`{_name(metrics)}`", _view_score(views.get("as_is")), _view_score(views.get("lungs_hidden")),
+        rows.append([f"`{_name(record)}`", _view_score(views.get("as_is")), _view_score(views.get("lungs_hidden")),
                      _control_mean(checks, "hidden"), _view_score(views.get("lungs_only")),
                      _control_mean(checks, "only"), _view_score(probes.get("lungs_hidden")),
-                     _view_score(probes.get("lungs_only")), _same_source_auroc(metrics["test"]),
+                     _view_score(probes.get("lungs_only")), _same_source_auroc(record.test),
                      f"{_share(saliency.get('lung_share'))} ({_share(saliency.get('lung_area_share'))})"])
     return _markdown_table(header, rows)
 
 
-def baseline_verdict(test: dict[str, Any], baseline: dict[str, Any] | None, with_data: bool = True) -> str | None:
+def baseline_verdict(test: TestScores | Mapping[str, Any], baseline: dict[str, Any] | None,
+                     with_data: bool = True) -> str | None:
     """Whether a model's test macro-F1 beats the shortcut baseline's, read with both bootstrap intervals, and
     (``with_data``) which images the baseline's number comes from."""
     if baseline is None:
         return None
-    score, reference = test.get("macro_f1"), baseline["test"]["macro_f1"]
+    test = _scores(test)
+    score, reference = test.macro_f1, baseline["test"]["macro_f1"]
     if score is None:
         return None
-    low = interval(test.get("ci95") or {}, "macro_f1")
+    low = interval(test.ci95, "macro_f1")
     high = interval(baseline["test"].get("ci95") or {}, "macro_f1")
     return " ".join([_verdict(score, reference, low, high), baseline_data(baseline) if with_data else ""]).strip()
 
@@ -433,38 +468,40 @@ def _verdict(score: float, reference: float, low: Sequence[float] | None, high: 
     return f"It beats the shortcut baseline (macro-F1 {score:.2f} against {reference:.2f}; intervals apart)."
 
 
-def external_sentence(result: dict[str, Any]) -> str:
+def external_sentence(result: ExternalRecord) -> str:
     """One external evaluation in words: where its images were sent (absent classes included), the model's
     accuracy beside the no-anatomy baseline's on the same folder, and whether overlaps were audited."""
-    test, folder = result["test"], result.get("external", {}).get("folder", "?")
-    parts = [f"on external `{folder}` ({test.get('images', '?')} images) accuracy "
-             f"{format_score(test.get('accuracy'), digits=2)}"]
-    baseline = (result.get("shortcut_baseline") or {}).get("test")
+    test = result.test
+    parts = [f"on external `{result.folder}` ({test.get('images', '?')} images) accuracy "
+             f"{format_score(test.accuracy, digits=2)}"]
+    baseline = (result.shortcut_baseline or {}).get("test")
     if baseline:
         parts[0] += f" (no-anatomy baseline {baseline['accuracy']:.2f})"
-    shares = test.get("class_shares") or {}
+    shares = test.class_shares
     parts += [shares_short(shares.get("shares") or {}, shares.get("absent") or []), same_source_short(test)]
-    if not result.get("overlaps", {}).get("audited", True):
+    if not result.overlaps.get("audited", True):
         parts.append("overlap with training not audited")
     text = "; ".join(p for p in parts if p)
     return text[0].upper() + text[1:] + "."
 
 
-def same_source_short(test: dict[str, Any]) -> str | None:
+def same_source_short(test: TestScores | Mapping[str, Any]) -> str | None:
     """The same-source pair's AUROC in a clause (None where it is not measured or undefined)."""
-    entry = (test.get("pairwise_auroc") or {}).get(pair_name(*SAME_SOURCE_PAIRS[0])) or {}
+    entry = _scores(test).pairwise_auroc.get(pair_name(*SAME_SOURCE_PAIRS[0])) or {}
     if entry.get("auroc") is None:
         return None
     return f"{pair_name(*SAME_SOURCE_PAIRS[0])} (one source) AUROC {format_score(entry['auroc'], entry.get('ci95'), 2)}"
 
 
-def run_conclusion(metrics: dict[str, Any], baseline: dict[str, Any] | None, with_data: bool = True) -> str:
+def run_conclusion(metrics: AnyRecord | Mapping[str, Any], baseline: dict[str, Any] | None,
+                   with_data: bool = True) -> str:
     """The plain conclusion of one run's checks, every word chosen by its numbers (``with_data``: say which
     images the baseline learned from; README's section says it once, above the runs). A metrics.json whose masked
     scores predate the equal-area control is not read for the lungs: its drops cannot tell them from the
     surprise of a grey shape."""
-    checks = metrics.get("shortcuts")
-    parts = [baseline_verdict(metrics["test"], baseline, with_data)]
+    record = as_record(metrics)
+    checks = record.shortcuts
+    parts = [baseline_verdict(record.test, baseline, with_data)]
     if checks and checks.get("controls"):
         parts += [checks.get("short") or checks.get("sentence"), checks.get("saliency_sentence")]
     elif checks:
@@ -472,15 +509,15 @@ def run_conclusion(metrics: dict[str, Any], baseline: dict[str, Any] | None, wit
                      "the lungs; re-evaluate it (`cxr evaluate`).")
     else:
         parts.append("Its metrics.json has no masked or saliency checks (written before they existed); re-run it.")
-    same_source = same_source_short(metrics["test"])
-    parts += [same_source and same_source[0].upper() + same_source[1:] + ".",
-              (metrics["test"].get("groups") or {}).get("sentence")]
-    parts += [external_sentence(result) for result in (external_results(metrics) if "_path" in metrics else [])]
+    same_source = same_source_short(record.test)
+    parts += [same_source and same_source[0].upper() + same_source[1:] + ".", record.test.groups.get("sentence")]
+    parts += [external_sentence(result) for result in (external_results(record) if record.source else [])]
     return " ".join(p for p in parts if p)
 
 
-def render_shortcuts(runs: Sequence[dict[str, Any]], baseline: dict[str, Any] | None = None) -> str:
+def render_shortcuts(runs: Sequence[AnyRecord | Mapping[str, Any]], baseline: dict[str, Any] | None = None) -> str:
     """The "What the models learn" block between the shortcuts markers (markers included)."""
+    runs = [as_record(m) for m in runs]
     baseline = baseline or shortcut_baseline(runs)
     if baseline is None:
         intro = "No run recorded the shortcut baseline (its metrics.json predates it)."

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from sklearn.metrics import confusion_matrix
@@ -17,6 +17,7 @@ from sklearn.metrics import confusion_matrix
 from . import metrics as table
 from .figures import plot_confusion
 from .layout import CLASSES
+from .run_record import RunRecord, TestScores
 
 EPOCH_TAGS = {
     "train_loss": "loss/train",
@@ -27,12 +28,13 @@ EPOCH_TAGS = {
 }
 
 
-def test_scalars(results: dict[str, Any]) -> dict[str, float]:
+def test_scalars(results: TestScores | Mapping[str, Any]) -> dict[str, float]:
     """``{tag: value}`` of every table metric in a test section, per class as ``test/<name>_<class>``;
     undefined values (None) are left out."""
-    scalars = {f"test/{m.name}": results.get(m.name) for m in table.summary_metrics()}
+    test = results if isinstance(results, TestScores) else TestScores(dict(results))
+    scalars = {f"test/{m.name}": test.value(m) for m in table.summary_metrics()}
     for m in table.class_metrics():
-        scalars.update({f"test/{m.name}_{name}": scores.get(m.name) for name, scores in results["per_class"].items()})
+        scalars.update({f"test/{m.name}_{name}": test.value(m, name) for name in test.per_class})
     return {tag: float(value) for tag, value in scalars.items() if value is not None}
 
 
@@ -68,24 +70,24 @@ class RunLog:
 
         return callback
 
-    def finish(self, metrics: dict[str, Any], labels: np.ndarray, predictions: np.ndarray) -> None:
+    def finish(self, record: RunRecord, labels: np.ndarray, predictions: np.ndarray) -> None:
         """Test metrics, confusion matrix and hyperparameters at the last epoch's step; closes the writer."""
-        step, test = metrics["epochs_run"], metrics["test"]
-        for tag, value in test_scalars(test).items():
+        step = record.epochs_run
+        for tag, value in test_scalars(record.test).items():
             self.writer.add_scalar(tag, value, step)
-        figure = plot_confusion(labels, predictions, CLASSES, title=f"{metrics['experiment']}: test split")
+        figure = plot_confusion(labels, predictions, CLASSES, title=f"{record.experiment}: test split")
         self.writer.add_figure("test/confusion_matrix", figure, step)  # and closes the figure
         self.writer.add_text("test/confusion_matrix", confusion_table(labels, predictions, CLASSES), step)
-        self.write_hparams(metrics)
+        self.write_hparams(record)
         self.writer.close()
 
-    def write_hparams(self, metrics: dict[str, Any]) -> None:
+    def write_hparams(self, record: RunRecord) -> None:
         """The configuration (plus seed) in TensorBoard's HPARAMS tab, against the test scalars above."""
         from torch.utils.tensorboard.summary import hparams
 
-        config = {**metrics["config"], "seed": metrics["seed"]}
+        config = {**record.config, "seed": record.seed}
         values = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in config.items()}
-        summaries = {f"test/{m.name}": metrics["test"].get(m.name) for m in table.summary_metrics()}
+        summaries = {f"test/{m.name}": record.test.value(m) for m in table.summary_metrics()}
         for summary in hparams(values, {tag: value for tag, value in summaries.items() if value is not None}):
             self.writer.file_writer.add_summary(summary)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import json
 import os
 import platform
 import time
@@ -42,6 +41,8 @@ from .models import Classifier, build_model, check_weights
 from .preflight import check_image_size
 from .provenance import dataset_info, git_commit
 from .run_options import RunOptions
+from .run_record import (AnyRecord, DatasetInfo, EvaluationRecord, RunRecord, RunRecordError, TestScores, Timings,
+                         WeightsFile, read_run_record)
 from .runtime import Runtime, device_name
 from .tensorboard_log import RunLog
 
@@ -169,7 +170,7 @@ def results_replaced(out_dir: Path, experiment: Experiment, device: str) -> str 
     earlier = _earlier_metrics(out_dir)
     if earlier is None:
         return None
-    if not earlier:
+    if earlier is UNREADABLE:
         return f"{out_dir}/ holds an unreadable metrics.json; this run replaces it."
     same = _same_provenance(earlier, experiment, device)
     return (f"{out_dir}/ holds the results of an earlier run ({_describe_run(earlier)}"
@@ -178,26 +179,30 @@ def results_replaced(out_dir: Path, experiment: Experiment, device: str) -> str 
             "them first.")
 
 
-def _earlier_metrics(out_dir: Path) -> dict[str, Any] | None:
-    """The metrics.json a run left in ``out_dir``: None when there is none, ``{}`` when it cannot be read."""
+def _earlier_metrics(out_dir: Path) -> AnyRecord | None:
+    """The record a run left in ``out_dir``: None when there is none, :data:`UNREADABLE` when it cannot be read."""
     path = out_dir / ASSET_FILES["metrics"]
     if not path.is_file():
         return None
     try:
-        earlier = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return earlier if isinstance(earlier, dict) else {}
+        return read_run_record(path)
+    except RunRecordError:
+        return UNREADABLE
 
 
-def _describe_run(earlier: dict[str, Any]) -> str:
-    planned = earlier.get("config", {}).get("epochs", "?")
-    return (f"{earlier.get('device', 'unknown device')}, {earlier.get('epochs_run', '?')} of {planned} epochs, "
-            f"weights {earlier.get('weights', '?')}, {str(earlier.get('date', 'undated'))[:10]}")
+UNREADABLE = RunRecord()  # what _earlier_metrics gives for a metrics.json that cannot be read
 
 
-def _same_provenance(earlier: dict[str, Any], experiment: Experiment, device: str) -> bool:
-    return earlier.get("config") == experiment.to_dict() and earlier.get("device") == device
+def _describe_run(earlier: AnyRecord) -> str:
+    planned = getattr(earlier, "config", {}).get("epochs", "?")
+    date = getattr(earlier, "date", None)
+    return (f"{getattr(earlier, 'device', None) or 'unknown device'}, {getattr(earlier, 'epochs_run', None) or '?'} "
+            f"of {planned} epochs, weights {getattr(earlier, 'weights', None) or '?'}, "
+            f"{str(date or 'undated')[:10]}")
+
+
+def _same_provenance(earlier: AnyRecord, experiment: Experiment, device: str) -> bool:
+    return getattr(earlier, "config", None) == experiment.to_dict() and getattr(earlier, "device", None) == device
 
 
 def run_folder(out: str | os.PathLike, experiment: Experiment, device: str, overwrite: bool = False,
@@ -211,11 +216,12 @@ def run_folder(out: str | os.PathLike, experiment: Experiment, device: str, over
         return out_dir, None
     replaced = results_replaced(out_dir, experiment, device)
     earlier = _earlier_metrics(out_dir)
-    if replaced is None or overwrite or _same_provenance(earlier or {}, experiment, device):
+    if replaced is None or overwrite or (earlier is not None and _same_provenance(earlier, experiment, device)):
         return out_dir, replaced
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     new_dir = Path(out) / "runs" / stamp / experiment.name
-    kept = f"the results of another run ({_describe_run(earlier)})" if earlier else "an unreadable metrics.json"
+    kept = ("an unreadable metrics.json" if earlier is None or earlier is UNREADABLE
+            else f"the results of another run ({_describe_run(earlier)})")
     return new_dir, (f"{out_dir}/ holds {kept}; they are kept and this run writes into {new_dir}/ instead "
                      "(--overwrite replaces them; --out DIR chooses another folder).")
 
@@ -330,41 +336,31 @@ def _train_and_report(experiment: Experiment, splits: DataSplits, out_dir: Path,
                               lung_masks=options.lung_masks)
     if not main_rank:
         return {"experiment": experiment.name, "test": test}
-    metrics = {
-        "experiment": experiment.name,
-        "config": experiment.to_dict(),
-        "weights": experiment.weights,
-        "weights_file": weights_provenance(experiment.weights),
-        "epochs_run": len(result.history),
-        "best_epoch": result.best_epoch,
-        "stopped_early": result.stopped_early,
-        "seed": options.seed,
-        "deterministic": options.deterministic,
-        "dataset": dataset_info(splits),
-        "added_training": splits.added,
-        "audit": audit_summary(data_audit),
-        "shortcut_baseline": data_audit.get("shortcut_baseline"),
-        "device": device_name(result.runtime.device),
-        "mixed_precision": result.runtime.precision(),
-        "pipeline": result.extra.get("pipeline"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "train_seconds": round(result.train_seconds, 2),
-        "wall_seconds": round(time.perf_counter() - started, 2),
-        "git_commit": git_commit(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "best_val": {k: v for k, v in result.history[result.best_epoch - 1].items() if k.startswith("val_")},
-        "test": test,
-        "shortcuts": test.pop("shortcuts", None),
-        "files": {k: v for k, v in ASSET_FILES.items()},
-        "figures_not_written": unwritten,
-    }
-    write_json(metrics, out_dir / ASSET_FILES["metrics"])
-    write_model_card(out_dir, metrics)
+    record = RunRecord(
+        experiment=experiment.name, config=experiment.to_dict(), weights=experiment.weights,
+        weights_file=_weights_file(experiment.weights), epochs_run=len(result.history),
+        best_epoch=result.best_epoch, stopped_early=result.stopped_early, seed=options.seed, deterministic=options.deterministic,
+        dataset=DatasetInfo(**dataset_info(splits)), added_training=splits.added, audit=audit_summary(data_audit),
+        shortcut_baseline=data_audit.get("shortcut_baseline"), device=device_name(result.runtime.device),
+        mixed_precision=result.runtime.precision(), pipeline=result.extra.get("pipeline"), torch=torch.__version__,
+        python=platform.python_version(),
+        timings=Timings(round(result.train_seconds, 2), round(time.perf_counter() - started, 2)),
+        git_commit=git_commit(), date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        best_val={k: v for k, v in result.history[result.best_epoch - 1].items() if k.startswith("val_")},
+        shortcuts=test.pop("shortcuts", None), test=TestScores(test), files=dict(ASSET_FILES),
+        figures_not_written=unwritten,
+    )
+    record.write(out_dir / ASSET_FILES["metrics"])
+    write_model_card(out_dir, record)
     if board is not None:
         test_logits = np.load(out_dir / "test_logits.npz")
-        board.finish(metrics, test_logits["labels"], test_logits["logits"].argmax(1))
-    return metrics
+        board.finish(record, test_logits["labels"], test_logits["logits"].argmax(1))
+    return record.to_dict()
+
+
+def _weights_file(weights: str | None) -> WeightsFile | None:
+    provenance = weights_provenance(weights)
+    return WeightsFile(**provenance) if provenance else None
 
 
 def build_experiment_model(name: str, seed: int = 42, **overrides: Any) -> Classifier:
@@ -408,7 +404,7 @@ def evaluate_checkpoint(
                               groups)
         if main_rank:
             record = evaluation_record(state, checkpoint, splits, test, runtime, time.perf_counter() - started)
-            write_json(record, out_dir / ASSET_FILES["metrics"])
+            record.write(out_dir / ASSET_FILES["metrics"])
             write_model_card(out_dir, record)
     return {"experiment": config.name, **test, "folder": str(out_dir)}
 
@@ -425,17 +421,17 @@ def evaluation_folder(run_dir: Path, checkpoint: str | os.PathLike) -> Path:
 
 
 def evaluation_record(state: dict[str, Any], checkpoint: str | os.PathLike, splits: DataSplits,
-                      test: dict[str, Any], runtime: Runtime, seconds: float) -> dict[str, Any]:
+                      test: dict[str, Any], runtime: Runtime, seconds: float) -> EvaluationRecord:
     """The ``metrics.json`` of one ``cxr evaluate``: only what this evaluation and its checkpoint say, in the
     shape ``cxr report``, ``cxr compare`` and the model card read (never the run's recipe or scores)."""
     config = state["experiment"]
     test = dict(test)
-    return {
-        "experiment": config["name"], "kind": "evaluation", "evaluated_checkpoint": str(checkpoint),
-        "checkpoint_epoch": state.get("epoch"), "config": config, "weights": config.get("weights"),
-        "seed": state.get("seed"), "dataset": dataset_info(splits), "device": device_name(runtime.device),
-        "torch": torch.__version__, "python": platform.python_version(), "wall_seconds": round(seconds, 2),
-        "git_commit": git_commit(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "test": test, "shortcuts": test.pop("shortcuts", None),
-        "files": {k: v for k, v in ASSET_FILES.items() if k not in ("curves", "history")},
-    }
+    shortcuts = test.pop("shortcuts", None)
+    return EvaluationRecord(
+        experiment=config["name"], evaluated_checkpoint=str(checkpoint), checkpoint_epoch=state.get("epoch"),
+        config=config, weights=config.get("weights"), seed=state.get("seed"),
+        dataset=DatasetInfo(**dataset_info(splits)), device=device_name(runtime.device), torch=torch.__version__,
+        python=platform.python_version(), wall_seconds=round(seconds, 2), git_commit=git_commit(),
+        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), test=TestScores(test),
+        shortcuts=shortcuts, files={k: v for k, v in ASSET_FILES.items() if k not in ("curves", "history")},
+    )
