@@ -11,24 +11,66 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .losses import LOSSES
+
 Monitor = Literal["val_macro_f1", "val_loss"]
+LossName = Literal[tuple(LOSSES)]  # type: ignore[valid-type]  # the names of cxr.losses.LOSSES, for the flag's choices
 TrainableBlocks = int | Literal["all"]
 
 
 @dataclass(frozen=True)
-class Augmentation:
-    """Training augmentation for chest X-rays: small geometric and exposure changes, never a vertical flip
-    (X-rays have a top and a bottom). The one home of these values: ``augment.TrainAugment`` (on the
-    device), ``data.build_transforms`` (torchvision v2) and ``uncertainty.TTAViews`` (its largest shift)
-    read them from :data:`AUGMENTATION`."""
+class ResizedCrop:
+    """Random resized crop: a random part of the image, resized to the model's input."""
 
-    scale: tuple[float, float] = (0.7, 1.0)  # random resized crop: fraction of the area kept
-    ratio: tuple[float, float] = (0.9, 1.1)  # and its aspect ratio
-    flip_probability: float = 0.5  # horizontal only
+    scale: tuple[float, float] = (0.7, 1.0)  # fraction of the area kept
+    ratio: tuple[float, float] = (0.9, 1.1)  # its aspect ratio
+
+
+@dataclass(frozen=True)
+class HorizontalFlip:
+    """Mirror left-right; never top-bottom (X-rays have a top and a bottom)."""
+
+    probability: float = 0.5
+
+
+@dataclass(frozen=True)
+class Affine:
+    """A small rotation about the centre, then a shift."""
+
     degrees: float = 7.0  # rotation, +-
     translate: float = 0.04  # shift, +- this fraction of the side
-    brightness: float = 0.2  # +- 20%
-    contrast: float = 0.2  # +- 20%
+
+
+@dataclass(frozen=True)
+class Brightness:
+    """Scale every pixel by one random factor."""
+
+    strength: float = 0.2  # +- 20%
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """Stretch or squeeze the pixels about the image's mean by one random factor."""
+
+    strength: float = 0.2  # +- 20%
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training augmentation for chest X-rays: small geometric and exposure changes, never a vertical flip.
+    The one list of its operations, in the order they apply, each with its parameters; None leaves one out.
+    :mod:`cxr.augment_ops` holds each operation's on-device version beside its torchvision reference, from
+    which ``augment.TrainAugment``, ``data.build_transforms`` and ``uncertainty.TTAViews`` are built."""
+
+    resized_crop: ResizedCrop | None = ResizedCrop()
+    horizontal_flip: HorizontalFlip | None = HorizontalFlip()
+    affine: Affine | None = Affine()
+    brightness: Brightness | None = Brightness()
+    contrast: Contrast | None = Contrast()
+
+    def operations(self) -> tuple[Any, ...]:
+        """The operations that apply, in order."""
+        return tuple(op for op in (getattr(self, f.name) for f in dataclasses.fields(self)) if op is not None)
 
 
 AUGMENTATION = Augmentation()
@@ -66,10 +108,13 @@ class Experiment:
                            "layout; MobileNetV2 also the reference one); $CXR_WEIGHTS when not given", "imagenet")
     optimizer: str = "adamw"  # a name in cxr.optim.OPTIMIZERS
     schedule: str = "warmup+cosine"  # a name in cxr.optim.SCHEDULES
-    loss: Literal["weighted_ce", "focal"] = tunable(
-        "weighted_ce (cross-entropy, class weights from the training split) or focal (those weights as alpha)",
-        "weighted_ce")
+    loss: LossName = tunable("the loss, a name in cxr.losses.LOSSES (weighted by the training split's classes)",
+                             "weighted_ce")
     focal_gamma: float = tunable("focusing strength of the focal loss", 2.0, minimum=0)
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose one of: {', '.join(LOSSES)}")
 
     @property
     def freeze_backbone(self) -> bool:

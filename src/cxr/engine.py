@@ -459,13 +459,12 @@ def class_weights(labels: list[int], num_classes: int = len(CLASSES)) -> torch.T
 def training_loss(train_labels: list[int], experiment: Experiment, device: torch.device) -> nn.Module:
     """The experiment's loss (:func:`cxr.losses.build_loss`), weighted by the training split's class
     frequencies, with its label smoothing."""
-    return build_loss(experiment.loss, class_weights(train_labels), experiment.label_smoothing,
-                      experiment.focal_gamma).to(device)
+    return build_loss(experiment, class_weights(train_labels)).to(device)
 
 
 def validation_loss(train_labels: list[int], experiment: Experiment) -> nn.Module:
     """The same loss without label smoothing, on the CPU where validation scores are computed."""
-    return build_loss(experiment.loss, class_weights(train_labels), 0.0, experiment.focal_gamma)
+    return build_loss(experiment, class_weights(train_labels), validation=True)
 
 
 def seed_everything(seed: int) -> None:
