@@ -82,7 +82,7 @@ def test_no_vertical_flip_in_the_list():
     """Chest X-rays have a top and a bottom: no operation keeps the image's top at the bottom, whatever it
     draws, and the reference chain has no vertical flip."""
     for op in augment_ops.operations(AUGMENTATION):
-        if op.geometric:
+        if isinstance(op, augment_ops.GeometricOperation):
             for u in (torch.zeros(8, op.draws), torch.ones(8, op.draws), torch.rand(8, op.draws)):
                 assert (op.matrix(u)[:, 1, 1] > 0).all(), type(op).__name__
     assert not any("Vertical" in type(t).__name__ for t in build_transforms(32, train=True).transforms)

@@ -65,7 +65,8 @@ class TrainAugment:
         """Per-image ``(B, 2, 3)`` matrices mapping output to input coordinates (``affine_grid``'s
         normalised [-1, 1] frame; the images are square, so rotations keep their shape): the geometric
         operations' matrices, the first one applied outermost."""
-        geometric = [op for op in augment_ops.operations(self.augmentation) if op.geometric]
+        geometric = [op for op in augment_ops.operations(self.augmentation)
+                     if isinstance(op, augment_ops.GeometricOperation)]
         u = torch.rand(batch, sum(op.draws for op in geometric), generator=generator, device=device)
         theta = torch.eye(3, device=device).expand(batch, 3, 3)
         for op, draws in zip(reversed(geometric), reversed(_columns(geometric, u))):
@@ -77,7 +78,8 @@ class TrainAugment:
         theta = self.affine(batch, generator, images.device)
         grid = F.affine_grid(theta, [batch, channels, self.image_size, self.image_size], align_corners=False)
         out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False) / 255
-        exposure = [op for op in augment_ops.operations(self.augmentation) if not op.geometric]
+        exposure = [op for op in augment_ops.operations(self.augmentation)
+                    if isinstance(op, augment_ops.ExposureOperation)]
         if exposure:
             u = torch.rand(batch, sum(op.draws for op in exposure), 1, 1, 1, generator=generator, device=images.device)
             for op, draws in zip(exposure, _columns(exposure, u)):

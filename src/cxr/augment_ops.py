@@ -15,6 +15,7 @@ entry in :data:`OPERATIONS`.
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -44,34 +45,40 @@ def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
     return (outer.unsqueeze(-1) * inner.unsqueeze(-3)).sum(-2)
 
 
-class Operation:
-    """One augmentation operation. ``draws``: uniform numbers per image; ``geometric``: it gives matrices
-    (:meth:`matrix`), else it changes pixels (:meth:`apply`); ``resizes``: its reference sets the output size."""
+class Operation(abc.ABC):
+    """One augmentation operation: ``draws`` uniform numbers per image; ``resizes``: its reference sets the
+    output size."""
 
     draws: ClassVar[int]
-    geometric: ClassVar[bool]
     resizes: ClassVar[bool] = False
 
-    def matrix(self, u: torch.Tensor) -> torch.Tensor:
-        """``(B, draws)`` uniforms -> ``(B, 3, 3)`` output-to-input matrices."""
-        raise NotImplementedError
-
-    def apply(self, images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W)`` [0, 1] images and ``(B, draws, 1, 1, 1)`` uniforms -> the changed images."""
-        raise NotImplementedError
-
+    @abc.abstractmethod
     def reference(self, image_size: int) -> v2.Transform:
         """The torchvision v2 transform of one image that this operation equals in distribution."""
-        raise NotImplementedError
+
+
+class GeometricOperation(Operation):
+    """Moves pixels: its matrices compose with the other geometric operations' into one resampling."""
+
+    @abc.abstractmethod
+    def matrix(self, u: torch.Tensor) -> torch.Tensor:
+        """``(B, draws)`` uniforms -> ``(B, 3, 3)`` output-to-input matrices."""
+
+
+class ExposureOperation(Operation):
+    """Changes pixel values, after the resampling."""
+
+    @abc.abstractmethod
+    def apply(self, images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` [0, 1] images and ``(B, draws, 1, 1, 1)`` uniforms -> the changed images."""
 
 
 @dataclass(frozen=True)
-class ResizedCrop(Operation):
+class ResizedCrop(GeometricOperation):
     """A random part of ``scale`` of the area at an aspect ratio in ``ratio`` (drawn on a log scale)."""
 
     params: config.ResizedCrop
     draws: ClassVar[int] = 4
-    geometric: ClassVar[bool] = True
     resizes: ClassVar[bool] = True
 
     def matrix(self, u: torch.Tensor) -> torch.Tensor:
@@ -87,12 +94,11 @@ class ResizedCrop(Operation):
 
 
 @dataclass(frozen=True)
-class HorizontalFlip(Operation):
+class HorizontalFlip(GeometricOperation):
     """Mirror left-right with ``probability`` (never top-bottom)."""
 
     params: config.HorizontalFlip
     draws: ClassVar[int] = 1
-    geometric: ClassVar[bool] = True
 
     def matrix(self, u: torch.Tensor) -> torch.Tensor:
         flip = torch.where(u[:, 0] < self.params.probability, -1.0, 1.0)
@@ -103,12 +109,11 @@ class HorizontalFlip(Operation):
 
 
 @dataclass(frozen=True)
-class Affine(Operation):
+class Affine(GeometricOperation):
     """Rotate by up to +-``degrees`` about the centre, then shift by up to +-``translate`` of the side."""
 
     params: config.Affine
     draws: ClassVar[int] = 3
-    geometric: ClassVar[bool] = True
 
     def matrix(self, u: torch.Tensor) -> torch.Tensor:
         p = self.params
@@ -124,12 +129,11 @@ class Affine(Operation):
 
 
 @dataclass(frozen=True)
-class Brightness(Operation):
+class Brightness(ExposureOperation):
     """Multiply every pixel by one factor in 1 +- ``strength``."""
 
     params: config.Brightness
     draws: ClassVar[int] = 1
-    geometric: ClassVar[bool] = False
 
     def apply(self, images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return (images * _uniform(u[:, 0], 1 - self.params.strength, 1 + self.params.strength)).clamp_(0, 1)
@@ -139,12 +143,11 @@ class Brightness(Operation):
 
 
 @dataclass(frozen=True)
-class Contrast(Operation):
+class Contrast(ExposureOperation):
     """Scale every pixel's distance from the image's mean by one factor in 1 +- ``strength``."""
 
     params: config.Contrast
     draws: ClassVar[int] = 1
-    geometric: ClassVar[bool] = False
 
     def apply(self, images: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         mean = images.mean(dim=(1, 2, 3), keepdim=True)
@@ -168,7 +171,7 @@ def operations(augmentation: config.Augmentation) -> list[Operation]:
     """The augmentation's operations, in order, ready to run. The device resamples once for all geometric
     operations before it changes any pixel, so each geometric one must come before every exposure one."""
     ops = [OPERATIONS[type(params)](params) for params in augmentation.operations()]
-    kinds = [op.geometric for op in ops]
+    kinds = [isinstance(op, GeometricOperation) for op in ops]
     if kinds != sorted(kinds, reverse=True):
         raise ValueError("augmentation: every geometric operation must come before the exposure ones, "
                          f"not {', '.join(type(op).__name__ for op in ops)}")
