@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
-
-from .losses import LOSSES
+from typing import Any, Callable, Literal
 
 Monitor = Literal["val_macro_f1", "val_loss"]
-LossName = Literal[tuple(LOSSES)]  # type: ignore[valid-type]  # the names of cxr.losses.LOSSES, for the flag's choices
 TrainableBlocks = int | Literal["all"]
 
 
@@ -77,11 +74,20 @@ AUGMENTATION = Augmentation()
 
 
 def tunable(help: str, default: Any = dataclasses.MISSING, minimum: float | None = None,
-            above: float | None = None) -> Any:
+            above: float | None = None, choices: Callable[[], tuple[str, ...]] | None = None) -> Any:
     """A field that ``cxr train`` offers as a flag, with its help text and the values it accepts (at least
-    ``minimum``, or greater than ``above``); the flag's default is the experiment's own value, so a
-    hyperparameter is written once, here."""
-    return dataclasses.field(default=default, metadata={"help": help, "minimum": minimum, "above": above})
+    ``minimum``, or greater than ``above``, or one of ``choices()``); the flag's default is the experiment's
+    own value, so a hyperparameter is written once, here."""
+    return dataclasses.field(default=default, metadata={"help": help, "minimum": minimum, "above": above,
+                                                        "choices": choices})
+
+
+def loss_names() -> tuple[str, ...]:
+    """The keys of :data:`cxr.losses.LOSSES`, the one list of losses (imported here, not at the top: inference
+    reads experiments without importing the training modules)."""
+    from .losses import LOSSES
+
+    return tuple(LOSSES)
 
 
 @dataclass(frozen=True)
@@ -108,13 +114,9 @@ class Experiment:
                            "layout; MobileNetV2 also the reference one); $CXR_WEIGHTS when not given", "imagenet")
     optimizer: str = "adamw"  # a name in cxr.optim.OPTIMIZERS
     schedule: str = "warmup+cosine"  # a name in cxr.optim.SCHEDULES
-    loss: LossName = tunable("the loss, a name in cxr.losses.LOSSES (weighted by the training split's classes)",
-                             "weighted_ce")
+    loss: str = tunable("the loss, a name in cxr.losses.LOSSES (weighted by the training split's classes)",
+                        "weighted_ce", choices=loss_names)
     focal_gamma: float = tunable("focusing strength of the focal loss", 2.0, minimum=0)
-
-    def __post_init__(self) -> None:
-        if self.loss not in LOSSES:
-            raise ValueError(f"unknown loss {self.loss!r}; choose one of: {', '.join(LOSSES)}")
 
     @property
     def freeze_backbone(self) -> bool:
@@ -217,7 +219,11 @@ def get_experiment(name: str, **overrides: Any) -> Experiment:
     if name not in EXPERIMENTS:
         raise KeyError(f"unknown experiment {name!r}; choose one of: {', '.join(EXPERIMENTS)}")
     changes = {k: v for k, v in overrides.items() if v is not None}
-    return dataclasses.replace(EXPERIMENTS[name], **changes)
+    experiment = dataclasses.replace(EXPERIMENTS[name], **changes)
+    from .losses import check_loss_name  # here: see loss_names
+
+    check_loss_name(experiment.loss)
+    return experiment
 
 
 def upgrade_experiment_dict(data: dict[str, Any]) -> dict[str, Any]:

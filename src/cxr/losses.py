@@ -1,6 +1,6 @@
 """The losses, chosen by name (``Experiment.loss``) through :func:`build_loss`: a new loss is one entry of
 :data:`LOSSES` (its module in :mod:`cxr.loss_functions` where PyTorch lacks one). This module imports no
-PyTorch, so :mod:`cxr.config` validates ``Experiment.loss`` against :data:`LOSSES` and the command line
+PyTorch, so :mod:`cxr.config` checks ``Experiment.loss`` against :data:`LOSSES` and the command line
 lists its names before any heavy import."""
 
 from __future__ import annotations
@@ -39,8 +39,15 @@ LOSSES: dict[str, Callable[[torch.Tensor, Experiment, float], nn.Module]] = {"we
                                                                             "focal": focal}
 
 
+def check_loss_name(name: str) -> None:
+    """A one-line error unless ``name`` is a key of :data:`LOSSES` (``config.get_experiment`` calls it)."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of: {', '.join(LOSSES)}")
+
+
 def build_loss(experiment: Experiment, class_weights: torch.Tensor, validation: bool = False) -> nn.Module:
-    """The loss ``experiment.loss`` (a key of :data:`LOSSES`, checked when the experiment is made), weighted
-    by ``class_weights``, with the experiment's label smoothing; with ``validation`` the same loss unsmoothed,
-    so the validation loss compares across experiments that smooth differently."""
+    """The loss ``experiment.loss`` (a key of :data:`LOSSES`) weighted by ``class_weights``, with the
+    experiment's label smoothing; with ``validation`` the same loss unsmoothed, so the validation loss
+    compares across experiments that smooth differently."""
+    check_loss_name(experiment.loss)
     return LOSSES[experiment.loss](class_weights, experiment, 0.0 if validation else experiment.label_smoothing)
