@@ -94,3 +94,28 @@ def test_geometric_operations_come_before_exposure_ones():
     exposure_first = SimpleNamespace(operations=lambda: (Brightness(), Affine()))
     with pytest.raises(ValueError, match="every geometric operation must come before the exposure ones"):
         augment_ops.operations(exposure_first)
+
+
+def test_the_composed_matrices_are_the_closed_form_bit_for_bit():
+    """One draw of 8 uniforms per image, read in list order (crop 4, flip 1, affine 3), composed into
+    crop(flip(rotate^-1(output - shift))): the formula, column order and rounding of the augmentation
+    before its operations were listed, so a fixed-seed run draws and trains exactly as it did."""
+    import math
+
+    a = AUGMENTATION
+    u = torch.rand(64, 8, generator=torch.Generator().manual_seed(11))
+    area = a.resized_crop.scale[0] + (a.resized_crop.scale[1] - a.resized_crop.scale[0]) * u[:, 0]
+    low, high = math.log(a.resized_crop.ratio[0]), math.log(a.resized_crop.ratio[1])
+    ratio = torch.exp(low + (high - low) * u[:, 1])
+    width, height = (area * ratio).sqrt().clamp(max=1.0), (area / ratio).sqrt().clamp(max=1.0)
+    centre_x, centre_y = (1 - width) * (-1 + 2 * u[:, 2]), (1 - height) * (-1 + 2 * u[:, 3])
+    flip = torch.where(u[:, 4] < a.horizontal_flip.probability, -1.0, 1.0)
+    angle = math.radians(a.affine.degrees) * (-1 + 2 * u[:, 5])
+    shift_x, shift_y = 2 * a.affine.translate * (-1 + 2 * u[:, 6]), 2 * a.affine.translate * (-1 + 2 * u[:, 7])
+    cos, sin = angle.cos(), angle.sin()
+    expected = torch.stack([
+        torch.stack([width * flip * cos, width * flip * sin, width * flip * -(cos * shift_x + sin * shift_y) + centre_x], 1),
+        torch.stack([height * -sin, height * cos, height * (sin * shift_x - cos * shift_y) + centre_y], 1),
+    ], 1)
+    theta = TrainAugment(32).affine(64, torch.Generator().manual_seed(11), torch.device("cpu"))
+    assert torch.equal(theta, expected)

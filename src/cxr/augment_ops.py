@@ -39,9 +39,10 @@ def _matrices(row0: list[Any], row1: list[Any]) -> torch.Tensor:
 
 
 def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
-    """``outer @ inner`` for ``(B, 3, 3)`` matrices, as element-wise products and sums: each entry of these
-    affine matrices sums at most two non-zero products, so it is exact up to the one rounding of that sum
-    (a batched matmul may fuse the multiply and the add, and round differently)."""
+    """``outer @ inner`` for ``(B, 3, 3)`` matrices, as element-wise products and a sum. For the crop, flip
+    and affine of the list every entry sums at most two non-zero products, rounded once, so the matrices
+    are bit for bit those of the closed-form formula they replace (a batched matmul may fuse a multiply and
+    an add, and round differently)."""
     return (outer.unsqueeze(-1) * inner.unsqueeze(-3)).sum(-2)
 
 
