@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cxr.augment import DeviceDataset, DeviceLoader, EvalTransform, TrainAugment
+from cxr.config import Affine, Augmentation, Brightness, Contrast, HorizontalFlip, ResizedCrop
 from cxr.data import IMAGENET_MEAN, IMAGENET_STD, build_transforms
 from cxr.runtime import Runtime
 
@@ -14,8 +15,8 @@ CPU = Runtime.create("cpu", progress=False)
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-NO_CHANGE = dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_probability=0.0, degrees=0.0, translate=0.0,
-                 brightness=0.0, contrast=0.0)
+NO_CHANGE = Augmentation(ResizedCrop((1.0, 1.0), (1.0, 1.0)), HorizontalFlip(0.0), Affine(0.0, 0.0), Brightness(0.0),
+                         Contrast(0.0))
 
 
 def _batch(size: int = 37, count: int = 16, seed: int = 0) -> torch.Tensor:
@@ -43,9 +44,10 @@ def test_train_augment_is_determined_by_the_seed():
 
 def test_train_augment_without_randomness_is_the_identity():
     images = _batch(size=32)
-    out = TrainAugment(32, **NO_CHANGE)(images, torch.Generator().manual_seed(0))
+    out = TrainAugment(32, augmentation=NO_CHANGE)(images, torch.Generator().manual_seed(0))
     assert torch.allclose(_unnormalise(out)[:, :1], images.float() / 255, atol=1e-5)
-    flipped = TrainAugment(32, **{**NO_CHANGE, "flip_probability": 1.0})(images, torch.Generator().manual_seed(0))
+    always = dataclasses.replace(NO_CHANGE, horizontal_flip=HorizontalFlip(1.0))
+    flipped = TrainAugment(32, augmentation=always)(images, torch.Generator().manual_seed(0))
     assert torch.allclose(_unnormalise(flipped)[:, :1], images.flip(-1).float() / 255, atol=1e-5)
 
 
@@ -95,12 +97,12 @@ def test_both_augmentations_read_the_one_set_of_parameters():
     from cxr.config import AUGMENTATION
     from cxr.uncertainty import TTAViews
 
-    device = TrainAugment(32)
-    assert {k: getattr(device, k) for k in NO_CHANGE} == dataclasses.asdict(AUGMENTATION)
-    crop, flip, affine, jitter = build_transforms(32, train=True).transforms[1:5]
-    assert (crop.scale, crop.ratio, flip.p) == (AUGMENTATION.scale, AUGMENTATION.ratio, AUGMENTATION.flip_probability)
-    assert (affine.degrees, affine.translate) == ([-AUGMENTATION.degrees, AUGMENTATION.degrees],
-                                                  (AUGMENTATION.translate, AUGMENTATION.translate))
-    assert jitter.brightness == (1 - AUGMENTATION.brightness, 1 + AUGMENTATION.brightness)
-    assert jitter.contrast == (1 - AUGMENTATION.contrast, 1 + AUGMENTATION.contrast)
-    assert TTAViews(32, 36, IMAGENET_MEAN, IMAGENET_STD).shift == AUGMENTATION.translate
+    assert TrainAugment(32).augmentation is AUGMENTATION
+    crop, flip, affine, brightness, contrast = build_transforms(32, train=True).transforms[1:6]
+    a = AUGMENTATION
+    assert (crop.scale, crop.ratio, flip.p) == (a.resized_crop.scale, a.resized_crop.ratio, a.horizontal_flip.probability)
+    assert (affine.degrees, affine.translate) == ([-a.affine.degrees, a.affine.degrees],
+                                                  (a.affine.translate, a.affine.translate))
+    assert brightness.brightness == (1 - a.brightness.strength, 1 + a.brightness.strength)
+    assert contrast.contrast == (1 - a.contrast.strength, 1 + a.contrast.strength)
+    assert TTAViews(32, 36, IMAGENET_MEAN, IMAGENET_STD).shift == a.affine.translate

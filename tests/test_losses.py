@@ -8,7 +8,8 @@ from torch import nn
 
 from cxr.config import get_experiment
 from cxr.engine import class_weights, training_loss, validation_loss
-from cxr.losses import FocalLoss, WeightedSmoothedCrossEntropy, build_loss
+from cxr.loss_functions import FocalLoss, WeightedSmoothedCrossEntropy
+from cxr.losses import LOSSES, build_loss
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.5])
@@ -71,13 +72,32 @@ def test_focal_loss_is_the_weighted_cross_entropy_at_gamma_zero_and_down_weights
 
 def test_build_loss_picks_by_name_and_refuses_unknown_names():
     weight, logits, target = _logits_targets(3)
-    assert isinstance(build_loss("weighted_ce", weight, 0.1), WeightedSmoothedCrossEntropy)
-    unsmoothed = build_loss("weighted_ce", weight, 0.0)(logits.float(), target)
+    smoothed = get_experiment("resnet50_full", label_smoothing=0.1)
+    assert isinstance(build_loss(smoothed, weight), WeightedSmoothedCrossEntropy)
+    unsmoothed = build_loss(smoothed, weight, validation=True)(logits.float(), target)
     assert torch.equal(unsmoothed, nn.CrossEntropyLoss(weight=weight.float())(logits.float(), target))  # bit for bit
-    focal = build_loss("focal", weight, 0.1, gamma=3.0)
+    focal = build_loss(get_experiment("resnet50_full", loss="focal", focal_gamma=3.0, label_smoothing=0.1), weight)
     assert isinstance(focal, FocalLoss) and focal.gamma == 3.0 and torch.equal(focal.alpha, weight.float())
     with pytest.raises(ValueError, match="unknown loss 'dice'; choose one of: weighted_ce, focal"):
-        build_loss("dice", weight)
+        get_experiment("resnet50_full", loss="dice")
+
+
+def test_the_loss_names_are_the_keys_of_LOSSES_alone(monkeypatch):
+    """A new loss is one entry of LOSSES: the experiment accepts it and build_loss returns it; the command
+    line's choices are LOSSES' keys, with no other list of names to keep in step."""
+    from cxr.cli import build_parser
+
+    train = next(a for a in build_parser()._actions if a.dest == "command").choices["train"]
+    assert tuple(next(a for a in train._actions if a.dest == "loss").choices) == tuple(LOSSES)
+
+    def dice(class_weights, experiment, label_smoothing):
+        return nn.L1Loss()
+
+    monkeypatch.setitem(LOSSES, "dice", dice)
+    assert isinstance(build_loss(get_experiment("resnet50_full", loss="dice"), torch.ones(4)), nn.L1Loss)
+    monkeypatch.delitem(LOSSES, "dice")
+    with pytest.raises(ValueError, match="unknown loss 'dice'"):
+        get_experiment("resnet50_full", loss="dice")
 
 
 def test_training_and_validation_use_the_experiments_loss():

@@ -9,7 +9,7 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 from cxr import compare, engine, metrics, notebook, report, tensorboard_log
 from cxr.classification_report import classification_metrics
 from cxr.cli import _print_metrics
-from cxr.figures import plot_roc
+from cxr.figures import plot_history, plot_roc
 from cxr.layout import CLASSES
 
 
@@ -136,3 +136,28 @@ def test_adding_a_metric_is_one_entry(monkeypatch, capsys):
     _print_metrics(run, "out", "demo")
     assert f"error rate {expected:.3f}" in capsys.readouterr().out
     assert "error rate **" in notebook.conclusion_text(run)
+
+
+def test_a_history_metric_that_needs_probabilities_reaches_history_and_curves(monkeypatch):
+    """A metric marked for history is a column of history.csv and a panel of curves.png, whether it reads
+    hard predictions or probabilities."""
+    import matplotlib.pyplot as plt
+
+    auroc_history = metrics.Metric("auroc_demo", "AUROC per epoch", metrics.macro_auroc,
+                                   needs_probabilities=True, history=True)
+    monkeypatch.setattr(metrics, "METRICS", (*metrics.METRICS, auroc_history))
+    labels, logits = predictions(n=97, seed=5)
+    summary = engine.summarize(logits.astype(np.float32), labels, torch.nn.CrossEntropyLoss())
+    expected = roc_auc_score(labels, softmax(logits.astype(np.float32).astype(np.float64), axis=1), multi_class="ovr")
+    assert summary["auroc_demo"] == pytest.approx(expected, abs=1e-12)
+    row = engine.history_row(0, {"loss": 1.0, "accuracy": 0.5}, summary, 1e-3, 2.0)
+    assert list(row) == ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_macro_f1",
+                         "val_auroc_demo", "lr", "seconds"]
+    figure = plot_history([row, {**row, "epoch": 2}])
+    assert [axis.get_title() for axis in figure.axes] == ["Loss", "Accuracy", "Macro-F1", "AUROC per epoch"]
+    plt.close(figure)
+
+
+def test_a_metric_per_class_cannot_go_into_the_history():
+    with pytest.raises(ValueError, match="one number per metric, not one per class"):
+        metrics.Metric("recall_history", "recall", metrics.recall, per_class=True, history=True)

@@ -7,7 +7,8 @@ rotation and translation in a single resampling, then brightness, contrast and n
 as element-wise ops. The random parameters come from a seeded ``torch.Generator`` on the device, so
 an epoch's augmentation depends only on its seed (see ``engine.epoch_seed``).
 
-The parameters are ``config.AUGMENTATION``'s, which ``data.build_transforms`` reads too.
+The operations are ``config.AUGMENTATION``'s, each written once in :mod:`cxr.augment_ops` beside the
+torchvision reference that ``data.build_transforms`` chains.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
-from .config import AUGMENTATION
-from .data import IMAGENET_MEAN, IMAGENET_STD
+from . import augment_ops
+from .config import AUGMENTATION, Augmentation
 from .distributed import rank_seed
+from .layout import IMAGENET_MEAN, IMAGENET_STD
 from .runtime import Runtime
 
 BatchTransform = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
@@ -48,60 +50,46 @@ def _normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]
     return images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def _uniform(u: torch.Tensor, low: float, high: float) -> torch.Tensor:
-    return low + (high - low) * u
-
-
 @dataclass(frozen=True)
 class TrainAugment:
-    """Random resized crop + horizontal flip + small affine + brightness/contrast, then normalisation,
-    on a uint8 batch ``(B, C, S, S)``; returns float ``(B, 3, image_size, image_size)``."""
+    """The operations of ``augmentation`` (:mod:`cxr.augment_ops`), then normalisation, on a uint8 batch
+    ``(B, C, S, S)``; returns float ``(B, 3, image_size, image_size)``."""
 
     image_size: int
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
-    scale: tuple[float, float] = AUGMENTATION.scale
-    ratio: tuple[float, float] = AUGMENTATION.ratio
-    flip_probability: float = AUGMENTATION.flip_probability
-    degrees: float = AUGMENTATION.degrees
-    translate: float = AUGMENTATION.translate
-    brightness: float = AUGMENTATION.brightness
-    contrast: float = AUGMENTATION.contrast
+    augmentation: Augmentation = AUGMENTATION
     channels_last: bool = False
 
     def affine(self, batch: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
         """Per-image ``(B, 2, 3)`` matrices mapping output to input coordinates (``affine_grid``'s
-        normalised [-1, 1] frame; the images are square, so rotations keep their shape)."""
-        u = torch.rand(batch, 8, generator=generator, device=device)
-        area = _uniform(u[:, 0], *self.scale)
-        ratio = torch.exp(_uniform(u[:, 1], math.log(self.ratio[0]), math.log(self.ratio[1])))
-        width, height = (area * ratio).sqrt().clamp(max=1.0), (area / ratio).sqrt().clamp(max=1.0)
-        centre_x, centre_y = (1 - width) * _uniform(u[:, 2], -1, 1), (1 - height) * _uniform(u[:, 3], -1, 1)
-        flip = torch.where(u[:, 4] < self.flip_probability, -1.0, 1.0)
-        angle = math.radians(self.degrees) * _uniform(u[:, 5], -1, 1)
-        shift_x, shift_y = 2 * self.translate * _uniform(u[:, 6], -1, 1), 2 * self.translate * _uniform(u[:, 7], -1, 1)
-        cos, sin = angle.cos(), angle.sin()
-        # input = crop(flip(rotate^-1(output - shift))): the order of RandomResizedCrop, flip, RandomAffine.
-        theta = torch.stack(
-            [
-                torch.stack([width * flip * cos, width * flip * sin,
-                             width * flip * -(cos * shift_x + sin * shift_y) + centre_x], 1),
-                torch.stack([height * -sin, height * cos, height * (sin * shift_x - cos * shift_y) + centre_y], 1),
-            ],
-            1,
-        )
-        return theta
+        normalised [-1, 1] frame; the images are square, so rotations keep their shape): the geometric
+        operations' matrices, the first one applied outermost."""
+        geometric = [op for op in augment_ops.operations(self.augmentation)
+                     if isinstance(op, augment_ops.GeometricOperation)]
+        u = torch.rand(batch, sum(op.draws for op in geometric), generator=generator, device=device)
+        theta = torch.eye(3, device=device).expand(batch, 3, 3)
+        for op, draws in zip(reversed(geometric), reversed(_columns(geometric, u))):
+            theta = augment_ops.compose(op.matrix(draws), theta)
+        return theta[:, :2]
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         batch, channels = images.shape[:2]
         theta = self.affine(batch, generator, images.device)
         grid = F.affine_grid(theta, [batch, channels, self.image_size, self.image_size], align_corners=False)
         out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False) / 255
-        u = torch.rand(batch, 2, 1, 1, 1, generator=generator, device=images.device)
-        out = (out * _uniform(u[:, 0], 1 - self.brightness, 1 + self.brightness)).clamp_(0, 1)
-        mean = out.mean(dim=(1, 2, 3), keepdim=True)
-        out = ((out - mean) * _uniform(u[:, 1], 1 - self.contrast, 1 + self.contrast) + mean).clamp_(0, 1)
+        exposure = [op for op in augment_ops.operations(self.augmentation)
+                    if isinstance(op, augment_ops.ExposureOperation)]
+        if exposure:
+            u = torch.rand(batch, sum(op.draws for op in exposure), 1, 1, 1, generator=generator, device=images.device)
+            for op, draws in zip(exposure, _columns(exposure, u)):
+                out = op.apply(out, draws)
         return _normalize(out, self.mean, self.std, self.channels_last)
+
+
+def _columns(ops: list[augment_ops.Operation], u: torch.Tensor) -> list[torch.Tensor]:
+    """Each operation's own columns of one draw of uniforms, in list order."""
+    return list(u.split([op.draws for op in ops], dim=1))
 
 
 @dataclass(frozen=True)

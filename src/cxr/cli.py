@@ -76,6 +76,8 @@ def _add_hyperparameters(group: argparse._ArgumentGroup) -> None:
         help_text = f"{field.metadata['help']} (default: {_experiment_default(field.name)})"
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif field.metadata["choices"] is not None:
+            group.add_argument(flag, choices=field.metadata["choices"](), help=help_text)
         elif typing.get_origin(kind) is typing.Literal:
             group.add_argument(flag, choices=typing.get_args(kind), help=help_text)
         else:

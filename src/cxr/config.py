@@ -9,37 +9,85 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 Monitor = Literal["val_macro_f1", "val_loss"]
 TrainableBlocks = int | Literal["all"]
 
 
 @dataclass(frozen=True)
-class Augmentation:
-    """Training augmentation for chest X-rays: small geometric and exposure changes, never a vertical flip
-    (X-rays have a top and a bottom). The one home of these values: ``augment.TrainAugment`` (on the
-    device), ``data.build_transforms`` (torchvision v2) and ``uncertainty.TTAViews`` (its largest shift)
-    read them from :data:`AUGMENTATION`."""
+class ResizedCrop:
+    """Random resized crop: a random part of the image, resized to the model's input."""
 
-    scale: tuple[float, float] = (0.7, 1.0)  # random resized crop: fraction of the area kept
-    ratio: tuple[float, float] = (0.9, 1.1)  # and its aspect ratio
-    flip_probability: float = 0.5  # horizontal only
+    scale: tuple[float, float] = (0.7, 1.0)  # fraction of the area kept
+    ratio: tuple[float, float] = (0.9, 1.1)  # its aspect ratio
+
+
+@dataclass(frozen=True)
+class HorizontalFlip:
+    """Mirror left-right; never top-bottom (X-rays have a top and a bottom)."""
+
+    probability: float = 0.5
+
+
+@dataclass(frozen=True)
+class Affine:
+    """A small rotation about the centre, then a shift."""
+
     degrees: float = 7.0  # rotation, +-
     translate: float = 0.04  # shift, +- this fraction of the side
-    brightness: float = 0.2  # +- 20%
-    contrast: float = 0.2  # +- 20%
+
+
+@dataclass(frozen=True)
+class Brightness:
+    """Scale every pixel by one random factor."""
+
+    strength: float = 0.2  # +- 20%
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """Stretch or squeeze the pixels about the image's mean by one random factor."""
+
+    strength: float = 0.2  # +- 20%
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training augmentation for chest X-rays: small geometric and exposure changes, never a vertical flip.
+    The one list of its operations, in the order they apply, each with its parameters; None leaves one out.
+    :mod:`cxr.augment_ops` holds each operation's on-device version beside its torchvision reference, from
+    which ``augment.TrainAugment``, ``data.build_transforms`` and ``uncertainty.TTAViews`` are built."""
+
+    resized_crop: ResizedCrop | None = ResizedCrop()
+    horizontal_flip: HorizontalFlip | None = HorizontalFlip()
+    affine: Affine | None = Affine()
+    brightness: Brightness | None = Brightness()
+    contrast: Contrast | None = Contrast()
+
+    def operations(self) -> tuple[Any, ...]:
+        """The operations that apply, in order."""
+        return tuple(op for op in (getattr(self, f.name) for f in dataclasses.fields(self)) if op is not None)
 
 
 AUGMENTATION = Augmentation()
 
 
 def tunable(help: str, default: Any = dataclasses.MISSING, minimum: float | None = None,
-            above: float | None = None) -> Any:
+            above: float | None = None, choices: Callable[[], tuple[str, ...]] | None = None) -> Any:
     """A field that ``cxr train`` offers as a flag, with its help text and the values it accepts (at least
-    ``minimum``, or greater than ``above``); the flag's default is the experiment's own value, so a
-    hyperparameter is written once, here."""
-    return dataclasses.field(default=default, metadata={"help": help, "minimum": minimum, "above": above})
+    ``minimum``, or greater than ``above``, or one of ``choices()``); the flag's default is the experiment's
+    own value, so a hyperparameter is written once, here."""
+    return dataclasses.field(default=default, metadata={"help": help, "minimum": minimum, "above": above,
+                                                        "choices": choices})
+
+
+def loss_names() -> tuple[str, ...]:
+    """The keys of :data:`cxr.losses.LOSSES`, the one list of losses (imported here, not at the top: inference
+    reads experiments without importing the training modules)."""
+    from .losses import LOSSES
+
+    return tuple(LOSSES)
 
 
 @dataclass(frozen=True)
@@ -66,9 +114,8 @@ class Experiment:
                            "layout; MobileNetV2 also the reference one); $CXR_WEIGHTS when not given", "imagenet")
     optimizer: str = "adamw"  # a name in cxr.optim.OPTIMIZERS
     schedule: str = "warmup+cosine"  # a name in cxr.optim.SCHEDULES
-    loss: Literal["weighted_ce", "focal"] = tunable(
-        "weighted_ce (cross-entropy, class weights from the training split) or focal (those weights as alpha)",
-        "weighted_ce")
+    loss: str = tunable("the loss, a name in cxr.losses.LOSSES (weighted by the training split's classes)",
+                        "weighted_ce", choices=loss_names)
     focal_gamma: float = tunable("focusing strength of the focal loss", 2.0, minimum=0)
 
     @property
@@ -172,7 +219,11 @@ def get_experiment(name: str, **overrides: Any) -> Experiment:
     if name not in EXPERIMENTS:
         raise KeyError(f"unknown experiment {name!r}; choose one of: {', '.join(EXPERIMENTS)}")
     changes = {k: v for k, v in overrides.items() if v is not None}
-    return dataclasses.replace(EXPERIMENTS[name], **changes)
+    experiment = dataclasses.replace(EXPERIMENTS[name], **changes)
+    from .losses import check_loss_name  # here: see loss_names
+
+    check_loss_name(experiment.loss)
+    return experiment
 
 
 def upgrade_experiment_dict(data: dict[str, Any]) -> dict[str, Any]:

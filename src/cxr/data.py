@@ -17,7 +17,8 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from .config import AUGMENTATION
+from .augment_ops import reference_transforms
+from .config import AUGMENTATION, Augmentation
 from .layout import EXPECTED_CLASS_FOLDERS, class_of
 from .imageio import IMAGE_EXTENSIONS, check_dicom, check_jpeg_scans, check_shape, decode_image, is_dicom, open_8bit
 from .layout import (  # noqa: F401  (re-exported)
@@ -281,21 +282,15 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
 def build_transforms(
     image_size: int, train: bool, augment: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-    resize: int | None = None,
+    resize: int | None = None, augmentation: Augmentation = AUGMENTATION,
 ) -> v2.Compose:
-    """Training augmentation suited to chest X-rays (``config.AUGMENTATION``, the values the device
-    augmentation ``augment.TrainAugment`` uses) or evaluation resize + center crop; both end with the
-    weights' normalisation. ``resize`` is
+    """Training augmentation suited to chest X-rays (the torchvision references of ``augmentation``'s
+    operations, :mod:`cxr.augment_ops`, which the device augmentation ``augment.TrainAugment`` runs) or
+    evaluation resize + center crop; both end with the weights' normalisation. ``resize`` is
     the evaluation resize stored with the weights (ResNet V2 weights use 232 for 224, ViT 256); the
     default is the classic 256/224 ratio."""
     if train and augment:
-        a = AUGMENTATION
-        geometry = [
-            v2.RandomResizedCrop(image_size, scale=a.scale, ratio=a.ratio, antialias=True),
-            v2.RandomHorizontalFlip(a.flip_probability),
-            v2.RandomAffine(degrees=a.degrees, translate=(a.translate, a.translate)),
-            v2.ColorJitter(brightness=a.brightness, contrast=a.contrast),
-        ]
+        geometry = reference_transforms(image_size, augmentation)
     else:
         resize = resize or round(image_size * 256 / 224)
         geometry = [v2.Resize(resize, antialias=True), v2.CenterCrop(image_size)]

@@ -220,7 +220,7 @@ def history_row(epoch: int, train: dict[str, float], val: dict[str, float], lr: 
                 seconds: float) -> dict[str, float]:
     """Epoch ``epoch``'s (0-based) row of history.csv: the validation columns are the metrics table's."""
     return {"epoch": epoch + 1, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
-            "val_loss": val["loss"], **{f"val_{m.name}": val[m.name] for m in metrics.METRICS if m.history},
+            "val_loss": val["loss"], **{f"val_{m.name}": val[m.name] for m in metrics.history_metrics()},
             "lr": lr, "seconds": seconds}
 
 
@@ -430,10 +430,15 @@ def predict(
 
 
 def summarize(logits: np.ndarray, labels: np.ndarray, criterion: nn.Module | None = None) -> dict[str, float]:
-    """Loss and the summary metrics of the table (:mod:`cxr.metrics`) that hard predictions give."""
+    """Loss, the summary metrics of the table (:mod:`cxr.metrics`) that hard predictions give, and every
+    metric recorded in the history (those that need probabilities from the logits' softmax)."""
     predictions = logits.argmax(1)
     confusion = metrics.confusion(labels, predictions, logits.shape[1])
     result = {m.name: float(m.function(confusion)) for m in metrics.summary_metrics() if not m.needs_probabilities}
+    from_probabilities = [m for m in metrics.history_metrics() if m.needs_probabilities]
+    if from_probabilities:
+        probabilities = torch.from_numpy(logits).double().softmax(1).numpy()
+        result.update({m.name: float(m.function(labels, probabilities)) for m in from_probabilities})
     if criterion is not None:
         result["loss"] = float(criterion(torch.from_numpy(logits), torch.from_numpy(labels).long()))
     return result
@@ -457,13 +462,12 @@ def class_weights(labels: list[int], num_classes: int = len(CLASSES)) -> torch.T
 def training_loss(train_labels: list[int], experiment: Experiment, device: torch.device) -> nn.Module:
     """The experiment's loss (:func:`cxr.losses.build_loss`), weighted by the training split's class
     frequencies, with its label smoothing."""
-    return build_loss(experiment.loss, class_weights(train_labels), experiment.label_smoothing,
-                      experiment.focal_gamma).to(device)
+    return build_loss(experiment, class_weights(train_labels)).to(device)
 
 
 def validation_loss(train_labels: list[int], experiment: Experiment) -> nn.Module:
     """The same loss without label smoothing, on the CPU where validation scores are computed."""
-    return build_loss(experiment.loss, class_weights(train_labels), 0.0, experiment.focal_gamma)
+    return build_loss(experiment, class_weights(train_labels), validation=True)
 
 
 def seed_everything(seed: int) -> None:

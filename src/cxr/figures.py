@@ -60,20 +60,28 @@ def unwritten_figures() -> Iterator[list[str]]:
 
 
 def plot_history(history: Sequence[dict[str, float]], path: Path | None = None, title: str = "") -> plt.Figure:
-    """Loss and accuracy per epoch, train against validation."""
+    """Loss per epoch, train against validation, then one panel per metric the table records per epoch
+    (:func:`cxr.metrics.history_metrics`, those the history has): validation, and train where it has it."""
     frame = pd.DataFrame(history)
-    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    scores = [m for m in metrics.history_metrics() if f"val_{m.name}" in frame]
+    figure, axes = plt.subplots(1, 1 + len(scores), figsize=(5.5 * (1 + len(scores)), 4), squeeze=False)
+    loss_axis = axes[0, 0]
     loss_axis.plot(frame["epoch"], frame["train_loss"], "o-", label="train")
     loss_axis.plot(frame["epoch"], frame["val_loss"], "o-", label="validation")
     loss_axis.set(xlabel="epoch", ylabel="loss", title="Loss")
-    accuracy_axis.plot(frame["epoch"], frame["train_accuracy"], "o-", label="train accuracy")
-    accuracy_axis.plot(frame["epoch"], frame["val_accuracy"], "o-", label="validation accuracy")
-    accuracy_axis.plot(frame["epoch"], frame["val_macro_f1"], "s--", label="validation macro-F1")
-    accuracy_axis.set(xlabel="epoch", ylabel="score", title="Accuracy", ylim=(0, 1.02))
+    for metric, axis in zip(scores, axes[0, 1:]):
+        columns = [(f"{split}_{metric.name}", label) for split, label in (("train", "train"), ("val", "validation"))
+                   if f"{split}_{metric.name}" in frame]
+        for column, label in columns:
+            axis.plot(frame["epoch"], frame[column], "o-", label=f"{label} {metric.label}")
+        axis.set(xlabel="epoch", ylabel=metric.label, title=metric.label[:1].upper() + metric.label[1:])
+        values = frame[[column for column, _ in columns]].to_numpy(dtype=float)
+        if np.isfinite(values).any() and np.nanmin(values) >= 0 and np.nanmax(values) <= 1:
+            axis.set_ylim(0, 1.02)
     losses = frame[["train_loss", "val_loss"]].to_numpy()
     if np.isfinite(losses).all() and losses.min() > 0 and losses.max() / losses.min() > 100:
         loss_axis.set_yscale("log")  # a diverging run would otherwise flatten every other point
-    for axis in (loss_axis, accuracy_axis):
+    for axis in axes.flat:
         if len(frame) <= 10:
             axis.set_xticks(frame["epoch"])
         else:

@@ -1,76 +1,53 @@
-"""The losses, chosen by name (``Experiment.loss``) through :func:`build_loss`: class-weighted cross-entropy
-with label smoothing, or focal loss; neither needs a host sync per step."""
+"""The losses, chosen by name (``Experiment.loss``) through :func:`build_loss`: a new loss is one entry of
+:data:`LOSSES` (its module in :mod:`cxr.loss_functions` where PyTorch lacks one). This module imports no
+PyTorch, so :mod:`cxr.config` checks ``Experiment.loss`` against :data:`LOSSES` and the command line
+lists its names before any heavy import."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
-
-class WeightedSmoothedCrossEntropy(nn.Module):
-    """``nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)``: the same value and gradients
-    (mean over the batch, normalised by the targets' weights; every target a class index).
-
-    PyTorch computes that combination with ``masked_select``, whose output size only the device knows: on a
-    GPU every training step then waits until the forward pass has finished before it can queue the backward
-    pass, and the device idles while the host launches it (benchmarks/results.md). Here the same sums are
-    taken with ``gather``, which never waits."""
-
-    def __init__(self, weight: torch.Tensor, label_smoothing: float = 0.0) -> None:
-        super().__init__()
-        self.register_buffer("weight", weight.float())
-        self.label_smoothing = label_smoothing
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        log_probs = F.log_softmax(logits.float(), dim=1)  # fp32, as autocast runs cross_entropy
-        target_weight = self.weight.gather(0, target)
-        nll = -(log_probs.gather(1, target.unsqueeze(1)).squeeze(1) * target_weight).sum()
-        smooth = -(log_probs * self.weight).sum()
-        smoothing = self.label_smoothing
-        return ((1 - smoothing) * nll + smoothing / logits.shape[1] * smooth) / target_weight.sum()
+    from .config import Experiment
 
 
-class FocalLoss(nn.Module):
-    """Multi-class focal loss (Lin et al. 2017): cross-entropy scaled by ``(1 - p_target) ** gamma``, so
-    images the model already gets right count less and the hard ones, often of the rarer classes, more.
-    ``alpha`` weighs each class (here the training split's class weights); the sum is normalised by the
-    targets' alphas like the weighted cross-entropy, so ``gamma=0`` is exactly that loss. Computed with
-    ``gather`` in float32: no host sync per step."""
+def weighted_ce(class_weights: torch.Tensor, experiment: Experiment, label_smoothing: float) -> nn.Module:
+    """Class-weighted cross-entropy; with label smoothing the sync-free
+    :class:`~cxr.loss_functions.WeightedSmoothedCrossEntropy`, without it PyTorch's own (which needs no host
+    sync then), so both equal ``nn.CrossEntropyLoss``."""
+    from torch import nn
 
-    def __init__(self, alpha: torch.Tensor, gamma: float = 2.0) -> None:
-        super().__init__()
-        self.register_buffer("alpha", alpha.float())
-        self.gamma = gamma
+    from .loss_functions import WeightedSmoothedCrossEntropy
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        log_p = F.log_softmax(logits.float(), dim=1).gather(1, target.unsqueeze(1)).squeeze(1)
-        target_alpha = self.alpha.gather(0, target)
-        focus = (1 - log_p.exp()).clamp(min=0) ** self.gamma
-        return -(target_alpha * focus * log_p).sum() / target_alpha.sum()
-
-
-def weighted_ce(class_weights: torch.Tensor, label_smoothing: float = 0.0, **_: Any) -> nn.Module:
-    """Class-weighted cross-entropy; with label smoothing the sync-free :class:`WeightedSmoothedCrossEntropy`,
-    without it PyTorch's own (which needs no host sync then), so both equal ``nn.CrossEntropyLoss``."""
     if label_smoothing:
         return WeightedSmoothedCrossEntropy(class_weights, label_smoothing)
     return nn.CrossEntropyLoss(weight=class_weights.float())
 
 
-def focal(class_weights: torch.Tensor, gamma: float = 2.0, **_: Any) -> nn.Module:
-    """:class:`FocalLoss` with the class weights as alpha (label smoothing does not apply)."""
-    return FocalLoss(class_weights, gamma)
+def focal(class_weights: torch.Tensor, experiment: Experiment, label_smoothing: float) -> nn.Module:
+    """:class:`~cxr.loss_functions.FocalLoss` with the class weights as alpha and the experiment's
+    ``focal_gamma`` (label smoothing does not apply)."""
+    from .loss_functions import FocalLoss
+
+    return FocalLoss(class_weights, experiment.focal_gamma)
 
 
-LOSSES: dict[str, Callable[..., nn.Module]] = {"weighted_ce": weighted_ce, "focal": focal}
+LOSSES: dict[str, Callable[[torch.Tensor, Experiment, float], nn.Module]] = {"weighted_ce": weighted_ce,
+                                                                            "focal": focal}
 
 
-def build_loss(name: str, class_weights: torch.Tensor, label_smoothing: float = 0.0, gamma: float = 2.0) -> nn.Module:
-    """The loss called ``name`` (a key of :data:`LOSSES`). Training passes the experiment's label smoothing,
-    validation none: the validation loss is the same loss, unsmoothed."""
+def check_loss_name(name: str) -> None:
+    """A one-line error unless ``name`` is a key of :data:`LOSSES` (``config.get_experiment`` calls it)."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of: {', '.join(LOSSES)}")
-    return LOSSES[name](class_weights, label_smoothing=label_smoothing, gamma=gamma)
+
+
+def build_loss(experiment: Experiment, class_weights: torch.Tensor, validation: bool = False) -> nn.Module:
+    """The loss ``experiment.loss`` (a key of :data:`LOSSES`) weighted by ``class_weights``, with the
+    experiment's label smoothing; with ``validation`` the same loss unsmoothed, so the validation loss
+    compares across experiments that smooth differently."""
+    check_loss_name(experiment.loss)
+    return LOSSES[experiment.loss](class_weights, experiment, 0.0 if validation else experiment.label_smoothing)

@@ -34,6 +34,10 @@ class Metric:
     needs_probabilities: bool = False
     history: bool = False
 
+    def __post_init__(self) -> None:
+        if self.history and self.per_class:
+            raise ValueError(f"metric {self.name!r}: history.csv holds one number per metric, not one per class")
+
 
 def _parts(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     confusion = confusion.astype(np.float64)
@@ -108,6 +112,12 @@ def summary_metrics() -> list[Metric]:
 def class_metrics() -> list[Metric]:
     """The metrics with one value per class, in table order."""
     return [m for m in METRICS if m.per_class]
+
+
+def history_metrics() -> list[Metric]:
+    """The metrics recorded per epoch on validation (``val_<name>`` in history.csv, a panel of curves.png),
+    in table order."""
+    return [m for m in METRICS if m.history]
 
 
 def confusion(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:

@@ -140,7 +140,7 @@ class TTAViews:
     resize: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    shift: float = AUGMENTATION.translate  # the largest shift training augmentation makes
+    shift: float = AUGMENTATION.affine.translate  # the largest shift training augmentation makes
     names = ("centre crop", "whole square", "shifted left", "shifted right")
 
     @classmethod
