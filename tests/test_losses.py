@@ -79,7 +79,15 @@ def test_build_loss_picks_by_name_and_refuses_unknown_names():
     focal = build_loss(get_experiment("resnet50_full", loss="focal", focal_gamma=3.0, label_smoothing=0.1), weight)
     assert isinstance(focal, FocalLoss) and focal.gamma == 3.0 and torch.equal(focal.alpha, weight.float())
     with pytest.raises(ValueError, match="unknown loss 'dice'; choose one of: weighted_ce, focal"):
-        get_experiment("resnet50_full", loss="dice")
+        build_loss(get_experiment("resnet50_full", loss="dice"), weight)
+
+
+def test_a_run_with_an_unknown_loss_is_refused_before_anything_is_written(tmp_path):
+    from cxr.workflow import train_experiment
+
+    with pytest.raises(ValueError, match="unknown loss 'dice'; choose one of: weighted_ce, focal"):
+        train_experiment("mobilenet_v2_head", data_dir=tmp_path / "no-data", out=tmp_path / "out", loss="dice")
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_loss_names_are_the_keys_of_LOSSES_alone(monkeypatch):
@@ -97,7 +105,7 @@ def test_the_loss_names_are_the_keys_of_LOSSES_alone(monkeypatch):
     assert isinstance(build_loss(get_experiment("resnet50_full", loss="dice"), torch.ones(4)), nn.L1Loss)
     monkeypatch.delitem(LOSSES, "dice")
     with pytest.raises(ValueError, match="unknown loss 'dice'"):
-        get_experiment("resnet50_full", loss="dice")
+        build_loss(get_experiment("resnet50_full", loss="dice"), torch.ones(4))
 
 
 def test_training_and_validation_use_the_experiments_loss():

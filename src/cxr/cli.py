@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .config import EXPERIMENTS, Experiment
+from .losses import LOSSES
 from .termination import sigterm_as_interrupt
 
 if typing.TYPE_CHECKING:  # torch is imported only once the arguments have been checked
@@ -66,6 +67,10 @@ def hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(Experiment) if "help" in f.metadata}
 
 
+# Fields whose names come from a registry of the layer that uses them (torch-free to import).
+REGISTRIES = {"loss": LOSSES}
+
+
 def _add_hyperparameters(group: argparse._ArgumentGroup) -> None:
     """One flag per tunable field of :class:`~cxr.config.Experiment`, its help and default taken from there."""
     hints = typing.get_type_hints(Experiment)
@@ -76,8 +81,8 @@ def _add_hyperparameters(group: argparse._ArgumentGroup) -> None:
         help_text = f"{field.metadata['help']} (default: {_experiment_default(field.name)})"
         if kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
-        elif field.metadata["choices"] is not None:
-            group.add_argument(flag, choices=field.metadata["choices"](), help=help_text)
+        elif field.name in REGISTRIES:
+            group.add_argument(flag, choices=tuple(REGISTRIES[field.name]), help=help_text)
         elif typing.get_origin(kind) is typing.Literal:
             group.add_argument(flag, choices=typing.get_args(kind), help=help_text)
         else:

@@ -1,7 +1,7 @@
 """The losses, chosen by name (``Experiment.loss``) through :func:`build_loss`: a new loss is one entry of
 :data:`LOSSES` (its module in :mod:`cxr.loss_functions` where PyTorch lacks one). This module imports no
-PyTorch, so :mod:`cxr.config` checks ``Experiment.loss`` against :data:`LOSSES` and the command line
-lists its names before any heavy import."""
+PyTorch, so the command line lists its names and a run checks ``Experiment.loss`` against :data:`LOSSES`
+before any heavy import or any work."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ LOSSES: dict[str, Callable[[torch.Tensor, Experiment, float], nn.Module]] = {"we
 
 
 def check_loss_name(name: str) -> None:
-    """A one-line error unless ``name`` is a key of :data:`LOSSES` (``config.get_experiment`` calls it)."""
+    """A one-line error unless ``name`` is a key of :data:`LOSSES` (``workflow.train_experiment`` calls it first)."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; choose one of: {', '.join(LOSSES)}")
 

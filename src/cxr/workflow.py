@@ -34,6 +34,7 @@ from .groups import read_groups
 from .inference import check_finite_rows, load_trained_model
 from .lung_field import find_lung_masks
 from .metrics import operating_points, who_tb_screening
+from .losses import check_loss_name
 from .model_card import CARD_FILE, write_model_card
 from .pipeline import build_dataset, make_loader
 from .local_weights import weights_provenance
@@ -261,6 +262,7 @@ def train_experiment(
     started = time.perf_counter()
     experiment = get_experiment(name, **overrides)
     check_image_size(experiment.image_size, experiment.arch)
+    check_loss_name(experiment.loss)
     if model is None:  # a local weights file that does not fit is refused before anything is written
         check_weights(experiment.arch, experiment.weights, len(CLASSES), experiment.image_size)
     check_added(options.add_train, options.external, options.seed)
