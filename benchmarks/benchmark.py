@@ -48,11 +48,11 @@ from typing import Any, Iterator
 import torch
 import torchvision
 
-from cxr.cache import default_workers
+from cxr.data.cache import default_workers
 from cxr.config import EXPERIMENTS, Experiment, get_experiment
-from cxr.data import DataSplits, load_splits
-from cxr.provenance import git_commit
-from cxr.runtime import Runtime, device_name, select_device
+from cxr.data.dataset import DataSplits, load_splits
+from cxr.data.provenance import git_commit
+from cxr.common.runtime import Runtime, device_name, select_device
 
 HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # run as a file it is there already; loaded by importlib (the tests) it is not

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from cxr import engine
+from cxr.train import engine
 from cxr.config import get_experiment
-from cxr.data import DatasetError, load_splits
-from cxr.runtime import Runtime
+from cxr.data.dataset import DatasetError, load_splits
+from cxr.common.runtime import Runtime
 
 
 def main() -> None:

@@ -1,10 +1,10 @@
-"""Peak memory of cxr.imageio.frame_square alone (the shape rule bypassed) on a 1 x N image: the bounded
+"""Peak memory of cxr.data.imageio.frame_square alone (the shape rule bypassed) on a 1 x N image: the bounded
 decode against the old resize-then-crop. Usage: python benchmarks/decode_memory.py new|old N, under
 `/usr/bin/time -v` (docs/robustness.md, "Decode memory")."""
 import sys
 import numpy as np
 from PIL import Image
-from cxr.imageio import frame_square
+from cxr.data.imageio import frame_square
 
 def old(image, side):
     width, height = image.size

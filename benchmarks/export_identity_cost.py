@@ -7,13 +7,13 @@ import torch
 torch.set_num_threads(1)
 import onnx
 from safetensors.torch import load_file
-from cxr.checkpoint import save_checkpoint
+from cxr.models.checkpoint import save_checkpoint
 from cxr.config import get_experiment
-from cxr.layout import CLASSES
-from cxr.models import build_model, preprocessing
-from cxr.export import export_model, load_export
-from cxr import export_identity
-from cxr.inference import check_finite_outputs
+from cxr.data.layout import CLASSES
+from cxr.models.classifier import build_model, preprocessing
+from cxr.inference.export import export_model, load_export
+from cxr.inference import export_identity
+from cxr.inference.trained_model import check_finite_outputs
 
 root = Path(sys.argv[1]); root.mkdir(parents=True, exist_ok=True)
 ckpt = root / "r50_224.pt"

@@ -72,8 +72,8 @@ def environment(device: str) -> dict[str, Any]:
     """Where the check ran: device, library versions, commit (``CXR_COMMIT`` where there is no git)."""
     import torch
 
-    from cxr.runtime import device_name
-    from cxr.provenance import git_commit
+    from cxr.common.runtime import device_name
+    from cxr.data.provenance import git_commit
 
     return {
         "device": device_name(torch.device(device)) if device != "cuda" or torch.cuda.is_available() else "no CUDA GPU",
@@ -86,7 +86,7 @@ def environment(device: str) -> dict[str, Any]:
 
 def predict_inputs(data_dir: Path, per_class: int = PREDICT_IMAGES_PER_CLASS) -> list[Path]:
     """The first ``per_class`` test images of every class."""
-    from cxr.data import find_split_root, scan_split
+    from cxr.data.dataset import find_split_root, scan_split
 
     root = find_split_root(data_dir)
     if root is None:
@@ -106,7 +106,7 @@ def external_folder(data_dir: Path, folder: Path, planted: int = PLANTED_PER_CLA
     images of each class, which its near-duplicate audit must report as overlaps."""
     import shutil
 
-    from cxr.data import find_split_root, scan_split
+    from cxr.data.dataset import find_split_root, scan_split
 
     root = find_split_root(data_dir)
     test, train = scan_split(root, "test", check=False), scan_split(root, "train", check=False)
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 def check(args: argparse.Namespace, out: Path, info: dict, scratch: Path, argv: list[str] | None) -> int:
     data_dir = args.data_dir
     if args.smoke:
-        from cxr.synthetic import write_synthetic_dataset
+        from cxr.data.synthetic import write_synthetic_dataset
 
         data_dir = write_synthetic_dataset(scratch / "chest_xray", SMOKE_COUNTS, bad_files=False)
     summary = Summary(out / "summary.json", {

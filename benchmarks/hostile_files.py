@@ -1,8 +1,8 @@
 """Build the hostile files of issue 31 and open one of them as cxr does, for `/usr/bin/time -v` to measure
 (docs/robustness.md, "Hostile files: peak memory"). Usage:
   python benchmarks/hostile_files.py build DIR          # writes the files below (about 200 MB in all)
-  python benchmarks/hostile_files.py decode FILE [old]  # cxr.imageio.decode_image(FILE, 256); old: as at 7c63fbc
-  python benchmarks/hostile_files.py load FILE          # cxr.checkpoint.load_checkpoint(FILE)
+  python benchmarks/hostile_files.py decode FILE [old]  # cxr.data.imageio.decode_image(FILE, 256); old: as at 7c63fbc
+  python benchmarks/hostile_files.py load FILE          # cxr.models.checkpoint.load_checkpoint(FILE)
 """
 import io
 import sys
@@ -22,7 +22,7 @@ def _deflated_dicom(path: Path, rows: int, columns: int, frames: int = 1) -> Non
     from pydicom.filereader import _read_file_meta_info, read_preamble
     from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
-    from cxr.synthetic import write_dicom
+    from cxr.data.synthetic import write_dicom
 
     write_dicom(path, np.zeros((8, 8), np.uint8))
     ds = pydicom.dcmread(path)
@@ -52,7 +52,7 @@ def _deflated_dicom(path: Path, rows: int, columns: int, frames: int = 1) -> Non
 def _multi_frame(path: Path, frames: int, side: int) -> None:
     import pydicom
 
-    from cxr.synthetic import write_dicom
+    from cxr.data.synthetic import write_dicom
 
     write_dicom(path, np.zeros((side, side), np.uint8))
     ds = pydicom.dcmread(path)
@@ -90,10 +90,10 @@ def build(folder: Path) -> None:
 
 def decode(path: str, old: bool) -> None:
     if old:
-        sys.path.insert(0, "/work/runs/i31a/old")  # git show 7c63fbc:src/cxr/imageio.py > .../old/old_imageio.py
+        sys.path.insert(0, "/work/runs/i31a/old")  # git show 7c63fbc:src/cxr/data/imageio.py > .../old/old_imageio.py
         from old_imageio import decode_image
     else:
-        from cxr.imageio import decode_image
+        from cxr.data.imageio import decode_image
     started = time.perf_counter()
     try:
         print(decode_image(path, 256).shape, end=" ")
@@ -103,7 +103,7 @@ def decode(path: str, old: bool) -> None:
 
 
 def load(path: str) -> None:
-    from cxr.checkpoint import CheckpointError, load_checkpoint
+    from cxr.models.checkpoint import CheckpointError, load_checkpoint
 
     try:
         load_checkpoint(path)

@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from cxr.data import SPLITS, find_split_root, scan_split
-from cxr.layout import CLASSES
+from cxr.data.dataset import SPLITS, find_split_root, scan_split
+from cxr.data.layout import CLASSES
 
 # Kaggle jtiptj/chest-xray-pneumoniacovid19tuberculosis: train 6,326 and test 771 images (val: 38).
 KAGGLE_TRAIN = {"COVID19": 460, "NORMAL": 1341, "PNEUMONIA": 3875, "TUBERCULOSIS": 650}

@@ -14,16 +14,16 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from cxr import engine
+from cxr.train import engine
 from cxr.config import Experiment
-from cxr.data import load_splits
-from cxr.layout import CLASSES
-from cxr.features import FrozenBackboneBatches
-from cxr.models import build_model, preprocessing
-from cxr.optim import build_optimizer, warmup_cosine
-from cxr.pipeline import build_dataset, frozen_forward_batch, make_loader, training_module
-from cxr.runtime import Runtime
-from cxr.timing import PhaseTimes
+from cxr.data.dataset import load_splits
+from cxr.data.layout import CLASSES
+from cxr.train.features import FrozenBackboneBatches
+from cxr.models.classifier import build_model, preprocessing
+from cxr.train.optim import build_optimizer, warmup_cosine
+from cxr.train.pipeline import build_dataset, frozen_forward_batch, make_loader, training_module
+from cxr.common.runtime import Runtime
+from cxr.common.timing import PhaseTimes
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 GIB = 1024**3
@@ -73,7 +73,7 @@ def measure_ceiling(experiment: Experiment, runtime: Runtime, steps: int, warmup
     frozen_forward_batch images at once and the head steps every batch; fit's loss), on synthetic batches already
     on the device. The warm-up (cuDNN autotuning; compiling, with ``runtime.compile``) is reported as
     ``warmup_seconds``. ``torch_loss``: PyTorch's own class-weighted, label-smoothed ``nn.CrossEntropyLoss``
-    instead of fit's (``cxr.losses``), to show what its host sync per step costs."""
+    instead of fit's (``cxr.train.losses``), to show what its host sync per step costs."""
     device = runtime.device
     reset_peak_memory(device)
     torch.backends.cudnn.benchmark = runtime.cudnn_benchmark

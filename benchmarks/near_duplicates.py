@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from cxr import near_duplicates as nd
-from cxr.audit import AUDIT_SIDE
-from cxr.cache import cache_split, decode_image
-from cxr.data import SPLITS, locate_dataset, scan_split
+from cxr.audit import near_duplicates as nd
+from cxr.audit.data_audit import AUDIT_SIDE
+from cxr.data.cache import cache_split, decode_image
+from cxr.data.dataset import SPLITS, locate_dataset, scan_split
 
 KINDS = ("jpeg q70", "16-bit png", "half size", "crop 5% centre", "crop 5% side", "brightness 1.3",
          "contrast 1.4", "gamma 0.7", "crop 10% centre", "rotate 2 deg")

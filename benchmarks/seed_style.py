@@ -14,10 +14,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import models as tvm
 
-from cxr.backbones import get_backbone
+from cxr.models.backbones import get_backbone
 from cxr.config import Experiment
-from cxr.data import IMAGENET_MEAN, IMAGENET_STD, build_transforms, load_image
-from cxr.layout import CLASSES
+from cxr.data.dataset import IMAGENET_MEAN, IMAGENET_STD, build_transforms, load_image
+from cxr.data.layout import CLASSES
 from measure import peak_memory_gib, reset_peak_memory
 
 

@@ -9,7 +9,7 @@ import pytest
 
 matplotlib.use("Agg")
 
-from cxr.synthetic import write_synthetic_dataset  # noqa: E402
+from cxr.data.synthetic import write_synthetic_dataset  # noqa: E402
 
 # Small enough that every experiment trains an epoch on 2 CPU cores in seconds.
 TINY = {"epochs": 1, "batch_size": 8, "image_size": 32, "weights": "none"}
@@ -27,10 +27,10 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A 32 px ResNet50 checkpoint in ``cxr train``'s format (random weights: for tests of the plumbing)."""
     import torch
 
-    from cxr.checkpoint import save_checkpoint
+    from cxr.models.checkpoint import save_checkpoint
     from cxr.config import get_experiment
-    from cxr.layout import CLASSES
-    from cxr.models import build_model, preprocessing
+    from cxr.data.layout import CLASSES
+    from cxr.models.classifier import build_model, preprocessing
 
     torch.manual_seed(0)
     experiment = get_experiment("resnet50_full", epochs=1, batch_size=8, image_size=32, weights="none")
@@ -71,6 +71,6 @@ def _one_torch_thread() -> None:
 @pytest.fixture(scope="module")
 def cuda_like(tmp_path_factory):
     """A Runtime that makes every choice a CUDA run makes, on the CPU (tests/test_cuda_paths.py, test_cuda_steps.py)."""
-    from cxr.runtime import Runtime
+    from cxr.common.runtime import Runtime
 
     return Runtime.cuda_like("cpu", progress=False, cache_dir=tmp_path_factory.getbasetemp() / "cxr-cache")

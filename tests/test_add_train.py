@@ -12,12 +12,12 @@ import pytest
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from cxr.added_folders import AddedFolders, added_sentence, check_added, folders_from_env, holdout_mask
+from cxr.data.added_folders import AddedFolders, added_sentence, check_added, folders_from_env, holdout_mask
 from cxr.cli import main
-from cxr.data import load_splits
-from cxr.layout import CLASSES, class_of
-from cxr.inputs import InputError
-from cxr.synthetic import write_synthetic_dataset
+from cxr.data.dataset import load_splits
+from cxr.data.layout import CLASSES, class_of
+from cxr.common.inputs import InputError
+from cxr.data.synthetic import write_synthetic_dataset
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def copy_of(source: Path, target: Path, brighter: bool = False) -> Path:
 
 
 def test_duplicates_of_test_and_external_images_are_refused_by_name_or_dropped(dataset, tmp_path):
-    from cxr.added_training import add_to_training
+    from cxr.train.added_training import add_to_training
 
     added = added_folder(tmp_path / "adults")
     external = added_folder(tmp_path / "elsewhere", names=("TB",), per_class=3, seed=11)
@@ -156,7 +156,7 @@ def test_duplicates_of_test_and_external_images_are_refused_by_name_or_dropped(d
 
 
 def test_added_images_join_train_only_with_their_holdout_apart(dataset, tmp_path):
-    from cxr.added_training import add_to_training
+    from cxr.train.added_training import add_to_training
 
     added = added_folder(tmp_path / "adults", per_class=6)
     splits = load_splits(dataset)
@@ -244,7 +244,7 @@ def test_adding_a_source_that_breaks_the_planted_cue_changes_what_the_model_does
     """Trained on the main set, a model reads the frame: the held-out healthy adults of a framed source are
     called COVID19 or TUBERCULOSIS. With that source's other patients added to training, the frame no longer
     names the class and they are called NORMAL. A source without the frame is read right either way."""
-    from cxr.added_training import add_to_training
+    from cxr.train.added_training import add_to_training
 
     main_set, added = cue_sets[0], cue_sets[1 if source == "framed" else 2]
     splits = load_splits(main_set)
@@ -273,7 +273,7 @@ def added_run(cue_sets, tmp_path_factory) -> tuple[Path, dict, str, list]:
     import io
     import json
 
-    from cxr import engine
+    from cxr.train import engine
 
     main_set, framed, plain = cue_sets
     out, weighted, stdout = tmp_path_factory.mktemp("added-run"), [], io.StringIO()
@@ -316,7 +316,7 @@ def test_a_run_trains_on_the_added_images_and_scores_the_held_out_part(added_run
 
 
 def test_readme_report_names_the_added_folders(added_run):
-    from cxr.report import collect_metrics, render_results
+    from cxr.report.readme import collect_metrics, render_results
 
     run_dir, metrics, _, _ = added_run
     block = render_results(collect_metrics(run_dir.parent), run_dir.parent)

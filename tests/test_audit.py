@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from cxr.audit import audit_dataset, audit_training_splits, file_sha256, format_audit
+from cxr.audit.data_audit import audit_dataset, audit_training_splits, file_sha256, format_audit
 from cxr.cli import main
-from cxr.data import SPLITS, check_image, load_splits, scan_split
-from cxr.layout import CLASSES
-from cxr.report import baseline_verdict
-from cxr.synthetic import DEFAULT_COUNTS, write_synthetic_dataset
-from cxr.run_options import RunOptions
-from cxr.runtime import Runtime
+from cxr.data.dataset import SPLITS, check_image, load_splits, scan_split
+from cxr.data.layout import CLASSES
+from cxr.report.readme import baseline_verdict
+from cxr.data.synthetic import DEFAULT_COUNTS, write_synthetic_dataset
+from cxr.train.run_options import RunOptions
+from cxr.common.runtime import Runtime
 from cxr.workflow import train_experiment
 
 SMALL_COUNTS = {"train": 5, "val": 2, "test": 2}
@@ -174,7 +174,7 @@ def test_cli_audit_of_missing_dataset_is_a_clear_error(tmp_path, capsys):
 
 def test_leakage_into_a_carved_validation_split_names_the_validation_image():
     """Carved from train, a validation image lives under train/: the warning says which copy is in validation."""
-    from cxr.audit import _near_warnings
+    from cxr.audit.data_audit import _near_warnings
 
     group = {"files": [{"split": "train", "class": "NORMAL", "path": "train/NORMAL/a.jpg"},
                        {"split": "val", "class": "NORMAL", "path": "train/NORMAL/b.jpg"}]}

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from cxr.augment import DeviceDataset, DeviceLoader, EvalTransform, TrainAugment
+from cxr.data.augment import DeviceDataset, DeviceLoader, EvalTransform, TrainAugment
 from cxr.config import Affine, Augmentation, Brightness, Contrast, HorizontalFlip, ResizedCrop
-from cxr.data import IMAGENET_MEAN, IMAGENET_STD, build_transforms
-from cxr.runtime import Runtime
+from cxr.data.dataset import IMAGENET_MEAN, IMAGENET_STD, build_transforms
+from cxr.common.runtime import Runtime
 
 CPU = Runtime.create("cpu", progress=False)
 
@@ -95,7 +95,7 @@ def test_device_dataset_from_images_keeps_uint8_single_channel():
 
 def test_both_augmentations_read_the_one_set_of_parameters():
     from cxr.config import AUGMENTATION
-    from cxr.uncertainty import TTAViews
+    from cxr.evaluate.uncertainty import TTAViews
 
     assert TrainAugment(32).augmentation is AUGMENTATION
     crop, flip, affine, brightness, contrast = build_transforms(32, train=True).transforms[1:6]

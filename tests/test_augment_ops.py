@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cxr import augment_ops
-from cxr.augment import TrainAugment
+from cxr.data import augment_ops
+from cxr.data.augment import TrainAugment
 from cxr.config import AUGMENTATION, Affine, Augmentation, Brightness, Contrast, HorizontalFlip, ResizedCrop
-from cxr.data import build_transforms
+from cxr.data.dataset import build_transforms
 
 SIDE, DRAWS = 64, 1000
 NOTHING = Augmentation(**{f.name: None for f in dataclasses.fields(Augmentation)})

@@ -14,13 +14,13 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from cxr.backbones import BACKBONES, get_backbone
-from cxr.cam import target_layer
+from cxr.models.backbones import BACKBONES, get_backbone
+from cxr.evaluate.cam import target_layer
 from cxr.cli import main
 from cxr.config import EXPERIMENTS
-from cxr.models import WeightsError, build_model, check_weights, trainable_parts
+from cxr.models.classifier import WeightsError, build_model, check_weights, trainable_parts
 from cxr.preflight import weights_setting
-from cxr.report import weights_text
+from cxr.report.readme import weights_text
 
 SIDE = 32
 
@@ -182,7 +182,8 @@ def test_results_name_a_local_weights_file_by_name_and_digest():
 
 
 def test_chapter_4_finds_the_weights_or_says_how_to_get_them(monkeypatch, tmp_path):
-    from cxr import local_weights, notebook
+    from cxr.models import local_weights
+    from cxr import notebook
 
     monkeypatch.delenv("CXR_SMOKE", raising=False)
     monkeypatch.delenv("CXR_WEIGHTS", raising=False)

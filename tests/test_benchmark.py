@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from cxr.data import load_splits
-from cxr.layout import CLASSES
-from cxr.runtime import Runtime
+from cxr.data.dataset import load_splits
+from cxr.data.layout import CLASSES
+from cxr.common.runtime import Runtime
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark.py"
 STEPS = ("kaggle_sized", "measure", "seed_style", "report")  # the modules beside it, which it imports

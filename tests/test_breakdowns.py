@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cxr import breakdowns
-from cxr.layout import CLASSES
+from cxr.evaluate import breakdowns
+from cxr.data.layout import CLASSES
 
 
 def _probabilities(labels: np.ndarray, seed: int = 0, signal: float = 1.5) -> np.ndarray:

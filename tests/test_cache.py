@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr import cache
+from cxr.data import cache
 from cxr.cli import build_parser
 from cxr.config import get_experiment
-from cxr.data import Split, XRayDataset, load_image
-from cxr.layout import CLASSES
-from cxr.pipeline import build_dataset
-from cxr.models import preprocessing
-from cxr.runtime import Runtime
+from cxr.data.dataset import Split, XRayDataset, load_image
+from cxr.data.layout import CLASSES
+from cxr.train.pipeline import build_dataset
+from cxr.models.classifier import preprocessing
+from cxr.common.runtime import Runtime
 
 SIDE = 24
 

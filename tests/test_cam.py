@@ -3,8 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr import cam
-from cxr.models import build_model, preprocessing
+from cxr.evaluate import cam
+from cxr.models.classifier import build_model, preprocessing
 
 # ResNets downsample 32x: 64 px is the smallest size whose last stage is more than one cell (2x2).
 # ViT-B/16 at 32 px has a 2x2 grid of patches.

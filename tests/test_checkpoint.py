@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from cxr.checkpoint import FORMAT, CheckpointError, CheckpointWriter, load_checkpoint, save_checkpoint
+from cxr.models.checkpoint import FORMAT, CheckpointError, CheckpointWriter, load_checkpoint, save_checkpoint
 from cxr.config import experiment_from_dict, get_experiment
-from cxr.layout import CLASSES
-from cxr.models import build_model
+from cxr.data.layout import CLASSES
+from cxr.models.classifier import build_model
 
 
 def checkpoint_state(model: nn.Module, name: str = "resnet50_full", epoch: int = 3) -> dict:

@@ -131,7 +131,7 @@ def test_warnings_are_one_line_while_the_command_runs(monkeypatch):
     shown = []
 
     def warn(args, argv):
-        shown.append(warnings.formatwarning("Skipped 2 unusable file(s).", UserWarning, "/src/cxr/data.py", 9))
+        shown.append(warnings.formatwarning("Skipped 2 unusable file(s).", UserWarning, "/src/cxr/data/dataset.py", 9))
         return 0
 
     monkeypatch.setattr(cli, "_run", warn)

@@ -19,14 +19,14 @@ import pytest
 import torch
 
 from cxr import workflow
-from cxr.inference import load_trained_model
+from cxr.inference.trained_model import load_trained_model
 from cxr.cli import main
 from cxr.config import EXPERIMENTS
-from cxr.data import load_splits
-from cxr.layout import CLASSES
-from cxr.predict import predict_images
-from cxr.run_options import RunOptions
-from cxr.runtime import Runtime
+from cxr.data.dataset import load_splits
+from cxr.data.layout import CLASSES
+from cxr.inference.predict import predict_images
+from cxr.train.run_options import RunOptions
+from cxr.common.runtime import Runtime
 
 # The synthetic set holds unusable files on purpose; the ``trained`` fixture asserts that training warns about them.
 pytestmark = pytest.mark.filterwarnings("ignore:Skipped .* unusable file")
@@ -71,7 +71,7 @@ def test_runtime_for_cuda_is_what_cuda_like_reproduces():
 
 def test_a_split_stays_on_the_gpu_only_under_a_quarter_of_its_free_memory(monkeypatch):
     """The rule :meth:`Runtime.holds_on_device` applies on a GPU, with its free memory stood in for."""
-    from cxr import runtime as runtime_module
+    from cxr.common import runtime as runtime_module
 
     gib = 2**30
     monkeypatch.setattr(runtime_module, "free_device_memory", lambda device: 8 * gib)

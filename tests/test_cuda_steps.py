@@ -16,10 +16,10 @@ import torch
 from cxr import workflow
 from cxr.cli import main
 from cxr.config import EXPERIMENTS
-from cxr.data import load_splits
-from cxr.layout import CLASSES
-from cxr.run_options import RunOptions
-from cxr.runtime import Runtime
+from cxr.data.dataset import load_splits
+from cxr.data.layout import CLASSES
+from cxr.train.run_options import RunOptions
+from cxr.common.runtime import Runtime
 
 # The synthetic set holds unusable files on purpose; the ``trained`` fixture asserts that training warns about them.
 pytestmark = pytest.mark.filterwarnings("ignore:Skipped .* unusable file")
@@ -67,10 +67,10 @@ class _RecordsAutotuning(torch.nn.Module):
 def test_only_full_batches_are_autotuned(monkeypatch):
     """cuDNN tunes each new input shape once, seconds per shape for a ResNet's backward pass; an epoch's last,
     smaller batch (training, validation, features) runs untuned, and the setting comes back afterwards."""
-    from cxr.augment import DeviceDataset, DeviceLoader
-    from cxr.engine import predict, train_one_epoch
-    from cxr.optim import warmup_cosine
-    from cxr.features import FrozenBackboneBatches, extract_features
+    from cxr.data.augment import DeviceDataset, DeviceLoader
+    from cxr.train.engine import predict, train_one_epoch
+    from cxr.train.optim import warmup_cosine
+    from cxr.train.features import FrozenBackboneBatches, extract_features
 
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     runtime = Runtime.cuda_like("cpu", cudnn_benchmark=True, progress=False)
@@ -104,9 +104,10 @@ def _host_syncs(name: str, data_dir: Path, runtime: Runtime, steps: int) -> list
     host only on the CPU (on CUDA they are device tensors that its kernel reads)."""
     import itertools
 
-    from cxr import engine, pipeline as data_pipeline
+    from cxr.train import engine
+    from cxr.train import pipeline as data_pipeline
     from cxr.config import get_experiment
-    from cxr.models import build_model, preprocessing
+    from cxr.models.classifier import build_model, preprocessing
 
     experiment = get_experiment(name, **{**TINY, "batch_size": 4})
     torch.manual_seed(SEED)
@@ -145,9 +146,9 @@ def test_training_steps_never_wait_for_the_device(name, synthetic_root, cuda_lik
 def test_passes_that_run_once_are_not_autotuned(synthetic_root, monkeypatch):
     """A frozen random backbone's BatchNorm statistics and validation features are computed once: autotuning
     their shapes would cost seconds and never pay. Its training forward passes are tuned."""
-    from cxr import pipeline as data_pipeline
+    from cxr.train import pipeline as data_pipeline
     from cxr.config import get_experiment
-    from cxr.models import build_model, preprocessing
+    from cxr.models.classifier import build_model, preprocessing
 
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     runtime = Runtime.cuda_like("cpu", cudnn_benchmark=True, progress=False, frozen_forward_batch=8)
@@ -192,8 +193,8 @@ def test_a_split_too_large_for_the_gpu_is_copied_batch_by_batch(name, synthetic_
     memory to the device (for a frozen backbone: to its forward pass and its cached validation features). The
     run is the one with the splits on the device, bit for bit. The CPU has neither free GPU memory to ask nor
     pinned memory: stand-ins say that none is free and note what would have been pinned."""
-    from cxr import engine
-    from cxr import runtime as runtime_module
+    from cxr.train import engine
+    from cxr.common import runtime as runtime_module
     from cxr.config import get_experiment
 
     experiment, splits = get_experiment(name, **{**TINY, "epochs": 2}), load_splits(synthetic_root)
@@ -215,8 +216,9 @@ def test_cuda_graphs_change_nothing_but_how_full_batches_run(synthetic_root, tmp
     """With ``cuda_graphs`` a fully trained network's full batches go through the captured module and the rest
     (an epoch's last batch, validation) through the model; the run is the one without graphs, bit for bit:
     capturing's warm-up passes leave BatchNorm's statistics as they were."""
-    from cxr import engine, graphs
-    from cxr.checkpoint import load_checkpoint
+    from cxr.train import engine
+    from cxr.train import graphs
+    from cxr.models.checkpoint import load_checkpoint
     from cxr.config import get_experiment
 
     replays: list[tuple[int, ...]] = []
@@ -241,9 +243,9 @@ def test_cuda_graphs_change_nothing_but_how_full_batches_run(synthetic_root, tmp
 
 
 def test_cuda_graphs_only_for_a_fully_trained_network_in_one_process():
-    from cxr.pipeline import training_module
-    from cxr.graphs import GraphedTraining
-    from cxr.models import build_model
+    from cxr.train.pipeline import training_module
+    from cxr.train.graphs import GraphedTraining
+    from cxr.models.classifier import build_model
 
     runtime = Runtime.cuda_like("cpu", cuda_graphs=True)
     full, frozen = (build_model("resnet50", len(CLASSES), "none", blocks, 32) for blocks in ("all", 0))

@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr.augment import TrainAugment
-from cxr.data import (
+from cxr.data.augment import TrainAugment
+from cxr.data.dataset import (
     CLASSES,
     DatasetError,
     XRayDataset,
@@ -24,8 +24,8 @@ from cxr.data import (
     scan_split,
     stratified_split,
 )
-from cxr.imageio import cache_side
-from cxr.synthetic import write_synthetic_dataset
+from cxr.data.imageio import cache_side
+from cxr.data.synthetic import write_synthetic_dataset
 
 BAD_FILES = {"corrupt.jpg", "empty.png", "notes.txt", "truncated.jpg"}
 
@@ -267,7 +267,7 @@ def test_limit_below_one_is_refused_before_scanning(tmp_path):
 
 
 def test_dataset_is_found_by_layout_and_nowhere_else(tmp_path):
-    from cxr.data import find_dataset_roots
+    from cxr.data.dataset import find_dataset_roots
 
     first = write_synthetic_dataset(tmp_path / "a" / "renamed", {"train": 1, "val": 1, "test": 1}, 16, False)
     second = write_synthetic_dataset(tmp_path / "b" / "x" / "y", {"train": 1, "val": 1, "test": 1}, 16, False)

@@ -9,10 +9,10 @@ import os
 import pytest
 import torch
 
-from cxr.checkpoint import load_checkpoint
+from cxr.models.checkpoint import load_checkpoint
 from cxr.cli import main
-from cxr.engine import make_deterministic
-from cxr.synthetic import write_synthetic_dataset
+from cxr.train.engine import make_deterministic
+from cxr.data.synthetic import write_synthetic_dataset
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ from PIL import Image
 from pydicom import dcmread, uid
 from pydicom.encaps import encapsulate
 
-from cxr import cache
-from cxr.audit import audit_dataset
-from cxr.data import check_image, load_splits
-from cxr.layout import CLASSES
-from cxr.imageio import decode_image
-from cxr.synthetic import write_dicom, write_synthetic_dataset
+from cxr.data import cache
+from cxr.audit.data_audit import audit_dataset
+from cxr.data.dataset import check_image, load_splits
+from cxr.data.layout import CLASSES
+from cxr.data.imageio import decode_image
+from cxr.data.synthetic import write_dicom, write_synthetic_dataset
 
 SIDE = 48
 

@@ -42,13 +42,13 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from cxr import distributed
-from cxr.cache import FORMAT_VERSION
-from cxr.augment import DeviceDataset, DeviceLoader
+from cxr.common import distributed
+from cxr.data.cache import FORMAT_VERSION
+from cxr.data.augment import DeviceDataset, DeviceLoader
 from cxr.cli import main
-from cxr.pipeline import make_loader
-from cxr.synthetic import write_synthetic_dataset
-from cxr.runtime import Runtime
+from cxr.train.pipeline import make_loader
+from cxr.data.synthetic import write_synthetic_dataset
+from cxr.common.runtime import Runtime
 
 CPU = Runtime.create("cpu", progress=False)
 

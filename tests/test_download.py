@@ -8,8 +8,8 @@ import kagglehub
 import pytest
 
 from cxr.cli import main
-from cxr.data import KAGGLE_HANDLE, DatasetError, find_split_root, locate_dataset
-from cxr.synthetic import write_synthetic_dataset
+from cxr.data.dataset import KAGGLE_HANDLE, DatasetError, find_split_root, locate_dataset
+from cxr.data.synthetic import write_synthetic_dataset
 
 
 def make_dataset(folder: Path) -> Path:

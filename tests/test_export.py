@@ -14,16 +14,16 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from cxr import export
-from cxr.checkpoint import save_checkpoint
+from cxr.inference import export
+from cxr.models.checkpoint import save_checkpoint
 from cxr.cli import main
 from cxr.config import EXPERIMENTS, get_experiment
-from cxr.data import build_transforms, load_image, load_splits
-from cxr.layout import CLASSES
-from cxr.export import export_model, load_export, load_for_inference
-from cxr.model_card import write_model_card
-from cxr.models import Classifier, build_model, estimate_batchnorm_statistics, preprocessing
-from cxr.predict import run_predict
+from cxr.data.dataset import build_transforms, load_image, load_splits
+from cxr.data.layout import CLASSES
+from cxr.inference.export import export_model, load_export, load_for_inference
+from cxr.report.model_card import write_model_card
+from cxr.models.classifier import Classifier, build_model, estimate_batchnorm_statistics, preprocessing
+from cxr.inference.predict import run_predict
 
 SIZE = 32
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from cxr.cli import main
-from cxr.data import ExternalDataError, scan_external
+from cxr.data.dataset import ExternalDataError, scan_external
 from cxr.external import evaluate_external
-from cxr.layout import CLASSES, class_of
-from cxr.runtime import Runtime
-from cxr.synthetic import write_synthetic_dataset
+from cxr.data.layout import CLASSES, class_of
+from cxr.common.runtime import Runtime
+from cxr.data.synthetic import write_synthetic_dataset
 
 CPU = Runtime.create("cpu", progress=False)
 SPELLED = {"COVID19": "Covid-19", "NORMAL": "normal", "PNEUMONIA": "Pneumonia", "TUBERCULOSIS": "TB"}

@@ -5,13 +5,13 @@ import dataclasses
 import pytest
 import torch
 
-from cxr.augment import DeviceDataset, DeviceLoader
+from cxr.data.augment import DeviceDataset, DeviceLoader
 from cxr.config import get_experiment
-from cxr.data import load_splits
-from cxr.engine import fit
-from cxr.features import FrozenBackboneBatches, extract_features
-from cxr.models import build_model
-from cxr.runtime import Runtime
+from cxr.data.dataset import load_splits
+from cxr.train.engine import fit
+from cxr.train.features import FrozenBackboneBatches, extract_features
+from cxr.models.classifier import build_model
+from cxr.common.runtime import Runtime
 
 CPU = Runtime.create("cpu", progress=False)
 

@@ -13,10 +13,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.transforms import Bbox
 
 from cxr import notebook
-from cxr.data import load_splits
-from cxr.figures import plot_history, plot_predictions, plot_roc
-from cxr.layout import CLASSES
-from cxr.serve import model_header
+from cxr.data.dataset import load_splits
+from cxr.evaluate.figures import plot_history, plot_predictions, plot_roc
+from cxr.data.layout import CLASSES
+from cxr.inference.serve import model_header
 
 
 def _box(artist, renderer) -> Bbox:
@@ -80,7 +80,7 @@ def test_demo_header_names_experiment_commit_and_test_score(checkpoint, tmp_path
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     shutil.copy(checkpoint, run / "checkpoints" / "best.pt")
-    from cxr.checkpoint import load_checkpoint
+    from cxr.models.checkpoint import load_checkpoint
 
     config = load_checkpoint(checkpoint)["experiment"]
     metrics = {"config": config, "best_epoch": 1, "git_commit": "0123abc", "date": "2026-12-03",
@@ -117,7 +117,7 @@ def test_loss_axis_turns_logarithmic_only_when_the_loss_spans_decades():
 def test_panels_follow_the_metrics_the_table_records_per_epoch(monkeypatch):
     """curves.png: the loss, then one panel per history metric of the table, train and validation where
     the history has both; a metric the table stops recording leaves the figure."""
-    from cxr import metrics
+    from cxr.evaluate import metrics
 
     figure = plot_history([_row(1, 1.3), _row(2, 1.1)])
     assert [axis.get_title() for axis in figure.axes] == ["Loss"] + [

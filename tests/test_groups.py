@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from cxr.groups import GroupsError, read_groups
+from cxr.data.groups import GroupsError, read_groups
 
 
 def _images(root: Path, names: list[str]) -> list[Path]:

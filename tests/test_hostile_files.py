@@ -1,4 +1,4 @@
-"""Hostile files (issue 31): every decode refused or bounded by one rule in cxr.imageio, per file, from the
+"""Hostile files (issue 31): every decode refused or bounded by one rule in cxr.data.imageio, per file, from the
 header where it can be, with peak memory bounded whatever the file promises."""
 
 import tracemalloc
@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 from pydicom import uid
 
-from cxr import imageio
-from cxr.data import check_image
-from cxr.imageio import ImageReadError, decode_image, jpeg_scans
-from cxr.predict import read_image
-from cxr.synthetic import write_dicom
+from cxr.data import imageio
+from cxr.data.dataset import check_image
+from cxr.data.imageio import ImageReadError, decode_image, jpeg_scans
+from cxr.inference.predict import read_image
+from cxr.data.synthetic import write_dicom
 
 SIDE = 32
 
@@ -80,7 +80,7 @@ def test_only_the_first_frame_of_a_multi_frame_dicom_is_decoded(tmp_path, monkey
 
 
 def test_a_bad_dicom_costs_its_row_and_the_good_image_is_classified(checkpoint, tmp_path):
-    from cxr.predict import run_predict
+    from cxr.inference.predict import run_predict
 
     Image.fromarray(_gradient(top=255).astype(np.uint8)).save(tmp_path / "good.png")
     _rewrite(write_dicom(tmp_path / "bomb.dcm", _gradient()), Rows=30_000, Columns=30_000)
@@ -157,8 +157,8 @@ def _zip_bomb(path: Path, inflated: int = 8 * 2**20) -> Path:
 
 
 def test_a_zip_bomb_pt_is_refused_from_its_zip_directory(tmp_path, monkeypatch):
-    from cxr.checkpoint import CheckpointError, load_checkpoint
-    from cxr.models import WeightsError, build_model
+    from cxr.models.checkpoint import CheckpointError, load_checkpoint
+    from cxr.models.classifier import WeightsError, build_model
 
     bomb = _zip_bomb(tmp_path / "bomb.pt")
     assert bomb.stat().st_size < 100_000
@@ -172,8 +172,8 @@ def test_a_zip_bomb_pt_is_refused_from_its_zip_directory(tmp_path, monkeypatch):
 def test_a_truncated_pt_says_truncated(checkpoint, tmp_path):
     import torch
 
-    from cxr.checkpoint import CheckpointError, load_checkpoint
-    from cxr.models import WeightsError, build_model
+    from cxr.models.checkpoint import CheckpointError, load_checkpoint
+    from cxr.models.classifier import WeightsError, build_model
 
     data = Path(checkpoint).read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
@@ -212,7 +212,7 @@ def test_absurd_image_sizes_in_a_checkpoint_are_refused_at_load(checkpoint, tmp_
 def test_a_weights_file_holding_other_objects_is_refused_in_plain_words(tmp_path):
     import torch
 
-    from cxr.models import WeightsError, build_model
+    from cxr.models.classifier import WeightsError, build_model
 
     torch.save({"conv1.weight": CreatesFile(tmp_path / "pwned")}, tmp_path / "evil.pth")
     with pytest.raises(WeightsError) as caught:
@@ -239,8 +239,8 @@ def _replace_in_place(path: Path, pixels: np.ndarray) -> None:
 
 
 def test_the_cache_serves_new_pixels_for_an_image_replaced_in_place(tmp_path):
-    from cxr.cache import cache_split
-    from cxr.data import Split
+    from cxr.data.cache import cache_split
+    from cxr.data.dataset import Split
 
     path = tmp_path / "scan.png"
     Image.fromarray(_gradient(top=255).astype(np.uint8)).save(path, compress_level=0)
@@ -251,12 +251,12 @@ def test_the_cache_serves_new_pixels_for_an_image_replaced_in_place(tmp_path):
 
 
 def test_resume_refuses_an_image_replaced_in_place_with_the_same_size_and_time(tmp_path):
-    from cxr.checkpoint import CheckpointError
+    from cxr.models.checkpoint import CheckpointError
     from cxr.config import get_experiment
-    from cxr.data import load_splits
-    from cxr.engine import fit
-    from cxr.runtime import Runtime
-    from cxr.synthetic import write_synthetic_dataset
+    from cxr.data.dataset import load_splits
+    from cxr.train.engine import fit
+    from cxr.common.runtime import Runtime
+    from cxr.data.synthetic import write_synthetic_dataset
 
     root = write_synthetic_dataset(tmp_path / "data", {"train": 5, "val": 2, "test": 1}, size=32, bad_files=False)
     target = sorted((root / "train" / "NORMAL").glob("*.png"))[0]
@@ -272,10 +272,10 @@ def test_resume_refuses_an_image_replaced_in_place_with_the_same_size_and_time(t
 def test_a_file_name_that_is_not_utf8_is_read_like_any_other(checkpoint, tmp_path):
     import os
 
-    from cxr.cache import cache_split
-    from cxr.data import load_splits
-    from cxr.engine import data_signature
-    from cxr.synthetic import write_synthetic_dataset
+    from cxr.data.cache import cache_split
+    from cxr.data.dataset import load_splits
+    from cxr.train.engine import data_signature
+    from cxr.data.synthetic import write_synthetic_dataset
 
     root = write_synthetic_dataset(tmp_path / "data", {"train": 2, "test": 1}, size=32, bad_files=False)
     folder = os.fsencode(root / "test" / "NORMAL")
@@ -301,9 +301,9 @@ def test_a_file_name_that_is_not_utf8_is_read_like_any_other(checkpoint, tmp_pat
 # 16: folder names that only look like a class ----------------------------------------------------------
 
 def test_ignored_folders_are_shown_with_their_invisible_characters(tmp_path):
-    from cxr.audit import audit_dataset
-    from cxr.layout import visible_name
-    from cxr.synthetic import write_synthetic_dataset
+    from cxr.audit.data_audit import audit_dataset
+    from cxr.data.layout import visible_name
+    from cxr.data.synthetic import write_synthetic_dataset
 
     root = write_synthetic_dataset(tmp_path / "data", {"train": 2, "test": 1}, size=32, bad_files=False)
     for name in ("Normal ", "N\u041eRMAL", "LUNG_OPACITY"):  # a trailing space; a Cyrillic O
@@ -327,7 +327,7 @@ def test_a_slow_upload_does_not_block_the_next_one_on_the_demo_page(checkpoint, 
 
     from gradio_client import Client, handle_file
 
-    from cxr import serve as serve_module
+    from cxr.inference import serve as serve_module
 
     decode = imageio.open_8bit
 

@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr.checkpoint import save_checkpoint
+from cxr.models.checkpoint import save_checkpoint
 from cxr.cli import main
 from cxr.config import get_experiment
-from cxr.layout import CLASSES
-from cxr.imageio import decode_image
-from cxr.models import build_model, estimate_batchnorm_statistics, preprocessing
-from cxr.predict import run_predict
-from cxr.preprocessing import Preprocessing
+from cxr.data.layout import CLASSES
+from cxr.data.imageio import decode_image
+from cxr.models.classifier import build_model, estimate_batchnorm_statistics, preprocessing
+from cxr.inference.predict import run_predict
+from cxr.data.preprocessing import Preprocessing
 
 ROOT = Path(__file__).resolve().parents[1]
 

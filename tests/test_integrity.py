@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cxr.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cxr.cli import main
-from cxr.synthetic import write_synthetic_dataset
+from cxr.data.synthetic import write_synthetic_dataset
 
 SMALL_COUNTS = {"train": 5, "val": 2, "test": 1}
 
@@ -48,8 +48,8 @@ def _negative_channel_overflows(state) -> None:
 
 
 def test_weights_that_overflow_only_on_negative_inputs_are_refused_at_load(checkpoint, tmp_path):
-    from cxr.inference import load_trained_model
-    from cxr.models import build_model
+    from cxr.inference.trained_model import load_trained_model
+    from cxr.models.classifier import build_model
 
     state = load_checkpoint(checkpoint)
     _negative_channel_overflows(state)
@@ -69,7 +69,7 @@ def test_a_non_finite_output_at_predict_time_is_an_error_naming_the_image(checkp
                                                                          capsys):
     """A model that slips past the probes (here: the load-time check switched off) and overflows on an image:
     one error line naming it, exit 1, no row with empty probabilities and no CSV."""
-    from cxr import inference
+    from cxr.inference import trained_model as inference
 
     state = load_checkpoint(checkpoint)
     _negative_channel_overflows(state)
@@ -89,7 +89,7 @@ def test_a_non_finite_output_at_predict_time_is_an_error_naming_the_image(checkp
 
 def test_a_non_finite_output_at_evaluate_time_is_an_error_naming_the_image(checkpoint, small_root, tmp_path,
                                                                           monkeypatch, capsys):
-    from cxr import inference
+    from cxr.inference import trained_model as inference
 
     state = load_checkpoint(checkpoint)
     _negative_channel_overflows(state)
@@ -108,7 +108,7 @@ def test_a_non_finite_output_at_evaluate_time_is_an_error_naming_the_image(check
 @pytest.fixture(scope="module")
 def exports(checkpoint, tmp_path_factory):
     """Two exports of the same architecture and classes with other weights: A and B."""
-    from cxr.export import export_model
+    from cxr.inference.export import export_model
 
     root = tmp_path_factory.mktemp("exports")
     state = load_checkpoint(checkpoint)
@@ -130,7 +130,7 @@ def mixed_export(folder: Path, parts: dict[str, Path]) -> Path:
 
 
 def test_an_export_with_another_exports_weights_or_onnx_is_refused(exports, tmp_path, capsys):
-    from cxr.export import ExportError, load_export
+    from cxr.inference.export import ExportError, load_export
 
     a, b = exports
     load_export(mixed_export(tmp_path / "intact", {"base": a}))  # a plain copy still loads
@@ -159,7 +159,7 @@ def _rewrite_onnx_metadata(path: Path, change) -> None:
 
 def test_classes_reordered_in_model_json_and_onnx_alike_are_refused(exports, tmp_path):
     """The earlier check compared model.json's classes with the ONNX metadata: edited alike, they agreed."""
-    from cxr.export import ExportError, load_export
+    from cxr.inference.export import ExportError, load_export
 
     folder = mixed_export(tmp_path / "reordered", {"base": exports[0]})
     description = json.loads((folder / "model.json").read_text())
@@ -173,7 +173,7 @@ def test_classes_reordered_in_model_json_and_onnx_alike_are_refused(exports, tmp
 
 
 def test_an_onnx_file_relabelled_with_this_exports_identity_is_refused_by_its_weights(exports, tmp_path):
-    from cxr.export import ExportError, load_export
+    from cxr.inference.export import ExportError, load_export
 
     a, b = exports
     folder = mixed_export(tmp_path / "relabelled", {"base": a, "model.onnx": b / "model.onnx"})
@@ -184,7 +184,7 @@ def test_an_onnx_file_relabelled_with_this_exports_identity_is_refused_by_its_we
 
 
 def test_an_export_without_an_identity_is_refused(exports, tmp_path):
-    from cxr.export import ExportError, load_export
+    from cxr.inference.export import ExportError, load_export
 
     folder = mixed_export(tmp_path / "old", {"base": exports[0]})
     description = json.loads((folder / "model.json").read_text())
@@ -274,8 +274,8 @@ def test_an_overlay_never_replaces_a_foreign_file_in_the_cam_folder(checkpoint, 
 
 
 def test_csv_naming_an_input_is_refused(checkpoint, tmp_path, capsys):
-    from cxr.predict import run_predict
-    from cxr.inputs import InputError
+    from cxr.inference.predict import run_predict
+    from cxr.common.inputs import InputError
 
     chest = write_image(tmp_path / "chest.png")
     original = chest.read_bytes()
@@ -301,7 +301,7 @@ def test_a_250_character_file_name_costs_no_row_with_cam(checkpoint, tmp_path, c
     assert len(cams) == 3 and all(len(p.name.encode()) <= 255 for p in cams)
     assert all(Path(c).is_file() for c in table["cam"])
 
-    from cxr import cam
+    from cxr.evaluate import cam
 
     real_save = cam.save_overlay
 
@@ -336,7 +336,7 @@ def test_a_full_disk_at_the_figures_keeps_the_scores(small_root, tmp_path, monke
         Path(path).write_bytes(b"\x89PNG partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    from cxr.figures import FigureNotWritten
+    from cxr.evaluate.figures import FigureNotWritten
 
     monkeypatch.setattr(Figure, "savefig", disk_full)
     out = tmp_path / "out"
@@ -361,7 +361,7 @@ def test_sigterm_during_training_keeps_the_epoch_and_removes_the_lock(small_root
     process at once, leaving run.lock)."""
     import signal
 
-    from cxr import engine
+    from cxr.train import engine
 
     if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         pytest.skip("this test process has its own SIGTERM handler")
@@ -394,7 +394,7 @@ def test_demo_uploads_are_deleted_after_use_and_at_stop(checkpoint, tmp_path, mo
 
     from gradio_client import Client, handle_file
 
-    from cxr.serve import serve
+    from cxr.inference.serve import serve
 
     gradio_dir = tmp_path / "gradio"
     gradio_dir.mkdir()

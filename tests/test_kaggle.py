@@ -13,9 +13,10 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from cxr import kaggle_bootstrap, notebook
-from cxr.data import DatasetError
-from cxr.synthetic import write_synthetic_dataset
+from cxr.data import kaggle as kaggle_bootstrap
+from cxr import notebook
+from cxr.data.dataset import DatasetError
+from cxr.data.synthetic import write_synthetic_dataset
 
 ROOT = Path(__file__).parents[1]
 NOTEBOOKS = sorted(ROOT.glob("*.ipynb"))

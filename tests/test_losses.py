@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from cxr.config import get_experiment
-from cxr.engine import class_weights, training_loss, validation_loss
-from cxr.loss_functions import FocalLoss, WeightedSmoothedCrossEntropy
-from cxr.losses import LOSSES, build_loss
+from cxr.train.engine import class_weights, training_loss, validation_loss
+from cxr.train.loss_functions import FocalLoss, WeightedSmoothedCrossEntropy
+from cxr.train.losses import LOSSES, build_loss
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.5])

@@ -1,6 +1,6 @@
 """Planted-cue cases for the lung checks: each verdict on a set built to make it true and one built to make it false.
 
-Three synthetic sets (cxr.synthetic.write_cue_dataset, 48 px): the class only inside the lung field (a blob
+Three synthetic sets (cxr.data.synthetic.write_cue_dataset, 48 px): the class only inside the lung field (a blob
 at one of four places in the lungs), the class only in the border (its brightness outside the lung field;
 the blob's place random), and a random-weights network that must never be said to rely on the lungs.
 The transparent model reads 6 x 6 cell means (its pooled features) with a logistic head fit on the
@@ -15,14 +15,16 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
-from cxr import checks, lung_evidence, shortcuts
-from cxr.data import scan_split
-from cxr.layout import CLASSES
-from cxr.lung_field import geometric_lung_field
-from cxr.models import preprocessing
-from cxr.preprocessing import Preprocessing
-from cxr.runtime import Runtime
-from cxr.synthetic import write_cue_dataset
+from cxr.audit import checks
+from cxr.evaluate import lung_evidence
+from cxr.evaluate import shortcuts
+from cxr.data.dataset import scan_split
+from cxr.data.layout import CLASSES
+from cxr.data.lung_field import geometric_lung_field
+from cxr.models.classifier import preprocessing
+from cxr.data.preprocessing import Preprocessing
+from cxr.common.runtime import Runtime
+from cxr.data.synthetic import write_cue_dataset
 
 PREP = preprocessing("resnet50", 32)
 LIGHT = tuple(c for c in checks.CHECKS if c[1] is not checks.saliency)  # Grad-CAM needs a torchvision arch

@@ -1,4 +1,4 @@
-"""The one table of metrics (cxr.metrics) and every consumer that reads it."""
+"""The one table of metrics (cxr.evaluate.metrics) and every consumer that reads it."""
 
 import numpy as np
 import pytest
@@ -6,11 +6,16 @@ import torch
 from scipy.special import softmax
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
-from cxr import compare, engine, metrics, notebook, report, tensorboard_log
-from cxr.classification_report import classification_metrics
+from cxr.report import compare
+from cxr.train import engine
+from cxr.evaluate import metrics
+from cxr import notebook
+from cxr.report import readme as report
+from cxr.train import tensorboard_log
+from cxr.evaluate.classification_report import classification_metrics
 from cxr.cli import _print_metrics
-from cxr.figures import plot_history, plot_roc
-from cxr.layout import CLASSES
+from cxr.evaluate.figures import plot_history, plot_roc
+from cxr.data.layout import CLASSES
 
 
 def predictions(n: int = 300, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:

@@ -5,11 +5,11 @@ import json
 import numpy as np
 from scipy.special import softmax
 
-from cxr import metrics
-from cxr.classification_report import classification_metrics
+from cxr.evaluate import metrics
+from cxr.evaluate.classification_report import classification_metrics
 from cxr.config import get_experiment
-from cxr.layout import CLASSES
-from cxr.model_card import model_card_text, write_model_card
+from cxr.data.layout import CLASSES
+from cxr.report.model_card import model_card_text, write_model_card
 
 
 def run_metrics(seed: int = 0) -> dict:

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from cxr.backbones import get_backbone
+from cxr.models.backbones import get_backbone
 from cxr.config import EXPERIMENTS, get_experiment
-from cxr.optim import build_optimizer
-from cxr.models import (Classifier, WeightsError, build_model, count_parameters, default_weights, estimate_batchnorm_statistics,
+from cxr.train.optim import build_optimizer
+from cxr.models.classifier import (Classifier, WeightsError, build_model, count_parameters, default_weights, estimate_batchnorm_statistics,
                         needs_batchnorm_statistics)
-from cxr.runtime import Runtime
+from cxr.common.runtime import Runtime
 
 CPU = torch.device("cpu")
 
@@ -266,7 +266,7 @@ def test_estimated_batchnorm_statistics_tame_a_frozen_random_backbone():
 def test_optimizer_and_schedule_are_chosen_by_name(models):
     import dataclasses
 
-    from cxr.optim import build_schedule
+    from cxr.train.optim import build_schedule
 
     model, runtime = models["resnet50_full"], Runtime.create(CPU)
     sgd = dataclasses.replace(get_experiment("resnet50_full"), optimizer="sgd", schedule="warmup+constant",

@@ -12,11 +12,11 @@ import torch
 
 from cxr import notebook
 from cxr.config import EXPERIMENTS
-from cxr.data import load_splits
-from cxr.layout import CLASSES
-from cxr.models import build_model
-from cxr.run_options import RunOptions
-from cxr.runtime import Runtime
+from cxr.data.dataset import load_splits
+from cxr.data.layout import CLASSES
+from cxr.models.classifier import build_model
+from cxr.train.run_options import RunOptions
+from cxr.common.runtime import Runtime
 
 ROOT = Path(__file__).parents[1]
 NOTEBOOKS = {

@@ -9,22 +9,22 @@ from PIL import Image
 from pydicom import dcmread, uid
 from pydicom.encaps import encapsulate
 
-from cxr.cam import CAPTION_HEIGHT, overlay_size
-from cxr.checkpoint import save_checkpoint
+from cxr.evaluate.cam import CAPTION_HEIGHT, overlay_size
+from cxr.models.checkpoint import save_checkpoint
 from cxr.cli import main
 from cxr.config import get_experiment
-from cxr.data import load_splits
-from cxr.layout import CLASSES
-from cxr.engine import predict
-from cxr.pipeline import build_dataset, make_loader
-from cxr.imageio import cache_side, decode_image
-from cxr.models import build_model, preprocessing
-from cxr.predict import collect_images, run_predict
-from cxr.preprocessing import Preprocessing
-from cxr.synthetic import write_dicom
-from cxr.inference import load_trained_model
+from cxr.data.dataset import load_splits
+from cxr.data.layout import CLASSES
+from cxr.train.engine import predict
+from cxr.train.pipeline import build_dataset, make_loader
+from cxr.data.imageio import cache_side, decode_image
+from cxr.models.classifier import build_model, preprocessing
+from cxr.inference.predict import collect_images, run_predict
+from cxr.data.preprocessing import Preprocessing
+from cxr.data.synthetic import write_dicom
+from cxr.inference.trained_model import load_trained_model
 from cxr.workflow import evaluate_checkpoint
-from cxr.runtime import Runtime
+from cxr.common.runtime import Runtime
 
 CPU = Runtime.create("cpu", progress=False)
 

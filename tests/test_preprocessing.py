@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from cxr.imageio import cache_side
-from cxr.models import preprocessing
-from cxr.preprocessing import Preprocessing
+from cxr.data.imageio import cache_side
+from cxr.models.classifier import preprocessing
+from cxr.data.preprocessing import Preprocessing
 
 
 @pytest.mark.parametrize("arch, size", [("resnet50", 32), ("vit_b_16", 64), ("mobilenet_v2", 48)])

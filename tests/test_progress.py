@@ -9,7 +9,7 @@ import sys
 import pytest
 from tqdm import std
 
-from cxr import progress
+from cxr.common import progress
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def test_a_kernel_under_papermill_gets_text_bars(fresh):
 
 
 def test_papermill_is_recognised_as_the_parent_process(fresh, tmp_path):
-    probe = "from cxr.progress import text_in_notebook; print(text_in_notebook())"
+    probe = "from cxr.common.progress import text_in_notebook; print(text_in_notebook())"
     launcher = tmp_path / "papermill"  # a process named like papermill's, starting the "kernel"
     launcher.write_text(f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {probe!r}], check=True)\n")
     under_papermill = subprocess.run([sys.executable, str(launcher)], capture_output=True, text=True, check=True)

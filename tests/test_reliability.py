@@ -17,17 +17,17 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from cxr import runlock
-from cxr.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cxr.common import runlock
+from cxr.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cxr.cli import main
 from cxr.config import get_experiment
-from cxr.data import check_image, load_splits, scan_split
-from cxr.layout import CLASSES
-from cxr.engine import fit
-from cxr.export import ExportError, export_model, load_export
-from cxr.imageio import ImageReadError, decode_image, frame_square
-from cxr.runtime import Runtime
-from cxr.synthetic import write_synthetic_dataset
+from cxr.data.dataset import check_image, load_splits, scan_split
+from cxr.data.layout import CLASSES
+from cxr.train.engine import fit
+from cxr.inference.export import ExportError, export_model, load_export
+from cxr.data.imageio import ImageReadError, decode_image, frame_square
+from cxr.common.runtime import Runtime
+from cxr.data.synthetic import write_synthetic_dataset
 
 CPU = Runtime.create("cpu", progress=False)
 SMALL_COUNTS = {"train": 5, "val": 2, "test": 1}
@@ -85,7 +85,7 @@ def test_audit_and_training_skip_the_same_extreme_shapes(tmp_path):
     assert check_image(root / "train" / "NORMAL" / "thin.png").startswith("image of 1 x 400000 pixels")
     split = scan_split(root, "train")
     assert [(p.name, why.split(":")[0]) for p, why in split.skipped] == [("thin.png", "image of 1 x 400000 pixels")]
-    from cxr.audit import audit_dataset
+    from cxr.audit.data_audit import audit_dataset
 
     report = audit_dataset(root, progress=False, cache_dir=tmp_path / "cache")
     assert [entry["path"] for entry in report["splits"]["train"]["skipped"]] == ["train/NORMAL/thin.png"]
@@ -105,7 +105,7 @@ def test_only_the_centre_square_is_resampled(tmp_path):
 def test_demo_page_refuses_uploads_over_its_limit(checkpoint, tmp_path, monkeypatch):
     import httpx
 
-    from cxr.serve import MAX_UPLOAD_BYTES, serve
+    from cxr.inference.serve import MAX_UPLOAD_BYTES, serve
 
     assert MAX_UPLOAD_BYTES == 64 * 2**20
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
@@ -317,7 +317,7 @@ def test_a_checkpoint_that_cannot_predict_is_refused_by_every_command(checkpoint
 
 
 def test_finite_weights_with_non_finite_outputs_are_refused(checkpoint, tmp_path):
-    from cxr.inference import load_trained_model
+    from cxr.inference.trained_model import load_trained_model
 
     damaged = _damaged_checkpoint(checkpoint, tmp_path, _huge_weights)
     with pytest.raises(CheckpointError, match="gives non-finite outputs"):
@@ -442,7 +442,7 @@ def test_history_is_written_only_after_the_checkpoint(tmp_path, small_root, monk
     """Disk full while writing epoch 2's checkpoint: history.csv still lists epoch 1 only, like last.pt."""
     import errno
 
-    from cxr import checkpoint
+    from cxr.models import checkpoint
 
     real_save = torch.save
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from cxr.cli import main
-from cxr.layout import CLASSES
-from cxr.report import END_MARKER, START_MARKER, ReportError, replace_results, write_report
+from cxr.data.layout import CLASSES
+from cxr.report.readme import END_MARKER, START_MARKER, ReportError, replace_results, write_report
 
 README = f"# Project\n\nIntro.\n\n## Results\n\n{START_MARKER}\nold table\n{END_MARKER}\n\n## Later section\n\nKept.\n"
 RECALLS = {"resnet152_head": [0.91, 0.62, 0.77, 0.95], "resnet50_full": [0.97, 0.86, 0.73, 0.99]}
@@ -146,7 +146,7 @@ def test_repository_readme_has_results_markers():
 
 
 def test_durations_read_naturally():
-    from cxr.report import format_duration
+    from cxr.report.readme import format_duration
 
     assert [format_duration(s) for s in (0.29, 42, 754.0, 7200)] == ["0.3 s", "42 s", "12.6 min", "2.0 h"]
     assert format_duration(None) == "n/a"
@@ -169,7 +169,7 @@ def _with_checks(project: Path, name: str, baseline_f1: float, views: dict, sali
 
 
 def test_report_adds_the_baseline_row_and_what_the_models_learn(project):
-    from cxr.report import BASELINE_ROW, SHORTCUTS_END, SHORTCUTS_START
+    from cxr.report.readme import BASELINE_ROW, SHORTCUTS_END, SHORTCUTS_START
 
     readme = project / "README.md"
     readme.write_text(readme.read_text() + f"\n## What the models learn\n\n{SHORTCUTS_START}\nold\n{SHORTCUTS_END}\n")
@@ -198,7 +198,7 @@ def _view(f1: float) -> dict:
 
 
 def test_report_renders_controls_probes_pairs_groups_and_external_shares(project):
-    from cxr.report import SHORTCUTS_END, SHORTCUTS_START
+    from cxr.report.readme import SHORTCUTS_END, SHORTCUTS_START
 
     readme = project / "README.md"
     readme.write_text(readme.read_text() + f"\n{SHORTCUTS_START}\n{SHORTCUTS_END}\n")
@@ -240,7 +240,7 @@ def test_report_renders_controls_probes_pairs_groups_and_external_shares(project
 
 
 def test_baseline_verdict_reads_both_intervals():
-    from cxr.report import baseline_verdict
+    from cxr.report.readme import baseline_verdict
 
     baseline = {"test": {"macro_f1": 0.70, "ci95": {"macro_f1": [0.64, 0.76]}}}
     assert baseline_verdict({"macro_f1": 0.69}, baseline).startswith("It does no better than the shortcut baseline")
@@ -300,7 +300,7 @@ def test_auroc_columns_and_external_rows_marked_as_such(project):
 def test_runs_older_than_the_baseline_take_it_from_the_audit_of_their_dataset(project):
     """An audit.json beside the runs (``cxr audit --out assets``) of the same dataset gives the baseline row,
     marked as the audit's; one of another dataset, or of other test counts, gives none."""
-    from cxr.report import BASELINE_ROW
+    from cxr.report.readme import BASELINE_ROW
 
     baseline = {"features": ["aspect_ratio"], "test_images": 160,
                 "test": {"accuracy": 0.84, "macro_f1": 0.83, "per_class": {c: {"recall": 0.8} for c in CLASSES}}}

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from cxr.cli import _resume_command, main
-from cxr.compare import run_labels
+from cxr.report.compare import run_labels
 from cxr.config import get_experiment
-from cxr.report import END_MARKER, START_MARKER, write_report
+from cxr.report.readme import END_MARKER, START_MARKER, write_report
 from cxr.workflow import results_replaced, run_folder
 
 

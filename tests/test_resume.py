@@ -11,14 +11,14 @@ import signal
 import pytest
 import torch
 
-from cxr import engine
-from cxr.checkpoint import CheckpointError, load_checkpoint
+from cxr.train import engine
+from cxr.models.checkpoint import CheckpointError, load_checkpoint
 from cxr.cli import main
 from cxr.config import get_experiment
-from cxr.data import load_splits
-from cxr.engine import TrainingInterrupted, fit
-from cxr.runtime import Runtime
-from cxr.synthetic import write_synthetic_dataset
+from cxr.data.dataset import load_splits
+from cxr.train.engine import TrainingInterrupted, fit
+from cxr.common.runtime import Runtime
+from cxr.data.synthetic import write_synthetic_dataset
 
 CPU = Runtime.create("cpu", progress=False)
 SMALL_COUNTS = {"train": 5, "val": 2, "test": 1}
@@ -160,7 +160,7 @@ def test_resume_may_change_how_the_run_executes(splits, tmp_path):
     """The image cache, torch.compile and the feature cache are how a run executes (the Runtime's), not what
     it trains: a run interrupted with the image cache resumes without it, also from a checkpoint written
     when the experiment's configuration still held those choices."""
-    from cxr.checkpoint import save_checkpoint
+    from cxr.models.checkpoint import save_checkpoint
 
     experiment = tiny_experiment(epochs=2)
     with pytest.raises(TrainingInterrupted):

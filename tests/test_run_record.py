@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from cxr import metrics, report
-from cxr.run_record import (SCHEMA_VERSION, DatasetInfo, EvaluationRecord, ExternalRecord, RunRecord, RunRecordError,
+from cxr.evaluate import metrics
+from cxr.report import readme as report
+from cxr.report.run_record import (SCHEMA_VERSION, DatasetInfo, EvaluationRecord, ExternalRecord, RunRecord, RunRecordError,
                             Timings, WeightsFile, as_record, read_run_record)
-from cxr.run_record import TestScores as Scores  # imported as Test*, pytest would try to collect it
+from cxr.report.run_record import TestScores as Scores  # imported as Test*, pytest would try to collect it
 
 ROOT = Path(__file__).parents[1]
 COMMITTED = sorted(subprocess.run(["git", "ls-files", "assets"], cwd=ROOT, capture_output=True, text=True,

@@ -13,16 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from cxr import checkpoint, engine, workflow
-from cxr.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from cxr.models import checkpoint
+from cxr.train import engine
+from cxr import workflow
+from cxr.models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from cxr.cli import main
 from cxr.config import get_experiment
-from cxr.data import load_splits
-from cxr.layout import CLASSES
-from cxr.engine import TrainingError, fit
-from cxr.models import build_model, preprocessing
-from cxr.runtime import Runtime
-from cxr.synthetic import write_synthetic_dataset
+from cxr.data.dataset import load_splits
+from cxr.data.layout import CLASSES
+from cxr.train.engine import TrainingError, fit
+from cxr.models.classifier import build_model, preprocessing
+from cxr.common.runtime import Runtime
+from cxr.data.synthetic import write_synthetic_dataset
 
 CPU = Runtime.create("cpu", progress=False)
 SMALL_COUNTS = {"train": 5, "val": 2, "test": 1}

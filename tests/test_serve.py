@@ -13,11 +13,11 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 
-from cxr.cam import overlay_size
+from cxr.evaluate.cam import overlay_size
 from cxr.cli import main
-from cxr.layout import CLASSES
-from cxr.predict import run_predict
-from cxr.serve import Predictor, probability_table, serve
+from cxr.data.layout import CLASSES
+from cxr.inference.predict import run_predict
+from cxr.inference.serve import Predictor, probability_table, serve
 
 SIZE = 32
 CHROMIUM = os.environ.get("CXR_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")

@@ -8,17 +8,19 @@ import pytest
 import torch
 from PIL import Image
 
-from cxr import lung_evidence, notebook, shortcuts
-from cxr.audit import audit_dataset, format_audit, write_audit
+from cxr.evaluate import lung_evidence
+from cxr import notebook
+from cxr.evaluate import shortcuts
+from cxr.audit.data_audit import audit_dataset, format_audit, write_audit
 from cxr.cli import main
-from cxr.data import scan_split
-from cxr.layout import CLASSES
-from cxr.lung_field import ELLIPSES, LungMaskError, find_lung_masks, geometric_lung_field, lung_fields
-from cxr.models import build_model, preprocessing
-from cxr.preprocessing import Preprocessing
-from cxr.runtime import Runtime
-from cxr.shortcut_baseline import FEATURES, baseline_report
-from cxr.synthetic import write_cue_dataset
+from cxr.data.dataset import scan_split
+from cxr.data.layout import CLASSES
+from cxr.data.lung_field import ELLIPSES, LungMaskError, find_lung_masks, geometric_lung_field, lung_fields
+from cxr.models.classifier import build_model, preprocessing
+from cxr.data.preprocessing import Preprocessing
+from cxr.common.runtime import Runtime
+from cxr.audit.source_baseline import FEATURES, baseline_report
+from cxr.data.synthetic import write_cue_dataset
 from cxr.workflow import evaluate_checkpoint
 
 

@@ -9,8 +9,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from cxr.cli import main
-from cxr.layout import CLASSES
-from cxr.tensorboard_log import EPOCH_TAGS
+from cxr.data.layout import CLASSES
+from cxr.train.tensorboard_log import EPOCH_TAGS
 
 FLAGS = ["--batch-size=8", "--image-size=32", "--weights=none", "--device=cpu", "--quiet"]
 

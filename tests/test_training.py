@@ -25,14 +25,14 @@ import torch
 from PIL import Image
 
 from cxr import workflow
-from cxr.checkpoint import load_checkpoint
-from cxr.provenance import git_commit
+from cxr.models.checkpoint import load_checkpoint
+from cxr.data.provenance import git_commit
 from cxr.cli import main
 from cxr.config import EXPERIMENTS, experiment_from_dict, get_experiment
-from cxr.data import load_splits
-from cxr.layout import CLASSES
-from cxr.run_options import RunOptions
-from cxr.runtime import Runtime
+from cxr.data.dataset import load_splits
+from cxr.data.layout import CLASSES
+from cxr.train.run_options import RunOptions
+from cxr.common.runtime import Runtime
 
 SEED = 3
 TINY = {"epochs": 1, "batch_size": 8, "image_size": 32, "weights": "none"}
@@ -250,7 +250,7 @@ def test_a_last_batch_of_one_image_is_skipped_while_batchnorm_trains():
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    from cxr.engine import train_one_epoch
+    from cxr.train.engine import train_one_epoch
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.BatchNorm1d(6), nn.Linear(6, 4))
@@ -286,7 +286,7 @@ def test_git_commit_is_dirty_for_code_changes_not_for_rewritten_results(tmp_path
 
 def test_the_model_given_is_the_one_that_trains(synthetic_root, tmp_path, monkeypatch):
     """The notebooks build the model to show it, then train that object: no second build, no second load."""
-    from cxr import engine
+    from cxr.train import engine
 
     model = workflow.build_experiment_model("vit_b16_head", **TINY)
     again = workflow.build_experiment_model("vit_b16_head", **TINY)
@@ -308,7 +308,7 @@ def test_the_model_given_is_the_one_that_trains(synthetic_root, tmp_path, monkey
 
 
 def test_a_model_of_another_configuration_is_refused(synthetic_root, tmp_path):
-    from cxr.engine import TrainingError
+    from cxr.train.engine import TrainingError
 
     model = workflow.build_experiment_model("vit_b16_head", **{**TINY, "image_size": 64})
     with pytest.warns(UserWarning, match="Skipped"):
@@ -330,8 +330,8 @@ def test_cli_limit_keeps_that_many_images_per_class(synthetic_root, tmp_path):
 
 
 def test_fit_reports_its_phases_to_the_timer_it_is_given(synthetic_root, tmp_path):
-    from cxr.engine import fit
-    from cxr.timing import PhaseTimes
+    from cxr.train.engine import fit
+    from cxr.common.timing import PhaseTimes
 
     with pytest.warns(UserWarning, match="Skipped"):
         splits = load_splits(synthetic_root)

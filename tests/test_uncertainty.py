@@ -6,19 +6,19 @@ import torch
 from PIL import Image
 from sklearn.metrics import balanced_accuracy_score, f1_score, recall_score
 
-from cxr import uncertainty
+from cxr.evaluate import uncertainty
 from cxr.cli import main
-from cxr.compare import plot_comparison
+from cxr.report.compare import plot_comparison
 from cxr.config import get_experiment
-from cxr.data import XRayDataset, load_splits
-from cxr.layout import CLASSES
-from cxr.imageio import decode_image
-from cxr.metrics import bootstrap_ci, point_scores
-from cxr.pipeline import make_loader
-from cxr.models import build_model, preprocessing
-from cxr.preprocessing import Preprocessing
+from cxr.data.dataset import XRayDataset, load_splits
+from cxr.data.layout import CLASSES
+from cxr.data.imageio import decode_image
+from cxr.evaluate.metrics import bootstrap_ci, point_scores
+from cxr.train.pipeline import make_loader
+from cxr.models.classifier import build_model, preprocessing
+from cxr.data.preprocessing import Preprocessing
 from cxr.workflow import evaluate_model
-from cxr.runtime import Runtime
+from cxr.common.runtime import Runtime
 
 CPU = Runtime.create("cpu", progress=False)
 

@@ -15,12 +15,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import EXPERIMENTS, Experiment
-from .losses import LOSSES
-from .termination import sigterm_as_interrupt
+from cxr.config import EXPERIMENTS, Experiment
+from cxr.train.losses import LOSSES
+from cxr.common.termination import sigterm_as_interrupt
 
 if typing.TYPE_CHECKING:  # torch is imported only once the arguments have been checked
-    from .runtime import Runtime
+    from cxr.common.runtime import Runtime
 
 
 def positive_int(text: str) -> int:
@@ -276,9 +276,9 @@ def _print_experiments() -> None:
 
 
 def _print_metrics(metrics: dict, out: str, name: str, folder: str | None = None) -> None:
-    from . import metrics as table
-    from .breakdowns import check_sentences
-    from .run_record import test_section
+    from cxr.evaluate import metrics as table
+    from cxr.evaluate.breakdowns import check_sentences
+    from cxr.report.run_record import test_section
 
     test = test_section(metrics)
     intervals = test.ci95
@@ -301,7 +301,7 @@ def _print_metrics(metrics: dict, out: str, name: str, folder: str | None = None
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .predict import format_table, run_predict
+    from cxr.inference.predict import format_table, run_predict
 
     result = run_predict(args.checkpoint, args.paths, args.csv, args.cam, args.device, args.tta, args.batch_size,
                          progress=not args.quiet)
@@ -321,7 +321,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .serve import ServeError, serve
+    from cxr.inference.serve import ServeError, serve
 
     try:
         serve(args.checkpoint, args.host, args.port, args.device)
@@ -329,7 +329,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
 def _export(args: argparse.Namespace) -> int:
-    from .export import FILES, export_model
+    from cxr.inference.export import FILES, export_model
 
     description = export_model(args.checkpoint, args.out, args.force)
     sizes = ", ".join(f"{name} ({(Path(args.out) / name).stat().st_size / 2**20:.1f} MiB)" for name in FILES.values())
@@ -340,8 +340,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from .audit import audit_dataset, format_audit, write_audit
-    from .inputs import writable_folder
+    from cxr.audit.data_audit import audit_dataset, format_audit, write_audit
+    from cxr.common.inputs import writable_folder
 
     writable_folder(args.out, "--out")  # before the audit reads every file
     report = audit_dataset(args.data_dir, progress=not args.quiet, cache_dir=args.cache_dir)
@@ -351,8 +351,8 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _external(args: argparse.Namespace) -> int:
-    from .external import evaluate_external
-    from .layout import visible_name
+    from cxr.external import evaluate_external
+    from cxr.data.layout import visible_name
 
     if args.tta:
         print("error: --tta is not available with --external; evaluate the external folder without it.",
@@ -378,7 +378,7 @@ def _external(args: argparse.Namespace) -> int:
 
 def _evaluation_runtime(args: argparse.Namespace) -> Runtime:
     """How ``cxr evaluate`` executes: its device, the decoded-image cache and progress bars."""
-    from .runtime import Runtime
+    from cxr.common.runtime import Runtime
 
     return Runtime.create(args.device, cache=args.cache, cache_dir=args.cache_dir, progress=not args.quiet)
 
@@ -411,7 +411,7 @@ def _without_option(args: list[str], flag: str) -> list[str]:
 def _compare(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
 
-    from .compare import plot_comparison
+    from cxr.report.compare import plot_comparison
 
     paths = args.metrics or sorted(Path(args.out).glob("*/metrics.json"))
     if not paths:
@@ -424,7 +424,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import ReportError, write_report
+    from cxr.report.readme import ReportError, write_report
 
     try:
         change = write_report(args.assets, args.readme)
@@ -491,9 +491,9 @@ def _main(argv: Sequence[str] | None) -> int:
         return 0
     if args.command == "report":
         return _report(args)
-    from .groups import GroupsError, check_groups_csv
-    from .inputs import InputError
-    from .preflight import check_arguments
+    from cxr.data.groups import GroupsError, check_groups_csv
+    from cxr.common.inputs import InputError
+    from cxr.preflight import check_arguments
 
     try:
         check_arguments(args)
@@ -510,11 +510,11 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def _train(args: argparse.Namespace) -> dict:
-    from .added_folders import AddedFolders
-    from .preflight import weights_setting
-    from .run_options import RunOptions
-    from .runtime import Runtime
-    from .workflow import train_experiment
+    from cxr.data.added_folders import AddedFolders
+    from cxr.preflight import weights_setting
+    from cxr.train.run_options import RunOptions
+    from cxr.common.runtime import Runtime
+    from cxr.workflow import train_experiment
 
     runtime = Runtime.create(args.device, workers=args.workers, compile=args.compile, cache=args.cache,
                              cache_dir=args.cache_dir, feature_cache=args.feature_cache == "auto",
@@ -534,13 +534,13 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     matplotlib.use("Agg")
     import torch
 
-    from . import distributed
-    from .checkpoint import CheckpointError
-    from .data import DatasetError
-    from .engine import TrainingError, TrainingInterrupted
-    from .export import ExportError
-    from .models import WeightsError
-    from .workflow import evaluate_checkpoint
+    from cxr.common import distributed
+    from cxr.models.checkpoint import CheckpointError
+    from cxr.data.dataset import DatasetError
+    from cxr.train.engine import TrainingError, TrainingInterrupted
+    from cxr.inference.export import ExportError
+    from cxr.models.classifier import WeightsError
+    from cxr.workflow import evaluate_checkpoint
 
     # Under torchrun every process runs this: warnings and results are shown once, by rank 0.
     warnings.simplefilter("always" if distributed.is_main() else "ignore", UserWarning)
@@ -588,8 +588,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
 
 def _print_other_folders(metrics: dict, out: str) -> None:
     """After ``cxr train --add-train``: what was added, and the scores of the folders scored after training."""
-    from .added_folders import added_sentence
-    from .run_record import read_run_record
+    from cxr.data.added_folders import added_sentence
+    from cxr.report.run_record import read_run_record
 
     record = metrics.get("added_training") or {}
     if added_sentence(record):

@@ -1,8 +1,8 @@
 """The experiments, each one named configuration, and the training augmentation's parameters.
 
 The experiments differ only by these values; the code that trains them is shared, and every field is read
-by it: the factories in :mod:`cxr.optim` and :mod:`cxr.losses` pick the optimiser, schedule and loss by
-name, and ``trainable_blocks`` decides how much of the backbone learns (:class:`cxr.models.Classifier`).
+by it: the factories in :mod:`cxr.train.optim` and :mod:`cxr.train.losses` pick the optimiser, schedule and loss by
+name, and ``trainable_blocks`` decides how much of the backbone learns (:class:`cxr.models.classifier.Classifier`).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class Contrast:
 class Augmentation:
     """Training augmentation for chest X-rays: small geometric and exposure changes, never a vertical flip.
     The one list of its operations, in the order they apply, each with its parameters; None leaves one out.
-    :mod:`cxr.augment_ops` holds each operation's on-device version beside its torchvision reference, from
+    :mod:`cxr.data.augment_ops` holds each operation's on-device version beside its torchvision reference, from
     which ``augment.TrainAugment``, ``data.build_transforms`` and ``uncertainty.TTAViews`` are built."""
 
     resized_crop: ResizedCrop | None = ResizedCrop()
@@ -77,7 +77,7 @@ def tunable(help: str, default: Any = dataclasses.MISSING, minimum: float | None
             above: float | None = None) -> Any:
     """A field that ``cxr train`` offers as a flag, with its help text and the values it accepts (at least
     ``minimum``, or greater than ``above``); the flag's default is the experiment's own value, so a
-    hyperparameter is written once, here. A field named in a registry (``loss``: :data:`cxr.losses.LOSSES`) is
+    hyperparameter is written once, here. A field named in a registry (``loss``: :data:`cxr.train.losses.LOSSES`) is
     checked against it where the run starts (the configuration imports nothing of cxr)."""
     return dataclasses.field(default=default, metadata={"help": help, "minimum": minimum, "above": above})
 
@@ -87,7 +87,7 @@ class Experiment:
     """Everything that defines one experiment. Plain data: it goes into checkpoints and metrics.json."""
 
     name: str
-    arch: str  # a name in cxr.backbones.BACKBONES
+    arch: str  # a name in cxr.models.backbones.BACKBONES
     trainable_blocks: TrainableBlocks  # 0: frozen backbone (head only); N: its last N blocks, final norm, head
     summary: str
     epochs: int = tunable("most epochs to train (early stopping may end sooner)", minimum=1)
@@ -104,9 +104,9 @@ class Experiment:
     image_size: int = tunable("side in pixels of the square the model sees", 224, minimum=1)
     weights: str = tunable("imagenet, none (random initialisation), or PATH to a local state dict (torchvision's "
                            "layout; MobileNetV2 also the reference one); $CXR_WEIGHTS when not given", "imagenet")
-    optimizer: str = "adamw"  # a name in cxr.optim.OPTIMIZERS
-    schedule: str = "warmup+cosine"  # a name in cxr.optim.SCHEDULES
-    loss: str = tunable("the loss, a name in cxr.losses.LOSSES (weighted by the training split's classes)",
+    optimizer: str = "adamw"  # a name in cxr.train.optim.OPTIMIZERS
+    schedule: str = "warmup+cosine"  # a name in cxr.train.optim.SCHEDULES
+    loss: str = tunable("the loss, a name in cxr.train.losses.LOSSES (weighted by the training split's classes)",
                         "weighted_ce")
     focal_gamma: float = tunable("focusing strength of the focal loss", 2.0, minimum=0)
 
@@ -227,6 +227,6 @@ def upgrade_experiment_dict(data: dict[str, Any]) -> dict[str, Any]:
 def experiment_from_dict(data: dict[str, Any]) -> Experiment:
     """Rebuild an experiment from the plain dict stored in a checkpoint (keys it no longer has are dropped:
     older checkpoints also stored ``cache``, ``feature_cache`` and ``compile``, which are now how a run
-    executes, the :class:`~cxr.runtime.Runtime`'s; their ``freeze_backbone`` becomes ``trainable_blocks``)."""
+    executes, the :class:`~cxr.common.runtime.Runtime`'s; their ``freeze_backbone`` becomes ``trainable_blocks``)."""
     known = {f.name for f in dataclasses.fields(Experiment)}
     return Experiment(**{k: v for k, v in upgrade_experiment_dict(data).items() if k in known})

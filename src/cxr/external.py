@@ -3,10 +3,10 @@
 ``cxr evaluate EXPERIMENT --checkpoint C --external DIR``. DIR holds class folders, directly or under a
 ``test/`` folder; their names are matched case-insensitively and with common spellings (``TB``,
 ``COVID-19``). Before scoring, DIR is audited against the checkpoint's own training and validation images
-(exact and near duplicates, :mod:`cxr.audit`): a copy of a training image measures memory, not
+(exact and near duplicates, :mod:`cxr.audit.data_audit`): a copy of a training image measures memory, not
 generalisation, so the scores are given with and without the overlapping files. The training data is
 ``--data-dir``, else the folder the checkpoint recorded; where neither is there the folder is scored anyway,
-marked "overlap not audited". DIR may hold some classes only: the checks of :mod:`cxr.checks` then say
+marked "overlap not audited". DIR may hold some classes only: the checks of :mod:`cxr.audit.checks` then say
 which share of each class was called a class the folder does not hold. Results go to
 ``<out>/<experiment>/external/<folder name>/`` and never replace the run's internal test results.
 """
@@ -22,22 +22,22 @@ import matplotlib.pyplot as plt
 import numpy as np
 from scipy.special import softmax
 
-from .audit import audit_splits
-from .classification_report import classification_metrics, report_text
-from .config import experiment_from_dict
-from .breakdowns import pairwise_auroc
-from .checks import Evidence, run_checks
-from .data import DataSplits, Split, load_splits, scan_external, warn_skipped
-from .engine import predict
-from .figures import plot_confusion, plot_roc
-from .groups import read_groups
-from .inference import load_trained_model
-from .layout import CLASSES, locate_dataset, relative_path, visible_name
-from .metrics import bootstrap_ci, operating_points, who_tb_screening
-from .model_card import write_model_card
-from .pipeline import build_dataset, make_loader
-from .run_record import ExternalRecord, TestScores
-from .runtime import Runtime
+from cxr.audit.data_audit import audit_splits
+from cxr.evaluate.classification_report import classification_metrics, report_text
+from cxr.config import experiment_from_dict
+from cxr.evaluate.breakdowns import pairwise_auroc
+from cxr.audit.checks import Evidence, run_checks
+from cxr.data.dataset import DataSplits, Split, load_splits, scan_external, warn_skipped
+from cxr.train.engine import predict
+from cxr.evaluate.figures import plot_confusion, plot_roc
+from cxr.data.groups import read_groups
+from cxr.inference.trained_model import load_trained_model
+from cxr.data.layout import CLASSES, locate_dataset, relative_path, visible_name
+from cxr.evaluate.metrics import bootstrap_ci, operating_points, who_tb_screening
+from cxr.report.model_card import write_model_card
+from cxr.train.pipeline import build_dataset, make_loader
+from cxr.report.run_record import ExternalRecord, TestScores
+from cxr.common.runtime import Runtime
 
 
 
@@ -121,10 +121,10 @@ def evaluate_external(
 ) -> dict[str, Any]:
     """Audit ``folder`` against the checkpoint's training and validation images (the run's own ``splits``, or
     :func:`training_splits`), score the checkpoint on it with and without the overlapping files, run the checks
-    of :mod:`cxr.checks` (``groups``: (CSV, column), paths relative to ``folder``) and write metrics.json, the
+    of :mod:`cxr.audit.checks` (``groups``: (CSV, column), paths relative to ``folder``) and write metrics.json, the
     report and figures into ``out/<experiment>/external/<results_name>/`` (default: the folder's name).
     ``images``: the part of ``folder`` to score, already scanned (the held-out part of a folder added to
-    training, :mod:`cxr.added_training`). ``runtime``: how it executes (default: :meth:`Runtime.create`)."""
+    training, :mod:`cxr.train.added_training`). ``runtime``: how it executes (default: :meth:`Runtime.create`)."""
     external, ignored, base = scan_external(folder) if images is None else (images, [], Path(folder))
     warn_skipped(external.skipped)
     for name in ignored:

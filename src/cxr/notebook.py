@@ -26,21 +26,21 @@ import seaborn as sns
 import torch
 from torch import nn
 
-from . import metrics as table
-from .figures import plot_history
-from .added_folders import AddedFolders, check_added, folders_from_env
-from .config import Experiment, get_experiment
-from .data import DataSplits, DatasetError, find_attached_dataset, load_image
-from .layout import CLASSES
-from .engine import class_weights
-from .local_weights import WHERE_COMMAND, installed_mobilenet_v2_weights
-from .models import Classifier
-from .report import format_score, recall_interval, run_conclusion
-from .run_options import RunOptions
-from .runtime import Runtime
-from .run_record import AnyRecord, RunRecord, as_record, read_run_record, test_section
-from .synthetic import write_synthetic_dataset
-from .workflow import ASSET_FILES, build_experiment_model
+from cxr.evaluate import metrics as table
+from cxr.evaluate.figures import plot_history
+from cxr.data.added_folders import AddedFolders, check_added, folders_from_env
+from cxr.config import Experiment, get_experiment
+from cxr.data.dataset import DataSplits, DatasetError, find_attached_dataset, load_image
+from cxr.data.layout import CLASSES
+from cxr.train.engine import class_weights
+from cxr.models.local_weights import WHERE_COMMAND, installed_mobilenet_v2_weights
+from cxr.models.classifier import Classifier
+from cxr.report.readme import format_score, recall_interval, run_conclusion
+from cxr.train.run_options import RunOptions
+from cxr.common.runtime import Runtime
+from cxr.report.run_record import AnyRecord, RunRecord, as_record, read_run_record, test_section
+from cxr.data.synthetic import write_synthetic_dataset
+from cxr.workflow import ASSET_FILES, build_experiment_model
 
 SMOKE_ENV = "CXR_SMOKE"
 KAGGLE_INPUT = Path("/kaggle/input")
@@ -322,7 +322,7 @@ def files_table(run_dir: str | os.PathLike) -> pd.DataFrame:
 def conclusion_text(metrics: RunRecord | dict[str, Any]) -> str:
     """A short Markdown summary of a run (its record, or the dict ``train_experiment`` returns), every number
     taken from its metrics, ending with its shortcut checks (baseline, masked views, saliency;
-    :func:`cxr.report.run_conclusion`)."""
+    :func:`cxr.report.readme.run_conclusion`)."""
     record = as_record(metrics)
     test = record.test
     ci95 = test.ci95
@@ -376,7 +376,7 @@ BOOTSTRAP_SOURCE = Path(__file__).with_name("kaggle_bootstrap.py")
 
 
 def bootstrap_cell_source() -> str:
-    """What each notebook's first code cell holds: :mod:`cxr.kaggle_bootstrap` and the call that installs
+    """What each notebook's first code cell holds: :mod:`cxr.data.kaggle` and the call that installs
     cxr when it is missing (the cell runs before cxr can be imported, so it carries the code itself)."""
     return BOOTSTRAP_SOURCE.read_text() + "\nensure_cxr()"
 

@@ -1,5 +1,5 @@
 """Refusing bad input before the work starts: the checks of the CLI's arguments (the exception and the path
-checks they raise with live in :mod:`cxr.inputs`).
+checks they raise with live in :mod:`cxr.common.inputs`).
 The argument checks need neither torch nor the data's pixels and run before the heavy imports, so a wrong
 path or value is reported in well under a second instead of after torch has loaded (about 10 s on 2 CPU
 cores) or after the audit has read every image."""
@@ -11,10 +11,10 @@ import os
 import re
 from pathlib import Path
 
-from .backbones import get_backbone
-from .config import EXPERIMENTS
-from .inputs import LARGEST_IMAGE, SMALLEST_IMAGE, InputError, not_an_input, require
-from .layout import DatasetError, locate_dataset
+from cxr.models.backbones import get_backbone
+from cxr.config import EXPERIMENTS
+from cxr.common.inputs import LARGEST_IMAGE, SMALLEST_IMAGE, InputError, not_an_input, require
+from cxr.data.layout import DatasetError, locate_dataset
 
 DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
 
@@ -109,7 +109,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         arch = EXPERIMENTS[args.experiment].arch
         check_image_size(args.image_size or EXPERIMENTS[args.experiment].image_size, arch)
         check_weights_file(args.weights)
-        from .added_folders import AddedFolders, check_added  # it imports this module
+        from cxr.data.added_folders import AddedFolders, check_added  # it imports this module
 
         check_added(AddedFolders.from_args(args), args.external, args.seed)
     if command in ("train", "evaluate", "audit", "compare"):

@@ -18,34 +18,38 @@ import numpy as np
 import torch
 from scipy.special import softmax
 
-from . import checks, distributed, runlock, shortcuts, uncertainty
-from .added_folders import check_added
-from .added_training import AddedTraining, add_to_training
-from .audit import audit_summary, audit_training_splits
-from .checkpoint import load_checkpoint
-from .classification_report import classification_metrics, report_text, write_json
-from .config import Experiment, experiment_from_dict, get_experiment
-from .data import DataSplits, check_limit, load_splits, locate_dataset, warn_skipped
-from .layout import CLASSES
-from .engine import TrainingInterrupted, fit, make_deterministic, predict, seed_everything
-from .external import evaluate_external
-from .figures import plot_confusion, plot_history, plot_predictions, plot_roc, unwritten_figures
-from .groups import read_groups
-from .inference import check_finite_rows, load_trained_model
-from .lung_field import find_lung_masks
-from .metrics import operating_points, who_tb_screening
-from .losses import check_loss_name
-from .model_card import CARD_FILE, write_model_card
-from .pipeline import build_dataset, make_loader
-from .local_weights import weights_provenance
-from .models import Classifier, build_model, check_weights
-from .preflight import check_image_size
-from .provenance import dataset_info, git_commit
-from .run_options import RunOptions
-from .run_record import (AnyRecord, DatasetInfo, EvaluationRecord, RunRecord, RunRecordError, TestScores, Timings,
+from cxr.audit import checks
+from cxr.common import distributed
+from cxr.common import runlock
+from cxr.evaluate import shortcuts
+from cxr.evaluate import uncertainty
+from cxr.data.added_folders import check_added
+from cxr.train.added_training import AddedTraining, add_to_training
+from cxr.audit.data_audit import audit_summary, audit_training_splits
+from cxr.models.checkpoint import load_checkpoint
+from cxr.evaluate.classification_report import classification_metrics, report_text, write_json
+from cxr.config import Experiment, experiment_from_dict, get_experiment
+from cxr.data.dataset import DataSplits, check_limit, load_splits, locate_dataset, warn_skipped
+from cxr.data.layout import CLASSES
+from cxr.train.engine import TrainingInterrupted, fit, make_deterministic, predict, seed_everything
+from cxr.external import evaluate_external
+from cxr.evaluate.figures import plot_confusion, plot_history, plot_predictions, plot_roc, unwritten_figures
+from cxr.data.groups import read_groups
+from cxr.inference.trained_model import check_finite_rows, load_trained_model
+from cxr.data.lung_field import find_lung_masks
+from cxr.evaluate.metrics import operating_points, who_tb_screening
+from cxr.train.losses import check_loss_name
+from cxr.report.model_card import CARD_FILE, write_model_card
+from cxr.train.pipeline import build_dataset, make_loader
+from cxr.models.local_weights import weights_provenance
+from cxr.models.classifier import Classifier, build_model, check_weights
+from cxr.preflight import check_image_size
+from cxr.data.provenance import dataset_info, git_commit
+from cxr.train.run_options import RunOptions
+from cxr.report.run_record import (AnyRecord, DatasetInfo, EvaluationRecord, RunRecord, RunRecordError, TestScores, Timings,
                          WeightsFile, read_run_record)
-from .runtime import Runtime, device_name
-from .tensorboard_log import RunLog
+from cxr.common.runtime import Runtime, device_name
+from cxr.train.tensorboard_log import RunLog
 
 ASSET_FILES = {
     "curves": "curves.png",
@@ -78,7 +82,7 @@ def uncertainty_report(
     model: Classifier, experiment: Experiment, splits: DataSplits, out_dir: Path, runtime: Runtime,
     preprocessing: dict[str, Any], logits: np.ndarray, labels: np.ndarray, tta: bool = False,
 ) -> dict[str, Any]:
-    """What goes beside the checks of :mod:`cxr.checks` (scores with intervals, calibration, ...): each class's
+    """What goes beside the checks of :mod:`cxr.audit.checks` (scores with intervals, calibration, ...): each class's
     operating point fixed on the validation split (90% sensitivity) with the WHO TB check and the ROC figure,
     logit adjustment with its strength chosen on the validation
     split, test-time augmentation (with ``tta``) and the Grad-CAM grid."""
@@ -106,7 +110,7 @@ def uncertainty_report(
         report["tta"] = {"views": f"{', '.join(views.names)}; each also mirrored",
                          **uncertainty.summary_with_ci(tta_logits, tta_labels, CLASSES)}
     try:
-        from . import cam  # imported here: the grad-cam package is missing on some bare GPU machines
+        from cxr.evaluate import cam  # imported here: the grad-cam package is missing on some bare GPU machines
     except ImportError as error:
         warnings.warn(f"Grad-CAM figure skipped ({error}); `pip install grad-cam` adds it.", stacklevel=2)
     else:
@@ -121,7 +125,7 @@ def evaluate_model(
     groups: tuple[str | os.PathLike, str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate on the test split and write the report (text, JSON), confusion matrix and prediction grid,
-    and run the checks of :mod:`cxr.checks` (``lung_masks``: a folder of per-image lung masks instead of the
+    and run the checks of :mod:`cxr.audit.checks` (``lung_masks``: a folder of per-image lung masks instead of the
     geometric lung field; ``groups``: (CSV, column) for subgroup scores); the lung checks are returned under
     ``"shortcuts"``.
     With ``runtime.cache`` the test images come from the decoded-image cache.
@@ -257,7 +261,7 @@ def train_experiment(
     masks and added folders are checked before training; held-out parts of added folders and external folders
     are scored after it into ``out/<name>/external/``. Returns metrics.json's contents, with ``"folder"``.
 
-    Under ``torchrun`` every process calls this (see :mod:`cxr.distributed`); rank 0 audits the data and
+    Under ``torchrun`` every process calls this (see :mod:`cxr.common.distributed`); rank 0 audits the data and
     writes every file, the other ranks return only the test metrics."""
     started = time.perf_counter()
     experiment = get_experiment(name, **overrides)

@@ -1,0 +1,1 @@
+"""Building blocks every layer uses: files, progress, signals, devices, folder locks."""

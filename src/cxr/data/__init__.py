@@ -1,0 +1,1 @@
+"""What the images are: the dataset's layout, decoding, splits, caches, augmentation, lung fields."""

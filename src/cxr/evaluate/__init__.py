@@ -1,0 +1,1 @@
+"""Scores of a model's outputs: the metrics table, intervals, calibration, Grad-CAM, masked views, figures."""

@@ -1,0 +1,1 @@
+"""A trained model on new images: loading, predict, export, the demo page."""
