@@ -61,7 +61,8 @@ def test_wheel_under_input_root_installs_an_importable_package(input_root, tmp_p
     where = subprocess.run([sys.executable, "-c", "import cxr; print(cxr.__file__)"], check=True,
                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(target)})
     assert Path(where.stdout.strip()).is_relative_to(target)
-    assert {"notebook.py", "kaggle_bootstrap.py", "workflow.py"} <= {p.name for p in (target / "cxr").iterdir()}
+    assert {"notebook.py", "workflow.py"} <= {p.name for p in (target / "cxr").iterdir()}
+    assert (target / "cxr" / "data" / "kaggle.py").is_file()
 
 
 def test_input_root_comes_from_the_environment(input_root, tmp_path, monkeypatch):

@@ -372,7 +372,7 @@ def conclusion(run: str | os.PathLike) -> MarkdownText:
     return MarkdownText(conclusion_text(dataclasses.replace(record, source=None)))
 
 
-BOOTSTRAP_SOURCE = Path(__file__).with_name("kaggle_bootstrap.py")
+BOOTSTRAP_SOURCE = Path(__file__).parent / "data" / "kaggle.py"
 
 
 def bootstrap_cell_source() -> str:
@@ -383,7 +383,7 @@ def bootstrap_cell_source() -> str:
 
 def write_bootstrap_cells(notebooks: list[str | os.PathLike]) -> None:
     """Make the first code cell of each notebook the current :func:`bootstrap_cell_source` (run after
-    editing ``kaggle_bootstrap.py``; the test suite fails until the copies match)."""
+    editing ``src/cxr/data/kaggle.py``; the test suite fails until the copies match)."""
     for path in map(Path, notebooks):
         content = json.loads(path.read_text())
         first = next(cell for cell in content["cells"] if cell["cell_type"] == "code")
