@@ -20,7 +20,8 @@ import torch
 
 from cxr.train import engine
 from cxr.config import get_experiment
-from cxr.data.dataset import DatasetError, load_splits
+from cxr.data.dataset import load_splits
+from cxr.data.layout import DatasetError
 from cxr.common.runtime import Runtime
 
 

@@ -86,7 +86,8 @@ def environment(device: str) -> dict[str, Any]:
 
 def predict_inputs(data_dir: Path, per_class: int = PREDICT_IMAGES_PER_CLASS) -> list[Path]:
     """The first ``per_class`` test images of every class."""
-    from cxr.data.dataset import find_split_root, scan_split
+    from cxr.data.dataset import scan_split
+    from cxr.data.layout import find_split_root
 
     root = find_split_root(data_dir)
     if root is None:
@@ -106,7 +107,8 @@ def external_folder(data_dir: Path, folder: Path, planted: int = PLANTED_PER_CLA
     images of each class, which its near-duplicate audit must report as overlaps."""
     import shutil
 
-    from cxr.data.dataset import find_split_root, scan_split
+    from cxr.data.dataset import scan_split
+    from cxr.data.layout import find_split_root
 
     root = find_split_root(data_dir)
     test, train = scan_split(root, "test", check=False), scan_split(root, "train", check=False)

@@ -17,7 +17,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from cxr.data.dataset import SPLITS, find_split_root, scan_split
+from cxr.data.dataset import scan_split
+from cxr.data.layout import SPLITS, find_split_root
 from cxr.data.layout import CLASSES
 
 # Kaggle jtiptj/chest-xray-pneumoniacovid19tuberculosis: train 6,326 and test 771 images (val: 38).

@@ -23,7 +23,8 @@ from PIL import Image, ImageEnhance
 from cxr.audit import near_duplicates as nd
 from cxr.audit.data_audit import AUDIT_SIDE
 from cxr.data.cache import cache_split, decode_image
-from cxr.data.dataset import SPLITS, locate_dataset, scan_split
+from cxr.data.dataset import scan_split
+from cxr.data.layout import SPLITS, locate_dataset
 
 KINDS = ("jpeg q70", "16-bit png", "half size", "crop 5% centre", "crop 5% side", "brightness 1.3",
          "contrast 1.4", "gamma 0.7", "crop 10% centre", "rotate 2 deg")

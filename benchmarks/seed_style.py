@@ -16,7 +16,8 @@ from torchvision import models as tvm
 
 from cxr.models.backbones import get_backbone
 from cxr.config import Experiment
-from cxr.data.dataset import IMAGENET_MEAN, IMAGENET_STD, build_transforms, load_image
+from cxr.data.dataset import build_transforms, load_image
+from cxr.data.layout import IMAGENET_MEAN, IMAGENET_STD
 from cxr.data.layout import CLASSES
 from measure import peak_memory_gib, reset_peak_memory
 

@@ -14,7 +14,8 @@ from PIL import Image, ImageEnhance
 
 from cxr.audit.data_audit import audit_dataset, audit_training_splits, file_sha256, format_audit
 from cxr.cli import main
-from cxr.data.dataset import SPLITS, check_image, load_splits, scan_split
+from cxr.data.dataset import check_image, load_splits, scan_split
+from cxr.data.layout import SPLITS
 from cxr.data.layout import CLASSES
 from cxr.report.readme import baseline_verdict
 from cxr.data.synthetic import DEFAULT_COUNTS, write_synthetic_dataset

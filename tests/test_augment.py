@@ -8,7 +8,8 @@ import torch
 
 from cxr.data.augment import DeviceDataset, DeviceLoader, EvalTransform, TrainAugment
 from cxr.config import Affine, Augmentation, Brightness, Contrast, HorizontalFlip, ResizedCrop
-from cxr.data.dataset import IMAGENET_MEAN, IMAGENET_STD, build_transforms
+from cxr.data.dataset import build_transforms
+from cxr.data.layout import IMAGENET_MEAN, IMAGENET_STD
 from cxr.common.runtime import Runtime
 
 CPU = Runtime.create("cpu", progress=False)

@@ -11,6 +11,7 @@ from cxr.data import cache
 from cxr.cli import build_parser
 from cxr.config import get_experiment
 from cxr.data.dataset import Split, XRayDataset, load_image
+from cxr.data.imageio import cache_side
 from cxr.data.layout import CLASSES
 from cxr.train.pipeline import build_dataset
 from cxr.models.classifier import preprocessing
@@ -143,4 +144,4 @@ def test_cache_is_the_default_and_the_flag_turns_it_off(synthetic_root, tmp_path
     assert isinstance(dataset, XRayDataset) and kept is split and not (tmp_path / "default-cache").exists()
     dataset, kept, info = build_dataset(split, experiment, prep, Runtime.create("cpu", progress=False), True)
     assert len(dataset) == 6 and info["decoded"] == 6 and (tmp_path / "default-cache").is_dir()
-    assert dataset.inputs.shape == (6, 1, cache.cache_side(32, prep["resize"]), cache.cache_side(32, prep["resize"]))
+    assert dataset.inputs.shape == (6, 1, cache_side(32, prep["resize"]), cache_side(32, prep["resize"]))

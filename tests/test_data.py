@@ -14,16 +14,8 @@ import torch
 from PIL import Image
 
 from cxr.data.augment import TrainAugment
-from cxr.data.dataset import (
-    CLASSES,
-    DatasetError,
-    XRayDataset,
-    check_image,
-    load_image,
-    load_splits,
-    scan_split,
-    stratified_split,
-)
+from cxr.data.dataset import XRayDataset, check_image, load_image, load_splits, scan_split, stratified_split
+from cxr.data.layout import CLASSES, DatasetError
 from cxr.data.imageio import cache_side
 from cxr.data.synthetic import write_synthetic_dataset
 
@@ -267,7 +259,7 @@ def test_limit_below_one_is_refused_before_scanning(tmp_path):
 
 
 def test_dataset_is_found_by_layout_and_nowhere_else(tmp_path):
-    from cxr.data.dataset import find_dataset_roots
+    from cxr.data.layout import find_dataset_roots
 
     first = write_synthetic_dataset(tmp_path / "a" / "renamed", {"train": 1, "val": 1, "test": 1}, 16, False)
     second = write_synthetic_dataset(tmp_path / "b" / "x" / "y", {"train": 1, "val": 1, "test": 1}, 16, False)

@@ -8,7 +8,7 @@ import kagglehub
 import pytest
 
 from cxr.cli import main
-from cxr.data.dataset import KAGGLE_HANDLE, DatasetError, find_split_root, locate_dataset
+from cxr.data.layout import KAGGLE_HANDLE, DatasetError, find_split_root, locate_dataset
 from cxr.data.synthetic import write_synthetic_dataset
 
 

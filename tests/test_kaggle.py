@@ -15,7 +15,7 @@ import pytest
 
 from cxr.data import kaggle as kaggle_bootstrap
 from cxr import notebook
-from cxr.data.dataset import DatasetError
+from cxr.data.layout import DatasetError
 from cxr.data.synthetic import write_synthetic_dataset
 
 ROOT = Path(__file__).parents[1]

@@ -536,7 +536,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
 
     from cxr.common import distributed
     from cxr.models.checkpoint import CheckpointError
-    from cxr.data.dataset import DatasetError
+    from cxr.data.layout import DatasetError
     from cxr.train.engine import TrainingError, TrainingInterrupted
     from cxr.inference.export import ExportError
     from cxr.models.classifier import WeightsError

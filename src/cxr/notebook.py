@@ -30,7 +30,8 @@ from cxr.evaluate import metrics as table
 from cxr.evaluate.figures import plot_history
 from cxr.data.added_folders import AddedFolders, check_added, folders_from_env
 from cxr.config import Experiment, get_experiment
-from cxr.data.dataset import DataSplits, DatasetError, find_attached_dataset, load_image
+from cxr.data.dataset import DataSplits, load_image
+from cxr.data.layout import DatasetError, find_attached_dataset
 from cxr.data.layout import CLASSES
 from cxr.train.engine import class_weights
 from cxr.models.local_weights import WHERE_COMMAND, installed_mobilenet_v2_weights

@@ -29,7 +29,8 @@ from cxr.audit.data_audit import audit_summary, audit_training_splits
 from cxr.models.checkpoint import load_checkpoint
 from cxr.evaluate.classification_report import classification_metrics, report_text, write_json
 from cxr.config import Experiment, experiment_from_dict, get_experiment
-from cxr.data.dataset import DataSplits, check_limit, load_splits, locate_dataset, warn_skipped
+from cxr.data.dataset import DataSplits, check_limit, load_splits, warn_skipped
+from cxr.data.layout import locate_dataset
 from cxr.data.layout import CLASSES
 from cxr.train.engine import TrainingInterrupted, fit, make_deterministic, predict, seed_everything
 from cxr.external import evaluate_external

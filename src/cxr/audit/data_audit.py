@@ -29,10 +29,11 @@ from cxr.common.progress import tqdm
 
 from cxr.audit import near_duplicates
 from cxr.audit import source_baseline as shortcut_baseline
-from cxr.data.cache import cache_side, cache_split
+from cxr.data.cache import cache_split
+from cxr.data.imageio import cache_side
 from cxr.evaluate.classification_report import write_json
-from cxr.data.dataset import (FOLDER_ALIASES, SPLITS, DatasetError, DataSplits, Split, locate_dataset, scan_split,
-                   stratified_split)
+from cxr.data.dataset import DataSplits, Split, scan_split, stratified_split
+from cxr.data.layout import FOLDER_ALIASES, SPLITS, DatasetError, locate_dataset
 from cxr.data.imageio import dicom_header, is_dicom
 from cxr.data.layout import CLASSES, relative_path, visible_name
 

@@ -26,7 +26,7 @@ from cxr.common.progress import tqdm
 
 from cxr.data.dataset import Split
 from cxr.common.fileid import content_digest
-from cxr.data.imageio import cache_side, decode_image  # noqa: F401  (cache_side: part of this module's interface)
+from cxr.data.imageio import decode_image
 from cxr.common.runtime import default_cache_dir
 
 # 2: more than 8 bits rounded (imageio.scale_to_uint8); 3: only the region under the crop resampled (within a level of 2)

@@ -19,13 +19,9 @@ from torchvision.transforms import v2
 
 from cxr.data.augment_ops import reference_transforms
 from cxr.config import AUGMENTATION, Augmentation
-from cxr.data.layout import EXPECTED_CLASS_FOLDERS, class_of
 from cxr.data.imageio import IMAGE_EXTENSIONS, check_dicom, check_jpeg_scans, check_shape, decode_image, is_dicom, open_8bit
-from cxr.data.layout import (  # noqa: F401  (re-exported)
-    CLASSES, EXPECTED_LAYOUT, FOLDER_ALIASES, IMAGENET_MEAN, IMAGENET_STD, KAGGLE_HANDLE, SPLITS, DatasetError,
-    child_dirs, download_dataset, find_attached_dataset, find_dataset_roots, find_split_root, is_dataset_root,
-    locate_dataset,
-)
+from cxr.data.layout import (CLASSES, EXPECTED_CLASS_FOLDERS, EXPECTED_LAYOUT, FOLDER_ALIASES, IMAGENET_MEAN, IMAGENET_STD,
+                             DatasetError, child_dirs, class_of)
 
 
 @dataclass

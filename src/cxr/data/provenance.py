@@ -8,7 +8,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from cxr.data.dataset import KAGGLE_HANDLE, DataSplits
+from cxr.data.dataset import DataSplits
+from cxr.data.layout import KAGGLE_HANDLE
 
 
 def git_commit(where: str | os.PathLike | None = None) -> str | None:

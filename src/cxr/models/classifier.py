@@ -16,7 +16,7 @@ from torchvision import models as tvm
 
 from cxr.models.backbones import BACKBONES, Backbone, get_backbone
 from cxr.config import TrainableBlocks
-from cxr.data.dataset import IMAGENET_MEAN, IMAGENET_STD
+from cxr.data.layout import IMAGENET_MEAN, IMAGENET_STD
 from cxr.data.layout import CLASSES
 from cxr.models.local_weights import WeightsError, backbone_state, is_classifier_state, match_tensors, read_state_dict
 

@@ -29,7 +29,8 @@ from cxr.evaluate import metrics
 from cxr.data.augment import DeviceLoader
 from cxr.models.checkpoint import CheckpointError, CheckpointWriter, load_checkpoint, remove_stale_temporaries
 from cxr.config import Experiment
-from cxr.data.dataset import EXPECTED_LAYOUT, DatasetError, DataSplits, Split
+from cxr.data.dataset import DataSplits, Split
+from cxr.data.layout import EXPECTED_LAYOUT, DatasetError
 from cxr.data.layout import CLASSES
 from cxr.common.fileid import content_digest, text_bytes
 from cxr.train.graphs import GraphedTraining

@@ -18,7 +18,8 @@ from cxr.common.progress import tqdm
 
 from cxr.common import distributed
 from cxr.data.augment import BatchTransform, DeviceDataset, DeviceLoader, EvalTransform, TrainAugment
-from cxr.data.cache import cache_side, cache_split
+from cxr.data.cache import cache_split
+from cxr.data.imageio import cache_side
 from cxr.config import Experiment
 from cxr.data.dataset import DataSplits, Split, XRayDataset, warn_skipped
 from cxr.train.features import FrozenBackboneBatches, feature_dataset
