@@ -126,7 +126,7 @@ def test_cli_audit_finds_duplicates_and_leakage_and_writes_json(tmp_path, capsys
 def test_training_warns_about_leakage_and_keeps_the_audit_in_metrics(tmp_path):
     root = leaky_dataset(tmp_path / "data")
     with pytest.warns(UserWarning, match="LEAKAGE|duplicate image|different class labels") as caught:
-        metrics = train_experiment("resnet50_full", data_dir=root, out=tmp_path / "out",
+        metrics = train_experiment("mobilenet_v2_head", data_dir=root, out=tmp_path / "out",
                                    runtime=Runtime.create(progress=False), options=RunOptions(val_source="given"),
                                    epochs=1, batch_size=8, image_size=32, weights="none")
     shown = [str(w.message) for w in caught]
@@ -139,7 +139,7 @@ def test_training_warns_about_leakage_and_keeps_the_audit_in_metrics(tmp_path):
     assert audit["near_duplicates_across_splits"]["train/test"] == 1
     assert audit["duplicates_within_split"]["train"] == 1
     assert audit["counts"]["train"] == load_splits(root, val_source="given").train.counts()
-    saved = json.loads((tmp_path / "out" / "resnet50_full" / "metrics.json").read_text())
+    saved = json.loads((tmp_path / "out" / "mobilenet_v2_head" / "metrics.json").read_text())
     assert saved["audit"] == audit
 
 

@@ -40,11 +40,11 @@ def test_make_deterministic_sets_torch_and_cublas(restore_determinism):
 
 
 def train_once(root, out, seed: int) -> dict:
-    argv = ["train", "resnet50_full", "--data-dir", str(root), "--out", str(out), "--seed", str(seed),
+    argv = ["train", "mobilenet_v2_full", "--data-dir", str(root), "--out", str(out), "--seed", str(seed),
             "--deterministic", "--val-source", "given", "--epochs", "1", "--batch-size", "8", "--image-size", "32",
             "--weights", "none", "--quiet"]
     assert main(argv) == 0
-    run = out / "resnet50_full"
+    run = out / "mobilenet_v2_full"
     with open(run / "history.csv", newline="") as handle:
         history = [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(handle)]
     metrics = json.loads((run / "metrics.json").read_text())

@@ -24,7 +24,8 @@ WHO_TB_TARGET = {"sensitivity": 0.90, "specificity": 0.70}  # WHO target product
 class Metric:
     """One score. ``function`` takes confusion matrices ``(..., K, K)``, or with ``needs_probabilities``
     the labels and ``(n, K)`` probabilities of one set; ``per_class`` ones return one value per class
-    (NaN where undefined). ``history`` ones are also recorded per epoch on validation (``val_<name>``)."""
+    (NaN where undefined). ``history`` ones are also recorded per epoch on validation (``val_<name>``);
+    ``readme`` ones are columns of README's results table (every metric is in metrics.json and the model card)."""
 
     name: str
     label: str
@@ -33,6 +34,7 @@ class Metric:
     per_class: bool = False
     needs_probabilities: bool = False
     history: bool = False
+    readme: bool = True
 
     def __post_init__(self) -> None:
         if self.history and self.per_class:
@@ -100,7 +102,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("balanced_accuracy", "balanced accuracy", balanced_accuracy),
     Metric("roc_auc_ovr", "macro AUROC", macro_auroc, needs_probabilities=True),
     Metric("recall", "recall", recall, per_class=True),
-    Metric("auroc", "AUROC", auroc, per_class=True, needs_probabilities=True),
+    Metric("auroc", "AUROC", auroc, per_class=True, needs_probabilities=True, readme=False),
 )
 
 

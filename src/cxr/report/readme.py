@@ -31,7 +31,6 @@ END_MARKER = "<!-- results:end -->"
 SHORTCUTS_START = "<!-- shortcuts:start -->"
 SHORTCUTS_END = "<!-- shortcuts:end -->"
 BASELINE_ROW = "shortcut baseline (no anatomy)"
-FIGURE_ORDER = ("curves", "confusion_matrix", "predictions")
 PLAIN_NAME = re.compile(r"[\w.+-]+")
 NOT_A_NUMBER = re.compile(r"(?<![\w.])-?(nan|inf)(?![\w])", re.IGNORECASE)
 
@@ -212,37 +211,40 @@ def _link(target: Path, base: Path) -> str:
 
 
 def figure_links(record: AnyRecord, base: Path) -> str:
-    """Markdown links, relative to ``base``, to the run's PNG figures that exist on disk."""
+    """A Markdown link, relative to ``base``, to the run's folder, counting the PNG figures there (one link, not
+    one per figure: the table must fit a front page; the folder shows them all)."""
     run_dir = record.source.parent
-    files = getattr(record, "files", {})
-    named = [(key, files[key]) for key in FIGURE_ORDER if key in files]
-    named += [(key, name) for key, name in files.items() if key not in FIGURE_ORDER and str(name).endswith(".png")]
-    listed = {name for _, name in named}
-    named += [(path.stem, path.name) for path in sorted(run_dir.glob("*.png")) if path.name not in listed]
-    links = [f"[{key.replace('_', ' ')}]({_link(run_dir / name, base)})" for key, name in named
-             if (run_dir / name).is_file()]
-    return ", ".join(links) if links else "none"
+    count = len([path for path in run_dir.glob("*.png") if path.is_file()])
+    if not count:
+        return "none"
+    return f"[{count} figure{'s' if count > 1 else ''}]({_link(run_dir, base)}/)"
 
 
 def _scores(test: TestScores | Mapping[str, Any]) -> TestScores:
     return test if isinstance(test, TestScores) else TestScores(dict(test))
 
 
+# README's results table gives this score's interval alone: the one runs are chosen and compared by.
+INTERVAL_SHOWN = "macro_f1"
+
+
 def reported(tests: Sequence[TestScores]) -> list[table.Metric]:
-    """The table's metrics that at least one test section holds (files from before a metric existed
+    """The table's README metrics that at least one test section holds (files from before a metric existed
     lack it), so adding a metric changes no README until a run measures it."""
     def holds(test: TestScores, metric: table.Metric) -> bool:
         if metric.per_class:
             return any(metric.name in scores for scores in test.per_class.values())
         return metric.name in test
 
-    return [m for m in table.METRICS if any(holds(test, m) for test in tests)]
+    return [m for m in table.METRICS if m.readme and any(holds(test, m) for test in tests)]
 
 
 def score_cells(test: TestScores, shown: Sequence[table.Metric]) -> list[str]:
-    """One table row's scores: each shown metric, per class for per-class ones."""
-    cells = [format_score(test.value(m), test.interval(m)) for m in shown if not m.per_class]
-    cells += [format_score(test.value(m, c), test.interval(m, c)) for m in shown if m.per_class for c in CLASSES]
+    """One table row's scores: each shown metric, per class for per-class ones; the interval of the
+    headline score only (:data:`INTERVAL_SHOWN`), so that the table fits a front page."""
+    cells = [format_score(test.value(m), test.interval(m) if m.name == INTERVAL_SHOWN else None)
+             for m in shown if not m.per_class]
+    cells += [format_score(test.value(m, c)) for m in shown if m.per_class for c in CLASSES]
     return cells
 
 
@@ -376,7 +378,8 @@ def provenance(runs: Sequence[AnyRecord]) -> str:
         f"weights {_distinct(weights_text(m) for m in runs)}; device {_distinct(_device_text(m) for m in runs)}; "
         f"date {date_text}; commit {_distinct(getattr(m, 'git_commit', None) for m in runs)}. "
         "Scores are on the test split, which was used for nothing else"
-        + ("; brackets hold bootstrap 95% confidence intervals." if any(m.test.ci95 for m in runs) else ".")
+        + ("; brackets hold macro-F1's bootstrap 95% confidence interval (every score's is in the run's model card)."
+           if any(m.test.ci95 for m in runs) else ".")
     )
 
 
@@ -418,13 +421,14 @@ def _same_source_auroc(test: TestScores) -> str:
 def shortcuts_table(runs: Sequence[AnyRecord]) -> str:
     """Per run: test macro-F1 as is, with the lung field and with an equal area outside it hidden or shown
     alone (the model, masked at test time), the train-on-view probes, the same-source pair's AUROC and
-    Grad-CAM's mass in the lung field. Older metrics.json files lack some: n/a."""
+    Grad-CAM's mass in the lung field. Older metrics.json files lack some: n/a; a run with none of the checks has
+    no row (:func:`render_shortcuts` names it)."""
     header = ["experiment", "as is", "lungs hidden", "equal area hidden", "only the lungs", "only an equal area",
               "probe outside the lungs", "probe on the lungs", "NORMAL vs PNEUMONIA AUROC (same source)",
               "Grad-CAM in the lungs (their area)"]
     rows = []
-    for record in runs:
-        checks = record.shortcuts or {}
+    for record in [run for run in runs if run.shortcuts]:
+        checks = record.shortcuts
         views, probes = checks.get("views", {}), checks.get("probes") or {}
         saliency = checks.get("saliency") or {}
         rows.append([f"`{_name(record)}`", _view_score(views.get("as_is")), _view_score(views.get("lungs_hidden")),
@@ -494,21 +498,20 @@ def same_source_short(test: TestScores | Mapping[str, Any]) -> str | None:
 
 
 def run_conclusion(metrics: AnyRecord | Mapping[str, Any], baseline: dict[str, Any] | None,
-                   with_data: bool = True) -> str:
+                   with_data: bool = True, saliency: bool = True) -> str:
     """The plain conclusion of one run's checks, every word chosen by its numbers (``with_data``: say which
-    images the baseline learned from; README's section says it once, above the runs). A metrics.json whose masked
+    images the baseline learned from; README's section says it once, above the runs; ``saliency``: Grad-CAM's
+    sentence, which README leaves to its table's column and the model card). A metrics.json whose masked
     scores predate the equal-area control is not read for the lungs: its drops cannot tell them from the
     surprise of a grey shape."""
     record = as_record(metrics)
     checks = record.shortcuts
     parts = [baseline_verdict(record.test, baseline, with_data)]
     if checks and checks.get("controls"):
-        parts += [checks.get("short") or checks.get("sentence"), checks.get("saliency_sentence")]
+        parts += [checks.get("short") or checks.get("sentence"), saliency and checks.get("saliency_sentence")]
     elif checks:
         parts.append("Its masked scores predate the equal-area control and the probes, so they say nothing about "
                      "the lungs; re-evaluate it (`cxr evaluate`).")
-    else:
-        parts.append("Its metrics.json has no masked or saliency checks (written before they existed); re-run it.")
     same_source = same_source_short(record.test)
     parts += [same_source and same_source[0].upper() + same_source[1:] + ".", record.test.groups.get("sentence")]
     parts += [external_sentence(result) for result in (external_results(record) if record.source else [])]
@@ -528,7 +531,11 @@ def render_shortcuts(runs: Sequence[AnyRecord | Mapping[str, Any]], baseline: di
                  f" and accuracy {format_score(baseline['test']['accuracy'], interval(baseline['test'].get('ci95') or {}, 'accuracy'))}"
                  f" on {baseline['test_images']} test images, having learned from {baseline.get('train_images', '?')} "
                  f"images of {baseline.get('trained_on', 'the train split')}.")
-    conclusions = [f"- `{_name(m)}`: {run_conclusion(m, baseline, with_data=False)}" for m in runs]
+    conclusions = [f"- `{_name(m)}`: {run_conclusion(m, baseline, with_data=False, saliency=False)}" for m in runs]
+    unchecked = [f"`{_name(m)}`" for m in runs if not m.shortcuts]
+    if unchecked:
+        conclusions.append(f"- No masked, probe or saliency checks in the metrics.json of {', '.join(unchecked)} "
+                           "(written before the checks existed): re-run them.")
     return "\n\n".join([SHORTCUTS_START, "<!-- generated by `cxr report`; edits here are overwritten -->", intro,
                          shortcuts_table(runs), "\n".join(conclusions), SHORTCUTS_END])
 
