@@ -70,14 +70,14 @@ def plot_comparison(paths: Sequence[str | os.PathLike], out_png: str | os.PathLi
     runs = [read_metrics(p) for p in paths]
     tables = [metric_table(run) for run in runs]
     names = run_labels(runs, paths)
-    labels = list(dict.fromkeys(label for table in tables for label in table))
+    labels = list(dict.fromkeys(label for scores in tables for label in scores))
     width = 0.8 / len(runs)
     figure, axis = plt.subplots(figsize=(max(8, 1.3 * len(labels) + 2), 5), layout="constrained")
-    for number, (run, table) in enumerate(zip(runs, tables)):
+    for number, (run, scores) in enumerate(zip(runs, tables)):
         offset = (number - (len(runs) - 1) / 2) * width
         points, below, above = [], [], []
         for label in labels:
-            point, interval = table.get(label, (None, None))
+            point, interval = scores.get(label, (None, None))
             point = np.nan if point is None else float(point)
             low, high = interval if interval else (point, point)
             points.append(point)
