@@ -125,7 +125,8 @@ def test_metrics_json_has_scores_in_range_and_provenance(run, scanned):
     assert metrics["dataset"]["skipped_files"] == len(scanned.skipped) > 0
     assert metrics["device"].startswith("cpu")
     assert metrics["torch"] == torch.__version__
-    assert metrics["wall_seconds"] >= metrics["train_seconds"] > 0
+    # a head trained on cached features for one tiny epoch can take under 5 ms, which rounds to 0.00 s
+    assert metrics["wall_seconds"] > 0 and metrics["wall_seconds"] >= metrics["train_seconds"] >= 0
     assert metrics["git_commit"] is None or re.fullmatch(r"[0-9a-f]{7,40}(-dirty)?", metrics["git_commit"])
     test = metrics["test"]
     for key in ("accuracy", "macro_f1", "weighted_f1", "balanced_accuracy"):
