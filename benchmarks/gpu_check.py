@@ -144,12 +144,20 @@ def plan(args: argparse.Namespace, data_dir: Path, out: Path, grad_cam: bool,
             steps.append({"name": f"evaluate --external {name}", "needs": f"train {name}",
                           "args": ["evaluate", "--checkpoint", checkpoint, "--external", str(external),
                                    "--out", str(assets), *common]})
-    if HOST_MEMORY_EXPERIMENT in args.experiments:
+    host = host_memory_experiment(args.experiments)
+    if host is not None:
         flags = [*train_flags, "--epochs", HOST_MEMORY_EPOCHS] if not args.smoke else train_flags
-        steps.append({"name": f"train --splits-in-host-memory {HOST_MEMORY_EXPERIMENT}",
-                      "args": ["train", HOST_MEMORY_EXPERIMENT, "--splits-in-host-memory", "--no-tensorboard",
+        steps.append({"name": f"train --splits-in-host-memory {host}",
+                      "args": ["train", host, "--splits-in-host-memory", "--no-tensorboard",
                                "--out", str(out / "host-memory"), *common, *flags]})
     return steps
+
+
+def host_memory_experiment(experiments: list[str]) -> str | None:
+    """The run with every split in host memory: ResNet50 where it is planned, else the first fully trained
+    experiment planned (the smoke run's lighter one), else none."""
+    full = [name for name in experiments if not CONFIGURED[name].freeze_backbone]
+    return HOST_MEMORY_EXPERIMENT if HOST_MEMORY_EXPERIMENT in experiments else next(iter(full), None)
 
 
 class Summary:

@@ -35,7 +35,7 @@ def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 # The smoke run takes every kind of step with one fully trained and one frozen-backbone experiment (each
 # experiment's own paths are trained in test_training.py and test_cuda_paths.py); that every configured
 # experiment is planned is checked on the plan itself.
-SMOKE_EXPERIMENTS = ("resnet50_full", "mobilenet_v2_head")
+SMOKE_EXPERIMENTS = ("mobilenet_v2_full", "mobilenet_v2_head")
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,13 @@ def test_the_plan_runs_every_step_for_every_configured_experiment(tmp_path):
     assert names[-1] == "train --splits-in-host-memory resnet50_full" and len(names) == 4 * len(EXPERIMENTS) + 1
 
 
+def test_the_host_memory_run_is_resnet50_where_planned_else_the_first_fully_trained_one():
+    gpu_check = _load()
+    assert gpu_check.host_memory_experiment(list(EXPERIMENTS)) == "resnet50_full"
+    assert gpu_check.host_memory_experiment(["mobilenet_v2_head", "mobilenet_v2_full"]) == "mobilenet_v2_full"
+    assert gpu_check.host_memory_experiment(["resnet152_head", "vit_b16_head"]) is None
+
+
 def test_smoke_runs_every_step(smoke):
     result, out = smoke
     assert result.returncode == 0, result.stderr[-2000:]
@@ -65,7 +72,7 @@ def test_smoke_runs_every_step(smoke):
         assert [f"train {experiment}", f"evaluate --tta {experiment}", f"predict {experiment}",
                 f"evaluate --external {experiment}"] == [n for n in names if n.endswith(f" {experiment}")
                                                          and "host-memory" not in n]
-    assert names[-1] == "train --splits-in-host-memory resnet50_full"
+    assert names[-1] == "train --splits-in-host-memory mobilenet_v2_full"  # ResNet50's step where it is planned
     assert all(step["exit_status"] == 0 and step["seconds"] > 0 for step in summary["steps"])
 
 
@@ -84,7 +91,7 @@ def test_smoke_writes_the_assets_layout(smoke):
         planted = 4 * _load().PLANTED_PER_CLASS  # training images copied into the external folder
         assert external["overlaps"]["count"] == planted and external["test_without_overlaps"] is not None
         assert external["external"]["ignored_folders"] == [] and external["external"]["absent_classes"] == []
-    host = json.loads((out / "host-memory" / "resnet50_full" / "metrics.json").read_text())
+    host = json.loads((out / "host-memory" / "mobilenet_v2_full" / "metrics.json").read_text())
     assert host["epochs_run"] == 1 and host["pipeline"]["splits_on_device"] is False
 
 
