@@ -214,3 +214,33 @@ def test_paired_difference_interval_is_paired():
     worse[::4] = (worse[::4] + 1) % 4
     found = lung_evidence.paired_difference(labels, [labels], [worse], 4)
     assert found["difference"] > 0 and 0 < found["ci95"][0] <= found["difference"] <= found["ci95"][1]
+
+
+class _RecordsBackboneDtype(nn.Module):
+    """A backbone and head that note the dtype the backbone computed in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(4, len(CLASSES))
+        self.dtypes: list[torch.dtype] = []
+        self.backbone.register_forward_hook(lambda module, inputs, output: self.dtypes.append(output.dtype))
+
+
+@pytest.mark.parametrize("view", ["as_is", "lungs_hidden", "top_only"])
+def test_the_probes_feature_pass_runs_with_the_cuda_choices(view, runtime, cuda_like):
+    """On a GPU the probes' features come from a bf16 autocast pass over channels_last batches; on the CPU with
+    the same choices they are float32 arrays that agree with the plain fp32 pass to bf16's precision."""
+    torch.manual_seed(0)
+    model = _RecordsBackboneDtype()
+    side = Preprocessing.from_dict(PREP).square_side
+    squares = np.random.default_rng(0).integers(0, 256, (6, side, side), dtype=np.uint8)
+    lung = np.broadcast_to(geometric_lung_field(side), squares.shape)
+    plain = lung_evidence.view_outputs(model, squares, lung, view, PREP, runtime, 4)
+    assert model.dtypes == [torch.float32, torch.float32]
+    model.dtypes.clear()
+    mixed = lung_evidence.view_outputs(model, squares, lung, view, PREP, cuda_like, 4)
+    assert model.dtypes == [torch.bfloat16, torch.bfloat16]  # two batches, each under autocast
+    for fp32, bf16 in zip(plain, mixed):
+        assert bf16.dtype == np.float32 and bf16.shape == fp32.shape
+        np.testing.assert_allclose(bf16, fp32, atol=0.05, rtol=0.05)
