@@ -275,12 +275,12 @@ def _print_experiments() -> None:
         print()
 
 
-def _print_metrics(metrics: dict, out: str, name: str, folder: str | None = None) -> None:
-    from cxr.evaluate import metrics as table
+def _print_metrics(run: dict, out: str, name: str, folder: str | None = None) -> None:
+    from cxr.evaluate import metrics
     from cxr.evaluate.breakdowns import check_sentences
     from cxr.report.run_record import test_section
 
-    test = test_section(metrics)
+    test = test_section(run)
     intervals = test.ci95
 
     def score(metric) -> str:
@@ -289,12 +289,12 @@ def _print_metrics(metrics: dict, out: str, name: str, folder: str | None = None
             return "undefined"
         return f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
 
-    scores = ", ".join(f"{m.label} {score(m)}" for m in table.summary_metrics())
+    scores = ", ".join(f"{m.label} {score(m)}" for m in metrics.summary_metrics())
     print(f"{name}: test {scores}" + (" (95% bootstrap intervals)" if intervals else "")
           + f"; files in {folder or f'{out}/{name}'}/")
     if test.get("who_tb_screening") is not None or "operating_points" in test:
-        print(table.who_tb_sentence(test.get("who_tb_screening")))
-    checks = metrics.get("shortcuts") or test.get("shortcuts") or {}
+        print(metrics.who_tb_sentence(test.get("who_tb_screening")))
+    checks = run.get("shortcuts") or test.get("shortcuts") or {}
     for sentence in (checks.get("sentence"), checks.get("saliency_sentence"), *check_sentences(test.scores)):
         if sentence:
             print(sentence)
@@ -546,7 +546,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     warnings.simplefilter("always" if distributed.is_main() else "ignore", UserWarning)
     try:
         if args.command == "train":
-            metrics = _train(args)
+            run = _train(args)
         elif args.command == "predict":
             return _predict(args)
         elif args.command == "serve":
@@ -560,7 +560,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         elif args.external:
             return _external(args)
         else:
-            metrics = evaluate_checkpoint(args.checkpoint, args.experiment, data_dir=args.data_dir, out=args.out,
+            run = evaluate_checkpoint(args.checkpoint, args.experiment, data_dir=args.data_dir, out=args.out,
                                           runtime=_evaluation_runtime(args), tta=args.tta,
                                           lung_masks=args.lung_masks, groups=_groups(args))
         distributed.barrier()  # the other ranks wait until rank 0 has written every file
@@ -581,29 +581,29 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     finally:
         distributed.teardown()
     if distributed.is_main():
-        _print_result(metrics, args)
-        _print_other_folders(metrics, args.out)
+        _print_result(run, args)
+        _print_other_folders(run, args.out)
     return 0
 
 
-def _print_other_folders(metrics: dict, out: str) -> None:
+def _print_other_folders(run: dict, out: str) -> None:
     """After ``cxr train --add-train``: what was added, and the scores of the folders scored after training."""
     from cxr.data.added_folders import added_sentence
     from cxr.report.run_record import read_run_record
 
-    record = metrics.get("added_training") or {}
+    record = run.get("added_training") or {}
     if added_sentence(record):
         print(added_sentence(record))
     for name in record.get("external_folders", []):
-        where = f"{metrics['experiment']}/external/{name}"
+        where = f"{run['experiment']}/external/{name}"
         _print_metrics(read_run_record(Path(out) / where / "metrics.json").to_dict(), out, where)
 
 
-def _print_result(metrics: dict, args: argparse.Namespace) -> None:
+def _print_result(run: dict, args: argparse.Namespace) -> None:
     """A run's or an evaluation's scores, then its test-time augmentation scores where it computed them."""
-    name, folder = metrics.get("experiment", args.experiment), metrics.get("folder")
-    _print_metrics(metrics, args.out, name, folder)
-    tta = metrics.get("tta") or metrics.get("test", {}).get("tta")
+    name, folder = run.get("experiment", args.experiment), run.get("folder")
+    _print_metrics(run, args.out, name, folder)
+    tta = run.get("tta") or run.get("test", {}).get("tta")
     if tta:
         print(f"with test-time augmentation ({tta['views']}):")
         _print_metrics({"test": tta}, args.out, name, folder)

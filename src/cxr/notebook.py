@@ -26,7 +26,7 @@ import seaborn as sns
 import torch
 from torch import nn
 
-from cxr.evaluate import metrics as table
+from cxr.evaluate import metrics
 from cxr.evaluate.figures import plot_history
 from cxr.data.added_folders import AddedFolders, check_added, folders_from_env
 from cxr.config import Experiment, get_experiment
@@ -287,9 +287,9 @@ class LiveCurves:
         plt.close(figure)
 
 
-def classification_table(metrics: AnyRecord | dict[str, Any]) -> pd.DataFrame:
+def classification_table(run: AnyRecord | dict[str, Any]) -> pd.DataFrame:
     """The test split's classification report: per-class precision, recall, F1 and support, then averages."""
-    test = test_section(metrics)
+    test = test_section(run)
     rows = {name: values for name, values in test.per_class.items()}
     total = sum(values["support"] for values in rows.values())
     for label, key in (("macro avg", "macro_avg"), ("weighted avg", "weighted_avg")):
@@ -320,11 +320,11 @@ def files_table(run_dir: str | os.PathLike) -> pd.DataFrame:
                         index=pd.Index([p.relative_to(run_dir).as_posix() for p in files], name=f"{run_dir}/"))
 
 
-def conclusion_text(metrics: RunRecord | dict[str, Any]) -> str:
+def conclusion_text(run: RunRecord | dict[str, Any]) -> str:
     """A short Markdown summary of a run (its record, or the dict ``train_experiment`` returns), every number
     taken from its metrics, ending with its shortcut checks (baseline, masked views, saliency;
     :func:`cxr.report.readme.run_conclusion`)."""
-    record = as_record(metrics)
+    record = as_record(run)
     test = record.test
     ci95 = test.ci95
     recalls = {name: values["recall"] for name, values in test.per_class.items()}
@@ -333,7 +333,7 @@ def conclusion_text(metrics: RunRecord | dict[str, Any]) -> str:
     stop = ", stopped early by the validation monitor" if record.stopped_early else ""
 
     scores = ", ".join(f"{m.label} **{format_score(test.value(m), test.interval(m))}**"
-                       for m in table.summary_metrics() if m.name in test)
+                       for m in metrics.summary_metrics() if m.name in test)
     lines = [
         f"**{record.experiment}** on `{record.dataset.name}` "
         f"({sizes.get('train', 0)} training, {sizes.get('val', 0)} validation, {sizes.get('test', 0)} test images), "
@@ -347,7 +347,7 @@ def conclusion_text(metrics: RunRecord | dict[str, Any]) -> str:
         f"- What it learned (shortcut checks): {run_conclusion(record, record.shortcut_baseline)}",
     ]
     if "operating_points" in test:
-        lines.append(f"- {table.who_tb_sentence(test.get('who_tb_screening'))}")
+        lines.append(f"- {metrics.who_tb_sentence(test.get('who_tb_screening'))}")
     return "\n".join(lines)
 
 

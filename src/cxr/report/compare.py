@@ -10,14 +10,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from cxr.evaluate.figures import save_figure
-from cxr.evaluate import metrics as table
+from cxr.evaluate import metrics
 from cxr.report.run_record import AnyRecord, RunRecordError, as_record, read_run_record
 
-def figure_label(metric: table.Metric) -> str:
+def figure_label(metric: metrics.Metric) -> str:
     return metric.label.replace(" ", "\n")
 
 
-SUMMARY_METRICS = {m.name: figure_label(m) for m in table.summary_metrics()}
+SUMMARY_METRICS = {m.name: figure_label(m) for m in metrics.summary_metrics()}
 
 
 def read_metrics(path: str | os.PathLike) -> AnyRecord:
@@ -34,12 +34,12 @@ def read_metrics(path: str | os.PathLike) -> AnyRecord:
     return record
 
 
-def metric_table(metrics: AnyRecord | Mapping[str, Any]) -> dict[str, tuple[float | None, list[float] | None]]:
+def metric_table(run: AnyRecord | Mapping[str, Any]) -> dict[str, tuple[float | None, list[float] | None]]:
     """``{label: (point, [lo, hi] or None)}`` for every metric of the table, per class as ``label\nclass``
     (those a metrics.json from before a metric existed lacks are left out)."""
-    test = as_record(metrics).test
-    rows = {figure_label(m): (test.value(m), test.interval(m)) for m in table.summary_metrics() if m.name in test}
-    for m in table.class_metrics():
+    test = as_record(run).test
+    rows = {figure_label(m): (test.value(m), test.interval(m)) for m in metrics.summary_metrics() if m.name in test}
+    for m in metrics.class_metrics():
         for name, scores in test.per_class.items():
             if m.name in scores:
                 rows[f"{m.label}\n{name}"] = (scores[m.name], test.interval(m, name))

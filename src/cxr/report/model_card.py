@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from cxr.evaluate import metrics as table
+from cxr.evaluate import metrics
 from cxr.data.added_folders import added_sentence
 from cxr.evaluate.breakdowns import same_source_sentence
 from cxr.data.layout import CLASSES
@@ -44,21 +44,21 @@ def metrics_lines(test: TestScores | Mapping[str, Any]) -> list[str]:
     test = test if isinstance(test, TestScores) else TestScores(dict(test))
     lines = _table(["metric", "value (95% bootstrap interval)"],
                    [[m.label, _score(test.value(m), test.interval(m))]
-                    for m in table.summary_metrics() if m.name in test])
+                    for m in metrics.summary_metrics() if m.name in test])
     points = test.get("operating_points") or {}
-    header = ["class", *(m.label for m in table.class_metrics())]
+    header = ["class", *(m.label for m in metrics.class_metrics())]
     if points:
         header += ["threshold (val, 90% sensitivity)", "test sensitivity", "test specificity"]
     rows = []
     for name in CLASSES:
-        row = [name, *(_score(test.value(m, name), test.interval(m, name)) for m in table.class_metrics())]
+        row = [name, *(_score(test.value(m, name), test.interval(m, name)) for m in metrics.class_metrics())]
         if points:
             point = points.get(name) or {}
             row += [_score(point.get("threshold")), _score(point.get("sensitivity")), _score(point.get("specificity"))]
         rows.append(row)
     lines += [""] + _table(header, rows)
     if points:
-        lines += ["", table.who_tb_sentence(test.get("who_tb_screening"))]
+        lines += ["", metrics.who_tb_sentence(test.get("who_tb_screening"))]
     return lines
 
 
@@ -159,10 +159,10 @@ def run_settings(record: AnyRecord) -> list[tuple[str, Any]]:
     return [(key, value) for key, value in settings if value is not None]
 
 
-def model_card_text(metrics: AnyRecord | Mapping[str, Any], external: Sequence[ExternalRecord] | None = None) -> str:
+def model_card_text(run: AnyRecord | Mapping[str, Any], external: Sequence[ExternalRecord] | None = None) -> str:
     """The whole card as Markdown, from one run's metrics.json (its record, or the dict ``train_experiment``
     returns) and its external results."""
-    record = as_record(metrics)
+    record = as_record(run)
     config = getattr(record, "config", {})
     dataset = getattr(record, "dataset", None)
     recipe = [[str(k), f"`{v}`"] for k, v in config.items() if k not in ("name", "summary")]
@@ -207,11 +207,11 @@ def read_external(run_dir: Path) -> list[ExternalRecord]:
     return [read_run_record(p) for p in sorted(Path(run_dir).glob("external/*/metrics.json"))]
 
 
-def write_model_card(run_dir: str | os.PathLike, metrics: AnyRecord | Mapping[str, Any] | None = None) -> Path:
+def write_model_card(run_dir: str | os.PathLike, run: AnyRecord | Mapping[str, Any] | None = None) -> Path:
     """Write ``run_dir/model_card.md`` from ``metrics`` (default: ``run_dir/metrics.json``) and the run's
     external results; return its path."""
     run_dir = Path(run_dir)
-    metrics = metrics if metrics is not None else read_run_record(run_dir / "metrics.json")
+    run = run if run is not None else read_run_record(run_dir / "metrics.json")
     path = run_dir / CARD_FILE
-    path.write_text(model_card_text(metrics, read_external(run_dir)))
+    path.write_text(model_card_text(run, read_external(run_dir)))
     return path

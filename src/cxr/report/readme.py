@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from cxr.evaluate import metrics as table
+from cxr.evaluate import metrics
 from cxr.data.added_folders import added_sentence
 from cxr.evaluate.breakdowns import SAME_SOURCE_PAIRS, pair_name, shares_short
 from cxr.config import EXPERIMENTS
@@ -228,18 +228,18 @@ def _scores(test: TestScores | Mapping[str, Any]) -> TestScores:
 INTERVAL_SHOWN = "macro_f1"
 
 
-def reported(tests: Sequence[TestScores]) -> list[table.Metric]:
+def reported(tests: Sequence[TestScores]) -> list[metrics.Metric]:
     """The table's README metrics that at least one test section holds (files from before a metric existed
     lack it), so adding a metric changes no README until a run measures it."""
-    def holds(test: TestScores, metric: table.Metric) -> bool:
+    def holds(test: TestScores, metric: metrics.Metric) -> bool:
         if metric.per_class:
             return any(metric.name in scores for scores in test.per_class.values())
         return metric.name in test
 
-    return [m for m in table.METRICS if m.readme and any(holds(test, m) for test in tests)]
+    return [m for m in metrics.METRICS if m.readme and any(holds(test, m) for test in tests)]
 
 
-def score_cells(test: TestScores, shown: Sequence[table.Metric]) -> list[str]:
+def score_cells(test: TestScores, shown: Sequence[metrics.Metric]) -> list[str]:
     """One table row's scores: each shown metric, per class for per-class ones; the interval of the
     headline score only (:data:`INTERVAL_SHOWN`), so that the table fits a front page."""
     cells = [format_score(test.value(m), test.interval(m) if m.name == INTERVAL_SHOWN else None)
@@ -332,10 +332,10 @@ def runs_table(runs: Sequence[AnyRecord], base: Path) -> str:
     return _markdown_table(header, rows)
 
 
-def weights_text(metrics: AnyRecord | Mapping[str, Any]) -> str:
+def weights_text(run: AnyRecord | Mapping[str, Any]) -> str:
     """The weights a run started from: imagenet, none, or a local file by name and the start of its SHA-256
     (the path it had on the machine that trained says nothing elsewhere)."""
-    record = as_record(metrics)
+    record = as_record(run)
     local = _training(record).weights_file
     if local:
         return f"{local.name} (sha256 {local.sha256[:12]})"
@@ -497,14 +497,14 @@ def same_source_short(test: TestScores | Mapping[str, Any]) -> str | None:
     return f"{pair_name(*SAME_SOURCE_PAIRS[0])} (one source) AUROC {format_score(entry['auroc'], entry.get('ci95'), 2)}"
 
 
-def run_conclusion(metrics: AnyRecord | Mapping[str, Any], baseline: dict[str, Any] | None,
+def run_conclusion(run: AnyRecord | Mapping[str, Any], baseline: dict[str, Any] | None,
                    with_data: bool = True, saliency: bool = True) -> str:
     """The plain conclusion of one run's checks, every word chosen by its numbers (``with_data``: say which
     images the baseline learned from; README's section says it once, above the runs; ``saliency``: Grad-CAM's
     sentence, which README leaves to its table's column and the model card). A metrics.json whose masked
     scores predate the equal-area control is not read for the lungs: its drops cannot tell them from the
     surprise of a grey shape."""
-    record = as_record(metrics)
+    record = as_record(run)
     checks = record.shortcuts
     parts = [baseline_verdict(record.test, baseline, with_data)]
     if checks and checks.get("controls"):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
 
-from cxr.evaluate import metrics as table
+from cxr.evaluate import metrics
 
 SCHEMA_VERSION = 2
 FILE = "metrics.json"
@@ -84,13 +84,13 @@ class TestScores(Mapping):
         tta = self.scores.get("tta")
         return TestScores(tta) if isinstance(tta, dict) else None
 
-    def value(self, metric: table.Metric, name: str | None = None) -> float | None:
+    def value(self, metric: metrics.Metric, name: str | None = None) -> float | None:
         """A metric's point value (per class: ``name``'s), None where this section predates it."""
-        return table.stored_value(self.scores, metric, name)
+        return metrics.stored_value(self.scores, metric, name)
 
-    def interval(self, metric: table.Metric, name: str | None = None) -> Sequence[float] | None:
+    def interval(self, metric: metrics.Metric, name: str | None = None) -> Sequence[float] | None:
         """A metric's bootstrap interval, or None."""
-        return table.stored_interval(self.scores, metric, name)
+        return metrics.stored_interval(self.scores, metric, name)
 
     def to_dict(self) -> dict[str, Any]:
         return self.scores
@@ -330,12 +330,12 @@ def record_from_dict(data: Mapping[str, Any], source: Path | None = None) -> Any
     return RunRecord.from_dict(data, source)
 
 
-def as_record(metrics: AnyRecord | Mapping[str, Any]) -> AnyRecord:
+def as_record(run: AnyRecord | Mapping[str, Any]) -> AnyRecord:
     """A record, from a record or from the dict :func:`cxr.workflow.train_experiment` returns (its ``folder`` is
     left out; a ``_path`` naming the file it came from becomes the record's ``source``)."""
-    if isinstance(metrics, _Record):
-        return metrics
-    data = dict(metrics)
+    if isinstance(run, _Record):
+        return run
+    data = dict(run)
     data.pop("folder", None)  # where the run wrote: not a part of its file
     where = data.pop("_path", None)
     return record_from_dict(data, Path(where) if where is not None else None)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from sklearn.metrics import confusion_matrix
 
-from cxr.evaluate import metrics as table
+from cxr.evaluate import metrics
 from cxr.evaluate.figures import plot_confusion
 from cxr.data.layout import CLASSES
 from cxr.report.run_record import RunRecord, TestScores
@@ -23,7 +23,7 @@ EPOCH_TAGS = {
     "train_loss": "loss/train",
     "val_loss": "loss/val",
     "train_accuracy": "accuracy/train",
-    **{f"val_{m.name}": f"{m.name}/val" for m in table.METRICS if m.history},
+    **{f"val_{m.name}": f"{m.name}/val" for m in metrics.METRICS if m.history},
     "lr": "learning_rate",
 }
 
@@ -32,8 +32,8 @@ def test_scalars(results: TestScores | Mapping[str, Any]) -> dict[str, float]:
     """``{tag: value}`` of every table metric in a test section, per class as ``test/<name>_<class>``;
     undefined values (None) are left out."""
     test = results if isinstance(results, TestScores) else TestScores(dict(results))
-    scalars = {f"test/{m.name}": test.value(m) for m in table.summary_metrics()}
-    for m in table.class_metrics():
+    scalars = {f"test/{m.name}": test.value(m) for m in metrics.summary_metrics()}
+    for m in metrics.class_metrics():
         scalars.update({f"test/{m.name}_{name}": test.value(m, name) for name in test.per_class})
     return {tag: float(value) for tag, value in scalars.items() if value is not None}
 
@@ -87,7 +87,7 @@ class RunLog:
 
         config = {**record.config, "seed": record.seed}
         values = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in config.items()}
-        summaries = {f"test/{m.name}": record.test.value(m) for m in table.summary_metrics()}
+        summaries = {f"test/{m.name}": record.test.value(m) for m in metrics.summary_metrics()}
         for summary in hparams(values, {tag: value for tag, value in summaries.items() if value is not None}):
             self.writer.file_writer.add_summary(summary)
 
