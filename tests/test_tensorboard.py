@@ -21,11 +21,11 @@ def run(synthetic_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("tensorboard")
     with pytest.MonkeyPatch.context() as patch, pytest.warns(UserWarning, match="Skipped"):
         patch.setenv("CXR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cxr-cache"))
-        assert main(["train", "vit_b16_head", f"--data-dir={synthetic_root}", f"--out={out}", "--epochs=2", *FLAGS]) == 0
-    events = EventAccumulator(str(out / "vit_b16_head" / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+        assert main(["train", "mobilenet_v2_head", f"--data-dir={synthetic_root}", f"--out={out}", "--epochs=2", *FLAGS]) == 0
+    events = EventAccumulator(str(out / "mobilenet_v2_head" / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()
-    yield out / "vit_b16_head", events
-    shutil.rmtree(out / "vit_b16_head" / "checkpoints")  # hundreds of MB
+    yield out / "mobilenet_v2_head", events
+    shutil.rmtree(out / "mobilenet_v2_head" / "checkpoints")  # hundreds of MB
 
 
 def scalars(events, tag):
@@ -61,13 +61,13 @@ def test_the_configuration_is_logged_as_hyperparameters(run):
     logged = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
     assert logged["lr"].number_value == metrics["config"]["lr"]
     assert logged["epochs"].number_value == 2 and logged["seed"].number_value == metrics["seed"]
-    assert logged["arch"].string_value == "vit_b_16" and logged["trainable_blocks"].number_value == 0
+    assert logged["arch"].string_value == "mobilenet_v2" and logged["trainable_blocks"].number_value == 0
 
 
 def test_no_tensorboard_writes_no_event_files(synthetic_root, tmp_path):
     with pytest.warns(UserWarning, match="Skipped"):
-        assert main(["train", "vit_b16_head", f"--data-dir={synthetic_root}", f"--out={tmp_path}", "--epochs=1",
+        assert main(["train", "mobilenet_v2_head", f"--data-dir={synthetic_root}", f"--out={tmp_path}", "--epochs=1",
                      "--no-tensorboard", *FLAGS]) == 0
-    assert (tmp_path / "vit_b16_head" / "metrics.json").is_file()
-    assert not (tmp_path / "vit_b16_head" / "tensorboard").exists()
-    shutil.rmtree(tmp_path / "vit_b16_head" / "checkpoints")
+    assert (tmp_path / "mobilenet_v2_head" / "metrics.json").is_file()
+    assert not (tmp_path / "mobilenet_v2_head" / "tensorboard").exists()
+    shutil.rmtree(tmp_path / "mobilenet_v2_head" / "checkpoints")
